@@ -1,0 +1,1 @@
+"""uio-gguf: long-context memory for llama.cpp (UIO-LLMs)."""
