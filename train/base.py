@@ -1,0 +1,71 @@
+"""Loading the frozen base model (a Hugging Face directory or a GGUF file) and fingerprinting it."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from uio_gguf.errors import UIOError
+
+# Decoders whose attention is exactly DESIGN section 1 (RMSNorm input, RoPE, q/k/v/o projections, GQA).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def check_architecture(config) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UIOError(
+            f"base model is '{config.model_type}', not a LLaMA-family decoder "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def _split_path(path: str | Path) -> tuple[str, dict]:
+    """A GGUF file is loaded through transformers' `gguf_file=` (dequantised); a directory as usual."""
+    path = Path(path)
+    if not path.exists():
+        raise UIOError(f"base model not found: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UIOError(f"base model must be a Hugging Face directory or a .gguf file: {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if not (path / "config.json").exists():
+        raise UIOError(f"no config.json in {path}: not a Hugging Face model directory")
+    return str(path), {}
+
+
+def load_base(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """Returns (model, tokenizer): the causal LM frozen and in eval mode (no dropout)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where, extra = _split_path(path)
+    try:
+        config = AutoConfig.from_pretrained(where, **extra)
+    except (ValueError, OSError, KeyError) as err:
+        raise UIOError(f"cannot read the base model's config at {path}: {err}") from None
+    check_architecture(config)
+    model = AutoModelForCausalLM.from_pretrained(
+        where, dtype=dtype, attn_implementation=attn_implementation, **extra
+    )
+    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def fingerprint(model) -> str:
+    """sha256 over the base weights in float32 (name, shape, bytes), in name order.
+
+    The same weights give the same fingerprint whether they came from a HF directory or were
+    dequantised from a GGUF file, so the converter can check `--base-gguf` against a checkpoint.
+    """
+    digest = hashlib.sha256()
+    digest.update(model.config.model_type.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer", "")  # the same weight before and after LoRA wrapping
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,163 @@
+"""The gradient estimators of DESIGN.md section 2.
+
+A crop of T segments gives the objective J = 1/(T-1) · Σ_{t=2..T} J_t (J_1 sees no memory, so it has no
+gradient), where J_t is the loss of window t given the memories m_1..m_{t-1}, and m_s = encoder(x_s)
+depends on segment s alone. The transfer head lies inside J_t (exact "direct" terms in every estimator);
+the estimators differ in which ∂J_t/∂m_s reach the encoder:
+
+  full         all of them (plain BPTT; every encoder graph alive at once)
+  tbptt S      only s in [t-S, t-1]
+  incremental  the same gradient as tbptt, in O(T): the decoder sees detached leaf copies of the memories,
+               each J_t is back-propagated once, and a segment's encoder graph is back-propagated (with
+               the gradient its leaf gathered) when it leaves the window; at most S graphs alive
+  unbiased     a reservoir of S encoder graphs (Vitter's algorithm R); at step t each retained m_s is
+               in the reservoir with probability min(1, S/(t-1)), so its ∂J_t/∂m_s is multiplied by
+               max(1, (t-1)/S), which makes the expectation the `full` gradient
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from train.model import UIOModel
+
+ESTIMATORS = ("full", "tbptt", "incremental", "unbiased")
+
+
+@dataclass
+class Crop:
+    """T windows of one batch of token streams (B, T·l + 1): window t and its next-token targets."""
+
+    tokens: torch.Tensor
+    segment: int
+
+    @property
+    def n_segments(self) -> int:
+        return (self.tokens.shape[1] - 1) // self.segment
+
+    def window(self, t: int) -> torch.Tensor:  # t = 1..T
+        return self.tokens[:, (t - 1) * self.segment : t * self.segment]
+
+    def targets(self, t: int) -> torch.Tensor:
+        return self.tokens[:, (t - 1) * self.segment + 1 : t * self.segment + 1]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by a constant on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def estimate_gradient(
+    model: UIOModel,
+    crop: Crop,
+    estimator: str,
+    window: int = 2,
+    rng: random.Random | None = None,
+    factor: bool = True,
+) -> float:
+    """Accumulates the estimator's gradient of J into .grad of the trainable parameters; returns J."""
+    if crop.n_segments < 2:
+        raise ValueError("a crop needs at least 2 segments (memory is built from earlier segments)")
+    if estimator == "full":
+        return _reference(model, crop, window=crop.n_segments)
+    if estimator == "tbptt":
+        return _reference(model, crop, window=window)
+    if estimator == "incremental":
+        return _streamed(model, crop, _SlidingWindow(window))
+    if estimator == "unbiased":
+        return _streamed(model, crop, _Reservoir(window, rng or random.Random(), factor))
+    raise ValueError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
+
+
+def _reference(model: UIOModel, crop: Crop, window: int) -> float:
+    """BPTT in one backward pass; memories older than `window` enter J_t detached."""
+    T = crop.n_segments
+    memories = [model.encode(crop.window(s)) for s in range(1, T)]
+    total = 0.0
+    for t in range(2, T + 1):
+        used = [m if s >= t - window else m.detach() for s, m in enumerate(memories[: t - 1], start=1)]
+        total = total + model.window_loss(crop.window(t), crop.targets(t), torch.cat(used, dim=2))
+    loss = total / (T - 1)
+    loss.backward()
+    return loss.item()
+
+
+class _SlidingWindow:
+    """Keeps the last S segments: admits every new one, evicts the one that left the window."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.retained: list[int] = []
+
+    def admit(self, s: int) -> tuple[bool, list[int]]:
+        evicted = [r for r in self.retained if r <= s - self.size]
+        self.retained = [r for r in self.retained if r > s - self.size] + [s]
+        return True, evicted
+
+    def factor(self, t: int) -> float:
+        return 1.0
+
+
+class _Reservoir:
+    """Vitter's algorithm R over the segments: after n segments each is retained with prob. min(1, S/n)."""
+
+    def __init__(self, size: int, rng: random.Random, use_factor: bool):
+        self.size, self.rng, self.use_factor = size, rng, use_factor
+        self.retained: list[int] = []
+
+    def admit(self, s: int) -> tuple[bool, list[int]]:
+        if len(self.retained) < self.size:
+            self.retained.append(s)
+            return True, []
+        j = self.rng.randrange(s)  # uniform over the s segments seen so far
+        if j >= self.size:
+            return False, []
+        evicted, self.retained[j] = self.retained[j], s
+        return True, [evicted]
+
+    def factor(self, t: int) -> float:
+        return max(1.0, (t - 1) / self.size) if self.use_factor else 1.0
+
+
+def _streamed(model: UIOModel, crop: Crop, policy) -> float:
+    T = crop.n_segments
+    graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # s -> (m_s with its encoder graph, leaf copy)
+    values: list[torch.Tensor] = []  # m_s without graph, for every s
+
+    def flush(s: int) -> None:
+        """Back-propagate the gradient that m_s's leaf gathered through its encoder graph, then free it."""
+        memory, leaf = graphs.pop(s)
+        if leaf.grad is not None:
+            memory.backward(leaf.grad)
+
+    total = 0.0
+    for t in range(2, T + 1):
+        s = t - 1  # the segment that just completed
+        keep, evicted = policy.admit(s)
+        for e in evicted:
+            flush(e)
+        if keep:
+            memory = model.encode(crop.window(s))
+            graphs[s] = (memory, memory.detach().requires_grad_(True))
+            values.append(memory.detach())
+        else:
+            with torch.no_grad():
+                values.append(model.encode(crop.window(s)))
+        c = policy.factor(t)
+        used = [_ScaleGrad.apply(graphs[r][1], c) if r in graphs else values[r - 1] for r in range(1, t)]
+        loss = model.window_loss(crop.window(t), crop.targets(t), torch.cat(used, dim=2)) / (T - 1)
+        loss.backward()
+        total += loss.item()
+    for s in list(graphs):
+        flush(s)
+    return total

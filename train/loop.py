@@ -1,0 +1,184 @@
+"""The training loop: random crops, an estimator's gradient, AdamW with warm-up + cosine, clipping,
+a JSONL log, held-out perplexity, atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train import checkpoint as ckpt
+from train.base import fingerprint, load_base
+from train.data import TokenStream, read_documents, tokenize
+from train.estimators import ESTIMATORS, Crop, estimate_gradient
+from train.model import UIOConfig, UIOModel
+from uio_gguf.errors import UIOError
+
+
+@dataclass
+class TrainArgs:
+    base: str
+    data: list[str]
+    out: str
+    segment: int = 1024
+    ratio: int = 32
+    segments: int = 8  # T: segments per crop
+    batch: int = 1
+    steps: int = 1000
+    estimator: str = "unbiased"
+    window: int = 2  # S
+    rank: int = 32
+    alpha: float = 128.0
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    warmup: float = 0.01  # share of the steps
+    clip: float = 1.0
+    eval_every: int = 100
+    eval_crops: int = 4
+    save_every: int = 100
+    seed: int = 0
+    resume: bool = False
+    device: str = "auto"
+    kill_after: int | None = field(default=None, repr=False)  # tests: SIGKILL self after this step's save
+
+    def validate(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise UIOError(f"unknown estimator '{self.estimator}' (choose from {', '.join(ESTIMATORS)})")
+        UIOConfig(segment=self.segment, ratio=self.ratio)  # raises on a ratio that does not divide
+        if self.segments < 2:
+            raise UIOError("--segments must be at least 2 (memory comes from earlier segments)")
+        if self.window < 1:
+            raise UIOError("--window must be at least 1")
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UIOError(f"cannot write to the output directory {out}: {err.strerror}") from None
+
+
+def lr_lambda(steps: int, warmup: float):
+    warm = max(1, round(steps * warmup))
+
+    def factor(step: int) -> float:  # step = number of optimizer steps taken so far
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@torch.no_grad()
+def heldout_loss(model: UIOModel, crops: np.ndarray, segment: int, device) -> float:
+    """Mean loss of windows 2..T of the held-out crops, each window reading the memory before it."""
+    losses = []
+    for row in crops:
+        crop = Crop(torch.as_tensor(row[None], device=device), segment)
+        memory = [model.encode(crop.window(s)) for s in range(1, crop.n_segments)]
+        for t in range(2, crop.n_segments + 1):
+            losses.append(model.window_loss(crop.window(t), crop.targets(t), torch.cat(memory[: t - 1], dim=2)).item())
+    return float(np.mean(losses))
+
+
+def train(args: TrainArgs, progress: bool = True) -> Path:
+    from tqdm import tqdm
+
+    args.validate()
+    out = Path(args.out)
+    _check_writable(out)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    documents = read_documents(args.data)
+    base, tokenizer = load_base(args.base, dtype=dtype)
+    base.to(device)
+    stream = TokenStream(tokenize(documents, tokenizer))
+    crop_tokens = args.segments * args.segment + 1
+    stream.check_length(crop_tokens)
+    heldout = stream.heldout_crops(args.eval_crops, crop_tokens)
+
+    torch.manual_seed(args.seed)
+    model = UIOModel(base, UIOConfig(segment=args.segment, ratio=args.ratio, rank=args.rank, alpha=args.alpha))
+    model.to(device)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.steps, args.warmup))
+    data_rng = np.random.default_rng(args.seed)
+    estimator_rng = random.Random(args.seed)
+    step = 0
+    meta = {
+        "estimator": args.estimator,
+        "window": args.window,
+        "base": {"path": str(Path(args.base).resolve()), "model_type": base.config.model_type,
+                 "fingerprint": fingerprint(base)},
+        "train_args": {k: v for k, v in asdict(args).items() if k not in ("resume", "kill_after")},
+    }
+
+    checkpoint_dir = out / "checkpoint"
+    if args.resume:
+        found = ckpt.find_checkpoint(checkpoint_dir)
+        if found is None:
+            raise UIOError(f"--resume: no checkpoint in {out}")
+        saved = ckpt.read_config(found)
+        if saved["base"]["fingerprint"] != meta["base"]["fingerprint"]:
+            raise UIOError(f"--resume: the checkpoint in {out} was trained on another base model")
+        ckpt.load_weights(model, found)
+        state = torch.load(found / ckpt.STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        data_rng.bit_generator.state = state["data_rng"]
+        estimator_rng.setstate(state["estimator_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+    elif ckpt.find_checkpoint(checkpoint_dir) is not None:
+        raise UIOError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+
+    def save() -> None:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                 "data_rng": data_rng.bit_generator.state, "estimator_rng": estimator_rng.getstate(),
+                 "torch_rng": torch.get_rng_state()}
+        ckpt.save_checkpoint(model, checkpoint_dir, {**meta, "step": step}, state)
+
+    log = open(out / "log.jsonl", "a")
+    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", disable=not progress)
+    try:
+        while step < args.steps:
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            crop = Crop(torch.as_tensor(stream.random_crops(data_rng, args.batch, crop_tokens), device=device),
+                        args.segment)
+            loss = estimate_gradient(model, crop, args.estimator, args.window, estimator_rng)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
+                      "tokens": step * args.batch * (crop_tokens - 1), "seconds": time.perf_counter() - started}
+            if heldout is not None and (step % args.eval_every == 0 or step == args.steps):
+                record["heldout_ppl"] = math.exp(heldout_loss(model, heldout, args.segment, device))
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss:.3f}", **({"ppl": f"{record['heldout_ppl']:.1f}"} if "heldout_ppl" in record else {}))
+            bar.update(1)
+            if step % args.save_every == 0 or step == args.steps:
+                save()
+            if args.kill_after is not None and step == args.kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        bar.close()
+        log.close()
+    return checkpoint_dir
