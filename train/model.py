@@ -194,7 +194,7 @@ class UIOModel(nn.Module):
         mask = memory_prefix_mask(n_mem, n_raw, dtype).to(tokens.device)
         positions = torch.arange(n_mem, n_mem + n_raw, device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
         out = self.base(
-            input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
         return out.logits
 

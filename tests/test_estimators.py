@@ -1,0 +1,67 @@
+"""The four gradient estimators of DESIGN section 2 against each other, on real computations."""
+import random
+
+import pytest
+import torch
+
+from train.check import encoder_side, flat_gradient
+from train.estimators import Crop
+from train.tiny import tiny_uio
+
+SEG, RATIO, T = 16, 4, 6
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_uio(segment=SEG, ratio=RATIO)
+    tokens = torch.randint(0, 256, (2, T * SEG + 1), generator=torch.Generator().manual_seed(0))
+    return model, Crop(tokens, SEG)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_incremental_equals_tbptt(setup, window):
+    model, crop = setup
+    tbptt = flat_gradient(model, crop, "tbptt", window)
+    incremental = flat_gradient(model, crop, "incremental", window)
+    assert tbptt.norm() > 0
+    assert _rel(incremental, tbptt) < 1e-5
+
+
+def test_tbptt_with_full_window_equals_full_and_short_window_differs(setup):
+    model, crop = setup
+    full = flat_gradient(model, crop, "full")
+    assert _rel(flat_gradient(model, crop, "tbptt", T - 1), full) < 1e-6
+    assert _rel(flat_gradient(model, crop, "incremental", T - 1), full) < 1e-5
+    assert _rel(flat_gradient(model, crop, "tbptt", 1), full) > 1e-3  # truncation is visible
+
+
+def test_unbiased_with_reservoir_covering_everything_is_exact(setup):
+    model, crop = setup
+    full = flat_gradient(model, crop, "full")
+    assert _rel(flat_gradient(model, crop, "unbiased", T - 1, random.Random(0)), full) < 1e-5
+
+
+def test_unbiased_mean_converges_to_full_and_no_factor_stays_short():
+    model = tiny_uio(segment=SEG, ratio=RATIO)
+    T_long = 8
+    crop = Crop(torch.randint(0, 256, (1, T_long * SEG + 1), generator=torch.Generator().manual_seed(1)), SEG)
+    params = encoder_side(model)
+    full = flat_gradient(model, crop, "full", params=params)
+
+    def mean_of(n, factor):
+        total = torch.zeros_like(full)
+        for i in range(n):
+            total += flat_gradient(model, crop, "unbiased", 1, random.Random(1000 + i), factor, params)
+        return total / n
+
+    few, many = mean_of(25, True), mean_of(200, True)
+    err_few, err_many = _rel(few, full), _rel(many, full)
+    assert err_many < 0.1, err_many
+    assert err_many < 0.6 * err_few, (err_few, err_many)  # error falls as samples grow
+    no_factor = mean_of(200, False)
+    assert no_factor.norm() / full.norm() < 0.8  # measurably short of the full gradient
+    assert _rel(no_factor, full) > 3 * err_many

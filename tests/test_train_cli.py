@@ -1,0 +1,130 @@
+"""`uio-gguf train` end to end on a tiny model: checkpoint format, exact resume, bad input."""
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory, prose):
+    path = tmp_path_factory.mktemp("data") / "book.txt"
+    path.write_text(prose[:60_000])
+    return path
+
+
+def _train(model_dir, book, out, *extra, check=True):
+    return run_cli("train", "--base", str(model_dir), "--data", str(book), "--out", str(out), "--segment", "16",
+                   "--ratio", "4", "--segments", "4", "--batch", "2", "--rank", "4", "--alpha", "8", "--lr", "1e-2",
+                   "--eval-every", "2", "--save-every", "1", *extra, check=check)
+
+
+def test_checkpoint_is_peft_format_and_resume_is_exact(make_tiny_model_dir, book, tmp_path):
+    model_dir = make_tiny_model_dir("llama")
+    straight = tmp_path / "straight"
+    _train(model_dir, book, straight, "--steps", "4")
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all("heldout_ppl" in r for r in log if r["step"] % 2 == 0)
+
+    ckpt = straight / "checkpoint"
+    config = json.loads((ckpt / "uio_config.json").read_text())
+    assert (config["segment"], config["ratio"], config["estimator"], config["step"]) == (16, 4, "unbiased", 4)
+    assert config["base"]["fingerprint"].startswith("sha256:")
+    for adapter, targets in (("encoder", {"q_proj", "v_proj"}), ("transfer", {"k_proj", "v_proj"})):
+        adapter_config = json.loads((ckpt / adapter / "adapter_config.json").read_text())
+        assert set(adapter_config["target_modules"]) == targets and adapter_config["r"] == 4
+        keys = load_file(str(ckpt / adapter / "adapter_model.safetensors"))
+        assert all(k.startswith("base_model.model.model.layers.") for k in keys)
+
+    killed = tmp_path / "killed"
+    result = _train(model_dir, book, killed, "--steps", "4", "--kill-after", "2", check=False)
+    assert result.returncode != 0  # SIGKILL: no clean shutdown
+    assert json.loads((killed / "checkpoint" / "uio_config.json").read_text())["step"] == 2
+    _train(model_dir, book, killed, "--steps", "4", "--resume")
+
+    for name in ("encoder/adapter_model.safetensors", "transfer/adapter_model.safetensors", "memory_embedding.safetensors"):
+        a, b = load_file(str(ckpt / name)), load_file(str(killed / "checkpoint" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+    resumed_log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in log]
+
+
+def test_encoder_adapter_loads_in_peft_with_same_logits(make_tiny_model_dir, book, tmp_path):
+    """Our PEFT-format encoder adapter, loaded by PEFT itself, computes what our encoder-enabled model does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train.checkpoint import load_uio_model
+
+    model_dir = make_tiny_model_dir("llama")
+    _train(model_dir, book, tmp_path / "run", "--steps", "2")
+    ckpt = tmp_path / "run" / "checkpoint"
+    ours, _, _ = load_uio_model(ckpt)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), ckpt / "encoder")
+    tokens = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours._set_encoder_adapter(True)
+        expected = ours.base(input_ids=tokens).logits
+        ours._set_encoder_adapter(False)
+        plain = ours.base(input_ids=tokens).logits
+        got = peft_model(input_ids=tokens).logits
+    assert (expected - plain).abs().max() > 1e-4  # the trained adapter does something
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(data=["/nonexistent/book.txt"]), "data file not found"),
+        (lambda a: a.update(data=["EMPTY"]), "training data is empty"),
+        (lambda a: a.update(ratio="5"), "not a multiple of the ratio"),
+        (lambda a: a.update(out="/proc/uio-out"), "cannot write to the output directory"),
+        (lambda a: a.update(base="NOT_LLAMA"), "not a LLaMA-family decoder"),
+        (lambda a: a.update(base="/nonexistent/model"), "base model not found"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(change, message, make_tiny_model_dir, book, tmp_path):
+    args = {"base": str(make_tiny_model_dir("llama")), "data": [str(book)], "out": str(tmp_path / "out"), "ratio": "4"}
+    change(args)
+    if args["data"] == ["EMPTY"]:
+        (tmp_path / "empty.txt").write_text("  \n")
+        args["data"] = [str(tmp_path / "empty.txt")]
+    if args["base"] == "NOT_LLAMA":
+        from transformers import GPT2Config
+
+        GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+        args["base"] = str(tmp_path / "gpt2")
+    result = run_cli("train", "--base", args["base"], *sum((["--data", d] for d in args["data"]), []),
+                     "--out", args["out"], "--segment", "16", "--ratio", args["ratio"], "--steps", "1")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_without_training_extra_says_how_to_install(tmp_path):
+    blocker = tmp_path / "sitecustomize.py"  # makes `import torch` fail, as in a runtime-only install
+    blocker.write_text("import sys\nsys.modules['torch'] = None\n")
+    result = run_cli("train", "--base", "x", "--data", "y", "--out", str(tmp_path / "o"),
+                     env={"PYTHONPATH": f"{tmp_path}:{sys.path[0]}"})
+    assert result.returncode != 0
+    assert "pip install 'uio-gguf[train]'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_check_json(tmp_path):
+    result = run_cli("train-check", "--samples", "30", "--segments", "8", "--windows", "1,4", "--json", check=True)
+    rows = json.loads(result.stdout)
+    assert [(r["S"], r["factor"]) for r in rows] == [(1, False), (1, True), (4, False), (4, True)]
+    by = {(r["S"], r["factor"]): r for r in rows}
+    assert set(rows[0]) == {"S", "factor", "ratio", "cosine"}
+    # without the factor the estimate is short, most at S = 1; with it, close to the full norm
+    assert by[(1, False)]["ratio"] < by[(4, False)]["ratio"] < 1.0
+    assert abs(by[(1, True)]["ratio"] - 1.0) < abs(by[(1, False)]["ratio"] - 1.0)
+    assert by[(4, True)]["cosine"] > by[(4, False)]["cosine"]
