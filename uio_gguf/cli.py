@@ -86,6 +86,139 @@ def train_check(
     typer.echo(json.dumps(rows) if as_json else format_table(rows, PAPER_TABLE4))
 
 
+
+# ----- runtime: compress and chat ------------------------------------------------------------------
+BUNDLE_HELP = "UIO bundle directory (model.gguf, encoder.lora.gguf, uio.gguf). Default: the embedded SmolLM2 bundle."
+
+
+def _runtime(bundle: Optional[Path], n_gpu_layers: int, flash_attn: bool, kv_type: str, verbose: bool):
+    from uio_gguf.runtime import UIORuntime
+
+    runtime = UIORuntime(bundle, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, kv_type=kv_type, verbose=verbose)
+    if runtime.bundle.trained_steps == 0:
+        typer.echo("note: this UIO head is untrained (zero LoRA deltas): the memory is the model's own states, "
+                   "not a trained compression; answers about far-away text will be weak", err=True)
+    return runtime
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="tok", unit_scale=True, leave=False, disable=None)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+@app.command()
+def compress(
+    book: Path = typer.Argument(..., help="A UTF-8 text file."),
+    model: Optional[Path] = typer.Option(None, "-m", "--model", help=BUNDLE_HELP),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Also copy the memory file here."),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
+    flash_attn: bool = typer.Option(False, "--flash-attn", help="Use flash attention."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's log."),
+):
+    """Compress a book into its memory file (cached: `chat` on the same book starts instantly)."""
+    import shutil
+
+    from uio_gguf.book import read_book
+    from uio_gguf.chat import Conversation
+
+    text = read_book(book)
+    runtime = _runtime(model, n_gpu_layers, flash_attn, "f16", verbose)
+    bar, update = _progress_bar("compressing")
+    conversation = Conversation(runtime, text, progress=update)
+    bar.close()
+    stats = conversation.stats
+    source = "memory file (cached)" if stats.from_file else f"{stats.tokens_per_second:,.0f} tokens/s"
+    typer.echo(f"{len(conversation.book_tokens):,} tokens, {stats.tokens:,} compressed into "
+               f"{conversation.session.n_mem:,} memory slots in {stats.seconds:.1f} s ({source})")
+    if out is not None:
+        shutil.copyfile(conversation.memory_path, out)
+        typer.echo(f"memory file: {out}")
+    else:
+        typer.echo(f"memory file: {conversation.memory_path}")
+
+
+@app.command()
+def chat(
+    book: Path = typer.Argument(..., help="A UTF-8 text file: the book to talk about."),
+    model: Optional[Path] = typer.Option(None, "-m", "--model", help=BUNDLE_HELP),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Ask one question, print the answer, exit."),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
+    n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="Decoder window in tokens (default: the model's trained context)."),
+    temperature: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
+    top_k: int = typer.Option(40, "--top-k", help="Top-k sampling (with --temp > 0)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Top-p sampling (with --temp > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per answer."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    flash_attn: bool = typer.Option(False, "--flash-attn", help="Use flash attention."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write memory files."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's log."),
+):
+    """Chat about a book of any length: it is compressed into memory slots in llama.cpp's KV cache.
+
+    Ctrl-C stops the current answer; a second Ctrl-C (or Ctrl-D at the prompt) exits."""
+    from uio_gguf.book import read_book
+    from uio_gguf.chat import Conversation
+    from uio_gguf.session import SamplingParams
+
+    text = read_book(book)
+    runtime = _runtime(model, n_gpu_layers, flash_attn, "f16", verbose)
+    bar, update = _progress_bar("compressing")
+    conversation = Conversation(runtime, text, n_ctx=n_ctx, use_memory_files=not no_cache, progress=update)
+    bar.close()
+    stats = conversation.stats
+    typer.echo(f"[{len(conversation.book_tokens):,} tokens -> {conversation.session.n_mem:,} memory slots + "
+               f"{len(conversation.session.raw)} raw tokens; "
+               + ("memory file reused]" if stats.from_file else f"compressed at {stats.tokens_per_second:,.0f} tokens/s]"),
+               err=True)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens, stop=stop)
+    _chat_loop(conversation, params, prompt)
+    used, full = conversation.kv_bytes()
+    typer.echo(f"[KV cache: {used / 2**20:.1f} MiB used; full attention over the same "
+               f"{conversation.session.tokens_seen:,} tokens would need {full / 2**20:.1f} MiB]", err=True)
+
+
+def _chat_loop(conversation, params, prompt: Optional[str]) -> None:
+    """One answer (--prompt) or a REPL. The first Ctrl-C during an answer stops that answer."""
+    import signal
+
+    interrupts = {"n": 0}
+
+    def on_sigint(_sig, _frame):
+        interrupts["n"] += 1
+        if interrupts["n"] >= 2:
+            raise KeyboardInterrupt
+
+    def answer(question: str) -> None:
+        interrupts["n"] = 0
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            for piece in conversation.ask(question, params, should_stop=lambda: interrupts["n"] > 0):
+                typer.echo(piece, nl=False)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        typer.echo("" if interrupts["n"] == 0 else " [stopped]")
+
+    if prompt is not None:
+        answer(prompt)
+        return
+    while True:
+        try:
+            question = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("")
+            return
+        if question.strip():
+            answer(question)
+
+
 def main() -> None:
     try:
         app()

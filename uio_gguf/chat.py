@@ -1,0 +1,141 @@
+"""A conversation about a book: the book sits in the first user turn of the model's chat template.
+
+The first turn is rendered with a marker where the book goes; everything before the marker plus the
+book is the document part: its full segments are compressed (or read from a memory file), the
+remainder and the question are decoded as raw tokens. Later turns append what the template adds.
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import llama_cpp
+import numpy as np
+
+from uio_gguf import memory_file
+from uio_gguf.errors import UIOError
+from uio_gguf.session import SamplingParams
+
+BOOK_MARKER = "\u2063UIO-BOOK\u2063"  # invisible separator: never in a real chat template
+FALLBACK_TEMPLATE = "chatml"  # llama.cpp's built-in name, for models that ship no template
+
+
+def render(template: str | None, messages: list[tuple[str, str]], add_generation_prompt: bool) -> str:
+    """The chat template applied by llama.cpp's own renderer (llama_chat_apply_template)."""
+    array = (llama_cpp.llama_chat_message * len(messages))()
+    keep = []
+    for i, (role, content) in enumerate(messages):
+        keep.append((role.encode(), content.encode()))
+        array[i].role, array[i].content = keep[-1]
+    tmpl = (template or FALLBACK_TEMPLATE).encode()
+    size = sum(len(c) for _, c in keep) * 2 + 4096
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(tmpl, array, len(messages), add_generation_prompt, buf, size)
+        if n < 0:
+            raise UIOError("llama.cpp does not know this model's chat template")
+        if n <= size:
+            return buf.raw[:n].decode("utf-8", "replace")
+        size = n + 1
+    raise UIOError("chat template rendering failed")
+
+
+@dataclass
+class CompressionStats:
+    tokens: int = 0
+    seconds: float = 0.0
+    from_file: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+class Conversation:
+    def __init__(self, runtime, book: str, n_ctx: int | None = None, use_memory_files: bool = True,
+                 progress: Callable[[int, int], None] | None = None):
+        self.runtime = runtime
+        self.model = runtime.model
+        self.template = self.model.chat_template()
+        self.book = book
+        self.messages: list[tuple[str, str]] = []
+        self.seen_text = ""  # everything the model has read, as text (to append later turns)
+        self.book_tokens = self.model.tokenize(self._document_part(), add_special=True)
+        runtime.check_length(len(self.book_tokens), n_ctx)
+        self.session = runtime.new_session(n_ctx)
+        self.stats = CompressionStats()
+        self._load_book(use_memory_files, progress)
+
+    # ----- the first turn ---------------------------------------------------------------------------
+    def _first_turn(self, question: str) -> str:
+        return render(self.template, [("user", f"{BOOK_MARKER}\n\n{question}")], True)
+
+    def _document_part(self) -> str:
+        before, _ = self._first_turn("?").split(BOOK_MARKER, 1)
+        return before + self.book
+
+    def _load_book(self, use_memory_files: bool, progress) -> None:
+        seg = self.runtime.segment
+        n_full = len(self.book_tokens) // seg
+        compressed = self.book_tokens[: n_full * seg]
+        key = memory_file.memory_key(self.runtime.bundle, compressed)
+        path = memory_file.cache_dir() / f"{key}.npz"
+        started = time.perf_counter()
+        memory = memory_file.load(path, key) if use_memory_files else None
+        self.stats.from_file = memory is not None
+        if memory is None:
+            done = 0
+
+            def step(n):
+                nonlocal done
+                done += n
+                if progress:
+                    progress(done * seg, n_full * seg)
+
+            memory = self.runtime.compress(compressed, progress=step)
+            if use_memory_files and n_full:
+                memory_file.save(path, key, memory)
+        self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
+        self.memory_path = path
+        self.session.add_memory(memory)
+        self.session.feed(self.book_tokens[n_full * seg :])
+
+    # ----- turns ------------------------------------------------------------------------------------
+    def ask(self, question: str, params: SamplingParams, should_stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """Streams the answer to `question` and keeps it in the conversation."""
+        if not self.messages:
+            first = self._first_turn(question)
+            before, after = first.split(BOOK_MARKER, 1)
+            delta = after
+            self.seen_text = before + self.book
+            self.messages.append(("user", f"{self.book}\n\n{question}"))
+        else:
+            self.messages.append(("user", question))
+            full = render(self.template, self.messages, True)
+            if not full.startswith(self.seen_text):  # a template that rewrites history: append the new turn only
+                full = self.seen_text + render(self.template, [("user", question)], True)
+            delta = full[len(self.seen_text) :]
+        self.session.feed(self.model.tokenize(delta, add_special=False))
+        self.seen_text += delta
+        answer = ""
+        for piece in self.session.generate(params, should_stop):
+            answer += piece
+            yield piece
+        self.seen_text += answer
+        self.messages.append(("assistant", answer))
+
+    # ----- figures for the user ---------------------------------------------------------------------
+    def kv_bytes(self) -> tuple[int, int]:
+        """(bytes the cache holds now, bytes full attention over the same text would hold), f16 cache."""
+        m = self.model
+        per_cell = m.n_layer * 2 * m.n_head_kv * m.head_dim * (4 if self.runtime.kv_type == 0 else 2)
+        return self.session.n_past * per_cell, self.session.tokens_seen * per_cell
+
+
+def compress_book(runtime, book: str, progress=None) -> tuple[Path, CompressionStats, np.ndarray]:
+    """`uio-gguf compress`: compresses the book's full segments into its memory file."""
+    conversation = Conversation(runtime, book, progress=progress)
+    return conversation.memory_path, conversation.stats, conversation.book_tokens

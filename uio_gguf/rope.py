@@ -1,0 +1,62 @@
+"""Rotary position embedding of K, in llama.cpp's layout, for memory rows written into the cache.
+
+K in llama.cpp's cache is post-RoPE. The memory's K rows are made outside the graph (captured Kcur plus
+the transfer-head delta), so they are rotated here, at their memory positions, the way llama.cpp
+rotates the model's own keys:
+  norm : adjacent pairs (x[2i], x[2i+1])           LLaMA (the converter permuted W_K's rows for this)
+  neox : halves (x[i], x[i + n_rot/2])              Qwen2
+theta_i = pos · freq_scale · base^(-2i / n_rot); dimensions past n_rot are left as they are.
+Computed in float64, so the only rounding is the final cast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from uio_gguf import schema
+from uio_gguf.errors import UIOError
+
+
+@dataclass(frozen=True)
+class Rope:
+    kind: str  # schema.ROPE_NORM or schema.ROPE_NEOX
+    head_dim: int
+    n_rot: int
+    base: float
+    freq_scale: float = 1.0
+
+    @classmethod
+    def from_model(cls, model, kind: str) -> "Rope":
+        """Reads the RoPE settings from the base model's GGUF metadata (what llama.cpp itself uses)."""
+        arch = model.meta("general.architecture")
+        scaling = model.meta(f"{arch}.rope.scaling.type")
+        if scaling not in (None, "none", "linear"):
+            raise UIOError(f"RoPE scaling '{scaling}' of this model is not supported by uio-gguf yet")
+        factor = float(model.meta(f"{arch}.rope.scaling.factor") or 0) if scaling == "linear" else 0.0
+        n_rot = int(model.meta(f"{arch}.rope.dimension_count") or model.head_dim)
+        base = float(model.meta(f"{arch}.rope.freq_base") or 10000.0)
+        if kind not in (schema.ROPE_NORM, schema.ROPE_NEOX):
+            raise UIOError(f"unknown RoPE type '{kind}' in the UIO head")
+        return cls(kind, model.head_dim, n_rot, base, 1.0 / factor if factor else 1.0)
+
+    def rotate(self, k: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """k: (..., n, n_heads * head_dim) rows at `positions` (n,) -> the rotated rows, float32."""
+        shape = k.shape
+        x = k.reshape(*shape[:-1], shape[-1] // self.head_dim, self.head_dim).astype(np.float64)
+        half = self.n_rot // 2
+        inv_freq = self.base ** (-np.arange(half, dtype=np.float64) * 2.0 / self.n_rot)
+        theta = np.asarray(positions, dtype=np.float64)[:, None] * self.freq_scale * inv_freq  # (n, half)
+        cos = np.cos(theta)[:, None, :]  # broadcast over heads
+        sin = np.sin(theta)[:, None, :]
+        if self.kind == schema.ROPE_NORM:
+            a, b = x[..., 0 : self.n_rot : 2], x[..., 1 : self.n_rot : 2]
+        else:
+            a, b = x[..., :half], x[..., half : self.n_rot]
+        ra, rb = a * cos - b * sin, a * sin + b * cos
+        out = x.copy()
+        if self.kind == schema.ROPE_NORM:
+            out[..., 0 : self.n_rot : 2], out[..., 1 : self.n_rot : 2] = ra, rb
+        else:
+            out[..., :half], out[..., half : self.n_rot] = ra, rb
+        return out.reshape(shape).astype(np.float32)

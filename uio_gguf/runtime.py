@@ -1,0 +1,80 @@
+"""UIORuntime: the friendly entry point for programs built on llama-cpp-python.
+
+    rt = UIORuntime("bundle_dir")                     # model.gguf + encoder.lora.gguf + uio.gguf
+    session = rt.start(book_text)                     # compresses the book (or loads its memory file)
+    session.feed(rt.model.tokenize("Question? ...")) ; for piece in session.generate(SamplingParams()): ...
+
+It owns the llama.cpp model, the encoder context (with the encoder LoRA and the capture plugin), the
+transfer head and the RoPE settings; each Session owns one decoder context.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from uio_gguf.encoder import Encoder, SegmentMemory
+from uio_gguf.errors import UIOError
+from uio_gguf.llama_api import Model
+from uio_gguf.rope import Rope
+from uio_gguf.session import Session
+
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+ANSWER_RESERVE = 1024  # cells kept free in the decoder for the remainder, the question and the answer
+
+
+class UIORuntime:
+    def __init__(self, bundle=None, n_gpu_layers: int = 0, flash_attn: bool = False, kv_type: str = "f16",
+                 segments_per_batch: int = 0, n_threads: int = 0, verbose: bool = False):
+        from native.build import load_plugin
+        from uio_gguf.bundle import Bundle
+
+        if bundle is None:
+            from uio_gguf.default_bundle import default_bundle_path
+
+            bundle = default_bundle_path()
+        self.bundle = bundle if not isinstance(bundle, (str, Path)) else Bundle.open(bundle)
+        self.plugin = load_plugin()
+        self.model = Model(self.bundle.model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        if self.model.n_layer != self.bundle.n_layer:
+            raise UIOError(f"the UIO head has {self.bundle.n_layer} layers, the model {self.model.n_layer}: not made for each other")
+        self.rope = Rope.from_model(self.model, self.bundle.rope_type)
+        self.flash_attn, self.n_threads = flash_attn, n_threads
+        if kv_type not in ("f16", "f32"):
+            raise UIOError(f"--kv-type must be f16 or f32, not {kv_type}")
+        self.kv_type = GGML_TYPE_F32 if kv_type == "f32" else GGML_TYPE_F16
+        self.encoder = Encoder(self.model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads)
+
+    @property
+    def segment(self) -> int:
+        return self.bundle.segment
+
+    @property
+    def slots(self) -> int:
+        return self.bundle.slots
+
+    def max_tokens(self, n_ctx: int | None = None) -> int:
+        """How many tokens of text fit: memory of full segments + one raw window + the answer reserve
+        must stay inside the decoder window (the model's trained context unless n_ctx says otherwise)."""
+        n_ctx = n_ctx or self.model.n_ctx_train
+        free = n_ctx - self.segment - ANSWER_RESERVE
+        return max(0, free // self.slots) * self.segment + self.segment
+
+    def check_length(self, n_tokens: int, n_ctx: int | None = None) -> None:
+        limit = self.max_tokens(n_ctx)
+        if n_tokens > limit:
+            raise UIOError(
+                f"the text has {n_tokens} tokens; at segment {self.segment} and ratio {self.bundle.ratio} this "
+                f"model's {n_ctx or self.model.n_ctx_train}-token window holds at most {limit}"
+            )
+
+    def compress(self, tokens, progress=None) -> SegmentMemory:
+        """The memory of the full segments of `tokens` (the remainder is left out)."""
+        tokens = np.asarray(tokens, dtype=np.int32)
+        n_full = len(tokens) // self.segment
+        return self.encoder.compress(tokens[: n_full * self.segment].reshape(n_full, self.segment), progress=progress)
+
+    def new_session(self, n_ctx: int | None = None) -> Session:
+        n_ctx = n_ctx or self.model.n_ctx_train
+        return Session(self, n_ctx=n_ctx, flash_attn=self.flash_attn, type_k=self.kv_type, type_v=self.kv_type,
+                       n_threads=self.n_threads)

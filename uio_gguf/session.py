@@ -1,0 +1,196 @@
+"""The decoder side: one conversation over [memory ; raw window] in a llama.cpp context.
+
+Sequence 0 holds the conversation: memory cells at positions 0 .. n_mem-1 (segment s at (s-1)·k ..
+s·k-1), then the raw window. Sequence 1 is scratch: memory is loaded there and copied into sequence 0,
+which adds cells without touching the raw window. Whenever the raw window reaches the segment length,
+its tokens are compressed into k new slots right after the existing memory and their raw cells are
+dropped (DESIGN section 1). Feeding splits at those boundaries, so token i always sees the memory of
+every full segment before it plus the raw tokens since the last boundary, as in training.
+"""
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import llama_cpp
+import numpy as np
+
+from uio_gguf.encoder import SegmentMemory
+from uio_gguf.errors import UIOError
+from uio_gguf.llama_api import Batch, Context, ContextSettings
+
+DECODER_SEQ, SCRATCH_SEQ = 0, 1
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int = 0
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+
+
+class Sampler:
+    """llama.cpp's own sampler chain (top-k, top-p, temperature, seeded draw; or greedy)."""
+
+    def __init__(self, params: SamplingParams):
+        self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731 - the chain owns s
+        if params.temperature <= 0:
+            add(llama_cpp.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+            if 0 < params.top_p < 1:
+                add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            add(llama_cpp.llama_sampler_init_temp(params.temperature))
+            add(llama_cpp.llama_sampler_init_dist(params.seed))
+
+    def sample(self, ctx: Context, index: int) -> int:
+        return llama_cpp.llama_sampler_sample(self.ptr, ctx.ptr, index)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    __del__ = close
+
+
+class Session:
+    """One conversation. `runtime` supplies the model, the encoder, the RoPE and the native plugin."""
+
+    def __init__(self, runtime, n_ctx: int, flash_attn: bool = False, type_k: int = 1, type_v: int = 1,
+                 n_threads: int = 0):
+        from native.bindings import probe
+
+        self.runtime = runtime
+        self.segment, self.slots = runtime.bundle.segment, runtime.bundle.slots
+        n_batch = min(self.segment, 512)
+        self.ctx = Context(runtime.model, ContextSettings(
+            n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=2, flash_attn=flash_attn,
+            type_k=type_k, type_v=type_v, n_threads=n_threads,
+        ))
+        self.layout = probe(runtime.plugin, self.ctx.ptr, SCRATCH_SEQ)  # checks llama.cpp's state format
+        self.ctx.clear()
+        self.batch = Batch(n_batch, 0, 1)
+        self.n_mem = 0  # memory cells (positions 0 .. n_mem-1)
+        self.raw: list[int] = []  # tokens of the raw window, at positions n_mem ..
+        self.compressed_segments = 0
+        self.tokens_seen = 0  # tokens of text the conversation stands for (memory + raw)
+
+    @property
+    def n_past(self) -> int:
+        """Cells in use by the conversation: memory + raw window."""
+        return self.n_mem + len(self.raw)
+
+    # ----- memory -----------------------------------------------------------------------------
+    def add_memory(self, memory: SegmentMemory) -> None:
+        """Appends the memory of whole segments (compressed elsewhere, e.g. read from a memory file)
+        right after the existing memory. The raw window must be empty."""
+        self._write_memory(memory)
+        self.tokens_seen += len(memory.k) * self.segment
+
+    def _write_memory(self, memory: SegmentMemory) -> None:
+        if self.raw:
+            raise RuntimeError("memory can only be added at a segment boundary (raw window not empty)")
+        n_seg = len(memory.k)
+        if n_seg == 0:
+            return
+        self._check_room(n_seg * self.slots)
+        positions = np.arange(self.n_mem, self.n_mem + n_seg * self.slots, dtype=np.int32)
+        n_layer = memory.k.shape[1]
+        # (N, n_layer, k, w) -> (n_layer, N·k, w): cells in position order, per layer
+        k = memory.k.transpose(1, 0, 2, 3).reshape(n_layer, n_seg * self.slots, -1)
+        v = memory.v.transpose(1, 0, 2, 3).reshape(n_layer, n_seg * self.slots, -1)
+        k = self.runtime.rope.rotate(k, positions)
+        from native.bindings import kv_write
+
+        kv_write(self.runtime.plugin, self.ctx.ptr, self.layout, DECODER_SEQ, SCRATCH_SEQ, positions, k, v)
+        self.n_mem += n_seg * self.slots
+        self.compressed_segments += n_seg
+
+    def _check_room(self, cells: int) -> None:
+        if self.n_past + cells > self.ctx.n_ctx:
+            raise UIOError(
+                f"the decoder context is full ({self.ctx.n_ctx} cells: {self.n_mem} memory + {len(self.raw)} raw); "
+                "start a new session or use a larger --n-ctx"
+            )
+
+    def _compress_window(self) -> None:
+        memory = self.runtime.encoder.compress(np.asarray([self.raw], dtype=np.int32))
+        self.ctx.seq_rm(DECODER_SEQ, self.n_mem, -1)  # the raw cells of the window
+        self.raw = []
+        self._write_memory(memory)
+
+    # ----- tokens -----------------------------------------------------------------------------
+    def feed(self, tokens, all_logits: bool = False) -> np.ndarray | None:
+        """Decodes tokens into the conversation, compressing at every segment boundary.
+
+        Returns the logits of every token (n, n_vocab) with all_logits, else of the last token only
+        (n_vocab,). The last token's logits stay readable through `self.last_index` for sampling."""
+        tokens = [int(t) for t in tokens]
+        self.tokens_seen += len(tokens)
+        rows = []
+        last = None
+        while tokens:
+            take = min(self.segment - len(self.raw), self.batch.capacity, len(tokens))
+            chunk, tokens = tokens[:take], tokens[take:]
+            self._check_room(take)
+            positions = np.arange(self.n_past, self.n_past + take)
+            outputs = [True] * take if all_logits else [i == take - 1 for i in range(take)]
+            self.batch.fill(positions, [[DECODER_SEQ]] * take, outputs, tokens=chunk)
+            self.ctx.decode(self.batch)
+            if all_logits:
+                rows.extend(self.ctx.logits(i) for i in range(take))
+            last = self.ctx.logits(take - 1) if not all_logits else rows[-1]
+            self.raw.extend(chunk)
+            if len(self.raw) == self.segment:
+                self._compress_window()
+        self._last_logits = last
+        if all_logits:
+            return np.stack(rows) if rows else np.zeros((0, self.runtime.model.n_vocab), np.float32)
+        return last
+
+    def generate(self, params: SamplingParams, should_stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+        """Streams the answer's text. The context must have been fed at least one token. Stops at an
+        end-of-generation token, a stop string, max_tokens, or when should_stop() turns true."""
+        if getattr(self, "_last_logits", None) is None:
+            raise RuntimeError("feed a prompt before generating")
+        sampler = Sampler(params)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        model = self.runtime.model
+        text = ""
+        try:
+            for _ in range(params.max_tokens):
+                if should_stop():
+                    break
+                token = self._sample(sampler)
+                if model.is_eog(token):
+                    break
+                piece = decoder.decode(model.piece(token))
+                self.feed([token])
+                text += piece
+                hit = next((s for s in params.stop if s in text), None)
+                if hit:
+                    cut = text.index(hit)
+                    emitted = len(text) - len(piece)
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    break
+                if piece:
+                    yield piece
+        finally:
+            sampler.close()
+
+    def _sample(self, sampler: Sampler) -> int:
+        """Samples from the last decoded token's logits, which llama.cpp still holds: a compression in
+        between only runs the encoder's own context and writes cells into this one."""
+        return int(sampler.sample(self.ctx, -1))
+
+    def close(self) -> None:
+        self.ctx.close()
+
