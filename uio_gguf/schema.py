@@ -25,6 +25,7 @@ ADAPTER_TYPE = "adapter.type"
 ADAPTER_LORA_ALPHA = "adapter.lora.alpha"
 ADAPTER_GENERAL_TYPE = "adapter"  # value of general.type in a LoRA adapter
 ADAPTER_LORA = "lora"  # value of adapter.type
+MODEL_GENERAL_TYPE = "model"  # value of general.type in a base model GGUF
 
 # ----- the UIO head (uio.gguf) ---------------------------------------------------------------------
 HEAD_GENERAL_TYPE = "uio-head"  # value of general.type in uio.gguf

@@ -1,0 +1,54 @@
+"""uio.gguf: what the runtime needs beyond the model and the encoder adapter (DESIGN section 1): the
+memory embedding, the transfer-head LoRA (k, v), the UIO settings and the fingerprints that bind the
+head to its model.gguf and encoder.lora.gguf."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from convert.adapters import LoraWeights
+from convert.arch import Arch
+from uio_gguf import schema
+
+
+@dataclass
+class HeadContents:
+    arch: Arch
+    segment: int
+    ratio: int
+    n_layer: int
+    memory_embedding: np.ndarray  # (1 or k, d_model)
+    transfer: LoraWeights
+    encoder: LoraWeights
+    trained_steps: int
+    base_fingerprint: str  # of the base weights at training time (train.base.fingerprint)
+    model_fingerprint: str  # gguf_fingerprint(model.gguf)
+    encoder_fingerprint: str  # gguf_fingerprint(encoder.lora.gguf)
+
+
+def write_head(head: HeadContents, path: Path) -> None:
+    writer = gguf.GGUFWriter(path, head.arch.name)
+    writer.add_type(schema.HEAD_GENERAL_TYPE)
+    writer.add_uint32(schema.KEY_FORMAT_VERSION, schema.FORMAT_VERSION)
+    writer.add_uint32(schema.KEY_SEGMENT, head.segment)
+    writer.add_uint32(schema.KEY_RATIO, head.ratio)
+    writer.add_string(schema.KEY_ROPE_TYPE, head.arch.rope_type)
+    writer.add_uint32(schema.KEY_LAYER_COUNT, head.n_layer)
+    writer.add_uint32(schema.KEY_TRANSFER_RANK, head.transfer.rank)
+    writer.add_float32(schema.KEY_TRANSFER_ALPHA, head.transfer.alpha)
+    writer.add_uint32(schema.KEY_ENCODER_RANK, head.encoder.rank)
+    writer.add_float32(schema.KEY_ENCODER_ALPHA, head.encoder.alpha)
+    writer.add_uint32(schema.KEY_TRAINED_STEPS, head.trained_steps)
+    writer.add_string(schema.KEY_BASE_FINGERPRINT, head.base_fingerprint)
+    writer.add_string(schema.KEY_MODEL_FINGERPRINT, head.model_fingerprint)
+    writer.add_string(schema.KEY_ENCODER_FINGERPRINT, head.encoder_fingerprint)
+    writer.add_tensor(schema.MEMORY_EMBEDDING, np.ascontiguousarray(head.memory_embedding, dtype=np.float32))
+    for name, data in head.transfer.tensors():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -1,0 +1,191 @@
+"""Reading a UIO bundle (model.gguf + encoder.lora.gguf + uio.gguf, see uio_gguf/schema.py).
+
+`Bundle.open` checks that the three files are whole GGUF files of the right kinds and that they belong
+together (the fingerprints uio.gguf recorded at conversion), so the runtime never mixes a head with a
+model it was not trained for.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from uio_gguf import schema
+from uio_gguf.errors import UIOError
+from uio_gguf.gguf_file import GGUFFile, read_gguf
+
+FINGERPRINT_BLOCKS = 16  # sampled blocks of tensor data
+FINGERPRINT_BLOCK_BYTES = 1 << 16
+ADAPTERS = ("encoder", "transfer")
+
+
+def gguf_fingerprint(path: str | Path) -> str:
+    """sha256 over the file size, the whole header (metadata + tensor table) and evenly spaced blocks of
+    the tensor data: a few MB read whatever the file size, yet any re-conversion changes it."""
+    info = read_gguf(path)
+    digest = hashlib.sha256(info.size.to_bytes(8, "little"))
+    data_bytes = info.size - info.data_offset
+    with open(info.path, "rb") as f:
+        digest.update(f.read(info.data_offset))
+        if data_bytes <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK_BYTES:
+            digest.update(f.read())
+        else:
+            last = data_bytes - FINGERPRINT_BLOCK_BYTES
+            for i in range(FINGERPRINT_BLOCKS):
+                f.seek(info.data_offset + last * i // (FINGERPRINT_BLOCKS - 1))
+                digest.update(f.read(FINGERPRINT_BLOCK_BYTES))
+    return "sha256:" + digest.hexdigest()
+
+
+def _short(fingerprint: str | None) -> str:
+    return (fingerprint or "none")[:19]
+
+
+class Bundle:
+    """A bundle directory, opened. Use Bundle.open(path)."""
+
+    path: Path
+    model_path: Path
+    encoder_path: Path
+    head_path: Path
+
+    def __init__(self, path: Path, model: GGUFFile, encoder: GGUFFile, head: GGUFFile):
+        self.path = path
+        self.model_path, self.encoder_path, self.head_path = model.path, encoder.path, head.path
+        self._model, self._encoder, self._head = model, encoder, head
+        self.architecture: str = head.get(schema.GENERAL_ARCHITECTURE)
+        self.segment: int = int(head.get(schema.KEY_SEGMENT))
+        self.ratio: int = int(head.get(schema.KEY_RATIO))
+        self.rope_type: str = head.get(schema.KEY_ROPE_TYPE)
+        self.n_layer: int = int(head.get(schema.KEY_LAYER_COUNT))
+        self.trained_steps: int = int(head.get(schema.KEY_TRAINED_STEPS, 0))
+        self.memory_embedding: np.ndarray = head.tensor(schema.MEMORY_EMBEDDING)
+        self.base_fingerprint: str | None = head.get(schema.KEY_BASE_FINGERPRINT)
+        self.model_fingerprint: str = head.get(schema.KEY_MODEL_FINGERPRINT)  # as recorded; verify() checks it
+        self.encoder_fingerprint: str = head.get(schema.KEY_ENCODER_FINGERPRINT)
+        self.head_fingerprint: str = gguf_fingerprint(head.path)
+        self._alpha = {"encoder": float(encoder.get(schema.ADAPTER_LORA_ALPHA)),
+                       "transfer": float(head.get(schema.KEY_TRANSFER_ALPHA))}
+
+    # ----- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path, check: bool = True) -> "Bundle":
+        """Opens a bundle directory; UIOError (one line) on a missing, damaged or foreign file, and with
+        check=True also when the files' fingerprints say they were not converted together."""
+        path = Path(path)
+        if not path.is_dir():
+            raise UIOError(f"not a bundle directory: {path}")
+        files = {}
+        for name in (schema.MODEL_FILE, schema.ENCODER_FILE, schema.HEAD_FILE):
+            if not (path / name).is_file():
+                raise UIOError(f"bundle {path} has no {name}")
+            files[name] = read_gguf(path / name)
+        model, encoder, head = files[schema.MODEL_FILE], files[schema.ENCODER_FILE], files[schema.HEAD_FILE]
+        _check_kinds(path, model, encoder, head)
+        bundle = cls(path, model, encoder, head)
+        if check:
+            bundle.verify()
+        return bundle
+
+    def fingerprint_status(self) -> dict[str, tuple[str, str]]:
+        """file name -> (fingerprint recorded in uio.gguf, fingerprint of the file on disk)."""
+        return {
+            schema.MODEL_FILE: (self.model_fingerprint, gguf_fingerprint(self.model_path)),
+            schema.ENCODER_FILE: (self.encoder_fingerprint, gguf_fingerprint(self.encoder_path)),
+        }
+
+    def verify(self) -> None:
+        for name, (recorded, actual) in self.fingerprint_status().items():
+            if recorded != actual:
+                raise UIOError(
+                    f"the files of bundle {self.path} do not belong together: {name} is {_short(actual)}..., "
+                    f"{schema.HEAD_FILE} was made for {_short(recorded)}... (convert the checkpoint again)"
+                )
+
+    # ----- contents ------------------------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return self.segment // self.ratio
+
+    def lora(self, adapter: str, proj: str, layer: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(A (rank, n_in), B (n_out, rank), scale alpha/rank) of one adapted projection, float32, in
+        llama.cpp's row layout (on LLaMA, B of attn_q and attn_k is row-permuted like W_Q and W_K)."""
+        projections = {"encoder": schema.ENCODER_PROJECTIONS, "transfer": schema.TRANSFER_PROJECTIONS}
+        if adapter not in projections:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, not {adapter!r}")
+        if proj not in projections[adapter]:
+            raise ValueError(f"the {adapter} adapter has no {proj} (it adapts {', '.join(projections[adapter])})")
+        if not 0 <= layer < self.n_layer:
+            raise ValueError(f"layer {layer} out of range (the model has {self.n_layer})")
+        source = self._encoder if adapter == "encoder" else self._head
+        base = schema.layer_tensor(layer, proj)
+        a, b = source.tensor(schema.lora_a(base)), source.tensor(schema.lora_b(base))
+        return a, b, self._alpha[adapter] / a.shape[0]
+
+    def _rank(self, adapter: str) -> int:
+        proj = (schema.ENCODER_PROJECTIONS if adapter == "encoder" else schema.TRANSFER_PROJECTIONS)[0]
+        source = self._encoder if adapter == "encoder" else self._head
+        return source.tensors[schema.lora_a(schema.layer_tensor(0, proj))].shape[0]
+
+    def info(self) -> dict:
+        """What `uio-gguf info` prints: sizes, settings, types and the fingerprints with their status."""
+        arch, meta = self.architecture, self._model.metadata
+        types: dict[str, int] = {}
+        for tensor in self._model.tensors.values():
+            types[tensor.type.name] = types.get(tensor.type.name, 0) + 1
+        token_embd = self._model.tensors.get("token_embd.weight")
+        fingerprints = {
+            name: {"recorded": recorded, "actual": actual, "matches": recorded == actual}
+            for name, (recorded, actual) in self.fingerprint_status().items()
+        }
+        return {
+            "bundle": str(self.path),
+            "architecture": arch,
+            "layers": self.n_layer,
+            "d_model": meta.get(f"{arch}.embedding_length"),
+            "heads": meta.get(f"{arch}.attention.head_count"),
+            "kv_heads": meta.get(f"{arch}.attention.head_count_kv"),
+            "vocab": token_embd.shape[0] if token_embd else None,
+            "context_length": meta.get(f"{arch}.context_length"),
+            "rope_type": self.rope_type,
+            "segment": self.segment,
+            "ratio": self.ratio,
+            "slots": self.slots,
+            "memory_embeddings": int(self.memory_embedding.shape[0]),
+            "model_tensor_types": dict(sorted(types.items(), key=lambda kv: -kv[1])),
+            "model_bytes": self._model.size,
+            "encoder": {"rank": self._rank("encoder"), "alpha": self._alpha["encoder"],
+                        "projections": list(schema.ENCODER_PROJECTIONS)},
+            "transfer": {"rank": self._rank("transfer"), "alpha": self._alpha["transfer"],
+                         "projections": list(schema.TRANSFER_PROJECTIONS)},
+            "trained_steps": self.trained_steps,
+            "format_version": int(self._head.get(schema.KEY_FORMAT_VERSION)),
+            "base_fingerprint": self.base_fingerprint,
+            "head_fingerprint": self.head_fingerprint,
+            "fingerprints": fingerprints,
+        }
+
+
+def _check_kinds(path: Path, model: GGUFFile, encoder: GGUFFile, head: GGUFFile) -> None:
+    """Each file is the kind of GGUF its name says, all for one architecture, in a format we read."""
+    def where(f: GGUFFile) -> str:
+        return f"{path}/{f.path.name}"
+
+    if head.get(schema.GENERAL_TYPE) != schema.HEAD_GENERAL_TYPE:
+        raise UIOError(f"{where(head)} is not a UIO head (general.type {head.get(schema.GENERAL_TYPE)!r})")
+    version = head.get(schema.KEY_FORMAT_VERSION)
+    if version != schema.FORMAT_VERSION:
+        raise UIOError(f"{where(head)} has format version {version}; this uio-gguf reads version {schema.FORMAT_VERSION}")
+    if encoder.get(schema.GENERAL_TYPE) != schema.ADAPTER_GENERAL_TYPE or encoder.get(schema.ADAPTER_TYPE) != schema.ADAPTER_LORA:
+        raise UIOError(f"{where(encoder)} is not a LoRA adapter (general.type {encoder.get(schema.GENERAL_TYPE)!r})")
+    if model.get(schema.GENERAL_TYPE, schema.MODEL_GENERAL_TYPE) != schema.MODEL_GENERAL_TYPE:
+        raise UIOError(f"{where(model)} is not a model (general.type {model.get(schema.GENERAL_TYPE)!r})")
+    arch = head.get(schema.GENERAL_ARCHITECTURE)
+    for f in (model, encoder):
+        if f.get(schema.GENERAL_ARCHITECTURE) != arch:
+            raise UIOError(f"{where(f)} is for architecture {f.get(schema.GENERAL_ARCHITECTURE)!r}, "
+                           f"{schema.HEAD_FILE} for {arch!r}")
+    layers = model.get(f"{arch}.block_count")
+    if layers != head.get(schema.KEY_LAYER_COUNT):
+        raise UIOError(f"{where(model)} has {layers} layers, {schema.HEAD_FILE} {head.get(schema.KEY_LAYER_COUNT)}")
