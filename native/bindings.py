@@ -2,10 +2,15 @@
 
 `ctx` arguments are llama_cpp's low-level context pointers (what llama_cpp.llama_init_from_model
 returns). Failures raise uio_gguf.errors.UIOError with the plugin's one-line reason.
+
+The plugin is one library per process, so the wrappers find it themselves; they also accept it as a
+leading argument (`probe(plugin, ctx, scratch)`, `Capture(plugin, n_layer, ...)`), as the runtime
+passes the library that native.build.load_plugin() returned.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int32, c_size_t, c_uint8, c_void_p
 
 import numpy as np
@@ -76,6 +81,23 @@ def plugin() -> ctypes.CDLL:
     return _configured
 
 
+def _without_plugin(args: tuple) -> tuple:
+    """Drops a leading plugin library from positional arguments (see the module docstring)."""
+    if args and isinstance(args[0], ctypes.CDLL):
+        if args[0] is not load_plugin():
+            raise UIOError("a different native plugin library was passed than the one native.build loaded")
+        return args[1:]
+    return args
+
+
+def _plugin_optional(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*_without_plugin(args), **kwargs)
+
+    return wrapper
+
+
 def last_error() -> str:
     return plugin().uio_last_error().decode(errors="replace")
 
@@ -91,9 +113,13 @@ def _floats(array: np.ndarray):
 
 
 class Capture:
-    """Captures attn_norm / Kcur / Vcur rows of every layer during one armed llama_decode."""
+    """Captures attn_norm / Kcur / Vcur rows of every layer during one armed llama_decode.
 
-    def __init__(self, n_layer: int, n_embd: int, n_embd_k_gqa: int, n_embd_v_gqa: int, max_rows: int):
+    Give a context `callback` and `user_data` as cb_eval / cb_eval_user_data (or call
+    set_capture_callback); the capture must outlive that context."""
+
+    def __init__(self, *args):
+        n_layer, n_embd, n_embd_k_gqa, n_embd_v_gqa, max_rows = _without_plugin(args)
         self.widths = (n_embd, n_embd_k_gqa, n_embd_v_gqa)
         self.n_layer = n_layer
         self.max_rows = max_rows
@@ -101,6 +127,12 @@ class Capture:
         self.ptr = self._lib.uio_capture_new(n_layer, n_embd, n_embd_k_gqa, n_embd_v_gqa, max_rows)
         if not self.ptr:
             raise UIOError(f"cannot allocate a capture: {last_error()}")
+        self.callback = eval_callback()
+
+    @property
+    def user_data(self) -> int:
+        """The cb_eval_user_data to give the context: this capture's C pointer."""
+        return self.ptr
 
     def arm(self, n_rows: int) -> None:
         if not 0 < n_rows <= self.max_rows:
@@ -152,10 +184,11 @@ def set_capture_callback(params, capture: Capture) -> None:
     """Points llama_context_params.cb_eval at the plugin with this capture as its user data.
 
     The capture must outlive every context created from these params."""
-    params.cb_eval = eval_callback()
-    params.cb_eval_user_data = capture.ptr
+    params.cb_eval = capture.callback
+    params.cb_eval_user_data = capture.user_data
 
 
+@_plugin_optional
 def probe(ctx, scratch_seq: int) -> KVLayout:
     """Learns and verifies the KV cache layout (decodes one token into the empty scratch sequence)."""
     layout = KVLayout()
@@ -163,6 +196,7 @@ def probe(ctx, scratch_seq: int) -> KVLayout:
     return layout
 
 
+@_plugin_optional
 def kv_write(ctx, layout: KVLayout, seq_id: int, scratch_seq: int, positions, k, v) -> None:
     """Writes cells at `positions` into seq_id: k float32 (n_layer, n, n_embd_k_gqa) RoPE'd, v (n_layer, n, n_embd_v_gqa)."""
     positions = np.ascontiguousarray(positions, dtype=np.int32)
@@ -176,6 +210,7 @@ def kv_write(ctx, layout: KVLayout, seq_id: int, scratch_seq: int, positions, k,
     _check(code, "writing memory into the KV cache failed")
 
 
+@_plugin_optional
 def kv_read(ctx, layout: KVLayout, seq_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every cell of seq_id as (positions int32 [n], k float32 (n_layer, n, dk), v float32 (n_layer, n, dv)), cache order."""
     lib = plugin()

@@ -15,6 +15,7 @@ llama_cpp_logger = pytest.importorskip("llama_cpp._logger")
 llama_cpp_logger.set_verbose(False)  # llama.cpp's per-context log lines drown a failure report
 
 from native import bindings  # noqa: E402
+from native.build import load_plugin  # noqa: E402
 from uio_gguf.errors import UIOError  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -194,12 +195,13 @@ def test_kv_write_round_trip_keeps_other_cells(model, tokens, cache_type, flash)
 
 
 def test_kv_write_replaces_cells_at_the_same_positions(model, tokens):
+    plugin = load_plugin()  # the runtime passes the library first: the same calls work that way too
     with context(model) as ctx:
-        layout = bindings.probe(ctx, SCRATCH)
+        layout = bindings.probe(plugin, ctx, SCRATCH)
         decode(ctx, tokens[:4], [0, 1, 2, 3])
         k = np.full((N_LAYER, 2, DK), 7.0, dtype=np.float32)
         v = np.full((N_LAYER, 2, DV), -3.0, dtype=np.float32)
-        bindings.kv_write(ctx, layout, 0, SCRATCH, [3, 1], k, v)
+        bindings.kv_write(plugin, ctx, layout, 0, SCRATCH, [3, 1], k, v)
         positions, got_k, got_v = by_position(*bindings.kv_read(ctx, layout, 0))
         assert list(positions) == [0, 1, 2, 3]
         assert (got_k[:, [1, 3]] == 7.0).all() and (got_v[:, [1, 3]] == -3.0).all()
@@ -297,7 +299,7 @@ def relative_error(a, b):
 @pytest.fixture(scope="module", params=[False, True], ids=["flash-off", "flash-on"])
 def captured(request, model, tokens):
     """One armed decode of 6 tokens at positions 2..7 into an f32 cache, and what the cache stored."""
-    capture = bindings.Capture(N_LAYER, N_EMBD, DK, DV, max_rows=16)
+    capture = bindings.Capture(N_LAYER, N_EMBD, DK, DV, 16)
     positions = list(range(2, 8))
     with context(model, F32, flash=request.param, capture=capture) as ctx:
         layout = bindings.probe(ctx, SCRATCH)
@@ -336,7 +338,7 @@ def test_cache_holds_rope_of_captured_kcur_and_the_captured_vcur(captured, gguf_
 
 
 def test_capture_reports_a_row_count_mismatch(model, tokens):
-    capture = bindings.Capture(N_LAYER, N_EMBD, DK, DV, max_rows=8)
+    capture = bindings.Capture(N_LAYER, N_EMBD, DK, DV, 8)
     with context(model, capture=capture) as ctx:
         capture.arm(3)
         decode(ctx, tokens[:4], range(4))
@@ -352,7 +354,7 @@ def test_capture_reports_a_row_count_mismatch(model, tokens):
 
 
 def test_capture_reports_a_split_batch(model, tokens):
-    capture = bindings.Capture(N_LAYER, N_EMBD, DK, DV, max_rows=8)
+    capture = bindings.Capture(load_plugin(), N_LAYER, N_EMBD, DK, DV, 8)
     with context(model, capture=capture, n_ubatch=2) as ctx:
         capture.arm(4)
         decode(ctx, tokens[:4], range(4))
