@@ -557,7 +557,8 @@ static int32_t parse_rows(reader * r, int32_t layer, bool is_v, kv_cells * out, 
                             (unsigned long long) row_bytes, ggml_type_name((enum ggml_type) type));
     }
     (is_v ? out->layout.v_type : out->layout.k_type)[layer] = type;
-    if (!take(r, dst, row_bytes * out->n_cells)) {
+    // divide rather than multiply: a corrupted row size must not overflow into a plausible length
+    if (row_bytes > (r->size - r->off) / out->n_cells || !take(r, dst, row_bytes * out->n_cells)) {
         return FORMAT_ERROR("truncated %s rows of layer %d", name, layer);
     }
     return UIO_OK;

@@ -85,14 +85,17 @@ typedef struct {
 // Learns the cache layout of ctx and verifies the state format: decodes one token into scratch_seq
 // (which must be empty) at position 0, reads it back with llama_state_seq_get_data, parses it, checks
 // every size field, rebuilds the same blob with our writer and checks it is byte-identical, then
-// removes scratch_seq's cells. The decode overwrites the context's logits. Needs kv_unified = true.
+// removes scratch_seq's cells. The decode overwrites the context's logits (and would feed an armed
+// capture: disarm it first). Needs kv_unified = true.
 int32_t uio_kv_probe(struct llama_context * ctx, llama_seq_id scratch_seq, uio_kv_layout * out);
 
 // Writes n_cells cells into seq_id at the distinct positions pos[0..n_cells):
 // k = float32 [n_layer][n_cells][n_embd_k_gqa] (already RoPE'd), v = float32 [n_layer][n_cells][n_embd_v_gqa].
 // Cells of seq_id at those positions are replaced; its other cells stay untouched. Goes through
 // scratch_seq (any content it had is dropped; it is empty afterwards). Needs a unified KV cache
-// (kv_unified = true) with n_seq_max > scratch_seq, and scratch_seq != seq_id.
+// (kv_unified = true) with n_seq_max > scratch_seq, scratch_seq != seq_id, and n_cells free cells.
+// llama.cpp then wants the next token of seq_id at llama_memory_seq_pos_max(seq_id) + 1, and assumes a
+// sequence's positions have no gaps: write memory where it keeps them contiguous.
 int32_t uio_kv_write(struct llama_context * ctx, const uio_kv_layout * layout, llama_seq_id seq_id, llama_seq_id scratch_seq,
                      const llama_pos * pos, int32_t n_cells, const float * k, const float * v);
 
