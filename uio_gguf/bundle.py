@@ -189,3 +189,29 @@ def _check_kinds(path: Path, model: GGUFFile, encoder: GGUFFile, head: GGUFFile)
     layers = model.get(f"{arch}.block_count")
     if layers != head.get(schema.KEY_LAYER_COUNT):
         raise UIOError(f"{where(model)} has {layers} layers, {schema.HEAD_FILE} {head.get(schema.KEY_LAYER_COUNT)}")
+
+
+def format_info(info: dict) -> str:
+    """Bundle.info() as the table `uio-gguf info` prints."""
+    types = ", ".join(f"{name} x{count}" for name, count in info["model_tensor_types"].items())
+    rows = [
+        ("bundle", info["bundle"]),
+        ("architecture", f"{info['architecture']} (RoPE {info['rope_type']})"),
+        ("layers", info["layers"]),
+        ("d_model", f"{info['d_model']}  ({info['heads']} heads, {info['kv_heads']} KV heads)"),
+        ("vocabulary", info["vocab"]),
+        ("context", info["context_length"]),
+        ("segment", f"{info['segment']} tokens, ratio {info['ratio']} -> {info['slots']} memory slots"),
+        ("memory embedding", f"{info['memory_embeddings']} x {info['d_model']}"),
+        ("model.gguf", f"{info['model_bytes'] / 1e6:.1f} MB: {types}"),
+    ]
+    for adapter in ADAPTERS:
+        lora = info[adapter]
+        rows.append((f"{adapter} LoRA", f"rank {lora['rank']}, alpha {lora['alpha']:g} ({', '.join(lora['projections'])})"))
+    rows += [("trained steps", info["trained_steps"]), ("format version", info["format_version"]), ("fingerprints", "")]
+    for name, fp in info["fingerprints"].items():
+        status = "ok" if fp["matches"] else f"MISMATCH ({schema.HEAD_FILE} expects {fp['recorded']})"
+        rows.append((f"  {name}", f"{fp['actual']}  {status}"))
+    rows += [(f"  {schema.HEAD_FILE}", info["head_fingerprint"]), ("  base (training)", info["base_fingerprint"])]
+    width = max(len(label) for label, _ in rows) + 2
+    return "\n".join(f"{label:<{width}}{value}".rstrip() for label, value in rows)

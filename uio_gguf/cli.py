@@ -113,6 +113,39 @@ def data(
 
 
 
+# ----- converter: checkpoint -> bundle, and what a bundle holds ---------------------------------------
+@app.command()
+def convert(
+    checkpoint: Path = typer.Argument(..., help="A UIO checkpoint directory (the checkpoint/ that `train` writes)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Bundle directory to write."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model to convert: a Hugging Face directory or a .gguf (default: the one the checkpoint recorded)."),
+    base_gguf: Optional[Path] = typer.Option(None, "--base-gguf", help="A GGUF of exactly the base weights, used as model.gguf as it is (--outtype ignored)."),
+    outtype: str = typer.Option("f16", "--outtype", help="Type of model.gguf: f32, f16, bf16, q8_0, or a llama.cpp quantization such as q4_k_m, q5_k_m, q6_k."),
+    force: bool = typer.Option(False, "--force", help="Replace the output directory if it exists."),
+):
+    """Convert a checkpoint to a bundle that stock llama.cpp loads: model.gguf, encoder.lora.gguf, uio.gguf."""
+    _require_training_stack()
+    from convert import convert_checkpoint
+
+    bundle = convert_checkpoint(checkpoint, out, base=base, base_gguf=base_gguf, outtype=outtype, force=force, progress=True)
+    typer.echo(f"bundle: {bundle}")
+
+
+@app.command()
+def info(
+    bundle: Path = typer.Argument(..., help="A bundle directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the information as JSON."),
+):
+    """What a bundle holds: architecture, sizes, segment/ratio, types, fingerprints and whether they match."""
+    from uio_gguf.bundle import Bundle, format_info
+
+    opened = Bundle.open(bundle, check=False)
+    details = opened.info()
+    typer.echo(json.dumps(details, indent=2) if as_json else format_info(details))
+    if not all(fp["matches"] for fp in details["fingerprints"].values()):
+        opened.verify()  # raises: the files do not belong together
+
+
 # ----- runtime: compress and chat ------------------------------------------------------------------
 BUNDLE_HELP = "UIO bundle directory (model.gguf, encoder.lora.gguf, uio.gguf). Default: the embedded SmolLM2 bundle."
 

@@ -129,9 +129,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
     size = path.stat().st_size
     try:
         with open(path, "rb", buffering=1 << 20) as f:
-            cur = _Cursor(f)
-            if cur.read(4) != MAGIC:
+            if f.read(4) != MAGIC:
                 raise UIOError(f"not a GGUF file: {path}")
+            cur = _Cursor(f)
             version = cur.unpack("<I")
             if version not in (2, 3):
                 raise UIOError(f"{path}: unsupported GGUF version {version}")
