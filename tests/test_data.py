@@ -15,9 +15,10 @@ N_DOCS = 10
 
 
 def _story(i: int) -> str:
-    """An English document whose every line carries its own tag `docNx`, so any piece of it is traceable."""
+    """An English document whose every line carries its own tag `docNx`, so any piece of it is traceable;
+    longer as i grows."""
     return "\n".join(f"This is line {j} of the story of doc{i}x, which is told in the valley by the river "
-                     f"and it is not the same as any other one." for j in range(40))
+                     f"and it is not the same as any other one." for j in range(30 + 3 * i))
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,8 @@ def test_split_is_by_document_and_every_document_is_whole(made):
     stories = {_story(i) for i in range(N_DOCS)}
     assert {r["text"] for r in real_train + heldout} == stories  # whole, once; short/French/.bin left out
     assert not {r["text"] for r in real_train} & {r["text"] for r in heldout}
+    lengths = sorted(len(_story(i)) for i in range(N_DOCS))
+    assert max(len(r["text"]) for r in heldout) >= lengths[N_DOCS // 2]  # held-out spans the lengths
     assert all(r["license"] == "CC0-1.0" for r in real_train + heldout)
     assert "train: " in result.stdout and "held-out: 2 documents" in result.stdout
 

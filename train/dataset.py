@@ -1,7 +1,7 @@
 """`uio-gguf data`: a reproducible training set from the sources of train.corpus_sources.
 
 Documents are filtered (long enough, English), de-duplicated, split into train / held-out by document
-(each source gives the same share to held-out), and the train side gets synthetic long-range tasks
+(each source gives the same share to held-out, across its range of lengths), and the train side gets synthetic long-range tasks
 (train.synthetic) built from train text only, so held-out text never leaks into training.
 
 Writes train.jsonl and heldout.jsonl ({"text", "source", "license"} a line) and sources.json.
@@ -69,14 +69,17 @@ def collect(sources: list[Source], min_chars: int, progress: bool) -> tuple[list
 
 
 def split_by_document(documents: list[Document], share: float, rng: random.Random) -> tuple[list, list]:
-    """Held-out gets round(share · n) documents of each source (at least one of a source with two or more)."""
+    """Held-out gets round(share · n) documents of each source (at least one of a source with two or
+    more), spread evenly over the source's documents ranked by length, so that held-out has long
+    documents too (perplexity at 32K tokens needs some)."""
     train, heldout = [], []
     for name in dict.fromkeys(d.source for d in documents):
-        group = [d for d in documents if d.source == name]
-        rng.shuffle(group)
+        group = sorted((d for d in documents if d.source == name), key=lambda d: (len(d.text), d.origin))
         n_held = max(1, round(share * len(group))) if share > 0 and len(group) >= 2 else 0
-        heldout += group[:n_held]
-        train += group[n_held:]
+        offset = rng.random()
+        held = {int((offset + i) * len(group) / n_held) for i in range(n_held)}
+        heldout += [d for i, d in enumerate(group) if i in held]
+        train += [d for i, d in enumerate(group) if i not in held]
     return train, heldout
 
 
