@@ -126,6 +126,9 @@ def test_synthetic_tasks_hide_the_fact_at_a_line_start_and_ask_at_the_end():
         assert text.replace(f"The pass key is {key}. Remember it. {key} is the pass key.\n", "", 1).startswith(filler)
         depths.append(text.index("The pass key") / len(filler))
     assert min(depths) < 0.3 and max(depths) > 0.7  # spread over the depth
+    for seed in range(10):  # a filler of one line: the fact goes before or after it, still on its own line
+        text = synthetic.passkey("A single line of filler.", random.Random(seed))
+        assert re.search(r"^The pass key is (\d+)\. Remember it\. \1 is the pass key\.$", text, re.M)
     text = synthetic.key_value(filler, random.Random(0))
     facts = dict(re.findall(r"^The value of key ([a-z]+-[a-z]+) is (\d+)\.$", text, re.M))
     asked = re.findall(r"What is the value of key ([a-z-]+)\? The value of key \1 is (\d+)\.", text)

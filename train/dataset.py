@@ -1,8 +1,9 @@
 """`uio-gguf data`: a reproducible training set from the sources of train.corpus_sources.
 
 Documents are filtered (long enough, English), de-duplicated, split into train / held-out by document
-(each source gives the same share to held-out, across its range of lengths), and the train side gets synthetic long-range tasks
-(train.synthetic) built from train text only, so held-out text never leaks into training.
+(each source gives the same share to held-out, across its range of lengths), and the train side gets
+synthetic long-range tasks (train.synthetic) built from train text only, so held-out text never leaks
+into training.
 
 Writes train.jsonl and heldout.jsonl ({"text", "source", "license"} a line) and sources.json.
 """

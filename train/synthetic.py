@@ -37,7 +37,7 @@ def _insert(filler: str, sentences: list[str], rng: random.Random) -> str:
     cuts = sorted(_next_line(filler, rng.randrange(len(filler) + 1)) for _ in sentences)
     pieces, previous = [], 0
     for cut, sentence in zip(cuts, sentences):
-        pieces += [filler[previous:cut], f"{sentence}\n"]
+        pieces += [filler[previous:cut], f"{sentence}\n" if cut < len(filler) else f"\n{sentence}"]
         previous = cut
     pieces.append(filler[previous:])
     return "".join(pieces)
