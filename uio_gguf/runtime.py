@@ -43,6 +43,9 @@ class UIORuntime:
         if kv_type not in ("f16", "f32"):
             raise UIOError(f"--kv-type must be f16 or f32, not {kv_type}")
         self.kv_type = GGML_TYPE_F32 if kv_type == "f32" else GGML_TYPE_F16
+        # Segments of one batch attend over each other's cells (masked), so batching multiplies the
+        # attention work: it pays on a GPU (parallelism), not on a CPU.
+        segments_per_batch = segments_per_batch or (4 if n_gpu_layers else 1)
         self.encoder = Encoder(self.model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads)
 
     @property

