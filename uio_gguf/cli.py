@@ -148,12 +148,15 @@ def info(
 
 # ----- runtime: compress and chat ------------------------------------------------------------------
 BUNDLE_HELP = "UIO bundle directory (model.gguf, encoder.lora.gguf, uio.gguf). Default: the embedded SmolLM2 bundle."
+RATIO_HELP = "Without -m: which shipped SmolLM2 bundle, by compression ratio (32: longer books, 8: finer memory)."
 
 
-def _runtime(bundle: Optional[Path], n_gpu_layers: int, flash_attn: bool, kv_type: str, verbose: bool):
+def _runtime(bundle: Optional[Path], ratio: int, n_gpu_layers: int, flash_attn: bool, verbose: bool):
+    from uio_gguf.default_bundle import default_bundle_path
     from uio_gguf.runtime import UIORuntime
 
-    runtime = UIORuntime(bundle, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, kv_type=kv_type, verbose=verbose)
+    bundle = bundle if bundle is not None else default_bundle_path(ratio)
+    runtime = UIORuntime(bundle, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=verbose)
     if runtime.bundle.trained_steps == 0:
         typer.echo("note: this UIO head is untrained (zero LoRA deltas): the memory is the model's own states, "
                    "not a trained compression; answers about far-away text will be weak", err=True)
@@ -177,6 +180,7 @@ def compress(
     book: Path = typer.Argument(..., help="A UTF-8 text file."),
     model: Optional[Path] = typer.Option(None, "-m", "--model", help=BUNDLE_HELP),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Also copy the memory file here."),
+    ratio: int = typer.Option(32, "--ratio", help=RATIO_HELP),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Use flash attention."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's log."),
@@ -188,7 +192,7 @@ def compress(
     from uio_gguf.chat import Conversation
 
     text = read_book(book)
-    runtime = _runtime(model, n_gpu_layers, flash_attn, "f16", verbose)
+    runtime = _runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
     bar, update = _progress_bar("compressing")
     conversation = Conversation(runtime, text, progress=update)
     bar.close()
@@ -208,6 +212,7 @@ def chat(
     book: Path = typer.Argument(..., help="A UTF-8 text file: the book to talk about."),
     model: Optional[Path] = typer.Option(None, "-m", "--model", help=BUNDLE_HELP),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Ask one question, print the answer, exit."),
+    ratio: int = typer.Option(32, "--ratio", help=RATIO_HELP),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="Decoder window in tokens (default: the model's trained context)."),
     temperature: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
@@ -228,7 +233,7 @@ def chat(
     from uio_gguf.session import SamplingParams
 
     text = read_book(book)
-    runtime = _runtime(model, n_gpu_layers, flash_attn, "f16", verbose)
+    runtime = _runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
     bar, update = _progress_bar("compressing")
     conversation = Conversation(runtime, text, n_ctx=n_ctx, use_memory_files=not no_cache, progress=update)
     bar.close()
@@ -238,10 +243,32 @@ def chat(
                + ("memory file reused]" if stats.from_file else f"compressed at {stats.tokens_per_second:,.0f} tokens/s]"),
                err=True)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens, stop=stop)
-    _chat_loop(conversation, params, prompt)
+    try:
+        _chat_loop(conversation, params, prompt)
+    except KeyboardInterrupt:  # the second Ctrl-C: leave cleanly
+        typer.echo("\n[bye]", err=True)
     used, full = conversation.kv_bytes()
     typer.echo(f"[KV cache: {used / 2**20:.1f} MiB used; full attention over the same "
                f"{conversation.session.tokens_seen:,} tokens would need {full / 2**20:.1f} MiB]", err=True)
+
+
+DEMO_QUESTION = "What is the access code of the archive?"
+
+
+@app.command()
+def demo(
+    ratio: int = typer.Option(32, "--ratio", help=RATIO_HELP),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
+):
+    """The main job on the embedded default: SmolLM2-135M reads a bundled 13K-token text (its own
+    8K window could not hold it) through UIO memory and answers one question about its first lines."""
+    from importlib.resources import files
+
+    book = Path(str(files("uio_gguf") / "data" / "demo_book.txt"))
+    typer.echo(f"demo: {book.name} (the access code is stated in its first lines)\nquestion: {DEMO_QUESTION}", err=True)
+    chat(book=book, model=None, prompt=DEMO_QUESTION, ratio=ratio, n_gpu_layers=n_gpu_layers, n_ctx=None,
+         temperature=0.0, top_k=40, top_p=0.95, seed=0, max_tokens=64, stop=[], flash_attn=False, no_cache=False,
+         verbose=False)
 
 
 def _chat_loop(conversation, params, prompt: Optional[str]) -> None:
