@@ -7,6 +7,7 @@
     base_model.py    model.gguf
     adapters.py      the PEFT adapters of the checkpoint, encoder.lora.gguf
     head.py          uio.gguf
+    gguf_save.py     the four steps that write out a GGUFWriter
     bundle_writer.py convert_checkpoint(): all of the above, checked and written atomically
 """
 from convert.bundle_writer import convert_checkpoint

@@ -11,6 +11,7 @@ import gguf
 import numpy as np
 
 from convert.arch import Arch, to_llama_layout
+from convert.gguf_save import save
 from uio_gguf import schema
 from uio_gguf.errors import UIOError
 
@@ -71,7 +72,4 @@ def write_encoder_adapter(lora: LoraWeights, arch: Arch, path: Path) -> None:
     writer.add_float32(schema.ADAPTER_LORA_ALPHA, lora.alpha)
     for name, data in lora.tensors():
         writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save(writer)

@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 
 from convert.arch import Arch, arch_of_config, to_llama_layout
+from convert.gguf_save import save
 from convert.outtypes import Outtype, llama_quantize, outtype, tensor_type
 from uio_gguf import schema
 from uio_gguf.errors import UIOError
@@ -48,10 +49,7 @@ def _write(model, path: Path, kind: Outtype, add_tokenizer, name: str | None, pr
                                 unit="tensor", disable=not progress):
         qtype = tensor_type(kind, data.shape)
         writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save(writer)
 
 
 def add_hparams(writer: gguf.GGUFWriter, config, arch: Arch) -> None:

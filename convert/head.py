@@ -11,6 +11,7 @@ import numpy as np
 
 from convert.adapters import LoraWeights
 from convert.arch import Arch
+from convert.gguf_save import save
 from uio_gguf import schema
 
 
@@ -48,7 +49,4 @@ def write_head(head: HeadContents, path: Path) -> None:
     writer.add_tensor(schema.MEMORY_EMBEDDING, np.ascontiguousarray(head.memory_embedding, dtype=np.float32))
     for name, data in head.transfer.tensors():
         writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save(writer)

@@ -83,13 +83,12 @@ def test_unsupported_architecture_is_refused(checkpoint, tmp_path):
     import gguf
     import numpy as np
 
+    from convert.gguf_save import save
+
     foreign = tmp_path / "gpt2.gguf"
     writer = gguf.GGUFWriter(foreign, "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save(writer)
     _fails_with(run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--base-gguf", str(foreign)),
                 "unsupported architecture 'gpt2'")
 

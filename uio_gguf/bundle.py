@@ -54,19 +54,22 @@ class Bundle:
         self.path = path
         self.model_path, self.encoder_path, self.head_path = model.path, encoder.path, head.path
         self._model, self._encoder, self._head = model, encoder, head
-        self.architecture: str = head.get(schema.GENERAL_ARCHITECTURE)
-        self.segment: int = int(head.get(schema.KEY_SEGMENT))
-        self.ratio: int = int(head.get(schema.KEY_RATIO))
-        self.rope_type: str = head.get(schema.KEY_ROPE_TYPE)
-        self.n_layer: int = int(head.get(schema.KEY_LAYER_COUNT))
+        self.architecture: str = _required(head, schema.GENERAL_ARCHITECTURE)
+        self.segment: int = int(_required(head, schema.KEY_SEGMENT))
+        self.ratio: int = int(_required(head, schema.KEY_RATIO))
+        self.rope_type: str = _required(head, schema.KEY_ROPE_TYPE)
+        self.n_layer: int = int(_required(head, schema.KEY_LAYER_COUNT))
         self.trained_steps: int = int(head.get(schema.KEY_TRAINED_STEPS, 0))
         self.memory_embedding: np.ndarray = head.tensor(schema.MEMORY_EMBEDDING)
         self.base_fingerprint: str | None = head.get(schema.KEY_BASE_FINGERPRINT)
-        self.model_fingerprint: str = head.get(schema.KEY_MODEL_FINGERPRINT)  # as recorded; verify() checks it
-        self.encoder_fingerprint: str = head.get(schema.KEY_ENCODER_FINGERPRINT)
+        # As recorded at conversion; verify() compares them with the files.
+        self.model_fingerprint: str = _required(head, schema.KEY_MODEL_FINGERPRINT)
+        self.encoder_fingerprint: str = _required(head, schema.KEY_ENCODER_FINGERPRINT)
         self.head_fingerprint: str = gguf_fingerprint(head.path)
-        self._alpha = {"encoder": float(encoder.get(schema.ADAPTER_LORA_ALPHA)),
-                       "transfer": float(head.get(schema.KEY_TRANSFER_ALPHA))}
+        self._alpha = {"encoder": float(_required(encoder, schema.ADAPTER_LORA_ALPHA)),
+                       "transfer": float(_required(head, schema.KEY_TRANSFER_ALPHA))}
+        if self.segment <= 0 or self.ratio <= 0 or self.segment % self.ratio:
+            raise UIOError(f"{head.path}: segment length {self.segment} is not a multiple of the ratio {self.ratio}")
 
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
@@ -165,6 +168,13 @@ class Bundle:
             "head_fingerprint": self.head_fingerprint,
             "fingerprints": fingerprints,
         }
+
+
+def _required(f: GGUFFile, key: str):
+    value = f.get(key)
+    if value is None:
+        raise UIOError(f"{f.path} lacks the key {key}")
+    return value
 
 
 def _check_kinds(path: Path, model: GGUFFile, encoder: GGUFFile, head: GGUFFile) -> None:
