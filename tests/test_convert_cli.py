@@ -104,3 +104,14 @@ def test_unsupported_hf_architecture_is_refused(checkpoint, tmp_path):
 def test_unknown_outtype_is_refused(checkpoint, tmp_path):
     _fails_with(run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--outtype", "q3_zz"),
                 "unknown output type", "q4_k_m")
+
+
+@pytest.mark.slow
+def test_base_gguf_of_the_exact_weights_is_accepted(checkpoint, bundle, tmp_path):
+    """An f32 model.gguf of ours, dequantised by transformers (LLaMA rows un-permuted), has exactly the
+    fingerprint of the HF weights the checkpoint was trained on, so --base-gguf takes it as it is
+    (~20 s: transformers rebuilds the 49K-token tokenizer from the GGUF)."""
+    out = tmp_path / "out"
+    run_cli("convert", str(checkpoint), "-o", str(out), "--base-gguf", str(bundle / schema.MODEL_FILE), check=True)
+    assert (out / schema.MODEL_FILE).read_bytes() == (bundle / schema.MODEL_FILE).read_bytes()
+    assert "MISMATCH" not in run_cli("info", str(out), check=True).stdout
