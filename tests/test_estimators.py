@@ -11,6 +11,16 @@ from train.tiny import tiny_uio
 SEG, RATIO, T = 16, 4, 6
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and on a busy CPU two OpenMP threads that wait on each
+    other made the sampling test 15 times slower (16 s -> 250 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup():
     model = tiny_uio(segment=SEG, ratio=RATIO)

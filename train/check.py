@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import torch
+from tqdm import tqdm
 
 from train.estimators import Crop, estimate_gradient
 from train.tiny import tiny_uio
@@ -28,8 +29,15 @@ def flat_gradient(model, crop: Crop, estimator: str, window: int = 2, rng=None, 
 
 
 def gradient_study(samples: int, segments: int, windows: list[int], seed: int = 0, progress: bool = True) -> list[dict]:
-    from tqdm import tqdm
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads only wait on each other (badly so on a busy CPU)
+    try:
+        return _study(samples, segments, windows, seed, progress)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _study(samples: int, segments: int, windows: list[int], seed: int, progress: bool) -> list[dict]:
     model = tiny_uio(seed=seed)
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.base.config.vocab_size, (1, segments * model.config.segment + 1), generator=gen)
