@@ -125,6 +125,36 @@ def prose() -> str:
     return stdlib_prose()
 
 
+@pytest.fixture(scope="session")
+def smollm2(embedded_gguf, tmp_path_factory):
+    """(UIO model over the dequantised SmolLM2 with random non-zero adapters, tokenizer, its checkpoint).
+    Loading takes ~40 s: every test of this module shares it."""
+    from train.base import fingerprint, load_base
+    from train.checkpoint import save_checkpoint
+    from train.model import UIOConfig, UIOModel
+    from train.tiny import randomize_uio
+
+    import torch
+
+    base, tokenizer = load_base(embedded_gguf)
+    meta = {"estimator": "unbiased", "window": 2, "step": 3,
+            "base": {"path": str(embedded_gguf), "model_type": base.config.model_type, "fingerprint": fingerprint(base)}}
+    torch.manual_seed(0)
+    model = randomize_uio(UIOModel(base, UIOConfig(segment=64, ratio=8, rank=8, alpha=16.0)), seed=0)
+    checkpoint = tmp_path_factory.mktemp("smollm2") / "checkpoint"
+    save_checkpoint(model, checkpoint, meta)
+    return model, tokenizer, checkpoint
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_bundle(smollm2, tmp_path_factory):
+    model, tokenizer, checkpoint = smollm2
+    from convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("smollm2-f32") / "bundle"
+    return convert_checkpoint(checkpoint, out, outtype="f32", loaded=(model.base, tokenizer))
+
+
 def llama_logits(model_path, tokens, lora=None, kv_type: int = 0, n_threads: int = 2):
     """llama.cpp's logits (n_tokens, n_vocab) for one sequence, every position, through the low-level API:
     the model from model_path, optionally a LoRA adapter file (llama_adapter_lora_init +

@@ -17,47 +17,19 @@ N_TOKENS = 256
 
 
 @pytest.fixture(scope="module")
-def smollm2(embedded_gguf, tmp_path_factory):
-    """(UIO model over the dequantised SmolLM2 with random non-zero adapters, tokenizer, its checkpoint).
-    Loading takes ~40 s: every test of this module shares it."""
-    from train.base import fingerprint, load_base
-    from train.checkpoint import save_checkpoint
-    from train.model import UIOConfig, UIOModel
-    from train.tiny import randomize_uio
-
-    base, tokenizer = load_base(embedded_gguf)
-    meta = {"estimator": "unbiased", "window": 2, "step": 3,
-            "base": {"path": str(embedded_gguf), "model_type": base.config.model_type, "fingerprint": fingerprint(base)}}
-    torch.manual_seed(0)
-    model = randomize_uio(UIOModel(base, UIOConfig(segment=64, ratio=8, rank=8, alpha=16.0)), seed=0)
-    checkpoint = tmp_path_factory.mktemp("smollm2") / "checkpoint"
-    save_checkpoint(model, checkpoint, meta)
-    return model, tokenizer, checkpoint
-
-
-@pytest.fixture(scope="module")
 def tokens(smollm2, prose) -> list[int]:
     return smollm2[1](prose, add_special_tokens=False)["input_ids"][:N_TOKENS]
 
 
-@pytest.fixture(scope="module")
-def f32_bundle(smollm2, tmp_path_factory):
-    model, tokenizer, checkpoint = smollm2
-    from convert import convert_checkpoint
-
-    out = tmp_path_factory.mktemp("smollm2-f32") / "bundle"
-    return convert_checkpoint(checkpoint, out, outtype="f32", loaded=(model.base, tokenizer))
-
-
-def test_f32_conversion_chooses_the_tokens_of_the_original_q4_1(f32_bundle, embedded_gguf, tokens):
-    ours = llama_logits(f32_bundle / schema.MODEL_FILE, tokens)
+def test_f32_conversion_chooses_the_tokens_of_the_original_q4_1(smollm2_f32_bundle, embedded_gguf, tokens):
+    ours = llama_logits(smollm2_f32_bundle / schema.MODEL_FILE, tokens)
     original = llama_logits(embedded_gguf, tokens)
     agreement = (ours.argmax(-1) == original.argmax(-1)).mean()
     print(f"SmolLM2 f32 conversion vs original Q4_1 in llama.cpp: top-1 agreement {agreement:.1%} over {len(tokens)} tokens")
     assert agreement >= 0.95
 
 
-def test_f32_conversion_and_encoder_adapter_give_the_pytorch_logits(f32_bundle, smollm2, tokens):
+def test_f32_conversion_and_encoder_adapter_give_the_pytorch_logits(smollm2_f32_bundle, smollm2, tokens):
     """The dequantised weights are exact in f32, so llama.cpp and PyTorch agree to float32 rounding over
     30 layers, without and with the encoder LoRA."""
     model = smollm2[0]
@@ -69,18 +41,18 @@ def test_f32_conversion_and_encoder_adapter_give_the_pytorch_logits(f32_bundle, 
                 ref = model.base(torch.tensor([tokens])).logits[0].numpy()
         finally:
             model._set_encoder_adapter(False)
-        lora = f32_bundle / schema.ENCODER_FILE if adapter else None
-        ours = llama_logits(f32_bundle / schema.MODEL_FILE, tokens, lora=lora)
+        lora = smollm2_f32_bundle / schema.ENCODER_FILE if adapter else None
+        ours = llama_logits(smollm2_f32_bundle / schema.MODEL_FILE, tokens, lora=lora)
         results[adapter] = (np.abs(ours - ref).max(), (ours.argmax(-1) == ref.argmax(-1)).mean(), np.abs(ref).max())
     print("SmolLM2 f32 vs PyTorch: max |dlogit|, top-1, max |logit| without / with encoder LoRA:", results)
     for err, agreement, scale in results.values():
         assert err < 1e-3 * scale and agreement >= 0.99
 
 
-def test_tokenizer_is_copied_from_the_source_gguf(f32_bundle, embedded_gguf):
+def test_tokenizer_is_copied_from_the_source_gguf(smollm2_f32_bundle, embedded_gguf):
     import gguf
 
-    ours, original = gguf.GGUFReader(f32_bundle / schema.MODEL_FILE), gguf.GGUFReader(embedded_gguf)
+    ours, original = gguf.GGUFReader(smollm2_f32_bundle / schema.MODEL_FILE), gguf.GGUFReader(embedded_gguf)
     keys = [k for k in original.fields if k.startswith("tokenizer.")]
     assert "tokenizer.ggml.merges" in keys and original.fields["tokenizer.ggml.pre"].contents() == "smollm"
     for key in keys:  # byte for byte: key, value type and value

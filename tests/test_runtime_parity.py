@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from tests.uio_reference import kl as _kl
+from tests.uio_reference import torch_memory as _torch_memory
+
+
+def _torch_stream_logits(model, stream):
+    from tests.uio_reference import torch_stream_logits
+
+    return torch_stream_logits(model, stream, SEGMENT)
+
 SEGMENT, RATIO = 16, 4
 SLOTS = SEGMENT // RATIO
 N_SEGMENTS = 6
-
-
-def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
-    """KL(p || q) per row, from logits."""
-    p = torch.log_softmax(torch.as_tensor(p_logits, dtype=torch.float64), -1)
-    q = torch.log_softmax(torch.as_tensor(q_logits, dtype=torch.float64), -1)
-    return (p.exp() * (p - q)).sum(-1).numpy()
 
 
 def _hf_to_llama_rows(x: np.ndarray, head_dim: int) -> np.ndarray:
@@ -38,26 +40,6 @@ def setup(request, make_tiny_bundle, prose):
     stream = np.asarray(ids[: N_SEGMENTS * SEGMENT + 7], dtype=np.int32)
     runtime = UIORuntime(bundle_dir, kv_type="f32", segments_per_batch=4)
     return request.param, runtime, model, stream
-
-
-def _torch_memory(model, segments: np.ndarray) -> torch.Tensor:
-    with torch.no_grad():
-        return model.encode(torch.as_tensor(segments, dtype=torch.long))  # (N, n_layer, k, d)
-
-
-def _torch_stream_logits(model, stream: np.ndarray) -> np.ndarray:
-    """Logits of every token of the stream, window by window, each window after the memory of all the
-    full segments before it (DESIGN section 1)."""
-    n_full = len(stream) // SEGMENT
-    memory = _torch_memory(model, stream[: n_full * SEGMENT].reshape(n_full, SEGMENT))
-    out = []
-    with torch.no_grad():
-        for t in range(0, len(stream), SEGMENT):
-            window = torch.as_tensor(stream[t : t + SEGMENT], dtype=torch.long)[None]
-            s = t // SEGMENT
-            prefix = torch.cat([memory[i : i + 1] for i in range(s)], dim=2) if s else None
-            out.append(model.decode(window, prefix)[0].numpy())
-    return np.concatenate(out)
 
 
 def test_captured_memory_equals_pytorch(setup):
@@ -136,7 +118,8 @@ def test_parallel_batches_equal_one_segment_at_a_time(setup):
     _, runtime, _, stream = setup
     segments = stream[: N_SEGMENTS * SEGMENT].reshape(N_SEGMENTS, SEGMENT)
     batched = runtime.encoder.compress(segments)  # 4 per batch: batches of 4 and 2
-    single = Encoder(runtime.model, runtime.bundle, runtime.plugin, segments_per_batch=1).compress(segments)
+    single = Encoder(runtime.model, runtime.bundle, runtime.plugin, segments_per_batch=1,
+                     kv_type=runtime.kv_type).compress(segments)
     assert np.abs(batched.k - single.k).max() < 1e-5
     assert np.abs(batched.v - single.v).max() < 1e-5
 

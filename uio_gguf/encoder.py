@@ -44,7 +44,7 @@ def step_expansion_layout(segment: int, slots: int, first_seq: int) -> tuple[lis
 
 class Encoder:
     def __init__(self, model: Model, bundle, plugin, segments_per_batch: int = 0, flash_attn: bool = False,
-                 n_threads: int = 0):
+                 n_threads: int = 0, kv_type: int = 1):
         from native.bindings import Capture
 
         self.model, self.bundle = model, bundle
@@ -63,6 +63,8 @@ class Encoder:
             n_ubatch=max(rows, min(self.per_batch * self.segment, 512)),
             n_seq_max=self.per_batch * self.slots,
             flash_attn=flash_attn,
+            type_k=kv_type,
+            type_v=kv_type,
             n_threads=n_threads,
             cb_eval=self.capture.callback,
             cb_eval_user_data=self.capture.user_data,

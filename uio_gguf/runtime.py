@@ -46,7 +46,8 @@ class UIORuntime:
         # Segments of one batch attend over each other's cells (masked), so batching multiplies the
         # attention work: it pays on a GPU (parallelism), not on a CPU.
         segments_per_batch = segments_per_batch or (4 if n_gpu_layers else 1)
-        self.encoder = Encoder(self.model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads)
+        self.encoder = Encoder(self.model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads,
+                               kv_type=self.kv_type)
 
     @property
     def segment(self) -> int:
