@@ -47,10 +47,28 @@ def load_base(path: str | Path, dtype: torch.dtype = torch.float32, attn_impleme
     model = AutoModelForCausalLM.from_pretrained(
         where, dtype=dtype, attn_implementation=attn_implementation, **extra
     )
-    tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    tokenizer = GGUFTokenizer(path) if extra else AutoTokenizer.from_pretrained(where)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+class GGUFTokenizer:
+    """llama.cpp's own tokenizer of a GGUF base, behind the slice of the HF tokenizer API that training
+    uses. Why: transformers' rebuild of a GGUF tokenizer can differ from llama.cpp's (on SmolLM2 it
+    drops the split-every-digit step), and training must see the token ids the runtime will feed."""
+
+    def __init__(self, path: str | Path):
+        from uio_gguf.llama_api import Model
+
+        self._vocab = Model(path, vocab_only=True)
+        self.eos_token_id = self._vocab.eos
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": self._vocab.tokenize(text, add_special=add_special_tokens).tolist()}
+
+    def decode(self, ids) -> str:
+        return b"".join(self._vocab.piece(i) for i in ids).decode("utf-8", "replace")
 
 
 def fingerprint(model) -> str:

@@ -15,10 +15,17 @@ _NOUNS = ("falcon harbor lantern meadow orchard pebble quarry river saddle thist
           "beacon canyon dune ember glacier island kettle ledger marble nectar otter").split()
 
 
+PASSKEY_QUESTION = "What is the pass key?"
+
+
+def passkey_fact(key: int) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
 def passkey(filler: str, rng: random.Random) -> str:
     key = rng.randint(10_000, 99_999)
-    text = _insert(filler, [f"The pass key is {key}. Remember it. {key} is the pass key."], rng)
-    return f"{text}\n\nWhat is the pass key? The pass key is {key}."
+    text = _insert(filler, [passkey_fact(key)], rng)
+    return f"{text}\n\n{PASSKEY_QUESTION} The pass key is {key}."
 
 
 def key_value(filler: str, rng: random.Random) -> str:
@@ -34,7 +41,16 @@ TASKS = {"passkey": passkey, "key-value": key_value}
 
 def _insert(filler: str, sentences: list[str], rng: random.Random) -> str:
     """The sentences placed, in order, at uniformly random depths of the filler, each on a line of its own."""
-    cuts = sorted(_next_line(filler, rng.randrange(len(filler) + 1)) for _ in sentences)
+    return _place(filler, sentences, [rng.randrange(len(filler) + 1) for _ in sentences])
+
+
+def insert_at(filler: str, sentence: str, depth: float) -> str:
+    """The sentence on a line of its own at the first line start at or after `depth` (0..1) of the filler."""
+    return _place(filler, [sentence], [round(depth * len(filler))])
+
+
+def _place(filler: str, sentences: list[str], positions: list[int]) -> str:
+    cuts = sorted(_next_line(filler, p) for p in positions)
     pieces, previous = [], 0
     for cut, sentence in zip(cuts, sentences):
         pieces += [filler[previous:cut], f"{sentence}\n" if cut < len(filler) else f"\n{sentence}"]

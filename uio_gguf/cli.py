@@ -305,6 +305,93 @@ def _chat_loop(conversation, params, prompt: Optional[str]) -> None:
             answer(question)
 
 
+# ----- evaluation: does the memory work? ---------------------------------------------------------------
+eval_app = typer.Typer(help="Measure the memory through the llama.cpp runtime: perplexity and pass-key retrieval.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def _lengths(text: str, what: str = "--lengths") -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UIOError(f"{what} takes comma separated token counts, not {text!r}") from None
+    if not values:
+        raise UIOError(f"{what} is empty")
+    return values
+
+
+def _write_json(path: Optional[Path], report: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"json: {path}", err=True)
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    files: list[Path] = typer.Argument(..., help="Held-out UTF-8 text files (one document each)."),
+    lengths: str = typer.Option("4096,8192,16384,32768", "--lengths", help="Token lengths L, comma separated: each text's first L tokens."),
+    model: list[Path] = typer.Option([], "-m", "--model", help="UIO bundle directory (repeatable: one uio column each)."),
+    ratio: list[int] = typer.Option([], "--ratio", help="A shipped SmolLM2 bundle by ratio (repeatable). Default, without -m: every shipped ratio."),
+    full_window: Optional[int] = typer.Option(None, "--full-window", help="Window of the sliding full-attention baseline (default: the model's trained context)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results here as JSON."),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
+    flash_attn: bool = typer.Option(False, "--flash-attn", help="Use flash attention."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's log."),
+):
+    """Perplexity of long texts: UIO memory (each bundle) next to the same raw window without memory,
+    full attention inside the model's trained window (sliding), and full attention over everything."""
+    from uio_gguf import eval_ppl
+    from uio_gguf.book import read_book
+    from uio_gguf.default_bundle import shipped_bundles
+
+    asked = _lengths(lengths)
+    texts = [(path.name, read_book(path)) for path in files]
+    if not model and not ratio:
+        ratio = sorted(shipped_bundles(), reverse=True)
+    runtimes = [_runtime(path, 0, n_gpu_layers, flash_attn, verbose) for path in model]
+    runtimes += [_runtime(None, r, n_gpu_layers, flash_attn, verbose) for r in ratio]
+    tokenized = eval_ppl.tokenize_texts(runtimes[0].model, texts)
+    bar, update = _progress_bar("evaluating")
+    report = eval_ppl.evaluate(runtimes, tokenized, asked, full_window=full_window, progress=update)
+    bar.close()
+    typer.echo(eval_ppl.format_report(report))
+    _write_json(json_out, report)
+
+
+@eval_app.command("passkey")
+def eval_passkey(
+    lengths: str = typer.Option("4096,16384", "--lengths", help="Document lengths in tokens, comma separated."),
+    depths: str = typer.Option("0.1,0.5,0.9", "--depths", help="Where the pass key sits (0: start, 1: end), comma separated."),
+    trials: int = typer.Option(5, "--trials", help="Documents (each with its own key) per length and depth."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the keys and of the filler."),
+    model: Optional[Path] = typer.Option(None, "-m", "--model", help=BUNDLE_HELP),
+    ratio: int = typer.Option(32, "--ratio", help=RATIO_HELP),
+    filler: list[Path] = typer.Option([], "--filler", help="Text files to draw the filler from (repeatable). Default: the classic 'The grass is green...' lines."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results (with every answer) here as JSON."),
+    n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
+    flash_attn: bool = typer.Option(False, "--flash-attn", help="Use flash attention."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's log."),
+):
+    """Pass-key retrieval: a number hidden at several depths of long filler, asked for through the chat path."""
+    from uio_gguf import eval_passkey as passkey
+    from uio_gguf.book import read_book
+
+    asked = _lengths(lengths)
+    try:
+        where = [float(d) for d in depths.split(",") if d.strip()]
+    except ValueError:
+        raise UIOError(f"--depths takes comma separated fractions between 0 and 1, not {depths!r}") from None
+    texts = [read_book(path) for path in filler] or None
+    runtime = _runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
+    bar, update = _progress_bar("asking")
+    bar.unit = "doc"
+    report = passkey.evaluate(runtime, asked, where, trials, seed=seed, texts=texts, progress=update)
+    bar.close()
+    typer.echo(passkey.format_report(report))
+    _write_json(json_out, report)
+
+
 def main() -> None:
     try:
         app()

@@ -31,21 +31,24 @@ def _init_backend(verbose: bool) -> None:
 class Model:
     """A GGUF loaded by llama.cpp, with the few hyper-parameters UIO needs."""
 
-    def __init__(self, path: str | Path, n_gpu_layers: int = 0, verbose: bool = False):
+    def __init__(self, path: str | Path, n_gpu_layers: int = 0, verbose: bool = False, vocab_only: bool = False):
         _init_backend(verbose)
         self.path = Path(path)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
         self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise UIOError(f"llama.cpp could not load {self.path} (not a GGUF model it supports, or damaged)")
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        if vocab_only:  # no hyper-parameters were loaded: asking for them aborts
+            return
         self.n_layer = llama_cpp.llama_model_n_layer(self.ptr)
         self.n_embd = llama_cpp.llama_model_n_embd(self.ptr)
         self.n_head = llama_cpp.llama_model_n_head(self.ptr)
         self.n_head_kv = llama_cpp.llama_model_n_head_kv(self.ptr)
         self.head_dim = self.n_embd // self.n_head
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
 
     def meta(self, key: str) -> str | None:
@@ -73,6 +76,10 @@ class Model:
         buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_token_to_piece(self.vocab, int(token), buf, len(buf), 0, False)
         return buf.raw[:n] if n >= 0 else b""
+
+    @property
+    def eos(self) -> int:
+        return int(llama_cpp.llama_vocab_eos(self.vocab))
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, int(token)))
@@ -162,6 +169,12 @@ class Context:
     # ----- KV cache ------------------------------------------------------------------------------
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, seq, p0, p1)
+
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        """Moves the positions of cells in [p0, p1) by delta; K is re-rotated at the next decode."""
+        if not llama_cpp.llama_memory_can_shift(self.memory):
+            raise UIOError("this model's KV cache cannot shift positions")
+        llama_cpp.llama_memory_seq_add(self.memory, seq, p0, p1, delta)
 
     def seq_pos_max(self, seq: int) -> int:
         return llama_cpp.llama_memory_seq_pos_max(self.memory, seq)

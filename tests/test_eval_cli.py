@@ -1,0 +1,105 @@
+"""`uio-gguf eval ppl` and `uio-gguf eval passkey` end to end on a tiny converted bundle: tables, JSON,
+and one clear line for bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def bundle(make_tiny_bundle):
+    return make_tiny_bundle("llama", segment=16, ratio=4, outtype="f32")[0]
+
+
+@pytest.fixture()
+def env(tmp_path):
+    return {"UIO_GGUF_CACHE": str(tmp_path / "cache")}
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory, prose):
+    path = tmp_path_factory.mktemp("heldout") / "heldout.txt"
+    path.write_text(prose[:1500])
+    return path
+
+
+def test_eval_ppl_prints_a_table_and_writes_json(bundle, text, env, tmp_path):
+    out = tmp_path / "out.json"
+    result = run_cli("eval", "ppl", str(text), "-m", str(bundle), "--lengths", "32,64", "--json", str(out),
+                     env=env, check=True)
+    assert "uio-r4" in result.stdout and "full-8k" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["lengths"] == [32, 64]
+    assert report["methods"] == ["uio-r4", "window", "full-8k", "full"]
+    assert {(r["method"], r["length"]) for r in report["results"]} == {
+        (m, n) for m in report["methods"] for n in (32, 64)}
+    for r in report["results"]:
+        assert set(r) >= {"method", "length", "ppl", "tokens", "seconds"}
+        assert r["tokens"] == r["length"] - 1 and r["ppl"] > 1
+
+
+def test_eval_passkey_prints_a_table_and_writes_json(bundle, env, tmp_path):
+    out = tmp_path / "out.json"
+    result = run_cli("eval", "passkey", "-m", str(bundle), "--lengths", "64", "--depths", "0.5", "--trials", "2",
+                     "--json", str(out), env=env, check=True)
+    assert "depth 0.5" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["lengths"] == [64] and report["depths"] == [0.5] and report["trials"] == 2
+    (cell,) = report["results"]
+    assert cell["length"] == 64 and cell["depth"] == 0.5 and 0 <= cell["accuracy"] <= 1
+    assert len(cell["samples"]) == 2 and cell["hits"] == sum(s["hit"] for s in cell["samples"])
+    assert all(abs(s["tokens"] - 64) <= 4 for s in cell["samples"])  # the document is about L tokens long
+    assert not list((tmp_path / "cache").glob("memory/*"))  # memory files stay off
+
+
+def test_passkey_document_holds_the_key_at_its_depth(bundle):
+    import random
+
+    from uio_gguf.eval_passkey import document
+    from uio_gguf.llama_api import Model
+
+    model = Model(f"{bundle}/model.gguf")
+    for depth in (0.0, 0.5, 1.0):
+        book = document(model, 400, depth, 12345, random.Random(0), None)
+        where = book.index("The pass key is 12345.") / len(book)
+        assert abs(where - depth) < 0.05 and abs(len(model.tokenize(book)) - 400) <= 4
+
+
+def _one_line_error(result, message):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "not found"),
+        ("empty", "is empty"),
+        ("too_short", "fewer than every length"),
+        ("bad_lengths", "comma separated token counts"),
+    ],
+)
+def test_eval_ppl_bad_input_gives_one_clear_line(case, message, bundle, text, env, tmp_path):
+    path, lengths = text, "32,64"
+    if case == "missing":
+        path = tmp_path / "nope.txt"
+    elif case == "empty":
+        path = tmp_path / "empty.txt"
+        path.write_text("  \n")
+    elif case == "too_short":
+        path = tmp_path / "short.txt"
+        path.write_text("Only a few words here.")
+    elif case == "bad_lengths":
+        lengths = "32,many"
+    result = run_cli("eval", "ppl", str(path), "-m", str(bundle), "--lengths", lengths, env=env)
+    _one_line_error(result, message)
+
+
+def test_eval_passkey_bad_depth_gives_one_clear_line(bundle, env):
+    result = run_cli("eval", "passkey", "-m", str(bundle), "--lengths", "64", "--depths", "1.5", env=env)
+    _one_line_error(result, "between 0 and 1")

@@ -1,0 +1,102 @@
+"""`uio-gguf eval ppl` on a tiny converted bundle: the baselines are computed honestly (they agree where
+they must, differ where they must), and the perplexity is the PyTorch model's, token for token."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.uio_reference import torch_stream_logits
+
+SEGMENT, RATIO = 16, 4
+
+
+@pytest.fixture(scope="module")
+def setup(make_tiny_bundle, prose):
+    from uio_gguf.runtime import UIORuntime
+
+    bundle_dir, model, tokenizer = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")
+    runtime = UIORuntime(bundle_dir, kv_type="f32", n_threads=2)
+    stream = np.asarray(tokenizer(prose[:1500], add_special_tokens=False)["input_ids"][:200], dtype=np.int32)
+    assert len(stream) == 200
+    return runtime, model, stream
+
+
+def _nll(runtime, stream, full_window=None) -> dict[str, np.ndarray]:
+    from uio_gguf.eval_ppl import methods, score
+
+    return {m.name: score(m, stream, [len(stream)], lambda n: None)[0] for m in methods([runtime], full_window)}
+
+
+def test_every_method_agrees_on_one_segment(setup):
+    runtime, _, stream = setup
+    nll = _nll(runtime, stream[:SEGMENT])
+    assert list(nll) == ["uio-r4", "window", "full-8k", "full"]
+    for name, values in nll.items():
+        assert np.abs(values - nll["full"]).max() < 1e-5, name
+
+
+def test_baselines_agree_and_differ_where_they_must(setup):
+    runtime, _, stream = setup
+    nll = _nll(runtime, stream)
+    # the text fits the trained window (8192): the sliding baseline never slides
+    assert np.abs(nll["full-8k"] - nll["full"]).max() < 1e-5
+    # memory: the first segment's targets are identical, every later window differs
+    assert np.abs(nll["uio-r4"][:SEGMENT] - nll["window"][:SEGMENT]).max() < 1e-5
+    assert np.abs(nll["uio-r4"][SEGMENT:] - nll["window"][SEGMENT:]).max() > 1e-3
+
+    small = _nll(runtime, stream, full_window=64)
+    assert "full-64" in small
+    # identical until the 64-token window is full, then it drops its oldest half and sees less
+    assert np.abs(small["full-64"][:64] - small["full"][:64]).max() < 1e-5
+    assert np.abs(small["full-64"][64:] - small["full"][64:]).max() > 1e-3
+
+
+def _torch_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1)
+    return -logp[torch.arange(len(targets)), torch.as_tensor(targets, dtype=torch.long)].numpy()
+
+
+def test_perplexity_equals_pytorch(setup):
+    from uio_gguf.eval_ppl import Text, evaluate
+
+    runtime, model, stream = setup
+    report = evaluate([runtime], [Text("prose", stream)], [100, 200])
+    ppl = {(r["method"], r["length"]): r["ppl"] for r in report["results"]}
+    inputs = stream[:-1]
+    with torch.no_grad():
+        windows = [model.decode(torch.as_tensor(w, dtype=torch.long)[None], None)[0].numpy()
+                   for w in np.split(inputs, range(SEGMENT, len(inputs), SEGMENT))]
+        full = model.decode(torch.as_tensor(inputs, dtype=torch.long)[None], None)[0].numpy()
+    reference = {"uio-r4": torch_stream_logits(model, inputs, SEGMENT), "window": np.concatenate(windows), "full": full}
+    for name, logits in reference.items():
+        nll = _torch_nll(logits, stream[1:])
+        for length in (100, 200):
+            expected = math.exp(nll[: length - 1].mean())
+            assert ppl[(name, length)] == pytest.approx(expected, rel=1e-3), (name, length)
+    assert ppl[("uio-r4", 200)] != pytest.approx(ppl[("window", 200)], rel=1e-4)
+
+
+def test_report_counts_the_same_targets_and_names_skipped_texts(setup):
+    from uio_gguf.eval_ppl import Text, evaluate, format_report
+
+    runtime, _, stream = setup
+    texts = [Text("long", stream), Text("short", stream[:40])]
+    report = evaluate([runtime], texts, [32, 64])
+    assert report["lengths"] == [32, 64] and report["skipped"] == {"32": [], "64": ["short"]}
+    for r in report["results"]:
+        assert r["tokens"] == {32: 2 * 31, 64: 63}[r["length"]]
+        assert r["seconds"] >= 0 and r["ppl"] > 1
+    table = format_report(report)
+    assert "skipped at 64 tokens (too short): short" in table and "full-8k" in table
+
+
+def test_a_text_shorter_than_every_length_is_refused(setup):
+    from uio_gguf.errors import UIOError
+    from uio_gguf.eval_ppl import Text, evaluate
+
+    runtime, _, stream = setup
+    with pytest.raises(UIOError, match="fewer than every length"):
+        evaluate([runtime], [Text("tiny", stream[:10])], [32, 64])

@@ -1,0 +1,265 @@
+"""`uio-gguf eval ppl`: perplexity of long texts through the llama.cpp runtime, UIO memory side by side
+with the baselines it has to beat.
+
+For a length L every method predicts the same targets: tokens 1..L-1 of the text's first L tokens.
+  uio-r{ratio}  Session.feed, as in chat and training: a token sees the memory of every full segment
+                before it plus the raw tokens since the last segment boundary.
+  window        the same raw windows without memory: each segment-length window decoded alone, from
+                position 0.
+  full-8k       full attention inside the model's trained window W (n_ctx_train): when the cache is
+                full, its oldest half is dropped and the rest shifted down (llama.cpp's context shift:
+                seq_rm + seq_add, K re-rotated at the next decode; nothing pinned), so a token sees the
+                last W/2 to W tokens.
+  full          plain full attention over all L tokens, positions past W included.
+Every method is causal, so one pass over a text's first L_max tokens gives each shorter length as a
+prefix. Logits arrive chunk by chunk and only the NLL of each target is kept.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator
+
+import numpy as np
+
+from uio_gguf.errors import UIOError
+from uio_gguf.llama_api import Batch, Context, ContextSettings
+
+MAX_BATCH = 512
+
+
+@dataclass
+class Text:
+    name: str
+    tokens: np.ndarray
+
+
+@dataclass
+class Method:
+    name: str
+    logits: Callable[[np.ndarray], Iterator[np.ndarray]]  # tokens -> their logits, chunk by chunk
+
+
+# ----- the methods ------------------------------------------------------------------------------------
+class Decoder:
+    """One sequence in a plain llama.cpp context (no memory), with the runtime's cache settings."""
+
+    def __init__(self, runtime, n_ctx: int, n_batch: int):
+        self.ctx = Context(runtime.model, ContextSettings(
+            n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, flash_attn=runtime.flash_attn,
+            type_k=runtime.kv_type, type_v=runtime.kv_type, n_threads=runtime.n_threads,
+        ))
+        self.batch = Batch(n_batch)
+        self.n_past = 0
+
+    def decode(self, tokens) -> np.ndarray:
+        n = len(tokens)
+        self.batch.fill(np.arange(self.n_past, self.n_past + n), [[0]] * n, [True] * n, tokens=tokens)
+        self.ctx.decode(self.batch)
+        self.n_past += n
+        return np.stack([self.ctx.logits(i) for i in range(n)])
+
+    def drop_oldest(self, n: int) -> None:
+        """llama.cpp's context shift: the first n cells go, the others move down by n."""
+        self.ctx.seq_rm(0, 0, n)
+        self.ctx.seq_add(0, n, -1, -n)
+        self.n_past -= n
+
+    def clear(self) -> None:
+        self.ctx.clear()
+        self.n_past = 0
+
+    def close(self) -> None:
+        self.batch.close()
+        self.ctx.close()
+
+
+def _chunks(tokens: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(tokens), size):
+        yield tokens[start : start + size]
+
+
+def uio_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
+    cells = len(tokens) // runtime.segment * runtime.slots + runtime.segment  # all memory + one raw window
+    session = runtime.new_session(n_ctx=cells)
+    try:
+        for chunk in _chunks(tokens, runtime.segment):
+            yield session.feed(chunk, all_logits=True)
+    finally:
+        session.close()
+
+
+def window_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
+    segment = runtime.segment
+    decoder = Decoder(runtime, n_ctx=segment, n_batch=min(segment, MAX_BATCH))  # Session's batching
+    try:
+        for window in _chunks(tokens, segment):
+            decoder.clear()
+            for chunk in _chunks(window, decoder.batch.capacity):
+                yield decoder.decode(chunk)
+    finally:
+        decoder.close()
+
+
+def shifted_logits(runtime, tokens: np.ndarray, window: int) -> Iterator[np.ndarray]:
+    # a batch of at most half the window always fits once the oldest half is gone
+    decoder = Decoder(runtime, n_ctx=window, n_batch=max(1, min(window // 2, MAX_BATCH)))
+    try:
+        for chunk in _chunks(tokens, decoder.batch.capacity):
+            if decoder.n_past + len(chunk) > window:
+                decoder.drop_oldest(decoder.n_past // 2)
+            yield decoder.decode(chunk)
+    finally:
+        decoder.close()
+
+
+def full_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
+    decoder = Decoder(runtime, n_ctx=len(tokens), n_batch=MAX_BATCH)
+    try:
+        for chunk in _chunks(tokens, MAX_BATCH):
+            yield decoder.decode(chunk)
+    finally:
+        decoder.close()
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _full_window(runtimes: list, asked: int | None) -> int:
+    return asked or runtimes[0].model.n_ctx_train
+
+
+def methods(runtimes: list, full_window: int | None = None) -> list[Method]:
+    """uio-r{ratio} for each runtime, then the baselines on the first runtime's model and segment."""
+    base = runtimes[0]
+    for rt in runtimes[1:]:
+        if rt.bundle.model_fingerprint != base.bundle.model_fingerprint:
+            raise UIOError(f"{rt.bundle.path} and {base.bundle.path} are made for different base models: "
+                           "their perplexities share no baseline")
+        if rt.segment != base.segment:
+            raise UIOError(f"{rt.bundle.path} has segment {rt.segment}, {base.bundle.path} {base.segment}: "
+                           "the window baseline needs one segment length")
+    window = _full_window(runtimes, full_window)
+    if window < 2:
+        raise UIOError(f"the full-attention window must hold at least 2 tokens, not {window}")
+    names = [f"uio-r{rt.bundle.ratio}" for rt in runtimes]
+    names = [n if names.count(n) == 1 else f"{n}:{rt.bundle.path.name}" for n, rt in zip(names, runtimes)]
+    return [Method(n, partial(uio_logits, rt)) for n, rt in zip(names, runtimes)] + [
+        Method("window", partial(window_logits, base)),
+        Method(f"full-{_short(window)}", partial(shifted_logits, base, window=window)),
+        Method("full", partial(full_logits, base)),
+    ]
+
+
+# ----- scoring ----------------------------------------------------------------------------------------
+def target_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, in float64."""
+    top = logits.max(-1)
+    log_sum = np.log(np.exp(logits - top[:, None]).sum(-1, dtype=np.float64)) + top
+    return log_sum - logits[np.arange(len(targets)), targets]
+
+
+def score(method: Method, tokens: np.ndarray, lengths: list[int], step: Callable[[int], None]) -> tuple[np.ndarray, dict]:
+    """The NLL of tokens[1:] and, for each length, the seconds until its last target was scored."""
+    inputs = tokens[:-1]  # the last token is only a target
+    nll = np.empty(len(inputs))
+    seconds: dict[int, float] = {}
+    started, done = time.perf_counter(), 0
+    for logits in method.logits(inputs):
+        n = len(logits)
+        nll[done : done + n] = target_nll(logits, tokens[done + 1 : done + 1 + n])
+        done += n
+        for length in lengths:
+            if length not in seconds and done >= length - 1:
+                seconds[length] = time.perf_counter() - started
+        step(n)
+    return nll, seconds
+
+
+@dataclass
+class Totals:
+    nll: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def evaluate(runtimes: list, texts: list[Text], lengths: list[int], full_window: int | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """The report that `uio-gguf eval ppl` prints and writes as JSON."""
+    lengths = sorted(set(lengths))
+    if not lengths or lengths[0] < 2:
+        raise UIOError("every length must be at least 2 tokens")
+    for text in texts:
+        if len(text.tokens) < lengths[0]:
+            raise UIOError(f"{text.name} has {len(text.tokens):,} tokens, fewer than every length "
+                           f"(the shortest is {lengths[0]:,})")
+    chosen = methods(runtimes, full_window)
+    longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
+    total = sum(longest[t.name] - 1 for t in texts) * len(chosen)
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    totals = {(m.name, n): Totals() for m in chosen for n in lengths}
+    for text in texts:
+        tokens = text.tokens[: longest[text.name]]
+        for method in chosen:
+            nll, seconds = score(method, tokens, lengths, step)
+            for n in lengths:
+                if n <= len(tokens):
+                    cell = totals[(method.name, n)]
+                    cell.nll += float(nll[: n - 1].sum())
+                    cell.tokens += n - 1
+                    cell.seconds += seconds[n]
+    results = [
+        {"method": name, "length": n, "ppl": math.exp(c.nll / c.tokens) if c.tokens else None,
+         "tokens": c.tokens, "seconds": round(c.seconds, 3)}
+        for (name, n), c in totals.items()
+    ]
+    results.sort(key=lambda r: (r["length"], [m.name for m in chosen].index(r["method"])))
+    return {
+        "lengths": lengths,
+        "methods": [m.name for m in chosen],
+        "segment": runtimes[0].segment,
+        "full_window": _full_window(runtimes, full_window),
+        "texts": [{"name": t.name, "tokens": len(t.tokens)} for t in texts],
+        "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
+        "results": results,
+    }
+
+
+def tokenize_texts(model, named_texts: list[tuple[str, str]]) -> list[Text]:
+    """As training tokenizes: no BOS, special-token text read as plain text."""
+    return [Text(name, model.tokenize(text, add_special=False, parse_special=False)) for name, text in named_texts]
+
+
+# ----- the table ----------------------------------------------------------------------------------------
+def format_report(report: dict) -> str:
+    methods_ = report["methods"]
+    cell = {(r["method"], r["length"]): r for r in report["results"]}
+
+    def table(title: str, value: Callable[[dict], str]) -> list[str]:
+        cells = {n: [value(cell[(m, n)]) for m in methods_] for n in report["lengths"]}
+        width = 2 + max(len(c) for c in [*methods_, *sum(cells.values(), [])])
+        rows = [title, f"{'tokens':>8}" + "".join(f"{m:>{width}}" for m in methods_)]
+        rows += [f"{n:>8,}" + "".join(f"{c:>{width}}" for c in row) for n, row in cells.items()]
+        return rows
+
+    lines = table("perplexity of tokens 1..L-1 (lower is better)",
+                  lambda r: f"{r['ppl']:.3f}" if r["ppl"] is not None else "-")
+    lines += [""] + table("seconds", lambda r: f"{r['seconds']:.1f}" if r["tokens"] else "-")
+    lines += ["", "texts: " + ", ".join(f"{t['name']} ({t['tokens']:,} tokens)" for t in report["texts"])]
+    for n, names in report["skipped"].items():
+        if names:
+            lines.append(f"skipped at {int(n):,} tokens (too short): {', '.join(names)}")
+    lines.append(f"window = one segment ({report['segment']} tokens) without memory; "
+                 f"full-{_short(report['full_window'])} = full attention in a {report['full_window']:,}-token "
+                 "window that drops its oldest half when full; full = all tokens")
+    return "\n".join(lines)
