@@ -27,5 +27,9 @@ test: setup
 demo: setup
 	$(VENV)/bin/uio-gguf demo
 
+# Benchmarks print numbers (the README quotes them with these commands); they are not tests.
+bench: setup
+	$(PY) -m train.bench
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from uio_gguf.cache import cache_root
 from uio_gguf.errors import UIOError
 
 HERE = Path(__file__).resolve().parent
@@ -39,13 +40,7 @@ def llama_cpp_paths() -> tuple[Path, Path]:
 
 
 def cache_dir() -> Path:
-    if os.environ.get("UIO_GGUF_CACHE"):
-        root = Path(os.environ["UIO_GGUF_CACHE"])
-    elif os.environ.get("XDG_CACHE_HOME"):
-        root = Path(os.environ["XDG_CACHE_HOME"]) / "uio-gguf"
-    else:
-        root = Path.home() / ".cache" / "uio-gguf"
-    return root / "native"
+    return cache_root() / "native"
 
 
 def find_compiler() -> str:

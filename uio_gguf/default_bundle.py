@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from uio_gguf import schema
+from uio_gguf.cache import cache_root
 from uio_gguf.embedded import default_model_path
 from uio_gguf.errors import UIOError
 
@@ -28,13 +29,6 @@ def shipped_bundles() -> dict[int, Path]:
     return found
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("UIO_GGUF_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "uio-gguf"
-    )
-    return Path(root) / "bundles"
-
-
 def default_bundle_path(ratio: int = DEFAULT_RATIO) -> Path:
     shipped = shipped_bundles()
     if ratio not in shipped:
@@ -46,7 +40,7 @@ def default_bundle_path(ratio: int = DEFAULT_RATIO) -> Path:
     for name in (schema.ENCODER_FILE, schema.HEAD_FILE):
         digest.update((source / name).read_bytes())
     digest.update(str(model).encode())
-    target = _cache_root() / f"{source.name}-{digest.hexdigest()[:12]}"
+    target = cache_root() / "bundles" / f"{source.name}-{digest.hexdigest()[:12]}"
     if not (target / schema.HEAD_FILE).is_file():
         tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,16 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from uio_gguf.cache import cache_root
 from uio_gguf.encoder import SegmentMemory
 
 FORMAT = "uio-memory/1"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("UIO_GGUF_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "uio-gguf"
-    )
-    return Path(root) / "memory"
+    return cache_root() / "memory"
 
 
 def memory_key(bundle, tokens: np.ndarray) -> str:
