@@ -334,6 +334,7 @@ def eval_ppl(
     model: list[Path] = typer.Option([], "-m", "--model", help="UIO bundle directory (repeatable: one uio column each)."),
     ratio: list[int] = typer.Option([], "--ratio", help="A shipped SmolLM2 bundle by ratio (repeatable). Default, without -m: every shipped ratio."),
     full_window: Optional[int] = typer.Option(None, "--full-window", help="Window of the sliding full-attention baseline (default: the model's trained context)."),
+    full_keep: int = typer.Option(4, "--full-keep", help="Tokens at the start the sliding baseline never drops (attention sinks; llama.cpp's --keep)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results here as JSON."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Use flash attention."),
@@ -353,7 +354,8 @@ def eval_ppl(
     runtimes += [_runtime(None, r, n_gpu_layers, flash_attn, verbose) for r in ratio]
     tokenized = eval_ppl.tokenize_texts(runtimes[0].model, texts)
     bar, update = _progress_bar("evaluating")
-    report = eval_ppl.evaluate(runtimes, tokenized, asked, full_window=full_window, progress=update)
+    report = eval_ppl.evaluate(runtimes, tokenized, asked, full_window=full_window,
+                               full_keep=full_keep, progress=update)
     bar.close()
     typer.echo(eval_ppl.format_report(report))
     _write_json(json_out, report)

@@ -7,9 +7,12 @@ For a length L every method predicts the same targets: tokens 1..L-1 of the text
   window        the same raw windows without memory: each segment-length window decoded alone, from
                 position 0.
   full-8k       full attention inside the model's trained window W (n_ctx_train): when the cache is
-                full, its oldest half is dropped and the rest shifted down (llama.cpp's context shift:
-                seq_rm + seq_add, K re-rotated at the next decode; nothing pinned), so a token sees the
-                last W/2 to W tokens.
+                full, the text's first 4 tokens stay and the older half of the others is dropped, the
+                rest shifted down (llama.cpp's context shift, as with its --keep: seq_rm + seq_add, K
+                re-rotated at the next decode), so a token sees those 4 plus the last ~W/2 to W tokens.
+                Why pin 4: a model that loses the first tokens (its attention sinks, StreamingLLM) breaks
+                down; with nothing pinned SmolLM2 did worse than the window baseline (28.8 vs 12.3 at
+                W=512) instead of better (10.9).
   full          plain full attention over all L tokens, positions past W included.
 Every method is causal, so one pass over a text's first L_max tokens gives each shorter length as a
 prefix. Logits arrive chunk by chunk and only the NLL of each target is kept.
@@ -28,6 +31,7 @@ from uio_gguf.errors import UIOError
 from uio_gguf.llama_api import Batch, Context, ContextSettings
 
 MAX_BATCH = 512
+SINK_TOKENS = 4  # tokens at the start that the sliding baseline never drops (StreamingLLM's choice)
 
 
 @dataclass
@@ -61,10 +65,10 @@ class Decoder:
         self.n_past += n
         return np.stack([self.ctx.logits(i) for i in range(n)])
 
-    def drop_oldest(self, n: int) -> None:
-        """llama.cpp's context shift: the first n cells go, the others move down by n."""
-        self.ctx.seq_rm(0, 0, n)
-        self.ctx.seq_add(0, n, -1, -n)
+    def drop(self, keep: int, n: int) -> None:
+        """llama.cpp's context shift: the n cells after the first `keep` go, the later ones move down by n."""
+        self.ctx.seq_rm(0, keep, keep + n)
+        self.ctx.seq_add(0, keep + n, -1, -n)
         self.n_past -= n
 
     def clear(self) -> None:
@@ -103,13 +107,13 @@ def window_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
         decoder.close()
 
 
-def shifted_logits(runtime, tokens: np.ndarray, window: int) -> Iterator[np.ndarray]:
-    # a batch of at most half the window always fits once the oldest half is gone
-    decoder = Decoder(runtime, n_ctx=window, n_batch=max(1, min(window // 2, MAX_BATCH)))
+def shifted_logits(runtime, tokens: np.ndarray, window: int, keep: int) -> Iterator[np.ndarray]:
+    # a batch of at most half the unpinned window always fits once the older half is gone
+    decoder = Decoder(runtime, n_ctx=window, n_batch=min((window - keep) // 2, MAX_BATCH))
     try:
         for chunk in _chunks(tokens, decoder.batch.capacity):
             if decoder.n_past + len(chunk) > window:
-                decoder.drop_oldest(decoder.n_past // 2)
+                decoder.drop(keep, (decoder.n_past - keep) // 2)
             yield decoder.decode(chunk)
     finally:
         decoder.close()
@@ -132,7 +136,7 @@ def _full_window(runtimes: list, asked: int | None) -> int:
     return asked or runtimes[0].model.n_ctx_train
 
 
-def methods(runtimes: list, full_window: int | None = None) -> list[Method]:
+def methods(runtimes: list, full_window: int | None = None, full_keep: int = SINK_TOKENS) -> list[Method]:
     """uio-r{ratio} for each runtime, then the baselines on the first runtime's model and segment."""
     base = runtimes[0]
     for rt in runtimes[1:]:
@@ -143,13 +147,13 @@ def methods(runtimes: list, full_window: int | None = None) -> list[Method]:
             raise UIOError(f"{rt.bundle.path} has segment {rt.segment}, {base.bundle.path} {base.segment}: "
                            "the window baseline needs one segment length")
     window = _full_window(runtimes, full_window)
-    if window < 2:
-        raise UIOError(f"the full-attention window must hold at least 2 tokens, not {window}")
+    if full_keep < 0 or window < full_keep + 2:
+        raise UIOError(f"the full-attention window ({window}) must hold the {full_keep} pinned tokens and 2 more")
     names = [f"uio-r{rt.bundle.ratio}" for rt in runtimes]
     names = [n if names.count(n) == 1 else f"{n}:{rt.bundle.path.name}" for n, rt in zip(names, runtimes)]
     return [Method(n, partial(uio_logits, rt)) for n, rt in zip(names, runtimes)] + [
         Method("window", partial(window_logits, base)),
-        Method(f"full-{_short(window)}", partial(shifted_logits, base, window=window)),
+        Method(f"full-{_short(window)}", partial(shifted_logits, base, window=window, keep=full_keep)),
         Method("full", partial(full_logits, base)),
     ]
 
@@ -187,7 +191,7 @@ class Totals:
 
 
 def evaluate(runtimes: list, texts: list[Text], lengths: list[int], full_window: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             full_keep: int = SINK_TOKENS, progress: Callable[[int, int], None] | None = None) -> dict:
     """The report that `uio-gguf eval ppl` prints and writes as JSON."""
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
@@ -196,7 +200,7 @@ def evaluate(runtimes: list, texts: list[Text], lengths: list[int], full_window:
         if len(text.tokens) < lengths[0]:
             raise UIOError(f"{text.name} has {len(text.tokens):,} tokens, fewer than every length "
                            f"(the shortest is {lengths[0]:,})")
-    chosen = methods(runtimes, full_window)
+    chosen = methods(runtimes, full_window, full_keep)
     longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
     total = sum(longest[t.name] - 1 for t in texts) * len(chosen)
     done = 0
@@ -229,6 +233,7 @@ def evaluate(runtimes: list, texts: list[Text], lengths: list[int], full_window:
         "methods": [m.name for m in chosen],
         "segment": runtimes[0].segment,
         "full_window": _full_window(runtimes, full_window),
+        "full_keep": full_keep,
         "texts": [{"name": t.name, "tokens": len(t.tokens)} for t in texts],
         "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
         "results": results,
@@ -261,5 +266,6 @@ def format_report(report: dict) -> str:
             lines.append(f"skipped at {int(n):,} tokens (too short): {', '.join(names)}")
     lines.append(f"window = one segment ({report['segment']} tokens) without memory; "
                  f"full-{_short(report['full_window'])} = full attention in a {report['full_window']:,}-token "
-                 "window that drops its oldest half when full; full = all tokens")
+                 f"window that keeps the first {report['full_keep']} tokens and drops the older half of the others "
+                 "when full; full = all tokens")
     return "\n".join(lines)
