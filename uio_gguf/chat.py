@@ -9,11 +9,9 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import llama_cpp
-import numpy as np
 
 from uio_gguf import memory_file
 from uio_gguf.errors import UIOError
@@ -130,12 +128,9 @@ class Conversation:
     # ----- figures for the user ---------------------------------------------------------------------
     def kv_bytes(self) -> tuple[int, int]:
         """(bytes the cache holds now, bytes full attention over the same text would hold), f16 cache."""
+        from uio_gguf.runtime import GGML_TYPE_F32
+
         m = self.model
-        per_cell = m.n_layer * 2 * m.n_head_kv * m.head_dim * (4 if self.runtime.kv_type == 0 else 2)
+        per_cell = m.n_layer * 2 * m.n_head_kv * m.head_dim * (4 if self.runtime.kv_type == GGML_TYPE_F32 else 2)
         return self.session.n_past * per_cell, self.session.tokens_seen * per_cell
 
-
-def compress_book(runtime, book: str, progress=None) -> tuple[Path, CompressionStats, np.ndarray]:
-    """`uio-gguf compress`: compresses the book's full segments into its memory file."""
-    conversation = Conversation(runtime, book, progress=progress)
-    return conversation.memory_path, conversation.stats, conversation.book_tokens
