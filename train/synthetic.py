@@ -1,5 +1,7 @@
 """Synthetic long-range tasks for the training mix: facts hidden at random depths in long real text, and
 asked for at its end. Their answers lie far behind the raw window, so only the memory can give them.
+The pass-key sentence and question (and insert_at, for a chosen depth) also build `uio-gguf eval passkey`'s
+documents; this module imports nothing heavy, so the runtime can use it.
 
   passkey    "The pass key is 71432. Remember it. 71432 is the pass key." ... "What is the pass key?
              The pass key is 71432."
