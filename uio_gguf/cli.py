@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from uio_gguf.default_bundle import DEFAULT_RATIO
 from uio_gguf.errors import UIOError
 
 app = typer.Typer(
@@ -148,7 +149,7 @@ def info(
 
 # ----- runtime: compress and chat ------------------------------------------------------------------
 BUNDLE_HELP = "UIO bundle directory (model.gguf, encoder.lora.gguf, uio.gguf). Default: the embedded SmolLM2 bundle."
-RATIO_HELP = "Without -m: which shipped SmolLM2 bundle, by compression ratio (32: longer books, 8: finer memory)."
+RATIO_HELP = "Without -m: which shipped SmolLM2 bundle, by compression ratio (8: finer memory, books up to ~56K tokens; 32: up to ~225K)."
 
 
 def _runtime(bundle: Optional[Path], ratio: int, n_gpu_layers: int, flash_attn: bool, verbose: bool):
@@ -180,7 +181,7 @@ def compress(
     book: Path = typer.Argument(..., help="A UTF-8 text file."),
     model: Optional[Path] = typer.Option(None, "-m", "--model", help=BUNDLE_HELP),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Also copy the memory file here."),
-    ratio: int = typer.Option(32, "--ratio", help=RATIO_HELP),
+    ratio: int = typer.Option(DEFAULT_RATIO, "--ratio", help=RATIO_HELP),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Use flash attention."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's log."),
@@ -212,7 +213,7 @@ def chat(
     book: Path = typer.Argument(..., help="A UTF-8 text file: the book to talk about."),
     model: Optional[Path] = typer.Option(None, "-m", "--model", help=BUNDLE_HELP),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Ask one question, print the answer, exit."),
-    ratio: int = typer.Option(32, "--ratio", help=RATIO_HELP),
+    ratio: int = typer.Option(DEFAULT_RATIO, "--ratio", help=RATIO_HELP),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
     n_ctx: Optional[int] = typer.Option(None, "--n-ctx", help="Decoder window in tokens (default: the model's trained context)."),
     temperature: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
@@ -257,7 +258,7 @@ DEMO_QUESTION = "What is the access code of the archive?"
 
 @app.command()
 def demo(
-    ratio: int = typer.Option(32, "--ratio", help=RATIO_HELP),
+    ratio: int = typer.Option(DEFAULT_RATIO, "--ratio", help=RATIO_HELP),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
 ):
     """The main job on the embedded default: SmolLM2-135M reads a bundled 13K-token text (its own
@@ -368,7 +369,7 @@ def eval_passkey(
     trials: int = typer.Option(5, "--trials", help="Documents (each with its own key) per length and depth."),
     seed: int = typer.Option(0, "--seed", help="Seed of the keys and of the filler."),
     model: Optional[Path] = typer.Option(None, "-m", "--model", help=BUNDLE_HELP),
-    ratio: int = typer.Option(32, "--ratio", help=RATIO_HELP),
+    ratio: int = typer.Option(DEFAULT_RATIO, "--ratio", help=RATIO_HELP),
     filler: list[Path] = typer.Option([], "--filler", help="Text files to draw the filler from (repeatable). Default: the classic 'The grass is green...' lines."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results (with every answer) here as JSON."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),

@@ -17,7 +17,7 @@ from uio_gguf.embedded import default_model_path
 from uio_gguf.errors import UIOError
 
 SHIPPED = Path(__file__).resolve().parent / "bundles"
-DEFAULT_RATIO = 32
+DEFAULT_RATIO = 8  # the finer memory; ratio 32 for books past ~56K tokens
 
 
 def shipped_bundles() -> dict[int, Path]:
