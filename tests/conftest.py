@@ -155,6 +155,18 @@ def smollm2_f32_bundle(smollm2, tmp_path_factory):
     return convert_checkpoint(checkpoint, out, outtype="f32", loaded=(model.base, tokenizer))
 
 
+@pytest.fixture(scope="module")
+def tiny_bundle(make_tiny_bundle) -> Path:
+    """The tiny LLaMA bundle (segment 16, ratio 4, f32) that the CLI tests run on."""
+    return make_tiny_bundle("llama", segment=16, ratio=4, outtype="f32")[0]
+
+
+@pytest.fixture()
+def cache_env(tmp_path) -> dict:
+    """Environment for a CLI run with its own cache (memory files, assembled bundles)."""
+    return {"UIO_GGUF_CACHE": str(tmp_path / "cache")}
+
+
 def llama_logits(model_path, tokens, lora=None, kv_type: int = 0, n_threads: int = 2):
     """llama.cpp's logits (n_tokens, n_vocab) for one sequence, every position, through the low-level API:
     the model from model_path, optionally a LoRA adapter file (llama_adapter_lora_init +

@@ -13,14 +13,14 @@ import pytest
 from tests.conftest import REPO, run_cli
 
 
-@pytest.fixture(scope="module")
-def bundle(make_tiny_bundle):
-    return make_tiny_bundle("llama", segment=16, ratio=4, outtype="f32")[0]
+@pytest.fixture()
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture()
-def cache(tmp_path):
-    return {"UIO_GGUF_CACHE": str(tmp_path / "cache")}
+def cache(cache_env):
+    return cache_env
 
 
 @pytest.fixture(scope="module")

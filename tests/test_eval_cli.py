@@ -9,14 +9,14 @@ import pytest
 from tests.conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def bundle(make_tiny_bundle):
-    return make_tiny_bundle("llama", segment=16, ratio=4, outtype="f32")[0]
+@pytest.fixture()
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture()
-def env(tmp_path):
-    return {"UIO_GGUF_CACHE": str(tmp_path / "cache")}
+def env(cache_env):
+    return cache_env
 
 
 @pytest.fixture(scope="module")
