@@ -7,7 +7,7 @@ and each handle is freed exactly once.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
@@ -114,7 +114,6 @@ class ContextSettings:
     n_threads: int = 0  # 0: llama.cpp's default
     cb_eval: object = None  # a ggml_backend_sched_eval_callback (ctypes), or None
     cb_eval_user_data: object = None
-    extra: dict = field(default_factory=dict)
 
 
 class Context:
@@ -140,8 +139,6 @@ class Context:
         if settings.cb_eval is not None:
             params.cb_eval = settings.cb_eval
             params.cb_eval_user_data = settings.cb_eval_user_data
-        for key, value in settings.extra.items():
-            setattr(params, key, value)
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise UIOError(f"llama.cpp could not create a context of {settings.n_ctx} tokens (out of memory?)")
