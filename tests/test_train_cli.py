@@ -56,6 +56,53 @@ def test_checkpoint_is_peft_format_and_resume_is_exact(make_tiny_model_dir, book
     assert [r["loss"] for r in resumed_log] == [r["loss"] for r in log]
 
 
+def _adapters(checkpoint):
+    return {name: load_file(str(checkpoint / name)) for name in
+            ("encoder/adapter_model.safetensors", "transfer/adapter_model.safetensors", "memory_embedding.safetensors")}
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_resume_needs_only_the_saved_tokens(make_tiny_model_dir, book, tmp_path):
+    """Training in chunks (--max-minutes) and resuming from OUT/tokens.npz alone (no --data, as on a
+    machine the text was not copied to) lands on the same weights as one straight run."""
+    model_dir = make_tiny_model_dir("llama")
+    straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+    _train(model_dir, book, straight, "--steps", "3")
+    result = _train(model_dir, book, chunked, "--steps", "3", "--max-minutes", "0")
+    assert "stopped at step 1 of 3" in result.stderr
+    assert json.loads((chunked / "checkpoint" / "uio_config.json").read_text())["step"] == 1
+    resumed = run_cli("train", "--base", str(model_dir), "--out", str(chunked), "--segment", "16", "--ratio", "4",
+                      "--segments", "4", "--batch", "2", "--rank", "4", "--alpha", "8", "--lr", "1e-2",
+                      "--eval-every", "2", "--save-every", "1", "--steps", "3", "--resume", check=True)
+    assert "checkpoint:" in resumed.stdout
+    a, b = _adapters(straight / "checkpoint"), _adapters(chunked / "checkpoint")
+    for name in a:
+        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+
+
+def test_prepare_only_and_heldout_files(make_tiny_model_dir, book, prose, tmp_path):
+    import numpy as np
+
+    from train.base import load_base
+
+    model_dir = make_tiny_model_dir("llama")
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text(prose[60_000:70_000])
+    out = tmp_path / "run"
+    result = _train(model_dir, book, out, "--heldout", str(heldout), "--prepare-only")
+    assert "tokens:" in result.stdout and not (out / "checkpoint").exists()
+    saved = np.load(out / "tokens.npz")
+    _, tokenizer = load_base(model_dir)
+    eos = tokenizer.eos_token_id
+    assert saved["train"].tolist() == tokenizer(book.read_text(), add_special_tokens=False)["input_ids"] + [eos]
+    assert saved["heldout"].tolist() == tokenizer(heldout.read_text(), add_special_tokens=False)["input_ids"] + [eos]
+
+    other = make_tiny_model_dir("qwen2")  # another base: its tokens would be wrong for it
+    result = run_cli("train", "--base", str(other), "--out", str(out), "--segment", "16", "--ratio", "4", "--steps", "1")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"uio-gguf: error: {out / 'tokens.npz'} was tokenized for another base model: delete it to tokenize the data again")
+
+
 def test_encoder_adapter_loads_in_peft_with_same_logits(make_tiny_model_dir, book, tmp_path):
     """Our PEFT-format encoder adapter, loaded by PEFT itself, computes what our encoder-enabled model does."""
     from peft import PeftModel

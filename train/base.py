@@ -1,6 +1,7 @@
 """Loading the frozen base model (a Hugging Face directory or a GGUF file) and fingerprinting it."""
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -59,10 +60,18 @@ class GGUFTokenizer:
     drops the split-every-digit step), and training must see the token ids the runtime will feed."""
 
     def __init__(self, path: str | Path):
+        self._path = path
+
+    @functools.cached_property
+    def _vocab(self):
+        # Loaded on first use: a run that reuses its tokens.npz needs no llama.cpp (e.g. on a GPU box).
         from uio_gguf.llama_api import Model
 
-        self._vocab = Model(path, vocab_only=True)
-        self.eos_token_id = self._vocab.eos
+        return Model(self._path, vocab_only=True)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._vocab.eos
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": self._vocab.tokenize(text, add_special=add_special_tokens).tolist()}

@@ -1,14 +1,18 @@
 """Training text: .txt files (one document each) and .jsonl files (one {"text": ...} document a line),
-tokenized into one stream with EOS between documents, split into train / held-out by document,
-and cut into random crops of T segments."""
+tokenized into one stream with EOS between documents, split into train / held-out by document
+(or held-out from files of its own), saved as tokens.npz in the run directory, and cut into random
+crops of T segments."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from uio_gguf.errors import UIOError
+
+TOKENS_FILE = "tokens.npz"
 
 
 def read_documents(paths: list[str | Path]) -> list[str]:
@@ -45,17 +49,44 @@ def tokenize(documents: list[str], tokenizer) -> list[np.ndarray]:
 
 
 class TokenStream:
-    """A train and a held-out stream; held-out is every `holdout_every`-th document (at least one
-    document each side when there are two or more, else the last tenth of the only one)."""
+    """The train and held-out token streams (documents joined, EOS after each)."""
 
-    def __init__(self, documents: list[np.ndarray], holdout_every: int = 10):
+    def __init__(self, train: np.ndarray, heldout: np.ndarray):
+        self.train, self.heldout = train, heldout
+
+    @classmethod
+    def split(cls, documents: list[np.ndarray], holdout_every: int = 10) -> "TokenStream":
+        """Held-out is every `holdout_every`-th document (at least one document each side when there are
+        two or more, else the last tenth of the only one)."""
         if len(documents) >= 2:
             held = set(range(len(documents) - 1, -1, -holdout_every))
-            self.train = np.concatenate([d for i, d in enumerate(documents) if i not in held])
-            self.heldout = np.concatenate([d for i, d in enumerate(documents) if i in held])
-        else:
-            cut = len(documents[0]) * 9 // 10
-            self.train, self.heldout = documents[0][:cut], documents[0][cut:]
+            return cls(np.concatenate([d for i, d in enumerate(documents) if i not in held]),
+                       np.concatenate([d for i, d in enumerate(documents) if i in held]))
+        cut = len(documents[0]) * 9 // 10
+        return cls(documents[0][:cut], documents[0][cut:])
+
+    def save(self, path: Path, base_fingerprint: str, sources: list[str]) -> None:
+        """Written atomically next to the checkpoint: resume (here or on another machine) reads the same
+        tokens back without the tokenizer or the text files."""
+        tmp = path.with_suffix(".tmp.npz")
+        # The smallest unsigned type that holds the vocabulary, compressed: small enough to carry along.
+        top = max(int(self.train.max(initial=0)), int(self.heldout.max(initial=0)))
+        dtype = np.uint16 if top < 2**16 else np.uint32
+        np.savez_compressed(tmp, train=self.train.astype(dtype), heldout=self.heldout.astype(dtype),
+                 base_fingerprint=base_fingerprint, sources=np.asarray(sources, dtype=str))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, base_fingerprint: str) -> "TokenStream":
+        try:
+            saved = np.load(path)
+            recorded = str(saved["base_fingerprint"])
+            stream = cls(saved["train"].astype(np.int64), saved["heldout"].astype(np.int64))
+        except (OSError, ValueError, KeyError) as err:
+            raise UIOError(f"{path} is damaged ({err}): delete it to tokenize the data again") from None
+        if recorded != base_fingerprint:
+            raise UIOError(f"{path} was tokenized for another base model: delete it to tokenize the data again")
+        return stream
 
     def check_length(self, crop_tokens: int) -> None:
         if len(self.train) < crop_tokens:
@@ -72,3 +103,33 @@ class TokenStream:
         """The first `count` disjoint crops of the held-out stream (fewer if it is short)."""
         n = min(count, len(self.heldout) // crop_tokens)
         return np.stack([self.heldout[i * crop_tokens : (i + 1) * crop_tokens] for i in range(n)]) if n else None
+
+
+def read_run_text(out: Path, data: list[str], heldout: list[str]) -> tuple[list[str], list[str]] | None:
+    """The --data and --heldout documents, or None when OUT/tokens.npz already holds the run's tokens.
+    Read before the base model loads, so a wrong path fails at once."""
+    path = out / TOKENS_FILE
+    if path.exists():
+        if data or heldout:
+            print(f"using the tokens already in {path} (delete it to tokenize --data again)", file=sys.stderr)
+        return None
+    if not data:
+        raise UIOError(f"no training data: pass --data FILE (no {TOKENS_FILE} in {out} either)")
+    return read_documents(data), (read_documents(heldout) if heldout else [])
+
+
+def prepare_tokens(out: Path, text: tuple[list[str], list[str]] | None, tokenizer, base_fingerprint: str,
+                   sources: list[str]) -> TokenStream:
+    """The run's token streams: read back from OUT/tokens.npz when `text` is None, else tokenized
+    (held-out: the --heldout documents, or every tenth --data document) and saved there."""
+    path = out / TOKENS_FILE
+    if text is None:
+        return TokenStream.load(path, base_fingerprint)
+    data, heldout = text
+    documents = tokenize(data, tokenizer)
+    if heldout:
+        stream = TokenStream(np.concatenate(documents), np.concatenate(tokenize(heldout, tokenizer)))
+    else:
+        stream = TokenStream.split(documents)
+    stream.save(path, base_fingerprint, sources)
+    return stream

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from train import checkpoint as ckpt
 from train.base import fingerprint, load_base
-from train.data import TokenStream, read_documents, tokenize
+from train.data import TOKENS_FILE, prepare_tokens, read_run_text
 from train.estimators import ESTIMATORS, Crop, estimate_gradient
 from train.model import UIOConfig, UIOModel
 from uio_gguf.errors import UIOError
@@ -27,6 +28,7 @@ class TrainArgs:
     base: str
     data: list[str]
     out: str
+    heldout: list[str] = field(default_factory=list)  # held-out files; default: every 10th --data document
     segment: int = 1024
     ratio: int = 32
     segments: int = 8  # T: segments per crop
@@ -47,6 +49,8 @@ class TrainArgs:
     seed: int = 0
     resume: bool = False
     device: str = "auto"
+    max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time; --resume goes on
+    prepare_only: bool = False  # tokenize into OUT/tokens.npz and stop
     kill_after: int | None = field(default=None, repr=False)  # tests: SIGKILL self after this step's save
 
     def validate(self) -> None:
@@ -103,10 +107,15 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
                           ("cpu" if args.device == "auto" else args.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    documents = read_documents(args.data)
-    base, tokenizer = load_base(args.base, dtype=dtype)
-    base.to(device)
-    stream = TokenStream(tokenize(documents, tokenizer))
+    text = read_run_text(out, args.data, args.heldout)
+    base, tokenizer = load_base(args.base)  # float32 as stored: the fingerprint does not depend on the device
+    base_fingerprint = fingerprint(base)
+    stream = prepare_tokens(out, text, tokenizer, base_fingerprint, args.data + args.heldout)
+    if args.prepare_only:
+        return out / TOKENS_FILE
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the base is bf16 there anyway
+    base.to(device=device, dtype=dtype)
     crop_tokens = args.segments * args.segment + 1
     stream.check_length(crop_tokens)
     heldout = stream.heldout_crops(args.eval_crops, crop_tokens)
@@ -124,8 +133,8 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
         "estimator": args.estimator,
         "window": args.window,
         "base": {"path": str(Path(args.base).resolve()), "model_type": base.config.model_type,
-                 "fingerprint": fingerprint(base)},
-        "train_args": {k: v for k, v in asdict(args).items() if k not in ("resume", "kill_after")},
+                 "fingerprint": base_fingerprint},
+        "train_args": {k: v for k, v in asdict(args).items() if k not in ("resume", "kill_after", "max_minutes", "prepare_only")},
     }
 
     checkpoint_dir = out / "checkpoint"
@@ -153,6 +162,7 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
                  "torch_rng": torch.get_rng_state()}
         ckpt.save_checkpoint(model, checkpoint_dir, {**meta, "step": step}, state)
 
+    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
     log = open(out / "log.jsonl", "a")
     bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", disable=not progress)
     try:
@@ -174,8 +184,12 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
             log.flush()
             bar.set_postfix(loss=f"{loss:.3f}", **({"ppl": f"{record['heldout_ppl']:.1f}"} if "heldout_ppl" in record else {}))
             bar.update(1)
-            if step % args.save_every == 0 or step == args.steps:
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            if step % args.save_every == 0 or step == args.steps or out_of_time:
                 save()
+            if out_of_time and step < args.steps:
+                bar.write(f"stopped at step {step} of {args.steps} (--max-minutes): --resume goes on from here", file=sys.stderr)
+                break
             if args.kill_after is not None and step == args.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:

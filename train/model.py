@@ -85,7 +85,8 @@ class UIOModel(nn.Module):
         hidden = base.config.hidden_size
         eos = base.config.eos_token_id
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        init = base.get_input_embeddings().weight[eos if eos is not None else 0].detach().clone()
+        # float32 whatever the base dtype (bf16 on CUDA): AdamW on bf16 weights loses small updates.
+        init = base.get_input_embeddings().weight[eos if eos is not None else 0].detach().float()
         n_embeddings = config.slots if config.distinct_slots else 1
         self.memory_embedding = nn.Parameter(init.expand(n_embeddings, hidden).clone())
         for layer in self.layers:

@@ -34,8 +34,9 @@ def _require_training_stack() -> None:
 @app.command()
 def train(
     base: str = typer.Option(..., help="Base model: a Hugging Face directory or a .gguf file (LLaMA family)."),
-    data: list[Path] = typer.Option(..., help="Training text: .txt files (one document each) or .jsonl with a 'text' field. Repeat for several."),
-    out: Path = typer.Option(..., help="Output directory: checkpoint/, log.jsonl."),
+    data: list[Path] = typer.Option([], help="Training text: .txt files (one document each) or .jsonl with a 'text' field. Repeat for several. Not needed once OUT/tokens.npz exists."),
+    out: Path = typer.Option(..., help="Output directory: tokens.npz, checkpoint/, log.jsonl."),
+    heldout: list[Path] = typer.Option([], help="Held-out text for the perplexity in the log (same formats as --data; default: every 10th --data document)."),
     segment: int = typer.Option(1024, help="Segment length l in tokens."),
     ratio: int = typer.Option(32, help="Compression ratio r: k = l / r memory slots per segment."),
     segments: int = typer.Option(8, help="Segments per training crop (T)."),
@@ -53,6 +54,8 @@ def train(
     seed: int = typer.Option(0, help="Seed for initialisation, crops and the reservoir."),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out exactly where it stopped."),
     device: str = typer.Option("auto", help="auto (CUDA if available, bf16; else CPU, fp32), cpu or cuda."),
+    max_minutes: Optional[float] = typer.Option(None, help="Stop with a checkpoint after this many minutes; --resume continues (the schedule still spans --steps)."),
+    prepare_only: bool = typer.Option(False, "--prepare-only", help="Only tokenize --data into OUT/tokens.npz (e.g. to train on another machine without the text or llama.cpp)."),
     kill_after: Optional[int] = typer.Option(None, hidden=True),
 ):
     """Train the UIO memory (encoder LoRA, transfer head, memory embedding) over a frozen base model."""
@@ -61,13 +64,13 @@ def train(
     from train.loop import train as run_training
 
     args = TrainArgs(
-        base=base, data=[str(p) for p in data], out=str(out), segment=segment, ratio=ratio, segments=segments,
+        base=base, data=[str(p) for p in data], heldout=[str(p) for p in heldout], out=str(out), segment=segment, ratio=ratio, segments=segments,
         batch=batch, steps=steps, estimator=estimator, window=window, rank=rank, alpha=alpha, lr=lr,
         weight_decay=weight_decay, clip=clip, eval_every=eval_every, save_every=save_every, seed=seed,
-        resume=resume, device=device, kill_after=kill_after,
+        resume=resume, device=device, max_minutes=max_minutes, prepare_only=prepare_only, kill_after=kill_after,
     )
-    checkpoint = run_training(args)
-    typer.echo(f"checkpoint: {checkpoint}")
+    written = run_training(args)
+    typer.echo(f"{'tokens' if prepare_only else 'checkpoint'}: {written}")
 
 
 @app.command("train-check")
