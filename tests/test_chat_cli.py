@@ -13,16 +13,6 @@ import pytest
 from tests.conftest import REPO, run_cli
 
 
-@pytest.fixture()
-def bundle(tiny_bundle):
-    return tiny_bundle
-
-
-@pytest.fixture()
-def cache(cache_env):
-    return cache_env
-
-
 @pytest.fixture(scope="module")
 def book(tmp_path_factory, prose):
     path = tmp_path_factory.mktemp("book") / "book.txt"
@@ -37,32 +27,32 @@ def _one_line_error(result, message):
     assert "Traceback" not in result.stderr
 
 
-def test_chat_compresses_once_then_reuses_the_memory_file(bundle, book, cache, tmp_path):
-    args = ("chat", str(book), "-m", str(bundle), "--prompt", "What is this about?", "-n", "8")
-    first = run_cli(*args, env=cache, check=True)
+def test_chat_compresses_once_then_reuses_the_memory_file(tiny_bundle, book, cache_env, tmp_path):
+    args = ("chat", str(book), "-m", str(tiny_bundle), "--prompt", "What is this about?", "-n", "8")
+    first = run_cli(*args, env=cache_env, check=True)
     assert "compressed at" in first.stderr and "KV cache:" in first.stderr
     files = list((tmp_path / "cache" / "memory").glob("*.npz"))
     assert len(files) == 1
-    second = run_cli(*args, env=cache, check=True)
+    second = run_cli(*args, env=cache_env, check=True)
     assert "memory file reused" in second.stderr
     assert second.stdout == first.stdout  # greedy: the same memory gives the same answer
 
     files[0].write_bytes(files[0].read_bytes()[:100])  # damaged: detected and recomputed
-    third = run_cli(*args, env=cache, check=True)
+    third = run_cli(*args, env=cache_env, check=True)
     assert "damaged" in third.stderr and "compressed at" in third.stderr
     assert third.stdout == first.stdout
 
 
-def test_compress_writes_the_memory_file_where_asked(bundle, book, cache, tmp_path):
-    result = run_cli("compress", str(book), "-m", str(bundle), "-o", str(tmp_path / "book.mem"), env=cache, check=True)
+def test_compress_writes_the_memory_file_where_asked(tiny_bundle, book, cache_env, tmp_path):
+    result = run_cli("compress", str(book), "-m", str(tiny_bundle), "-o", str(tmp_path / "book.mem"), env=cache_env, check=True)
     assert (tmp_path / "book.mem").stat().st_size > 0
     assert "memory slots" in result.stdout
 
 
-def test_non_utf8_book_is_read_with_a_warning(bundle, cache, tmp_path, prose):
+def test_non_utf8_book_is_read_with_a_warning(tiny_bundle, cache_env, tmp_path, prose):
     path = tmp_path / "latin1.txt"
     path.write_bytes(prose[:600].encode() + "caf\xe9 cr\xe8me".encode("latin-1"))
-    result = run_cli("chat", str(path), "-m", str(bundle), "--prompt", "Hi", "-n", "2", env=cache)
+    result = run_cli("chat", str(path), "-m", str(tiny_bundle), "--prompt", "Hi", "-n", "2", env=cache_env)
     assert result.returncode == 0, result.stderr
     assert "not valid UTF-8" in result.stderr
 
@@ -77,8 +67,8 @@ def test_non_utf8_book_is_read_with_a_warning(bundle, cache, tmp_path, prose):
         ("mixed_bundle", "do not belong together"),
     ],
 )
-def test_bad_input_gives_one_clear_line(case, message, bundle, book, cache, tmp_path, make_tiny_bundle):
-    path, model, extra = book, bundle, []
+def test_bad_input_gives_one_clear_line(case, message, tiny_bundle, book, cache_env, tmp_path, make_tiny_bundle):
+    path, model, extra = book, tiny_bundle, []
     if case == "missing":
         path = tmp_path / "nope.txt"
     elif case == "empty":
@@ -91,20 +81,20 @@ def test_bad_input_gives_one_clear_line(case, message, bundle, book, cache, tmp_
         extra = ["--n-ctx", "1100"]  # 16-token segments, 4 slots each: room for 256 tokens
     elif case == "mixed_bundle":
         model = tmp_path / "mixed"
-        shutil.copytree(bundle, model)
+        shutil.copytree(tiny_bundle, model)
         other = make_tiny_bundle("llama", seed=1, segment=16, ratio=4, outtype="f32")[0]
         shutil.copy(other / "encoder.lora.gguf", model / "encoder.lora.gguf")
-    result = run_cli("chat", str(path), "-m", str(model), "--prompt", "Hi", "-n", "2", *extra, env=cache)
+    result = run_cli("chat", str(path), "-m", str(model), "--prompt", "Hi", "-n", "2", *extra, env=cache_env)
     _one_line_error(result, message)
 
 
-def test_ctrl_c_stops_the_answer_and_a_second_one_exits_cleanly(bundle, book, cache):
+def test_ctrl_c_stops_the_answer_and_a_second_one_exits_cleanly(tiny_bundle, book, cache_env):
     """A long sampled answer is interrupted once (it stops, the REPL goes on), then again (clean exit)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from uio_gguf.cli import main; main()", "chat", str(book), "-m", str(bundle),
+        [sys.executable, "-c", "from uio_gguf.cli import main; main()", "chat", str(book), "-m", str(tiny_bundle),
          "--temp", "1.0", "-n", "100000", "--n-ctx", "200000"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
-        env={**os.environ, **cache},
+        env={**os.environ, **cache_env},
     )
     try:
         proc.stdin.write(b"Tell me everything.\n")

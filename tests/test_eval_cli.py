@@ -9,16 +9,6 @@ import pytest
 from tests.conftest import run_cli
 
 
-@pytest.fixture()
-def bundle(tiny_bundle):
-    return tiny_bundle
-
-
-@pytest.fixture()
-def env(cache_env):
-    return cache_env
-
-
 @pytest.fixture(scope="module")
 def text(tmp_path_factory, prose):
     path = tmp_path_factory.mktemp("heldout") / "heldout.txt"
@@ -26,10 +16,10 @@ def text(tmp_path_factory, prose):
     return path
 
 
-def test_eval_ppl_prints_a_table_and_writes_json(bundle, text, env, tmp_path):
+def test_eval_ppl_prints_a_table_and_writes_json(tiny_bundle, text, cache_env, tmp_path):
     out = tmp_path / "out.json"
-    result = run_cli("eval", "ppl", str(text), "-m", str(bundle), "--lengths", "32,64", "--json", str(out),
-                     env=env, check=True)
+    result = run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--lengths", "32,64", "--json", str(out),
+                     env=cache_env, check=True)
     assert "uio-r4" in result.stdout and "full-8k" in result.stdout
     report = json.loads(out.read_text())
     assert report["lengths"] == [32, 64]
@@ -41,10 +31,10 @@ def test_eval_ppl_prints_a_table_and_writes_json(bundle, text, env, tmp_path):
         assert r["tokens"] == r["length"] - 1 and r["ppl"] > 1
 
 
-def test_eval_passkey_prints_a_table_and_writes_json(bundle, env, tmp_path):
+def test_eval_passkey_prints_a_table_and_writes_json(tiny_bundle, cache_env, tmp_path):
     out = tmp_path / "out.json"
-    result = run_cli("eval", "passkey", "-m", str(bundle), "--lengths", "64", "--depths", "0.5", "--trials", "2",
-                     "--json", str(out), env=env, check=True)
+    result = run_cli("eval", "passkey", "-m", str(tiny_bundle), "--lengths", "64", "--depths", "0.5", "--trials", "2",
+                     "--json", str(out), env=cache_env, check=True)
     assert "depth 0.5" in result.stdout
     report = json.loads(out.read_text())
     assert report["lengths"] == [64] and report["depths"] == [0.5] and report["trials"] == 2
@@ -55,13 +45,13 @@ def test_eval_passkey_prints_a_table_and_writes_json(bundle, env, tmp_path):
     assert not list((tmp_path / "cache").glob("memory/*"))  # memory files stay off
 
 
-def test_passkey_document_holds_the_key_at_its_depth(bundle):
+def test_passkey_document_holds_the_key_at_its_depth(tiny_bundle):
     import random
 
     from uio_gguf.eval_passkey import document
     from uio_gguf.llama_api import Model
 
-    model = Model(f"{bundle}/model.gguf")
+    model = Model(f"{tiny_bundle}/model.gguf")
     for depth in (0.0, 0.5, 1.0):
         book = document(model, 400, depth, 12345, random.Random(0), None)
         where = book.index("The pass key is 12345.") / len(book)
@@ -84,7 +74,7 @@ def _one_line_error(result, message):
         ("bad_lengths", "comma separated token counts"),
     ],
 )
-def test_eval_ppl_bad_input_gives_one_clear_line(case, message, bundle, text, env, tmp_path):
+def test_eval_ppl_bad_input_gives_one_clear_line(case, message, tiny_bundle, text, cache_env, tmp_path):
     path, lengths = text, "32,64"
     if case == "missing":
         path = tmp_path / "nope.txt"
@@ -96,10 +86,10 @@ def test_eval_ppl_bad_input_gives_one_clear_line(case, message, bundle, text, en
         path.write_text("Only a few words here.")
     elif case == "bad_lengths":
         lengths = "32,many"
-    result = run_cli("eval", "ppl", str(path), "-m", str(bundle), "--lengths", lengths, env=env)
+    result = run_cli("eval", "ppl", str(path), "-m", str(tiny_bundle), "--lengths", lengths, env=cache_env)
     _one_line_error(result, message)
 
 
-def test_eval_passkey_bad_depth_gives_one_clear_line(bundle, env):
-    result = run_cli("eval", "passkey", "-m", str(bundle), "--lengths", "64", "--depths", "1.5", env=env)
+def test_eval_passkey_bad_depth_gives_one_clear_line(tiny_bundle, cache_env):
+    result = run_cli("eval", "passkey", "-m", str(tiny_bundle), "--lengths", "64", "--depths", "1.5", env=cache_env)
     _one_line_error(result, "between 0 and 1")
