@@ -99,3 +99,21 @@ def test_decoder_with_memory_prefix_equals_plain_attention_over_memory_kv():
         memory = model.encode(tokens)
         with_memory = model.decode(tokens, memory)
         assert not torch.allclose(with_memory, plain, atol=1e-3)
+
+
+def test_trained_parameters_stay_float32_over_a_bf16_base():
+    """On CUDA the base runs in bf16; AdamW on bf16 weights would drop small updates, so everything trained
+    is float32, and one optimizer step moves the memory embedding by a step far below bf16's resolution."""
+    from train.model import UIOConfig, UIOModel
+    from train.tiny import tiny_base
+
+    base = tiny_base().to(torch.bfloat16)
+    model = UIOModel(base, UIOConfig(segment=SEG, ratio=RATIO, rank=4, alpha=8.0))
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    before = model.memory_embedding.detach().clone()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, weight_decay=0.0)
+    crop = Crop(torch.randint(0, 256, (1, 2 * SEG + 1), generator=torch.Generator().manual_seed(3)), SEG)
+    model.window_loss(crop.window(2), crop.targets(2), model.encode(crop.window(1))).backward()
+    optimizer.step()
+    moved = (model.memory_embedding.detach() - before).abs().max().item()
+    assert 0 < moved < 1e-4  # bf16 near |x| ~ 1 rounds steps below ~4e-3 away
