@@ -96,6 +96,13 @@ def test_prepare_only_and_heldout_files(make_tiny_model_dir, book, prose, tmp_pa
     assert saved["train"].tolist() == tokenizer(book.read_text(), add_special_tokens=False)["input_ids"] + [eos]
     assert saved["heldout"].tolist() == tokenizer(heldout.read_text(), add_special_tokens=False)["input_ids"] + [eos]
 
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "tokens.npz").write_bytes((out / "tokens.npz").read_bytes()[:500])  # an interrupted copy
+    result = run_cli("train", "--base", str(model_dir), "--out", str(damaged), "--segment", "16", "--ratio", "4", "--steps", "1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "tokens.npz is damaged" in result.stderr.strip().splitlines()[-1]
+
     other = make_tiny_model_dir("qwen2")  # another base: its tokens would be wrong for it
     result = run_cli("train", "--base", str(other), "--out", str(out), "--segment", "16", "--ratio", "4", "--steps", "1")
     assert result.returncode != 0

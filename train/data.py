@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ class TokenStream:
         top = max(int(self.train.max(initial=0)), int(self.heldout.max(initial=0)))
         dtype = np.uint16 if top < 2**16 else np.uint32
         np.savez_compressed(tmp, train=self.train.astype(dtype), heldout=self.heldout.astype(dtype),
-                 base_fingerprint=base_fingerprint, sources=np.asarray(sources, dtype=str))
+                            base_fingerprint=base_fingerprint, sources=np.asarray(sources, dtype=str))
         tmp.replace(path)
 
     @classmethod
@@ -82,7 +83,7 @@ class TokenStream:
             saved = np.load(path)
             recorded = str(saved["base_fingerprint"])
             stream = cls(saved["train"].astype(np.int64), saved["heldout"].astype(np.int64))
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
             raise UIOError(f"{path} is damaged ({err}): delete it to tokenize the data again") from None
         if recorded != base_fingerprint:
             raise UIOError(f"{path} was tokenized for another base model: delete it to tokenize the data again")

@@ -114,7 +114,7 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
     if args.prepare_only:
         return out / TOKENS_FILE
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the base is bf16 there anyway
+        torch.backends.cuda.matmul.allow_tf32 = True  # the float32 adapters' matmuls (the base is bf16)
     base.to(device=device, dtype=dtype)
     crop_tokens = args.segments * args.segment + 1
     stream.check_length(crop_tokens)
