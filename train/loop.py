@@ -9,7 +9,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from train.base import fingerprint, load_base
 from train.data import TOKENS_FILE, prepare_tokens, read_run_text
 from train.estimators import ESTIMATORS, Crop, estimate_gradient
 from train.model import UIOConfig, UIOModel
+from train.retrieval import RetrievalCrops
 from uio_gguf.errors import UIOError
 
 
@@ -49,6 +50,8 @@ class TrainArgs:
     seed: int = 0
     resume: bool = False
     device: str = "auto"
+    retrieval_share: float = 0.0  # share of crops turned into pass-key / key-value recall (train.retrieval)
+    init: str | None = None  # start from this checkpoint's weights (fresh optimizer and schedule)
     max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time; --resume goes on
     prepare_only: bool = False  # tokenize into OUT/tokens.npz and stop
     kill_after: int | None = field(default=None, repr=False)  # tests: SIGKILL self after this step's save
@@ -61,6 +64,25 @@ class TrainArgs:
             raise UIOError("--segments must be at least 2 (memory comes from earlier segments)")
         if self.window < 1:
             raise UIOError("--window must be at least 1")
+        if not 0 <= self.retrieval_share <= 1:
+            raise UIOError("--retrieval-share must lie between 0 and 1")
+
+
+def init_from(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
+    """With --init, the arguments take the checkpoint's segment, ratio, rank and alpha (its weights only
+    fit those), and the checkpoint directory to load (None on --resume: the run's own checkpoint wins)."""
+    if args.init is None:
+        return args, None
+    found = ckpt.find_checkpoint(Path(args.init)) or ckpt.find_checkpoint(Path(args.init) / "checkpoint")
+    if found is None:
+        raise UIOError(f"--init: no UIO checkpoint in {args.init}")
+    saved = ckpt.uio_config_from(ckpt.read_config(found))
+    shape = {"segment": saved.segment, "ratio": saved.ratio, "rank": saved.rank, "alpha": saved.alpha}
+    if saved.distinct_slots:
+        raise UIOError(f"--init: {found} has distinct slot embeddings, which training does not offer")
+    if any(getattr(args, k) != v for k, v in shape.items()):
+        print("--init: taking " + ", ".join(f"{k} {v}" for k, v in shape.items()) + f" from {found}", file=sys.stderr)
+    return replace(args, **shape), None if args.resume else found
 
 
 def _check_writable(out: Path) -> None:
@@ -101,6 +123,7 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
     from tqdm import tqdm
 
     args.validate()
+    args, init_dir = init_from(args)
     out = Path(args.out)
     _check_writable(out)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -155,6 +178,19 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
         step = state["step"]
     elif ckpt.find_checkpoint(checkpoint_dir) is not None:
         raise UIOError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
+    elif init_dir is not None:
+        if ckpt.read_config(init_dir)["base"]["fingerprint"] != meta["base"]["fingerprint"]:
+            raise UIOError(f"--init: the checkpoint {init_dir} was trained on another base model")
+        ckpt.load_weights(model, init_dir)
+    retrieval = RetrievalCrops(tokenizer, args.segment, crop_tokens) if args.retrieval_share > 0 else None
+
+    def next_crops() -> np.ndarray:
+        rows = stream.random_crops(data_rng, args.batch, crop_tokens)
+        if retrieval is not None:
+            for i in range(len(rows)):
+                if data_rng.random() < args.retrieval_share:
+                    rows[i] = retrieval.make(rows[i], data_rng)
+        return rows
 
     def save() -> None:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
@@ -169,8 +205,7 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
         while step < args.steps:
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            crop = Crop(torch.as_tensor(stream.random_crops(data_rng, args.batch, crop_tokens), device=device),
-                        args.segment)
+            crop = Crop(torch.as_tensor(next_crops(), device=device), args.segment)
             loss = estimate_gradient(model, crop, args.estimator, args.window, estimator_rng)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
             optimizer.step()

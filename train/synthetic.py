@@ -17,6 +17,7 @@ _NOUNS = ("falcon harbor lantern meadow orchard pebble quarry river saddle thist
           "beacon canyon dune ember glacier island kettle ledger marble nectar otter").split()
 
 
+KEY_NAMES = [f"{a}-{n}" for a in _ADJECTIVES for n in _NOUNS]
 PASSKEY_QUESTION = "What is the pass key?"
 
 
@@ -24,18 +25,30 @@ def passkey_fact(key: int) -> str:
     return f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
+def passkey_answer(key: int) -> str:
+    return f"{PASSKEY_QUESTION} The pass key is {key}."
+
+
+def key_value_fact(name: str, value: int) -> str:
+    return f"The value of key {name} is {value}."
+
+
+def key_value_answer(name: str, value: int) -> str:
+    return f"What is the value of key {name}? The value of key {name} is {value}."
+
+
 def passkey(filler: str, rng: random.Random) -> str:
     key = rng.randint(10_000, 99_999)
     text = _insert(filler, [passkey_fact(key)], rng)
-    return f"{text}\n\n{PASSKEY_QUESTION} The pass key is {key}."
+    return f"{text}\n\n{passkey_answer(key)}"
 
 
 def key_value(filler: str, rng: random.Random) -> str:
-    names = rng.sample([f"{a}-{n}" for a in _ADJECTIVES for n in _NOUNS], rng.randint(3, 8))
+    names = rng.sample(KEY_NAMES, rng.randint(3, 8))
     values = {name: rng.randint(10_000, 99_999) for name in names}
-    text = _insert(filler, [f"The value of key {name} is {value}." for name, value in values.items()], rng)
+    text = _insert(filler, [key_value_fact(name, value) for name, value in values.items()], rng)
     asked = rng.sample(names, 2)
-    return text + "".join(f"\n\nWhat is the value of key {n}? The value of key {n} is {values[n]}." for n in asked)
+    return text + "".join(f"\n\n{key_value_answer(n, values[n])}" for n in asked)
 
 
 TASKS = {"passkey": passkey, "key-value": key_value}

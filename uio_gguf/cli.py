@@ -54,6 +54,8 @@ def train(
     seed: int = typer.Option(0, help="Seed for initialisation, crops and the reservoir."),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out exactly where it stopped."),
     device: str = typer.Option("auto", help="auto (CUDA if available, bf16; else CPU, fp32), cpu or cuda."),
+    retrieval_share: float = typer.Option(0.0, help="Share of crops turned into recall tasks: pass-key / key-value facts in the memory segments, asked at the crop's end."),
+    init: Optional[Path] = typer.Option(None, help="Start from this UIO checkpoint's weights (fine-tuning: new optimizer and schedule; its segment, ratio, rank and alpha are used)."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop with a checkpoint after this many minutes; --resume continues (the schedule still spans --steps)."),
     prepare_only: bool = typer.Option(False, "--prepare-only", help="Only tokenize --data into OUT/tokens.npz (e.g. to train on another machine without the text or llama.cpp)."),
     kill_after: Optional[int] = typer.Option(None, hidden=True),
@@ -67,7 +69,8 @@ def train(
         base=base, data=[str(p) for p in data], heldout=[str(p) for p in heldout], out=str(out), segment=segment, ratio=ratio, segments=segments,
         batch=batch, steps=steps, estimator=estimator, window=window, rank=rank, alpha=alpha, lr=lr,
         weight_decay=weight_decay, clip=clip, eval_every=eval_every, save_every=save_every, seed=seed,
-        resume=resume, device=device, max_minutes=max_minutes, prepare_only=prepare_only, kill_after=kill_after,
+        resume=resume, device=device, retrieval_share=retrieval_share, init=None if init is None else str(init),
+        max_minutes=max_minutes, prepare_only=prepare_only, kill_after=kill_after,
     )
     written = run_training(args)
     typer.echo(f"{'tokens' if prepare_only else 'checkpoint'}: {written}")

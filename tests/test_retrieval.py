@@ -1,0 +1,131 @@
+"""Retrieval crops (train.retrieval) and the fine-tuning options of `uio-gguf train`: --retrieval-share
+and --init."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+from train import synthetic
+from train.base import GGUFTokenizer
+from train.retrieval import RetrievalCrops
+from uio_gguf.errors import UIOError
+
+SEGMENT, T = 128, 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_gguf):
+    return GGUFTokenizer(embedded_gguf)
+
+
+@pytest.fixture(scope="module")
+def filler_crops(tokenizer, prose):
+    ids = np.asarray(tokenizer(prose, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    n = T * SEGMENT + 1
+    return [ids[i * n : (i + 1) * n] for i in range(8)]
+
+
+def test_facts_lie_in_memory_and_questions_close_the_crop(tokenizer, filler_crops):
+    crops = RetrievalCrops(tokenizer, SEGMENT, T * SEGMENT + 1)
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for i in range(40):
+        original = filler_crops[i % len(filler_crops)]
+        made = crops.make(original.copy(), rng)
+        assert made.shape == original.shape and made.dtype == original.dtype
+        memory_text = tokenizer.decode(made[: (T - 1) * SEGMENT].tolist())
+        last_text = tokenizer.decode(made[(T - 1) * SEGMENT :].tolist())
+        asked = re.findall(r"What is the (pass key|value of key ([\w-]+))\? The \1 is (\d{5})\.", last_text)
+        assert asked and last_text.endswith(f"{asked[-1][2]}."), last_text
+        facts, answers = [], []
+        for subject, name, value in asked:  # every answer is stated as a fact, whole, in the memory segments
+            kinds.add(subject.split()[0])
+            if name:
+                facts.append(synthetic.key_value_fact(name, int(value)))
+                answers.append(synthetic.key_value_answer(name, int(value)))
+            else:
+                facts.append(synthetic.passkey_fact(int(value)))
+                answers.append(synthetic.passkey_answer(int(value)))
+            assert facts[-1] in memory_text, (facts[-1], memory_text)
+        # Without the questions and the facts' lines, the crop is the original's first tokens, in order.
+        rest = made.tolist()
+        tail = tokenizer("\n\n" + "\n".join(answers), add_special_tokens=False)["input_ids"]
+        assert rest[-len(tail):] == tail
+        rest = rest[: -len(tail)]
+        for fact in facts:
+            ids = tokenizer(f"\n{fact}\n", add_special_tokens=False)["input_ids"]
+            at = next(i for i in range(len(rest)) if rest[i : i + len(ids)] == ids)
+            assert at + len(ids) <= (T - 1) * SEGMENT
+            rest = rest[:at] + rest[at + len(ids):]
+        assert rest == original[: len(rest)].tolist()
+    assert kinds == {"pass", "value"}  # both tasks occur
+
+
+def test_same_rng_state_gives_the_same_crop(tokenizer, filler_crops):
+    crops = RetrievalCrops(tokenizer, SEGMENT, T * SEGMENT + 1)
+    a = crops.make(filler_crops[0].copy(), np.random.default_rng(7))
+    b = crops.make(filler_crops[0].copy(), np.random.default_rng(7))
+    assert np.array_equal(a, b) and not np.array_equal(a, filler_crops[0])
+
+
+def test_segments_too_short_for_the_task_are_refused(tokenizer):
+    with pytest.raises(UIOError, match="--retrieval-share needs segments of more than"):
+        RetrievalCrops(tokenizer, 16, 4 * 16 + 1)
+
+
+# ----- the command line ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def book(tmp_path_factory, prose):
+    path = tmp_path_factory.mktemp("data") / "book.txt"
+    path.write_text(prose[:60_000])
+    return path
+
+
+def _train(model_dir, out, *extra, data=None, check=True):
+    data_args = ("--data", str(data)) if data is not None else ()
+    return run_cli("train", "--base", str(model_dir), *data_args, "--out", str(out), "--segment", "128",
+                   "--ratio", "32", "--segments", "3", "--batch", "2", "--rank", "4", "--alpha", "8",
+                   "--eval-every", "100", "--save-every", "1", *extra, check=check)
+
+
+def _weights(checkpoint):
+    return {f"{name}:{key}": value for name in ("encoder/adapter_model.safetensors", "transfer/adapter_model.safetensors",
+                                                "memory_embedding.safetensors")
+            for key, value in load_file(str(checkpoint / name)).items()}
+
+
+def test_retrieval_run_resumes_exactly_and_init_loads_its_weights(make_tiny_model_dir, book, tmp_path):
+    model_dir = make_tiny_model_dir("llama")
+    straight, chunked = tmp_path / "straight", tmp_path / "chunked"
+    _train(model_dir, straight, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", data=book)
+    _train(model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--max-minutes", "0", data=book)
+    _train(model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--resume")
+    a, b = _weights(straight / "checkpoint"), _weights(chunked / "checkpoint")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the retrieval crops come from the saved data rng
+    plain = tmp_path / "plain"
+    _train(model_dir, plain, "--steps", "3", "--lr", "1e-2", data=book)
+    first = lambda run: json.loads((run / "log.jsonl").read_text().splitlines()[0])["loss"]
+    assert first(plain) != first(straight)  # retrieval crops are other crops
+
+    # --init: at learning rate 0 the fine-tuned checkpoint is the one it started from; the checkpoint's
+    # segment, ratio, rank and alpha replace the arguments' (here ratio 16 asked, 32 taken).
+    tuned = tmp_path / "tuned"
+    result = _train(model_dir, tuned, "--steps", "1", "--lr", "0", "--ratio", "16", "--init", str(straight), data=book)
+    assert "--init: taking segment 128, ratio 32, rank 4, alpha 8.0" in result.stderr
+    c = _weights(tuned / "checkpoint")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    config = json.loads((tuned / "checkpoint" / "uio_config.json").read_text())
+    assert (config["ratio"], config["step"], config["train_args"]["init"]) == (32, 1, str(straight))
+
+
+def test_init_refuses_another_base_and_a_missing_checkpoint(make_tiny_model_dir, book, tmp_path):
+    _train(make_tiny_model_dir("llama"), tmp_path / "a", "--steps", "1", data=book)
+    other = make_tiny_model_dir("llama", seed=1)
+    for init, message in ((tmp_path / "a", "was trained on another base model"), (tmp_path / "none", "no UIO checkpoint in")):
+        result = _train(other, tmp_path / "b", "--steps", "1", "--init", str(init), data=book, check=False)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert message in result.stderr.strip().splitlines()[-1], result.stderr
