@@ -75,3 +75,35 @@ def test_unbiased_mean_converges_to_full_and_no_factor_stays_short():
     no_factor = mean_of(200, False)
     assert no_factor.norm() / full.norm() < 0.8  # measurably short of the full gradient
     assert _rel(no_factor, full) > 3 * err_many
+
+
+@pytest.mark.parametrize("estimator, window", [("full", 2), ("tbptt", 2), ("incremental", 1), ("unbiased", 1), ("unbiased", 2)])
+@pytest.mark.parametrize("per_pass", [2, T - 1])
+def test_batched_windows_give_the_same_gradient_and_loss(setup, estimator, window, per_pass):
+    """windows_per_pass > 1 (a few large calls, memories padded) computes what the per-segment path
+    computes, reservoir draws included."""
+    from train.estimators import estimate_gradient
+
+    model, crop = setup
+    grads = [flat_gradient(model, crop, estimator, window, random.Random(3), windows_per_pass=n) for n in (1, per_pass)]
+    assert grads[0].norm() > 0
+    assert _rel(grads[1], grads[0]) < 1e-5
+    losses = [estimate_gradient(model, crop, estimator, window, random.Random(3), True, n) for n in (1, per_pass)]
+    assert abs(losses[1] - losses[0]) < 1e-5 * abs(losses[0])
+
+
+def test_padded_memory_rows_see_only_their_own_memory(setup):
+    """One decode call over windows with memories of different lengths (padding filled with noise)
+    gives each row the logits of its own unpadded call."""
+    model, crop = setup
+    with torch.no_grad():
+        memory = torch.cat([model.encode(crop.window(s)) for s in (1, 2, 3)], dim=2)  # (2, L, 3k, d)
+        k = model.config.slots
+        rows, lengths, expected = [], [], []
+        for n in (1, 3, 2):
+            padded = torch.cat([memory[:, :, : n * k], torch.randn_like(memory[:, :, n * k :])], dim=2)
+            rows.append(padded)
+            lengths += [n * k] * 2
+            expected.append(model.decode(crop.window(4), memory[:, :, : n * k]))
+        got = model.decode(torch.cat([crop.window(4)] * 3), torch.cat(rows), lengths)
+    assert torch.allclose(got, torch.cat(expected), atol=1e-5)

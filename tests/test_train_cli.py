@@ -182,3 +182,19 @@ def test_train_check_json(tmp_path):
     assert by[(1, False)]["ratio"] < by[(4, False)]["ratio"] < 1.0
     assert abs(by[(1, True)]["ratio"] - 1.0) < abs(by[(1, False)]["ratio"] - 1.0)
     assert by[(4, True)]["cosine"] > by[(4, False)]["cosine"]
+
+
+def test_windows_per_pass_trains_to_the_same_weights(make_tiny_model_dir, book, tmp_path):
+    """--windows-per-pass batches a crop's windows into few calls; the run lands where the default does."""
+    model_dir = make_tiny_model_dir("llama")
+    _train(model_dir, book, tmp_path / "one", "--steps", "2")
+    _train(model_dir, book, tmp_path / "all", "--steps", "2", "--windows-per-pass", "3")
+    a, b = _adapters(tmp_path / "one" / "checkpoint"), _adapters(tmp_path / "all" / "checkpoint")
+    for name in a:
+        for key in a[name]:
+            assert torch.allclose(a[name][key], b[name][key], atol=1e-5), f"{name}:{key}"
+    first = [json.loads(line)["loss"] for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    second = [json.loads(line)["loss"] for line in (tmp_path / "all" / "log.jsonl").read_text().splitlines()]
+    assert first == pytest.approx(second, rel=1e-5)
+    config = json.loads((tmp_path / "all" / "checkpoint" / "uio_config.json").read_text())
+    assert config["train_args"]["windows_per_pass"] == 3

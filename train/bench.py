@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-DEFAULTS = dict(hidden=256, layers=4, segment=128, ratio=8, window=2, steps=3, threads=1, seed=0)
+DEFAULTS = dict(hidden=256, layers=4, segment=128, ratio=8, window=2, steps=3, threads=1, seed=0, per_pass=1)
 
 
 def _max_rss_mb() -> float:
@@ -43,7 +43,7 @@ def measure(config: dict) -> dict:
         started = time.perf_counter()
         for p in model.trainable_parameters():
             p.grad = None
-        estimate_gradient(model, crop, config["estimator"], config["window"], rng)
+        estimate_gradient(model, crop, config["estimator"], config["window"], rng, windows_per_pass=config["per_pass"])
         return time.perf_counter() - started
 
     before = _max_rss_mb()
@@ -54,6 +54,7 @@ def measure(config: dict) -> dict:
         "estimator": config["estimator"],
         "window": config["window"] if config["estimator"] != "full" else None,
         "segments": config["segments"],
+        "per_pass": config["per_pass"],
         "step_peak_mb": round(peak - before, 1),
         "peak_rss_mb": round(peak, 1),
         "seconds_per_step": round(sum(times) / len(times), 4),
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--estimators", default="full,unbiased", help="comma separated (full, tbptt, incremental, unbiased)")
     parser.add_argument("--segments", type=_ints, default=[4, 8, 16], help="crop lengths T, comma separated")
     for name, value in DEFAULTS.items():
-        parser.add_argument(f"--{name}", type=int, default=value)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=value,
+                            help="decoder windows per call (1: one segment at a time)" if name == "per_pass" else None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one configuration, as JSON
     args = parser.parse_args(argv)

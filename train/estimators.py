@@ -13,6 +13,13 @@ the estimators differ in which ∂J_t/∂m_s reach the encoder:
   unbiased     a reservoir of S encoder graphs (Vitter's algorithm R); at step t each retained m_s is
                in the reservoir with probability min(1, S/(t-1)), so its ∂J_t/∂m_s is multiplied by
                max(1, (t-1)/S), which makes the expectation the `full` gradient
+
+Every estimator is a table: which m_s reach the encoder from J_t, with what factor. With windows_per_pass
+N > 1 the table is drawn first (the same rng draws) and the crop runs in a few large calls instead of
+one small call per segment: the encoder once over every segment, the decoder over N windows at a time
+(each row reads its own memory, padded to the longest), the encoder backward once at the end. The
+gradient is the same; the price is memory: every encoder graph the table uses stays alive until the end,
+and N windows' decoder activations at once. For GPUs, where the per-segment path is launch-bound.
 """
 from __future__ import annotations
 
@@ -64,10 +71,18 @@ def estimate_gradient(
     window: int = 2,
     rng: random.Random | None = None,
     factor: bool = True,
+    windows_per_pass: int = 1,
 ) -> float:
     """Accumulates the estimator's gradient of J into .grad of the trainable parameters; returns J."""
     if crop.n_segments < 2:
         raise ValueError("a crop needs at least 2 segments (memory is built from earlier segments)")
+    if windows_per_pass > 1:
+        policies = {"full": lambda: _SlidingWindow(crop.n_segments), "tbptt": lambda: _SlidingWindow(window),
+                    "incremental": lambda: _SlidingWindow(window),
+                    "unbiased": lambda: _Reservoir(window, rng or random.Random(), factor)}
+        if estimator not in policies:
+            raise ValueError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
+        return _batched(model, crop, _table(policies[estimator](), crop.n_segments), windows_per_pass)
     if estimator == "full":
         return _reference(model, crop, window=crop.n_segments)
     if estimator == "tbptt":
@@ -160,4 +175,56 @@ def _streamed(model: UIOModel, crop: Crop, policy) -> float:
         total += loss.item()
     for s in list(graphs):
         flush(s)
+    return total
+
+
+def _table(policy, T: int) -> dict[int, dict[int, float]]:
+    """For each window t = 2..T: {s: factor} of the memories whose encoder graph J_t reaches (the policy
+    stepped exactly as _streamed steps it, so the rng draws are the same)."""
+    table, retained = {}, set()
+    for t in range(2, T + 1):
+        keep, evicted = policy.admit(t - 1)
+        retained.difference_update(evicted)
+        if keep:
+            retained.add(t - 1)
+        table[t] = {s: policy.factor(t) for s in retained}
+    return table
+
+
+def _batched(model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], per_pass: int) -> float:
+    T, batch, k = crop.n_segments, crop.tokens.shape[0], model.config.slots
+
+    def encode(segments: list[int]) -> dict[int, torch.Tensor]:
+        if not segments:
+            return {}
+        memory = model.encode(torch.cat([crop.window(s) for s in segments]))
+        return dict(zip(segments, memory.split(batch)))
+
+    graphed = sorted(set().union(*table.values()))
+    graphs = encode(graphed)
+    with torch.no_grad():
+        values = encode([s for s in range(1, T) if s not in graphs])
+    leaves = {s: m.detach().requires_grad_(True) for s, m in graphs.items()}
+    values.update({s: leaf.detach() for s, leaf in leaves.items()})
+
+    total, windows = 0.0, list(range(2, T + 1))
+    for first in range(0, len(windows), per_pass):
+        chunk = windows[first : first + per_pass]
+        longest = chunk[-1] - 1  # segments of memory of the chunk's last window
+        rows = []
+        for t in chunk:
+            used = [_ScaleGrad.apply(leaves[s], table[t][s]) if s in table[t] else values[s] for s in range(1, t)]
+            padding = values[1].new_zeros(batch, values[1].shape[1], (longest - t + 1) * k, values[1].shape[3])
+            rows.append(torch.cat(used + [padding], dim=2))
+        logits = model.decode(torch.cat([crop.window(t) for t in chunk]), torch.cat(rows),
+                              [(t - 1) * k for t in chunk for _ in range(batch)])
+        targets = torch.cat([crop.targets(t) for t in chunk])
+        # the sum of the windows' mean losses, as _streamed adds them
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        loss = loss / (targets[0].numel() * batch * (T - 1))
+        loss.backward()
+        total += loss.item()
+    pending = [(graphs[s], leaves[s].grad) for s in graphed if leaves[s].grad is not None]
+    if pending:
+        torch.autograd.backward([m for m, _ in pending], [g for _, g in pending])
     return total

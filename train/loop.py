@@ -37,6 +37,7 @@ class TrainArgs:
     steps: int = 1000
     estimator: str = "unbiased"
     window: int = 2  # S
+    windows_per_pass: int = 1  # decoder windows per call (train.estimators: >1 batches the crop, for GPUs)
     rank: int = 32
     alpha: float = 128.0
     lr: float = 1e-4
@@ -64,6 +65,8 @@ class TrainArgs:
             raise UIOError("--segments must be at least 2 (memory comes from earlier segments)")
         if self.window < 1:
             raise UIOError("--window must be at least 1")
+        if self.windows_per_pass < 1:
+            raise UIOError("--windows-per-pass must be at least 1")
         if not 0 <= self.retrieval_share <= 1:
             raise UIOError("--retrieval-share must lie between 0 and 1")
 
@@ -206,7 +209,8 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             crop = Crop(torch.as_tensor(next_crops(), device=device), args.segment)
-            loss = estimate_gradient(model, crop, args.estimator, args.window, estimator_rng)
+            loss = estimate_gradient(model, crop, args.estimator, args.window, estimator_rng,
+                                     windows_per_pass=args.windows_per_pass)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
             optimizer.step()
             scheduler.step()

@@ -62,6 +62,17 @@ def memory_prefix_mask(n_memory: int, n_raw: int, dtype: torch.dtype) -> torch.T
     return _additive(allowed, dtype)
 
 
+def padded_memory_mask(memory_lengths: torch.Tensor, n_memory: int, n_raw: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, n_raw, n_memory + n_raw): row b sees its first memory_lengths[b] memory rows
+    (the rest is padding) and its raw tokens causally."""
+    visible = torch.arange(n_memory)[None, :] < memory_lengths[:, None]  # (B, n_memory)
+    allowed = torch.cat([visible[:, None, :].expand(-1, n_raw, -1),
+                         torch.ones(n_raw, n_raw, dtype=torch.bool).tril().expand(len(memory_lengths), -1, -1)], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -181,8 +192,13 @@ class UIOModel(nn.Module):
         return out
 
     # ----- decoder -----------------------------------------------------------------------------
-    def decode(self, tokens: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the raw window `tokens` (B, n) after the memory prefix (B, n_layers, M, d)."""
+    def decode(self, tokens: torch.Tensor, memory: torch.Tensor | None = None,
+               memory_lengths: list[int] | None = None) -> torch.Tensor:
+        """Logits of the raw window `tokens` (B, n) after the memory prefix (B, n_layers, M, d).
+
+        memory_lengths: per row, how many of the M memory rows are its memory (the rest is padding it
+        does not see; its raw tokens start at that position), so windows with memories of different
+        lengths can share one call. Default: all M."""
         from transformers import DynamicCache
 
         n_raw = tokens.shape[1]
@@ -192,8 +208,13 @@ class UIOModel(nn.Module):
             for index, (k, v) in enumerate(self.memory_kv(memory)):
                 cache.update(k, v, index)
         dtype = self.base.get_input_embeddings().weight.dtype
-        mask = memory_prefix_mask(n_mem, n_raw, dtype).to(tokens.device)
-        positions = torch.arange(n_mem, n_mem + n_raw, device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
+        if memory_lengths is None:
+            mask = memory_prefix_mask(n_mem, n_raw, dtype).to(tokens.device)
+            positions = torch.arange(n_mem, n_mem + n_raw, device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
+        else:
+            lengths = torch.as_tensor(memory_lengths)
+            mask = padded_memory_mask(lengths, n_mem, n_raw, dtype).to(tokens.device)
+            positions = (lengths[:, None] + torch.arange(n_raw)[None, :]).to(tokens.device)
         out = self.base(
             input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )

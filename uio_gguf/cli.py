@@ -44,6 +44,7 @@ def train(
     steps: int = typer.Option(1000, help="Optimizer steps."),
     estimator: str = typer.Option("unbiased", help="Gradient estimator: full, tbptt, incremental, unbiased."),
     window: int = typer.Option(2, help="S: TBPTT window / reservoir size."),
+    windows_per_pass: int = typer.Option(1, help="Decoder windows per model call. 1: one segment at a time (least memory). More: the crop in a few large calls, the same gradient; for GPUs, where small calls leave the card idle."),
     rank: int = typer.Option(32, help="LoRA rank of the encoder and transfer adapters."),
     alpha: float = typer.Option(128.0, help="LoRA alpha."),
     lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, 1% warm-up, cosine)."),
@@ -67,7 +68,7 @@ def train(
 
     args = TrainArgs(
         base=base, data=[str(p) for p in data], heldout=[str(p) for p in heldout], out=str(out), segment=segment, ratio=ratio, segments=segments,
-        batch=batch, steps=steps, estimator=estimator, window=window, rank=rank, alpha=alpha, lr=lr,
+        batch=batch, steps=steps, estimator=estimator, window=window, windows_per_pass=windows_per_pass, rank=rank, alpha=alpha, lr=lr,
         weight_decay=weight_decay, clip=clip, eval_every=eval_every, save_every=save_every, seed=seed,
         resume=resume, device=device, retrieval_share=retrieval_share, init=None if init is None else str(init),
         max_minutes=max_minutes, prepare_only=prepare_only, kill_after=kill_after,
