@@ -71,10 +71,10 @@ def run_isolated(config: dict) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'estimator':<12} {'S':>3} {'T':>3} {'step peak MB':>12} {'peak RSS MB':>11} {'s/step':>8}"]
+    lines = [f"{'estimator':<12} {'S':>3} {'T':>3} {'N':>3} {'step peak MB':>12} {'peak RSS MB':>11} {'s/step':>8}"]
     for row in rows:
         window = "-" if row["window"] is None else row["window"]
-        lines.append(f"{row['estimator']:<12} {window:>3} {row['segments']:>3} {row['step_peak_mb']:>12.1f} "
+        lines.append(f"{row['estimator']:<12} {window:>3} {row['segments']:>3} {row['per_pass']:>3} {row['step_peak_mb']:>12.1f} "
                      f"{row['peak_rss_mb']:>11.1f} {row['seconds_per_step']:>8.3f}")
     return "\n".join(lines)
 
@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"config": config, "rows": rows}, indent=1))
     else:
         print("tiny model: hidden {hidden}, {layers} layers, segment {segment}, ratio {ratio}, "
-              "{threads} thread(s), mean of {steps} steps after one warm-up".format(**config))
+              "{threads} thread(s), mean of {steps} steps after one warm-up; N = decoder windows "
+              "per call".format(**config))
         print(format_table(rows))
 
 
