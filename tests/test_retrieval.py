@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tests.conftest import run_cli
 from train import synthetic
 from train.base import GGUFTokenizer
-from train.retrieval import RetrievalCrops
+from train.retrieval import POOL_FILE, RetrievalCrops, build_pool, load_pool, save_pool
 from uio_gguf.errors import UIOError
 
 SEGMENT, T = 128, 3
@@ -23,14 +23,19 @@ def tokenizer(embedded_gguf):
 
 
 @pytest.fixture(scope="module")
+def pool(tokenizer):
+    return build_pool(tokenizer, count=64)
+
+
+@pytest.fixture(scope="module")
 def filler_crops(tokenizer, prose):
     ids = np.asarray(tokenizer(prose, add_special_tokens=False)["input_ids"], dtype=np.int64)
     n = T * SEGMENT + 1
     return [ids[i * n : (i + 1) * n] for i in range(8)]
 
 
-def test_facts_lie_in_memory_and_questions_close_the_crop(tokenizer, filler_crops):
-    crops = RetrievalCrops(tokenizer, SEGMENT, T * SEGMENT + 1)
+def test_facts_lie_in_memory_and_questions_close_the_crop(tokenizer, pool, filler_crops):
+    crops = RetrievalCrops(pool, SEGMENT, T * SEGMENT + 1)
     rng = np.random.default_rng(0)
     kinds = set()
     for i in range(40):
@@ -65,16 +70,23 @@ def test_facts_lie_in_memory_and_questions_close_the_crop(tokenizer, filler_crop
     assert kinds == {"pass", "value"}  # both tasks occur
 
 
-def test_same_rng_state_gives_the_same_crop(tokenizer, filler_crops):
-    crops = RetrievalCrops(tokenizer, SEGMENT, T * SEGMENT + 1)
-    a = crops.make(filler_crops[0].copy(), np.random.default_rng(7))
-    b = crops.make(filler_crops[0].copy(), np.random.default_rng(7))
+def test_the_saved_pool_needs_no_tokenizer_and_gives_the_same_crops(tokenizer, pool, filler_crops, tmp_path):
+    save_pool(tmp_path / POOL_FILE, pool, "sha256:base")
+    assert load_pool(tmp_path / POOL_FILE, "sha256:base") == pool
+    loaded = RetrievalCrops.for_run(tmp_path, None, "sha256:base", SEGMENT, T * SEGMENT + 1)  # no tokenizer
+    a = loaded.make(filler_crops[0].copy(), np.random.default_rng(7))
+    b = RetrievalCrops(pool, SEGMENT, T * SEGMENT + 1).make(filler_crops[0].copy(), np.random.default_rng(7))
     assert np.array_equal(a, b) and not np.array_equal(a, filler_crops[0])
+    with pytest.raises(UIOError, match="was tokenized for another base model"):
+        load_pool(tmp_path / POOL_FILE, "sha256:other")
+    (tmp_path / POOL_FILE).write_bytes((tmp_path / POOL_FILE).read_bytes()[:100])  # an interrupted copy
+    with pytest.raises(UIOError, match="is damaged"):
+        load_pool(tmp_path / POOL_FILE, "sha256:base")
 
 
-def test_segments_too_short_for_the_task_are_refused(tokenizer):
+def test_segments_too_short_for_the_task_are_refused(pool):
     with pytest.raises(UIOError, match="--retrieval-share needs segments of more than"):
-        RetrievalCrops(tokenizer, 16, 4 * 16 + 1)
+        RetrievalCrops(pool, 16, 4 * 16 + 1)
 
 
 # ----- the command line ---------------------------------------------------------------------------------
@@ -103,7 +115,13 @@ def test_retrieval_run_resumes_exactly_and_init_loads_its_weights(make_tiny_mode
     straight, chunked = tmp_path / "straight", tmp_path / "chunked"
     _train(model_dir, straight, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", data=book)
     _train(model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--max-minutes", "0", data=book)
-    _train(model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--resume")
+    assert (chunked / POOL_FILE).exists()
+    changed = _train(model_dir, chunked, "--steps", "3", "--resume", check=False)  # without the share
+    assert changed.returncode != 0 and "Traceback" not in changed.stderr
+    assert "this run was trained with --retrieval-share 0.5" in changed.stderr.strip().splitlines()[-1]
+    resumed = _train(model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--resume",
+                     "--ratio", "16")  # the run's own shape wins over a mistyped one
+    assert "--resume: taking segment 128, ratio 32, rank 4, alpha 8.0" in resumed.stderr
     a, b = _weights(straight / "checkpoint"), _weights(chunked / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the retrieval crops come from the saved data rng
     plain = tmp_path / "plain"
@@ -129,3 +147,11 @@ def test_init_refuses_another_base_and_a_missing_checkpoint(make_tiny_model_dir,
         result = _train(other, tmp_path / "b", "--steps", "1", "--init", str(init), data=book, check=False)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert message in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [("--retrieval-share", "1.5", "--retrieval-share must lie between 0 and 1"),
+                                                    ("--windows-per-pass", "0", "--windows-per-pass must be at least 1")])
+def test_bad_training_options_give_one_line(option, value, message, tmp_path):
+    result = run_cli("train", "--base", "unused", "--out", str(tmp_path / "o"), option, value)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"uio-gguf: error: {message}"]

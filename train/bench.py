@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-DEFAULTS = dict(hidden=256, layers=4, segment=128, ratio=8, window=2, steps=3, threads=1, seed=0, per_pass=1)
+DEFAULTS = dict(hidden=256, layers=4, segment=128, ratio=8, window=2, steps=3, threads=1, seed=0, windows_per_pass=1)
 
 
 def _max_rss_mb() -> float:
@@ -43,7 +43,7 @@ def measure(config: dict) -> dict:
         started = time.perf_counter()
         for p in model.trainable_parameters():
             p.grad = None
-        estimate_gradient(model, crop, config["estimator"], config["window"], rng, windows_per_pass=config["per_pass"])
+        estimate_gradient(model, crop, config["estimator"], config["window"], rng, windows_per_pass=config["windows_per_pass"])
         return time.perf_counter() - started
 
     before = _max_rss_mb()
@@ -54,7 +54,7 @@ def measure(config: dict) -> dict:
         "estimator": config["estimator"],
         "window": config["window"] if config["estimator"] != "full" else None,
         "segments": config["segments"],
-        "per_pass": config["per_pass"],
+        "windows_per_pass": config["windows_per_pass"],
         "step_peak_mb": round(peak - before, 1),
         "peak_rss_mb": round(peak, 1),
         "seconds_per_step": round(sum(times) / len(times), 4),
@@ -74,7 +74,7 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'estimator':<12} {'S':>3} {'T':>3} {'N':>3} {'step peak MB':>12} {'peak RSS MB':>11} {'s/step':>8}"]
     for row in rows:
         window = "-" if row["window"] is None else row["window"]
-        lines.append(f"{row['estimator']:<12} {window:>3} {row['segments']:>3} {row['per_pass']:>3} {row['step_peak_mb']:>12.1f} "
+        lines.append(f"{row['estimator']:<12} {window:>3} {row['segments']:>3} {row['windows_per_pass']:>3} {row['step_peak_mb']:>12.1f} "
                      f"{row['peak_rss_mb']:>11.1f} {row['seconds_per_step']:>8.3f}")
     return "\n".join(lines)
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--segments", type=_ints, default=[4, 8, 16], help="crop lengths T, comma separated")
     for name, value in DEFAULTS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=value,
-                            help="decoder windows per call (1: one segment at a time)" if name == "per_pass" else None)
+                            help="decoder windows per call (1: one segment at a time)" if name == "windows_per_pass" else None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one configuration, as JSON
     args = parser.parse_args(argv)

@@ -19,7 +19,9 @@ N > 1 the table is drawn first (the same rng draws) and the crop runs in a few l
 one small call per segment: the encoder once over every segment, the decoder over N windows at a time
 (each row reads its own memory, padded to the longest), the encoder backward once at the end. The
 gradient is the same; the price is memory: every encoder graph the table uses stays alive until the end,
-and N windows' decoder activations at once. For GPUs, where the per-segment path is launch-bound.
+and N·B windows' decoder activations at once, their logits (l × vocabulary, float32) and a copy of the
+memory for each (up to T·k rows): lower N as the batch grows. For GPUs, where the per-segment path is
+launch-bound.
 """
 from __future__ import annotations
 
@@ -214,14 +216,14 @@ def _batched(model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], pe
         rows = []
         for t in chunk:
             used = [_ScaleGrad.apply(leaves[s], table[t][s]) if s in table[t] else values[s] for s in range(1, t)]
-            padding = values[1].new_zeros(batch, values[1].shape[1], (longest - t + 1) * k, values[1].shape[3])
+            padding = values[1].new_zeros(batch, values[1].shape[1], (longest - (t - 1)) * k, values[1].shape[3])
             rows.append(torch.cat(used + [padding], dim=2))
         logits = model.decode(torch.cat([crop.window(t) for t in chunk]), torch.cat(rows),
                               [(t - 1) * k for t in chunk for _ in range(batch)])
         targets = torch.cat([crop.targets(t) for t in chunk])
         # the sum of the windows' mean losses, as _streamed adds them
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-        loss = loss / (targets[0].numel() * batch * (T - 1))
+        loss = loss / (crop.segment * batch * (T - 1))
         loss.backward()
         total += loss.item()
     pending = [(graphs[s], leaves[s].grad) for s in graphed if leaves[s].grad is not None]

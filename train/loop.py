@@ -71,21 +71,33 @@ class TrainArgs:
             raise UIOError("--retrieval-share must lie between 0 and 1")
 
 
-def init_from(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
-    """With --init, the arguments take the checkpoint's segment, ratio, rank and alpha (its weights only
-    fit those), and the checkpoint directory to load (None on --resume: the run's own checkpoint wins)."""
-    if args.init is None:
+def take_shape(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
+    """The model's shape (segment, ratio, rank, alpha) comes from a checkpoint where there is one: the
+    run's own on --resume, --init's when starting from it (its weights only fit that shape). Returns the
+    arguments and the --init checkpoint to load (None on --resume: the run's own checkpoint wins)."""
+    if args.resume:
+        source = ckpt.find_checkpoint(Path(args.out) / "checkpoint")
+        if source is None:
+            return args, None  # train() says "--resume: no checkpoint"
+    elif args.init is not None:
+        source = ckpt.find_checkpoint(Path(args.init)) or ckpt.find_checkpoint(Path(args.init) / "checkpoint")
+        if source is None:
+            raise UIOError(f"--init: no UIO checkpoint in {args.init}")
+    else:
         return args, None
-    found = ckpt.find_checkpoint(Path(args.init)) or ckpt.find_checkpoint(Path(args.init) / "checkpoint")
-    if found is None:
-        raise UIOError(f"--init: no UIO checkpoint in {args.init}")
-    saved = ckpt.uio_config_from(ckpt.read_config(found))
-    shape = {"segment": saved.segment, "ratio": saved.ratio, "rank": saved.rank, "alpha": saved.alpha}
+    config = ckpt.read_config(source)
+    saved = ckpt.uio_config_from(config)
     if saved.distinct_slots:
-        raise UIOError(f"--init: {found} has distinct slot embeddings, which training does not offer")
+        raise UIOError(f"{source} has distinct slot embeddings, which training does not offer")
+    if args.resume:
+        share = config.get("train_args", {}).get("retrieval_share", 0.0)
+        if share != args.retrieval_share:  # it decides which crops come next
+            raise UIOError(f"--resume: this run was trained with --retrieval-share {share}; pass the same")
+    shape = {"segment": saved.segment, "ratio": saved.ratio, "rank": saved.rank, "alpha": saved.alpha}
     if any(getattr(args, k) != v for k, v in shape.items()):
-        print("--init: taking " + ", ".join(f"{k} {v}" for k, v in shape.items()) + f" from {found}", file=sys.stderr)
-    return replace(args, **shape), None if args.resume else found
+        print(f"{'--resume' if args.resume else '--init'}: taking "
+              + ", ".join(f"{k} {v}" for k, v in shape.items()) + f" from {source}", file=sys.stderr)
+    return replace(args, **shape), None if args.resume else source
 
 
 def _check_writable(out: Path) -> None:
@@ -125,8 +137,8 @@ def heldout_loss(model: UIOModel, crops: np.ndarray, segment: int, device) -> fl
 def train(args: TrainArgs, progress: bool = True) -> Path:
     from tqdm import tqdm
 
+    args, init_dir = take_shape(args)
     args.validate()
-    args, init_dir = init_from(args)
     out = Path(args.out)
     _check_writable(out)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -137,12 +149,14 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
     base, tokenizer = load_base(args.base)  # float32 as stored: the fingerprint does not depend on the device
     base_fingerprint = fingerprint(base)
     stream = prepare_tokens(out, text, tokenizer, base_fingerprint, args.data + args.heldout)
+    crop_tokens = args.segments * args.segment + 1
+    retrieval = (RetrievalCrops.for_run(out, tokenizer, base_fingerprint, args.segment, crop_tokens)
+                 if args.retrieval_share > 0 else None)  # before --prepare-only returns: the pool travels too
     if args.prepare_only:
         return out / TOKENS_FILE
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the float32 adapters' matmuls (the base is bf16)
     base.to(device=device, dtype=dtype)
-    crop_tokens = args.segments * args.segment + 1
     stream.check_length(crop_tokens)
     heldout = stream.heldout_crops(args.eval_crops, crop_tokens)
 
@@ -185,7 +199,6 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
         if ckpt.read_config(init_dir)["base"]["fingerprint"] != meta["base"]["fingerprint"]:
             raise UIOError(f"--init: the checkpoint {init_dir} was trained on another base model")
         ckpt.load_weights(model, init_dir)
-    retrieval = RetrievalCrops(tokenizer, args.segment, crop_tokens) if args.retrieval_share > 0 else None
 
     def next_crops() -> np.ndarray:
         rows = stream.random_crops(data_rng, args.batch, crop_tokens)

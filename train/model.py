@@ -63,12 +63,13 @@ def memory_prefix_mask(n_memory: int, n_raw: int, dtype: torch.dtype) -> torch.T
 
 
 def padded_memory_mask(memory_lengths: torch.Tensor, n_memory: int, n_raw: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (B, 1, n_raw, n_memory + n_raw): row b sees its first memory_lengths[b] memory rows
-    (the rest is padding) and its raw tokens causally."""
-    visible = torch.arange(n_memory)[None, :] < memory_lengths[:, None]  # (B, n_memory)
-    allowed = torch.cat([visible[:, None, :].expand(-1, n_raw, -1),
-                         torch.ones(n_raw, n_raw, dtype=torch.bool).tril().expand(len(memory_lengths), -1, -1)], dim=2)
-    mask = torch.zeros(allowed.shape, dtype=dtype)
+    """Additive mask (B, 1, n_raw, n_memory + n_raw), on memory_lengths' device: row b sees its first
+    memory_lengths[b] memory rows (the rest is padding) and its raw tokens causally."""
+    device = memory_lengths.device
+    visible = torch.arange(n_memory, device=device)[None, :] < memory_lengths[:, None]  # (B, n_memory)
+    causal = torch.ones(n_raw, n_raw, dtype=torch.bool, device=device).tril()
+    allowed = torch.cat([visible[:, None, :].expand(-1, n_raw, -1), causal.expand(len(memory_lengths), -1, -1)], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
@@ -212,9 +213,9 @@ class UIOModel(nn.Module):
             mask = memory_prefix_mask(n_mem, n_raw, dtype).to(tokens.device)
             positions = torch.arange(n_mem, n_mem + n_raw, device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
         else:
-            lengths = torch.as_tensor(memory_lengths)
-            mask = padded_memory_mask(lengths, n_mem, n_raw, dtype).to(tokens.device)
-            positions = (lengths[:, None] + torch.arange(n_raw)[None, :]).to(tokens.device)
+            lengths = torch.as_tensor(memory_lengths, device=tokens.device)
+            mask = padded_memory_mask(lengths, n_mem, n_raw, dtype)
+            positions = lengths[:, None] + torch.arange(n_raw, device=tokens.device)[None, :]
         out = self.base(
             input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
