@@ -69,15 +69,14 @@ def padded_memory_mask(memory_lengths: torch.Tensor, n_memory: int, n_raw: int, 
     visible = torch.arange(n_memory, device=device)[None, :] < memory_lengths[:, None]  # (B, n_memory)
     causal = torch.ones(n_raw, n_raw, dtype=torch.bool, device=device).tril()
     allowed = torch.cat([visible[:, None, :].expand(-1, n_raw, -1), causal.expand(len(memory_lengths), -1, -1)], dim=2)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    return _additive(allowed, dtype)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    mask = torch.zeros(allowed.shape, dtype=dtype)
+    """(q, kv) -> (1, 1, q, kv), broadcast over batch and heads; (B, q, kv) -> (B, 1, q, kv)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]  # (1, 1, q, kv): broadcast over batch and heads
+    return mask[None, None] if allowed.dim() == 2 else mask[:, None]
 
 
 def slot_positions(segment: int, ratio: int) -> torch.Tensor:
