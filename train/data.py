@@ -49,6 +49,27 @@ def tokenize(documents: list[str], tokenizer) -> list[np.ndarray]:
     return [np.asarray(tokenizer(d, add_special_tokens=False)["input_ids"] + [eos], dtype=np.int64) for d in documents]
 
 
+def save_npz(path: Path, **arrays) -> None:
+    """Compressed, written atomically: an interrupted save never leaves a half file under the name."""
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_npz(path: Path, base_fingerprint: str, keys: list[str], redo: str) -> dict[str, np.ndarray]:
+    """The arrays `keys` of a file that save_npz wrote with a base_fingerprint; a damaged file or one of
+    another base is one error line that says to delete it (`redo`: what then happens again)."""
+    try:
+        saved = np.load(path)
+        recorded = str(saved["base_fingerprint"])
+        arrays = {key: saved[key] for key in keys}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise UIOError(f"{path} is damaged ({err}): delete it to {redo}") from None
+    if recorded != base_fingerprint:
+        raise UIOError(f"{path} was tokenized for another base model: delete it to {redo}")
+    return arrays
+
+
 class TokenStream:
     """The train and held-out token streams (documents joined, EOS after each)."""
 
@@ -69,25 +90,16 @@ class TokenStream:
     def save(self, path: Path, base_fingerprint: str, sources: list[str]) -> None:
         """Written atomically next to the checkpoint: resume (here or on another machine) reads the same
         tokens back without the tokenizer or the text files."""
-        tmp = path.with_suffix(".tmp.npz")
         # The smallest unsigned type that holds the vocabulary, compressed: small enough to carry along.
         top = max(int(self.train.max(initial=0)), int(self.heldout.max(initial=0)))
         dtype = np.uint16 if top < 2**16 else np.uint32
-        np.savez_compressed(tmp, train=self.train.astype(dtype), heldout=self.heldout.astype(dtype),
-                            base_fingerprint=base_fingerprint, sources=np.asarray(sources, dtype=str))
-        tmp.replace(path)
+        save_npz(path, train=self.train.astype(dtype), heldout=self.heldout.astype(dtype),
+                 base_fingerprint=base_fingerprint, sources=np.asarray(sources, dtype=str))
 
     @classmethod
     def load(cls, path: Path, base_fingerprint: str) -> "TokenStream":
-        try:
-            saved = np.load(path)
-            recorded = str(saved["base_fingerprint"])
-            stream = cls(saved["train"].astype(np.int64), saved["heldout"].astype(np.int64))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-            raise UIOError(f"{path} is damaged ({err}): delete it to tokenize the data again") from None
-        if recorded != base_fingerprint:
-            raise UIOError(f"{path} was tokenized for another base model: delete it to tokenize the data again")
-        return stream
+        saved = load_npz(path, base_fingerprint, ["train", "heldout"], "tokenize the data again")
+        return cls(saved["train"].astype(np.int64), saved["heldout"].astype(np.int64))
 
     def check_length(self, crop_tokens: int) -> None:
         if len(self.train) < crop_tokens:

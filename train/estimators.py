@@ -78,22 +78,17 @@ def estimate_gradient(
     """Accumulates the estimator's gradient of J into .grad of the trainable parameters; returns J."""
     if crop.n_segments < 2:
         raise ValueError("a crop needs at least 2 segments (memory is built from earlier segments)")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
+    # Which memories reach the encoder from each window: full and tbptt keep a sliding window (the whole
+    # crop or S segments), incremental the same as tbptt, unbiased a reservoir.
+    size = crop.n_segments if estimator == "full" else window
+    policy = _Reservoir(window, rng or random.Random(), factor) if estimator == "unbiased" else _SlidingWindow(size)
     if windows_per_pass > 1:
-        policies = {"full": lambda: _SlidingWindow(crop.n_segments), "tbptt": lambda: _SlidingWindow(window),
-                    "incremental": lambda: _SlidingWindow(window),
-                    "unbiased": lambda: _Reservoir(window, rng or random.Random(), factor)}
-        if estimator not in policies:
-            raise ValueError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
-        return _batched(model, crop, _table(policies[estimator](), crop.n_segments), windows_per_pass)
-    if estimator == "full":
-        return _reference(model, crop, window=crop.n_segments)
-    if estimator == "tbptt":
-        return _reference(model, crop, window=window)
-    if estimator == "incremental":
-        return _streamed(model, crop, _SlidingWindow(window))
-    if estimator == "unbiased":
-        return _streamed(model, crop, _Reservoir(window, rng or random.Random(), factor))
-    raise ValueError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
+        return _batched(model, crop, _table(policy, crop.n_segments), windows_per_pass)
+    if estimator in ("full", "tbptt"):
+        return _reference(model, crop, window=size)  # the plain-BPTT reference
+    return _streamed(model, crop, policy)
 
 
 def _reference(model: UIOModel, crop: Crop, window: int) -> float:

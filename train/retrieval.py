@@ -12,12 +12,12 @@ that reuses them (--resume, or another machine) needs no tokenizer, as with toke
 """
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from train import synthetic
+from train.data import load_npz, save_npz
 from uio_gguf.errors import UIOError
 
 POOL_FILE = "retrieval.npz"
@@ -58,21 +58,13 @@ def save_pool(path: Path, pool: list[Task], base_fingerprint: str) -> None:
     pieces = [piece for facts, tail in pool for piece in (*facts, tail)]
     piece_starts = np.cumsum([0] + [len(p) for p in pieces])
     task_starts = np.cumsum([0] + [len(facts) + 1 for facts, _ in pool])
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, ids=np.concatenate(pieces).astype(np.int64), piece_starts=piece_starts,
-                        task_starts=task_starts, base_fingerprint=base_fingerprint)
-    tmp.replace(path)
+    save_npz(path, ids=np.concatenate(pieces).astype(np.int64), piece_starts=piece_starts,
+             task_starts=task_starts, base_fingerprint=base_fingerprint)
 
 
 def load_pool(path: Path, base_fingerprint: str) -> list[Task]:
-    try:
-        saved = np.load(path)
-        recorded = str(saved["base_fingerprint"])
-        ids, piece_starts, task_starts = saved["ids"].tolist(), saved["piece_starts"], saved["task_starts"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise UIOError(f"{path} is damaged ({err}): delete it to tokenize the tasks again") from None
-    if recorded != base_fingerprint:
-        raise UIOError(f"{path} was tokenized for another base model: delete it to tokenize the tasks again")
+    saved = load_npz(path, base_fingerprint, ["ids", "piece_starts", "task_starts"], "tokenize the tasks again")
+    ids, piece_starts, task_starts = saved["ids"].tolist(), saved["piece_starts"], saved["task_starts"]
     pieces = [ids[a:b] for a, b in zip(piece_starts[:-1], piece_starts[1:])]
     return [(pieces[a : b - 1], pieces[b - 1]) for a, b in zip(task_starts[:-1], task_starts[1:])]
 
