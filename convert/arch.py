@@ -61,8 +61,21 @@ def llama_rows(x: np.ndarray, n_head: int) -> np.ndarray:
     return x.reshape(n_head, 2, half, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
+def hf_rows(x: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of llama_rows: llama.cpp's adjacent-pair row order back to Hugging Face's halves."""
+    half = x.shape[0] // n_head // 2
+    return x.reshape(n_head, half, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
 def to_llama_layout(arch: Arch, config, proj: str, rows: np.ndarray) -> np.ndarray:
     """Rows of projection `proj` ("attn_q", "attn_k", "attn_v", ...) as llama.cpp expects them."""
     if arch.permute_qk and proj in ("attn_q", "attn_k"):
         return llama_rows(rows, head_counts(config)[proj])
+    return rows
+
+
+def from_llama_layout(arch: Arch, config, proj: str, rows: np.ndarray) -> np.ndarray:
+    """The inverse of to_llama_layout: rows of `proj` as Hugging Face (and training) hold them."""
+    if arch.permute_qk and proj in ("attn_q", "attn_k"):
+        return hf_rows(rows, head_counts(config)[proj])
     return rows

@@ -155,3 +155,35 @@ def test_bad_training_options_give_one_line(option, value, message, tmp_path):
     result = run_cli("train", "--base", "unused", "--out", str(tmp_path / "o"), option, value)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"uio-gguf: error: {message}"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # llama: LoRA B of q and k comes back from llama.cpp's row order
+def test_a_bundle_gives_back_its_checkpoint_bit_for_bit(arch, make_tiny_checkpoint, make_tiny_bundle, tmp_path):
+    from train.base import load_config
+    from train.from_bundle import checkpoint_from_bundle
+
+    checkpoint, _, _ = make_tiny_checkpoint(arch)
+    bundle, _, _ = make_tiny_bundle(arch)
+    original = json.loads((checkpoint / "uio_config.json").read_text())
+    base = original["base"]["path"]
+    rebuilt = checkpoint_from_bundle(bundle, tmp_path / "rebuilt", load_config(base), base)
+    a, b = _weights(checkpoint), _weights(rebuilt)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((rebuilt / "uio_config.json").read_text())
+    keys = ("segment", "ratio", "rank", "alpha", "distinct_slots", "step")
+    assert {k: config[k] for k in keys} == {k: original[k] for k in keys}
+    assert config["base"]["fingerprint"] == original["base"]["fingerprint"]
+
+
+def test_init_from_a_bundle_starts_from_its_weights(make_tiny_checkpoint, make_tiny_bundle, make_tiny_model_dir, book, tmp_path):
+    checkpoint, _, _ = make_tiny_checkpoint("llama")
+    bundle, _, _ = make_tiny_bundle("llama")
+    base = json.loads((checkpoint / "uio_config.json").read_text())["base"]["path"]
+    tuned = tmp_path / "tuned"
+    result = _train(base, tuned, "--steps", "1", "--lr", "0", "--init", str(bundle), data=book)
+    assert "--init: taking segment 16, ratio 4, rank 4, alpha 8.0" in result.stderr
+    a, c = _weights(checkpoint), _weights(tuned / "checkpoint")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    other = _train(make_tiny_model_dir("llama", seed=1), tmp_path / "other", "--steps", "1", "--init", str(bundle),
+                   data=book, check=False)
+    assert other.returncode != 0 and "was trained on another base model" in other.stderr.strip().splitlines()[-1]

@@ -35,9 +35,9 @@ def _split_path(path: str | Path) -> tuple[str, dict]:
     return str(path), {}
 
 
-def load_base(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """Returns (model, tokenizer): the causal LM frozen and in eval mode (no dropout)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_config(path: str | Path):
+    """The base model's Hugging Face config alone (no weights), checked to be a supported decoder."""
+    from transformers import AutoConfig
 
     where, extra = _split_path(path)
     try:
@@ -45,6 +45,15 @@ def load_base(path: str | Path, dtype: torch.dtype = torch.float32, attn_impleme
     except (ValueError, OSError, KeyError) as err:
         raise UIOError(f"cannot read the base model's config at {path}: {err}") from None
     check_architecture(config)
+    return config
+
+
+def load_base(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """Returns (model, tokenizer): the causal LM frozen and in eval mode (no dropout)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, extra = _split_path(path)
+    load_config(path)  # a foreign or damaged base fails here with one line, before the slow load
     model = AutoModelForCausalLM.from_pretrained(
         where, dtype=dtype, attn_implementation=attn_implementation, **extra
     )

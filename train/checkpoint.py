@@ -56,22 +56,29 @@ def _load_adapter(model: UIOModel, adapter: str, tensors: dict[str, torch.Tensor
 
 
 def save_checkpoint(model: UIOModel, directory: Path, meta: dict, trainer_state: dict | None = None) -> None:
+    adapters = {adapter: adapter_state_dict(model, adapter) for adapter in (ENCODER, TRANSFER)}
+    memory = model.memory_embedding.detach().float().cpu().contiguous()
+    write_checkpoint(directory, adapters, memory, {"format": FORMAT, **model.config.to_dict(), **meta}, trainer_state)
+
+
+def write_checkpoint(directory: Path, adapters: dict[str, dict[str, torch.Tensor]], memory: torch.Tensor,
+                     config: dict, trainer_state: dict | None = None) -> None:
+    """Writes the checkpoint files: adapters {ENCODER: PEFT state dict, TRANSFER: ...}, the memory
+    embedding and uio_config.json (config holds rank, alpha and base.path)."""
     from peft import LoraConfig
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        cfg = model.config
-        for adapter in (ENCODER, TRANSFER):
+        for adapter, tensors in adapters.items():
             (tmp / adapter).mkdir()
-            save_file(adapter_state_dict(model, adapter), str(tmp / adapter / ADAPTER_WEIGHTS))
+            save_file(tensors, str(tmp / adapter / ADAPTER_WEIGHTS))
             LoraConfig(
-                r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=TARGETS[adapter],
-                bias="none", task_type="CAUSAL_LM", base_model_name_or_path=meta.get("base", {}).get("path"),
+                r=config["rank"], lora_alpha=config["alpha"], lora_dropout=0.0, target_modules=TARGETS[adapter],
+                bias="none", task_type="CAUSAL_LM", base_model_name_or_path=config.get("base", {}).get("path"),
             ).save_pretrained(str(tmp / adapter))
-        save_file({"memory_embedding": model.memory_embedding.detach().float().cpu().contiguous()}, str(tmp / MEMORY_FILE))
-        config = {"format": FORMAT, **cfg.to_dict(), **meta}
+        save_file({"memory_embedding": memory}, str(tmp / MEMORY_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)

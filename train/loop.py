@@ -16,12 +16,15 @@ import numpy as np
 import torch
 
 from train import checkpoint as ckpt
-from train.base import fingerprint, load_base
+from train.base import fingerprint, load_base, load_config
 from train.data import TOKENS_FILE, prepare_tokens, read_run_text
 from train.estimators import ESTIMATORS, Crop, estimate_gradient
+from train.from_bundle import checkpoint_from_bundle, is_bundle
 from train.model import UIOConfig, UIOModel
 from train.retrieval import RetrievalCrops
 from uio_gguf.errors import UIOError
+
+INIT_FROM_BUNDLE = "init-checkpoint"  # where --init BUNDLE rebuilds the bundle's checkpoint, inside OUT
 
 
 @dataclass
@@ -52,7 +55,7 @@ class TrainArgs:
     resume: bool = False
     device: str = "auto"
     retrieval_share: float = 0.0  # share of crops turned into pass-key / key-value recall (train.retrieval)
-    init: str | None = None  # start from this checkpoint's weights (fresh optimizer and schedule)
+    init: str | None = None  # start from this checkpoint's (or bundle's) weights (fresh optimizer and schedule)
     max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time; --resume goes on
     prepare_only: bool = False  # tokenize into OUT/tokens.npz and stop
     kill_after: int | None = field(default=None, repr=False)  # tests: SIGKILL self after this step's save
@@ -81,6 +84,9 @@ def take_shape(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
             return args, None  # train() says "--resume: no checkpoint"
     elif args.init is not None:
         source = ckpt.find_checkpoint(Path(args.init)) or ckpt.find_checkpoint(Path(args.init) / "checkpoint")
+        if source is None and is_bundle(args.init):  # a converted head: its checkpoint is rebuilt in OUT
+            _check_writable(Path(args.out))
+            source = checkpoint_from_bundle(args.init, Path(args.out) / INIT_FROM_BUNDLE, load_config(args.base), args.base)
         if source is None:
             raise UIOError(f"--init: no UIO checkpoint in {args.init}")
     else:

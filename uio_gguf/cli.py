@@ -56,7 +56,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out exactly where it stopped."),
     device: str = typer.Option("auto", help="auto (CUDA if available, bf16; else CPU, fp32), cpu or cuda."),
     retrieval_share: float = typer.Option(0.0, help="Share of crops turned into recall tasks: pass-key / key-value facts in the memory segments, asked at the crop's end."),
-    init: Optional[Path] = typer.Option(None, help="Start from this UIO checkpoint's weights (fine-tuning: new optimizer and schedule; its segment, ratio, rank and alpha are used; a --seed other than the original run's draws other crops)."),
+    init: Optional[Path] = typer.Option(None, help="Start from the weights of this UIO checkpoint, or of a converted bundle such as a shipped head (uio_gguf/bundles/...; its checkpoint is rebuilt in OUT/init-checkpoint). Fine-tuning: new optimizer and schedule; its segment, ratio, rank and alpha are used; a --seed other than the original run's draws other crops."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop with a checkpoint after this many minutes; --resume continues (the schedule still spans --steps)."),
     prepare_only: bool = typer.Option(False, "--prepare-only", help="Only tokenize --data into OUT/tokens.npz (e.g. to train on another machine without the text or llama.cpp)."),
     kill_after: Optional[int] = typer.Option(None, hidden=True),
