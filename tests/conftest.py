@@ -180,7 +180,9 @@ def llama_logits(model_path, tokens, lora=None, kv_type: int = 0, n_threads: int
 
     _logger.set_verbose(False)
     llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
+    from uio_gguf.llama_api import model_params
+
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params())
     assert model, f"llama.cpp could not load {model_path}"
     n = len(tokens)
     params = llama_cpp.llama_context_default_params()

@@ -17,6 +17,7 @@ llama_cpp_logger.set_verbose(False)  # llama.cpp's per-context log lines drown a
 from native import bindings  # noqa: E402
 from native.build import load_plugin  # noqa: E402
 from uio_gguf.errors import UIOError  # noqa: E402
+from uio_gguf.llama_api import model_params  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +31,7 @@ TEXT = b"The quick brown fox jumps over the lazy dog while the cat sleeps."
 @pytest.fixture(scope="module")
 def model(embedded_gguf):
     llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_default_params()
+    params = model_params()
     loaded = llama_cpp.llama_model_load_from_file(str(embedded_gguf).encode(), params)
     assert loaded, "cannot load the embedded model"
     yield loaded

@@ -28,15 +28,25 @@ def _init_backend(verbose: bool) -> None:
         _backend_ready = True
 
 
+def model_params(n_gpu_layers: int = 0, vocab_only: bool = False):
+    """llama.cpp's model parameters as UIO loads every model. Weight repacking into llama.cpp's extra
+    CPU buffer types is off: on a CPU with AMX, llama-cpp-python 0.3.36's native build puts the weights
+    in the AMX buffer and the first decode crashes (segmentation fault, seen on this project's CI-class
+    machine); without repacking the same kernels run on the plain weights."""
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = n_gpu_layers
+    params.vocab_only = vocab_only
+    params.use_extra_bufts = False
+    return params
+
+
 class Model:
     """A GGUF loaded by llama.cpp, with the few hyper-parameters UIO needs."""
 
     def __init__(self, path: str | Path, n_gpu_layers: int = 0, verbose: bool = False, vocab_only: bool = False):
         _init_backend(verbose)
         self.path = Path(path)
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
-        params.vocab_only = vocab_only
+        params = model_params(n_gpu_layers, vocab_only)
         self.ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
             raise UIOError(f"llama.cpp could not load {self.path} (not a GGUF model it supports, or damaged)")
