@@ -31,8 +31,9 @@ def _init_backend(verbose: bool) -> None:
 def model_params(n_gpu_layers: int = 0, vocab_only: bool = False):
     """llama.cpp's model parameters as UIO loads every model. Weight repacking into llama.cpp's extra
     CPU buffer types is off: on a CPU with AMX, llama-cpp-python 0.3.36's native build puts the weights
-    in the AMX buffer and the first decode crashes (segmentation fault, seen on this project's CI-class
-    machine); without repacking the same kernels run on the plain weights."""
+    in the AMX buffer and the first decode crashes (segmentation fault, seen on this project's 2-core
+    development machine, also with llama-cpp-python's own Llama class); without repacking, llama.cpp's
+    ordinary CPU kernels read the weights as stored."""
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = n_gpu_layers
     params.vocab_only = vocab_only
