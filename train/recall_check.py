@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         lengths = [int(t) for t in args.segments.split(",")]
+    except ValueError:
+        parser.error(f"--segments takes whole numbers separated by commas, not {args.segments!r}")
+    try:
         with tempfile.TemporaryDirectory() as workdir:
             print(f"{'head':<40} {'T':>3} {'memory':>7} {'top-1':>6} {'NLL':>6} {'whole key':>9}")
             filler = None
