@@ -1,5 +1,5 @@
 """`python -m train.recall_check`: does a head's memory carry a pass key? Measured in PyTorch, in the
-training format of train/retrieval.py, so that a miss of `uio-gguf eval passkey` can be told apart
+training format of train/retrieval.py (its tokenize_task), so that a miss of `uio-gguf eval passkey` can be told apart
 from a runtime fault.
 
 Each probe crop is T segments of held-out text with the pass-key sentence at a random point of
@@ -22,21 +22,19 @@ import torch
 
 from train import synthetic
 from train.estimators import Crop
+from train.retrieval import tokenize_task
 from uio_gguf.errors import UIOError
 
 
 def probe_crops(tokenizer, filler: np.ndarray, segments: int, segment: int, count: int, seed: int = 0):
     """[(row of segments·segment + 1 ids, index in row of the answer's first number token, its length)]."""
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
     rng = np.random.default_rng(seed)
     length = segments * segment + 1
-    prefix = ids(f"\n\n{synthetic.PASSKEY_QUESTION} The pass key is")
+    _, prefix = tokenize_task(tokenizer, [], f"{synthetic.PASSKEY_QUESTION} The pass key is")
     crops = []
     for _ in range(count):
         key = int(rng.integers(10_000, 100_000))
-        fact, tail = ids(f"\n{synthetic.passkey_fact(key)}\n"), ids(f"\n\n{synthetic.passkey_answer(key)}")
+        (fact,), tail = tokenize_task(tokenizer, [synthetic.passkey_fact(key)], synthetic.passkey_answer(key))
         shared = next((i for i, (a, b) in enumerate(zip(prefix, tail)) if a != b), len(prefix))
         answer = len(tail) - shared - 1  # the number's tokens, without the closing "."
         if answer < 1:

@@ -40,16 +40,17 @@ def _sentences(rng: np.random.Generator) -> tuple[list[str], str]:
     return facts, asked
 
 
-def build_pool(tokenizer, count: int = POOL_TASKS, seed: int = 0) -> list[Task]:
+def tokenize_task(tokenizer, facts: list[str], asked: str) -> Task:
+    """A task as crops hold it: each fact on a line of its own, the questions after a blank line."""
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    return [ids(f"\n{fact}\n") for fact in facts], ids(f"\n\n{asked}")
+
+
+def build_pool(tokenizer, count: int = POOL_TASKS, seed: int = 0) -> list[Task]:
     rng = np.random.default_rng(seed)
-    pool = []
-    for _ in range(count):
-        facts, asked = _sentences(rng)
-        pool.append(([ids(f"\n{fact}\n") for fact in facts], ids(f"\n\n{asked}")))
-    return pool
+    return [tokenize_task(tokenizer, *_sentences(rng)) for _ in range(count)]
 
 
 def save_pool(path: Path, pool: list[Task], base_fingerprint: str) -> None:
