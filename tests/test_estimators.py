@@ -107,3 +107,42 @@ def test_padded_memory_rows_see_only_their_own_memory(setup):
             expected.append(model.decode(crop.window(4), memory[:, :, : n * k]))
         got = model.decode(torch.cat([crop.window(4)] * 3), torch.cat(rows), lengths)
     assert torch.allclose(got, torch.cat(expected), atol=1e-5)
+
+
+def _seed_drawing_each_window(n_segments: int) -> dict[int, int]:
+    """{t: a seed whose first draw (loss_windows=1) scores window t}, for every t = 2..T."""
+    from train.estimators import draw_windows
+
+    seeds = {}
+    for seed in range(1000):
+        seeds.setdefault(draw_windows(n_segments, 1, random.Random(seed))[0], seed)
+    assert sorted(seeds) == list(range(2, n_segments + 1))
+    return seeds
+
+
+@pytest.mark.parametrize("estimator, per_pass", [("full", 1), ("incremental", 1), ("unbiased", 1), ("unbiased", 2)])
+def test_one_random_window_is_an_unbiased_estimate_of_the_crop(setup, estimator, per_pass):
+    """loss_windows=1 scores one window t: averaged over the T-1 possible draws, the gradient and the
+    loss are the whole crop's (exact: with S = T-1 no memory's graph is cut or sampled)."""
+    from train.estimators import estimate_gradient
+
+    model, crop = setup
+    full = flat_gradient(model, crop, "full")
+    full_loss = estimate_gradient(model, crop, "full")
+    seeds = _seed_drawing_each_window(T)
+    grads, losses = [], []
+    for t, seed in seeds.items():
+        grads.append(flat_gradient(model, crop, estimator, T - 1, random.Random(seed), windows_per_pass=per_pass, loss_windows=1))
+        losses.append(estimate_gradient(model, crop, estimator, T - 1, random.Random(seed), True, per_pass, 1))
+    assert _rel(grads[0], full) > 0.1  # one window alone is far from the crop's gradient
+    assert _rel(torch.stack(grads).mean(0), full) < 1e-5
+    assert abs(sum(losses) / len(losses) - full_loss) < 1e-5 * full_loss
+
+
+def test_loss_windows_covering_the_crop_change_nothing(setup):
+    """loss_windows >= T-1 scores every window and draws nothing, so the reservoir's draws (S = 1) and
+    the gradient are those of a run without it."""
+    model, crop = setup
+    plain = flat_gradient(model, crop, "unbiased", 1, random.Random(5))
+    assert _rel(flat_gradient(model, crop, "unbiased", 1, random.Random(5), loss_windows=T - 1), plain) == 0
+    assert _rel(flat_gradient(model, crop, "unbiased", 1, random.Random(5), loss_windows=2), plain) > 1e-3

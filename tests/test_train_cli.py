@@ -198,3 +198,23 @@ def test_windows_per_pass_trains_to_the_same_weights(make_tiny_model_dir, book, 
     assert first == pytest.approx(second, rel=1e-5)
     config = json.loads((tmp_path / "all" / "checkpoint" / "uio_config.json").read_text())
     assert config["train_args"]["windows_per_pass"] == 3
+
+
+def test_loss_windows_scores_random_windows_and_resumes_exactly(make_tiny_model_dir, book, tmp_path):
+    """--loss-windows 1 scores one random window per crop (so the loss differs from the whole crop's);
+    the draws are part of the saved rng state, so a killed run resumes onto the same weights."""
+    model_dir = make_tiny_model_dir("llama")
+    _train(model_dir, book, tmp_path / "all", "--steps", "2")
+    _train(model_dir, book, tmp_path / "one", "--steps", "2", "--loss-windows", "1")
+    killed = tmp_path / "killed"
+    assert _train(model_dir, book, killed, "--steps", "2", "--loss-windows", "1", "--kill-after", "1", check=False).returncode != 0
+    _train(model_dir, book, killed, "--steps", "2", "--loss-windows", "1", "--resume")
+    a, b = _adapters(tmp_path / "one" / "checkpoint"), _adapters(killed / "checkpoint")
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), f"{name}:{key} differs after resume"
+    losses = {run: [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("all", "one", "killed")}
+    assert losses["one"] == losses["killed"] and losses["one"][0] != losses["all"][0]
+    bad = _train(model_dir, book, tmp_path / "bad", "--steps", "1", "--loss-windows", "0", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith("--loss-windows must be at least 1")

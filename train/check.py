@@ -20,10 +20,10 @@ def encoder_side(model) -> list:
 
 
 def flat_gradient(model, crop: Crop, estimator: str, window: int = 2, rng=None, factor: bool = True,
-                  params: list | None = None, windows_per_pass: int = 1) -> torch.Tensor:
+                  params: list | None = None, windows_per_pass: int = 1, loss_windows: int | None = None) -> torch.Tensor:
     for p in model.trainable_parameters():
         p.grad = None
-    estimate_gradient(model, crop, estimator, window, rng, factor, windows_per_pass)
+    estimate_gradient(model, crop, estimator, window, rng, factor, windows_per_pass, loss_windows)
     params = model.trainable_parameters() if params is None else params
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]).double()
 

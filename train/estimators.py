@@ -22,6 +22,11 @@ gradient is the same; the price is memory: every encoder graph the table uses st
 and N·B windows' decoder activations at once, their logits (l × vocabulary, float32) and a copy of the
 memory for each (up to T·k rows): lower N as the batch grows. For GPUs, where the per-segment path is
 launch-bound.
+
+With loss_windows n < T-1, J is estimated from n windows drawn at random (without replacement) from
+2..T: 1/n · Σ_{t drawn} J_t, whose expectation is J. Segments after the last drawn window are not
+encoded and the other windows are not decoded, so a long crop costs its encoder passes and n decoder
+windows: the way to train on memories of hundreds of segments where the decoder is the expensive part.
 """
 from __future__ import annotations
 
@@ -74,32 +79,46 @@ def estimate_gradient(
     rng: random.Random | None = None,
     factor: bool = True,
     windows_per_pass: int = 1,
+    loss_windows: int | None = None,
 ) -> float:
-    """Accumulates the estimator's gradient of J into .grad of the trainable parameters; returns J."""
+    """Accumulates the estimator's gradient of J into .grad of the trainable parameters; returns J (its
+    estimate from `loss_windows` random windows when that is set and below T-1)."""
     if crop.n_segments < 2:
         raise ValueError("a crop needs at least 2 segments (memory is built from earlier segments)")
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator '{estimator}' (choose from {', '.join(ESTIMATORS)})")
     # Which memories reach the encoder from each window: full and tbptt keep a sliding window (the whole
     # crop or S segments), incremental the same as tbptt, unbiased a reservoir.
+    rng = rng or random.Random()
+    windows = draw_windows(crop.n_segments, loss_windows, rng)
     size = crop.n_segments if estimator == "full" else window
-    policy = _Reservoir(window, rng or random.Random(), factor) if estimator == "unbiased" else _SlidingWindow(size)
+    policy = _Reservoir(window, rng, factor) if estimator == "unbiased" else _SlidingWindow(size)
     if windows_per_pass > 1:
-        return _batched(model, crop, _table(policy, crop.n_segments), windows_per_pass)
+        return _batched(model, crop, _table(policy, windows[-1]), windows_per_pass, windows)
     if estimator in ("full", "tbptt"):
-        return _reference(model, crop, window=size)  # the plain-BPTT reference
-    return _streamed(model, crop, policy)
+        return _reference(model, crop, size, windows)  # the plain-BPTT reference
+    return _streamed(model, crop, policy, windows)
 
 
-def _reference(model: UIOModel, crop: Crop, window: int) -> float:
+def draw_windows(T: int, loss_windows: int | None, rng: random.Random) -> list[int]:
+    """The windows whose loss estimates J, in order: all of 2..T, or `loss_windows` of them at random
+    (no draw from rng when all are used, so such runs stay as they were)."""
+    every = list(range(2, T + 1))
+    if loss_windows is None or loss_windows >= len(every):
+        return every
+    if loss_windows < 1:
+        raise ValueError("loss_windows must be at least 1")
+    return sorted(rng.sample(every, loss_windows))
+
+
+def _reference(model: UIOModel, crop: Crop, window: int, windows: list[int]) -> float:
     """BPTT in one backward pass; memories older than `window` enter J_t detached."""
-    T = crop.n_segments
-    memories = [model.encode(crop.window(s)) for s in range(1, T)]
+    memories = [model.encode(crop.window(s)) for s in range(1, windows[-1])]
     total = 0.0
-    for t in range(2, T + 1):
+    for t in windows:
         used = [m if s >= t - window else m.detach() for s, m in enumerate(memories[: t - 1], start=1)]
         total = total + model.window_loss(crop.window(t), crop.targets(t), torch.cat(used, dim=2))
-    loss = total / (T - 1)
+    loss = total / len(windows)
     loss.backward()
     return loss.item()
 
@@ -141,8 +160,7 @@ class _Reservoir:
         return max(1.0, (t - 1) / self.size) if self.use_factor else 1.0
 
 
-def _streamed(model: UIOModel, crop: Crop, policy) -> float:
-    T = crop.n_segments
+def _streamed(model: UIOModel, crop: Crop, policy, windows: list[int]) -> float:
     graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # s -> (m_s with its encoder graph, leaf copy)
     values: list[torch.Tensor] = []  # m_s without graph, for every s
 
@@ -152,8 +170,8 @@ def _streamed(model: UIOModel, crop: Crop, policy) -> float:
         if leaf.grad is not None:
             memory.backward(leaf.grad)
 
-    total = 0.0
-    for t in range(2, T + 1):
+    total, scored = 0.0, set(windows)
+    for t in range(2, windows[-1] + 1):
         s = t - 1  # the segment that just completed
         keep, evicted = policy.admit(s)
         for e in evicted:
@@ -165,9 +183,11 @@ def _streamed(model: UIOModel, crop: Crop, policy) -> float:
         else:
             with torch.no_grad():
                 values.append(model.encode(crop.window(s)))
+        if t not in scored:  # the reservoir still stepped: later windows see the same draws
+            continue
         c = policy.factor(t)
         used = [_ScaleGrad.apply(graphs[r][1], c) if r in graphs else values[r - 1] for r in range(1, t)]
-        loss = model.window_loss(crop.window(t), crop.targets(t), torch.cat(used, dim=2)) / (T - 1)
+        loss = model.window_loss(crop.window(t), crop.targets(t), torch.cat(used, dim=2)) / len(windows)
         loss.backward()
         total += loss.item()
     for s in list(graphs):
@@ -188,8 +208,9 @@ def _table(policy, T: int) -> dict[int, dict[int, float]]:
     return table
 
 
-def _batched(model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], per_pass: int) -> float:
-    T, batch, k = crop.n_segments, crop.tokens.shape[0], model.config.slots
+def _batched(model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], per_pass: int,
+             windows: list[int]) -> float:
+    batch, k = crop.tokens.shape[0], model.config.slots
 
     def encode(segments: list[int]) -> dict[int, torch.Tensor]:
         if not segments:
@@ -197,14 +218,14 @@ def _batched(model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], pe
         memory = model.encode(torch.cat([crop.window(s) for s in segments]))
         return dict(zip(segments, memory.split(batch)))
 
-    graphed = sorted(set().union(*table.values()))
+    graphed = sorted(set().union(*(table[t] for t in windows)))
     graphs = encode(graphed)
     with torch.no_grad():
-        values = encode([s for s in range(1, T) if s not in graphs])
+        values = encode([s for s in range(1, windows[-1]) if s not in graphs])
     leaves = {s: m.detach().requires_grad_(True) for s, m in graphs.items()}
     values.update({s: leaf.detach() for s, leaf in leaves.items()})
 
-    total, windows = 0.0, list(range(2, T + 1))
+    total = 0.0
     for first in range(0, len(windows), per_pass):
         chunk = windows[first : first + per_pass]
         longest = chunk[-1] - 1  # segments of memory of the chunk's last window
@@ -218,7 +239,7 @@ def _batched(model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], pe
         targets = torch.cat([crop.targets(t) for t in chunk])
         # the sum of the windows' mean losses, as _streamed adds them
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-        loss = loss / (crop.segment * batch * (T - 1))
+        loss = loss / (crop.segment * batch * len(windows))
         loss.backward()
         total += loss.item()
     pending = [(graphs[s], leaves[s].grad) for s in graphed if leaves[s].grad is not None]

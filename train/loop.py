@@ -41,6 +41,7 @@ class TrainArgs:
     estimator: str = "unbiased"
     window: int = 2  # S
     windows_per_pass: int = 1  # decoder windows per call (train.estimators: >1 batches the crop, for GPUs)
+    loss_windows: int | None = None  # score this many random windows of each crop (None: all of them)
     rank: int = 32
     alpha: float = 128.0
     lr: float = 1e-4
@@ -70,6 +71,10 @@ class TrainArgs:
             raise UIOError("--window must be at least 1")
         if self.windows_per_pass < 1:
             raise UIOError("--windows-per-pass must be at least 1")
+        if self.eval_crops < 1:
+            raise UIOError("--eval-crops must be at least 1")
+        if self.loss_windows is not None and self.loss_windows < 1:
+            raise UIOError("--loss-windows must be at least 1")
         if not 0 <= self.retrieval_share <= 1:
             raise UIOError("--retrieval-share must lie between 0 and 1")
 
@@ -229,7 +234,7 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
             optimizer.zero_grad(set_to_none=True)
             crop = Crop(torch.as_tensor(next_crops(), device=device), args.segment)
             loss = estimate_gradient(model, crop, args.estimator, args.window, estimator_rng,
-                                     windows_per_pass=args.windows_per_pass)
+                                     windows_per_pass=args.windows_per_pass, loss_windows=args.loss_windows)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
             optimizer.step()
             scheduler.step()

@@ -45,12 +45,14 @@ def train(
     estimator: str = typer.Option("unbiased", help="Gradient estimator: full, tbptt, incremental, unbiased."),
     window: int = typer.Option(2, help="S: TBPTT window / reservoir size."),
     windows_per_pass: int = typer.Option(1, help="Decoder windows per model call. 1: one segment at a time (least memory). More: the crop in a few large calls, the same gradient, N times the decoder memory (lower it as --batch grows); for GPUs, where small calls leave the card idle."),
+    loss_windows: Optional[int] = typer.Option(None, help="Score only this many windows of each crop, drawn at random (an unbiased estimate of the crop's loss): long crops, and so long memories, for the cost of their encoder passes and a few decoder windows. Default: every window."),
     rank: int = typer.Option(32, help="LoRA rank of the encoder and transfer adapters."),
     alpha: float = typer.Option(128.0, help="LoRA alpha."),
     lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, 1% warm-up, cosine)."),
     weight_decay: float = typer.Option(0.1, help="AdamW weight decay."),
     clip: float = typer.Option(1.0, help="Gradient-norm clip."),
     eval_every: int = typer.Option(100, help="Held-out perplexity every N steps."),
+    eval_crops: int = typer.Option(4, help="Held-out crops in that perplexity (each a full crop of --segments)."),
     save_every: int = typer.Option(100, help="Checkpoint every N steps (and at the end)."),
     seed: int = typer.Option(0, help="Seed for initialisation, crops and the reservoir."),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out exactly where it stopped."),
@@ -68,8 +70,8 @@ def train(
 
     args = TrainArgs(
         base=base, data=[str(p) for p in data], heldout=[str(p) for p in heldout], out=str(out), segment=segment, ratio=ratio, segments=segments,
-        batch=batch, steps=steps, estimator=estimator, window=window, windows_per_pass=windows_per_pass, rank=rank, alpha=alpha, lr=lr,
-        weight_decay=weight_decay, clip=clip, eval_every=eval_every, save_every=save_every, seed=seed,
+        batch=batch, steps=steps, estimator=estimator, window=window, windows_per_pass=windows_per_pass, loss_windows=loss_windows, rank=rank, alpha=alpha, lr=lr,
+        weight_decay=weight_decay, clip=clip, eval_every=eval_every, eval_crops=eval_crops, save_every=save_every, seed=seed,
         resume=resume, device=device, retrieval_share=retrieval_share, init=None if init is None else str(init),
         max_minutes=max_minutes, prepare_only=prepare_only, kill_after=kill_after,
     )
