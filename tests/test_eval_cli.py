@@ -31,6 +31,22 @@ def test_eval_ppl_prints_a_table_and_writes_json(tiny_bundle, text, cache_env, t
         assert r["tokens"] == r["length"] - 1 and r["ppl"] > 1
 
 
+def test_eval_ppl_baselines_can_be_left_out(tiny_bundle, text, cache_env, tmp_path):
+    """--baselines picks columns; the methods are deterministic, so a column is the same with or without
+    the others."""
+    runs = {}
+    for chosen in ("window,sliding,full", "none", "window"):
+        out = tmp_path / f"{chosen}.json"
+        run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--lengths", "32,64", "--baselines", chosen,
+                "--json", str(out), env=cache_env, check=True)
+        runs[chosen] = {(r["method"], r["length"]): r["ppl"] for r in json.loads(out.read_text())["results"]}
+    assert {m for m, _ in runs["none"]} == {"uio-r4"} and {m for m, _ in runs["window"]} == {"uio-r4", "window"}
+    for chosen in ("none", "window"):
+        assert all(runs["window,sliding,full"][key] == ppl for key, ppl in runs[chosen].items())
+    _one_line_error(run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--baselines", "window,rag",
+                            env=cache_env), "unknown baseline rag")
+
+
 def test_eval_passkey_prints_a_table_and_writes_json(tiny_bundle, cache_env, tmp_path):
     out = tmp_path / "out.json"
     result = run_cli("eval", "passkey", "-m", str(tiny_bundle), "--lengths", "64", "--depths", "0.5", "--trials", "2",

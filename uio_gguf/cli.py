@@ -345,6 +345,7 @@ def eval_ppl(
     ratio: list[int] = typer.Option([], "--ratio", help="A shipped SmolLM2 bundle by ratio (repeatable). Default, without -m: every shipped ratio."),
     full_window: Optional[int] = typer.Option(None, "--full-window", help="Window of the sliding full-attention baseline (default: the model's trained context)."),
     full_keep: int = typer.Option(4, "--full-keep", help="Tokens at the start the sliding baseline never drops (attention sinks; llama.cpp's --keep)."),
+    baselines: str = typer.Option("window,sliding,full", "--baselines", help="Baselines to compute, comma separated: window (no memory), sliding (full attention in the trained window), full; 'none' for the uio columns alone (each method is deterministic: baselines measured once need not be rerun)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results here as JSON."),
     n_gpu_layers: int = typer.Option(0, "--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds)."),
     flash_attn: bool = typer.Option(False, "--flash-attn", help="Use flash attention."),
@@ -357,6 +358,7 @@ def eval_ppl(
     from uio_gguf.default_bundle import shipped_bundles
 
     asked = _lengths(lengths)
+    chosen = eval_ppl.parse_baselines(baselines)
     texts = [(path.name, read_book(path)) for path in files]
     if not model and not ratio:
         ratio = sorted(shipped_bundles(), reverse=True)
@@ -365,7 +367,7 @@ def eval_ppl(
     tokenized = eval_ppl.tokenize_texts(runtimes[0].model, texts)
     bar, update = _progress_bar("evaluating")
     report = eval_ppl.evaluate(runtimes, tokenized, asked, full_window=full_window,
-                               full_keep=full_keep, progress=update)
+                               full_keep=full_keep, progress=update, baselines=chosen)
     bar.close()
     typer.echo(eval_ppl.format_report(report))
     _write_json(json_out, report)

@@ -32,6 +32,7 @@ from uio_gguf.llama_api import Batch, Context, ContextSettings
 
 MAX_BATCH = 512
 SINK_TOKENS = 4  # tokens at the start that the sliding baseline never drops (StreamingLLM's choice)
+BASELINES = ("window", "sliding", "full")  # the baselines' names for --baselines (sliding: full-8k)
 
 
 @dataclass
@@ -136,8 +137,19 @@ def _full_window(runtimes: list, asked: int | None) -> int:
     return asked or runtimes[0].model.n_ctx_train
 
 
-def methods(runtimes: list, full_window: int | None = None, full_keep: int = SINK_TOKENS) -> list[Method]:
-    """uio-r{ratio} for each runtime, then the baselines on the first runtime's model and segment."""
+def parse_baselines(text: str) -> tuple[str, ...]:
+    """--baselines: names from BASELINES, comma separated, or 'none'."""
+    chosen = () if text.strip() == "none" else tuple(b.strip() for b in text.split(","))
+    unknown = [b for b in chosen if b not in BASELINES]
+    if unknown:
+        raise UIOError(f"unknown baseline {', '.join(unknown)} (choose from {', '.join(BASELINES)}, or none)")
+    return chosen
+
+
+def methods(runtimes: list, full_window: int | None = None, full_keep: int = SINK_TOKENS,
+            baselines: tuple[str, ...] = BASELINES) -> list[Method]:
+    """uio-r{ratio} for each runtime, then the chosen baselines on the first runtime's model and segment
+    (every method is deterministic, so a run may leave out baselines measured before)."""
     base = runtimes[0]
     for rt in runtimes[1:]:
         if rt.bundle.model_fingerprint != base.bundle.model_fingerprint:
@@ -151,11 +163,12 @@ def methods(runtimes: list, full_window: int | None = None, full_keep: int = SIN
         raise UIOError(f"the full-attention window ({window}) must hold the {full_keep} pinned tokens and 2 more")
     names = [f"uio-r{rt.bundle.ratio}" for rt in runtimes]
     names = [n if names.count(n) == 1 else f"{n}:{rt.bundle.path.name}" for n, rt in zip(names, runtimes)]
-    return [Method(n, partial(uio_logits, rt)) for n, rt in zip(names, runtimes)] + [
-        Method("window", partial(window_logits, base)),
-        Method(f"full-{_short(window)}", partial(shifted_logits, base, window=window, keep=full_keep)),
-        Method("full", partial(full_logits, base)),
-    ]
+    every = {
+        "window": Method("window", partial(window_logits, base)),
+        "sliding": Method(f"full-{_short(window)}", partial(shifted_logits, base, window=window, keep=full_keep)),
+        "full": Method("full", partial(full_logits, base)),
+    }
+    return [Method(n, partial(uio_logits, rt)) for n, rt in zip(names, runtimes)] + [every[b] for b in BASELINES if b in baselines]
 
 
 # ----- scoring ----------------------------------------------------------------------------------------
@@ -191,7 +204,8 @@ class Totals:
 
 
 def evaluate(runtimes: list, texts: list[Text], lengths: list[int], full_window: int | None = None,
-             full_keep: int = SINK_TOKENS, progress: Callable[[int, int], None] | None = None) -> dict:
+             full_keep: int = SINK_TOKENS, progress: Callable[[int, int], None] | None = None,
+             baselines: tuple[str, ...] = BASELINES) -> dict:
     """The report that `uio-gguf eval ppl` prints and writes as JSON."""
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
@@ -200,7 +214,7 @@ def evaluate(runtimes: list, texts: list[Text], lengths: list[int], full_window:
         if len(text.tokens) < lengths[0]:
             raise UIOError(f"{text.name} has {len(text.tokens):,} tokens, fewer than every length "
                            f"(the shortest is {lengths[0]:,})")
-    chosen = methods(runtimes, full_window, full_keep)
+    chosen = methods(runtimes, full_window, full_keep, baselines)
     longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
     total = sum(longest[t.name] - 1 for t in texts) * len(chosen)
     done = 0
