@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> None:
                 if len(ids) < args.segments * segment + 1:
                     raise UIOError(f"the longest document has {len(ids)} tokens, fewer than {args.segments} segments of {segment}")
                 losses = window_losses(model, Crop(torch.tensor([ids]), segment), caps)
-                lengths = sorted({min(args.segments, 2 ** n) for n in range(5, 20) if 2 ** n <= args.segments} | {args.segments})
+                lengths = sorted({2 ** n for n in range(5, 20) if 2 ** n <= args.segments} | {args.segments})
                 print(f"{head}: perplexity by memory cap (segments of {segment} tokens)")
                 print(f"{'cap':>5} " + " ".join(f"{n * segment:>9,}" for n in lengths) + f" {'last ' + str(args.last):>9}")
                 for cap in caps:
                     cells = [f"{prefix_ppl(losses[cap], n):>9.3f}" for n in lengths]
-                    last = math.exp(float(np.mean(losses[cap][-args.last:])))
+                    last = prefix_ppl(losses[cap][-args.last:], args.last)
                     print(f"{'all' if cap is None else cap:>5} " + " ".join(cells) + f" {last:>9.3f}", flush=True)
     except UIOError as err:
         raise SystemExit(f"memory_check: error: {err}")
