@@ -146,3 +146,57 @@ def test_loss_windows_covering_the_crop_change_nothing(setup):
     plain = flat_gradient(model, crop, "unbiased", 1, random.Random(5))
     assert _rel(flat_gradient(model, crop, "unbiased", 1, random.Random(5), loss_windows=T - 1), plain) == 0
     assert _rel(flat_gradient(model, crop, "unbiased", 1, random.Random(5), loss_windows=2), plain) > 1e-3
+
+
+def _labelled(crop: Crop, scored: dict[int, list[tuple[int, int]]]) -> Crop:
+    """The crop with labels (IGNORE elsewhere) at {window t: [(row, position in the window)]}."""
+    from train.model import IGNORE
+
+    labels = torch.full_like(crop.tokens, IGNORE)
+    for t, places in scored.items():
+        for row, p in places:
+            i = (t - 1) * SEG + 1 + p  # the target of window t's position p
+            labels[row, i] = crop.tokens[row, i]
+    return Crop(crop.tokens, SEG, labels)
+
+
+def test_labels_score_only_their_tokens_in_every_estimator(setup):
+    """J of a labelled crop is the mean, over its labelled windows, of their labelled tokens' mean NLL
+    (computed here by hand), and every estimator that keeps every memory's graph computes its gradient."""
+    from train.estimators import estimate_gradient
+
+    model, crop = setup
+    scored = {3: [(0, 5), (1, 0)], T: [(0, SEG - 1), (0, 2), (1, 7)]}
+    labelled = _labelled(crop, scored)
+    for p in model.trainable_parameters():
+        p.grad = None
+    memories = [model.encode(crop.window(s)) for s in range(1, T)]
+    per_window = []
+    for t, places in scored.items():
+        logp = torch.log_softmax(model.decode(crop.window(t), torch.cat(memories[: t - 1], dim=2)).float(), -1)
+        targets = crop.targets(t)
+        per_window.append(torch.stack([-logp[r, p, targets[r, p]] for r, p in places]).mean())
+    by_hand = torch.stack(per_window).mean()
+    by_hand.backward()
+    expected = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                          for p in model.trainable_parameters()]).double()
+    assert abs(estimate_gradient(model, labelled, "full") - by_hand.item()) < 1e-5
+    for estimator, per_pass in [("full", 1), ("incremental", 1), ("unbiased", 1), ("unbiased", 2), ("full", T - 1)]:
+        got = flat_gradient(model, labelled, estimator, T - 1, random.Random(0), windows_per_pass=per_pass)
+        assert _rel(got, expected) < 1e-5, (estimator, per_pass)
+
+
+def test_labels_on_every_token_are_the_plain_crop(setup):
+    model, crop = setup
+    every = Crop(crop.tokens, SEG, crop.tokens.clone())
+    for per_pass in (1, 2):
+        plain = flat_gradient(model, crop, "unbiased", 2, random.Random(4), windows_per_pass=per_pass)
+        assert _rel(flat_gradient(model, every, "unbiased", 2, random.Random(4), windows_per_pass=per_pass), plain) < 1e-6
+
+
+def test_labels_that_score_nothing_after_the_first_window_are_refused(setup):
+    from train.estimators import estimate_gradient
+
+    model, crop = setup
+    with pytest.raises(ValueError, match="score nothing"):
+        estimate_gradient(model, _labelled(crop, {1: [(0, 3)]}), "full")

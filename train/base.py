@@ -82,6 +82,10 @@ class GGUFTokenizer:
     def eos_token_id(self) -> int:
         return self._vocab.eos
 
+    @property
+    def chat_template(self) -> str | None:
+        return self._vocab.chat_template()
+
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": self._vocab.tokenize(text, add_special=add_special_tokens).tolist()}
 

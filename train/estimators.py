@@ -35,17 +35,20 @@ from dataclasses import dataclass
 
 import torch
 
-from train.model import UIOModel
+from train.model import IGNORE, UIOModel
 
 ESTIMATORS = ("full", "tbptt", "incremental", "unbiased")
 
 
 @dataclass
 class Crop:
-    """T windows of one batch of token streams (B, T·l + 1): window t and its next-token targets."""
+    """T windows of one batch of token streams (B, T·l + 1): window t and its next-token targets.
+    With labels (the same shape; IGNORE where nothing is scored, e.g. train.chat_recall's crops) the
+    targets are the labels, and J_t is the mean loss over the scored tokens of window t."""
 
     tokens: torch.Tensor
     segment: int
+    labels: torch.Tensor | None = None
 
     @property
     def n_segments(self) -> int:
@@ -55,7 +58,12 @@ class Crop:
         return self.tokens[:, (t - 1) * self.segment : t * self.segment]
 
     def targets(self, t: int) -> torch.Tensor:
-        return self.tokens[:, (t - 1) * self.segment + 1 : t * self.segment + 1]
+        source = self.tokens if self.labels is None else self.labels
+        return source[:, (t - 1) * self.segment + 1 : t * self.segment + 1]
+
+    def scored_windows(self) -> list[int]:
+        """The windows 2..T with a scored target (all of them without labels)."""
+        return [t for t in range(2, self.n_segments + 1) if self.labels is None or (self.targets(t) != IGNORE).any()]
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -90,7 +98,10 @@ def estimate_gradient(
     # Which memories reach the encoder from each window: full and tbptt keep a sliding window (the whole
     # crop or S segments), incremental the same as tbptt, unbiased a reservoir.
     rng = rng or random.Random()
-    windows = draw_windows(crop.n_segments, loss_windows, rng)
+    # Labelled crops score their labelled windows (all of them: they are few); others 2..T or a draw.
+    windows = draw_windows(crop.n_segments, loss_windows, rng) if crop.labels is None else crop.scored_windows()
+    if not windows:
+        raise ValueError("the crop's labels score nothing in windows 2..T")
     size = crop.n_segments if estimator == "full" else window
     policy = _Reservoir(window, rng, factor) if estimator == "unbiased" else _SlidingWindow(size)
     if windows_per_pass > 1:
@@ -236,10 +247,11 @@ def _batched(model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], pe
             rows.append(torch.cat(used + [padding], dim=2))
         logits = model.decode(torch.cat([crop.window(t) for t in chunk]), torch.cat(rows),
                               [(t - 1) * k for t in chunk for _ in range(batch)])
-        targets = torch.cat([crop.targets(t) for t in chunk])
-        # the sum of the windows' mean losses, as _streamed adds them
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-        loss = loss / (crop.segment * batch * len(windows))
+        targets = torch.cat([crop.targets(t) for t in chunk]).view(len(chunk), -1)  # one row per window
+        # the sum of the windows' mean losses (over their scored tokens), as _streamed adds them
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                                ignore_index=IGNORE, reduction="none").view(len(chunk), -1)
+        loss = (nll.sum(1) / (targets != IGNORE).sum(1)).sum() / len(windows)
         loss.backward()
         total += loss.item()
     pending = [(graphs[s], leaves[s].grad) for s in graphed if leaves[s].grad is not None]

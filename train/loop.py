@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from train import checkpoint as ckpt
+from train.chat_recall import ChatRecallCrops, ChatRecallPool
 from train.base import fingerprint, load_base, load_config
 from train.data import TOKENS_FILE, prepare_tokens, read_run_text
 from train.estimators import ESTIMATORS, Crop, estimate_gradient
@@ -56,6 +57,7 @@ class TrainArgs:
     resume: bool = False
     device: str = "auto"
     retrieval_share: float = 0.0  # share of crops turned into pass-key / key-value recall (train.retrieval)
+    chat_recall_share: float = 0.0  # share of steps whose crops are chat pass-key turns scored on the answer (train.chat_recall)
     init: str | None = None  # start from this checkpoint's (or bundle's) weights (fresh optimizer and schedule)
     max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time; --resume goes on
     prepare_only: bool = False  # tokenize into OUT/tokens.npz and stop
@@ -75,8 +77,9 @@ class TrainArgs:
             raise UIOError("--eval-crops must be at least 1")
         if self.loss_windows is not None and self.loss_windows < 1:
             raise UIOError("--loss-windows must be at least 1")
-        if not 0 <= self.retrieval_share <= 1:
-            raise UIOError("--retrieval-share must lie between 0 and 1")
+        for name in ("retrieval_share", "chat_recall_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UIOError(f"--{name.replace('_', '-')} must lie between 0 and 1")
 
 
 def take_shape(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
@@ -101,9 +104,10 @@ def take_shape(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
     if saved.distinct_slots:
         raise UIOError(f"{source} has distinct slot embeddings, which training does not offer")
     if args.resume:
-        share = config.get("train_args", {}).get("retrieval_share", 0.0)
-        if share != args.retrieval_share:  # it decides which crops come next
-            raise UIOError(f"--resume: this run was trained with --retrieval-share {share}; pass the same")
+        for name in ("retrieval_share", "chat_recall_share"):  # they decide which crops come next
+            share = config.get("train_args", {}).get(name, 0.0)
+            if share != getattr(args, name):
+                raise UIOError(f"--resume: this run was trained with --{name.replace('_', '-')} {share}; pass the same")
     shape = {"segment": saved.segment, "ratio": saved.ratio, "rank": saved.rank, "alpha": saved.alpha}
     if any(getattr(args, k) != v for k, v in shape.items()):
         print(f"{'--resume' if args.resume else '--init'}: taking "
@@ -163,6 +167,8 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
     crop_tokens = args.segments * args.segment + 1
     retrieval = (RetrievalCrops.for_run(out, tokenizer, base_fingerprint, args.segment, crop_tokens)
                  if args.retrieval_share > 0 else None)  # before --prepare-only returns: the pool travels too
+    chat_recall = (ChatRecallCrops(ChatRecallPool.for_run(out, tokenizer, base_fingerprint), args.segment, crop_tokens)
+                   if args.chat_recall_share > 0 else None)
     if args.prepare_only:
         return out / TOKENS_FILE
     if device.type == "cuda":
@@ -211,13 +217,16 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
             raise UIOError(f"--init: the checkpoint {init_dir} was trained on another base model")
         ckpt.load_weights(model, init_dir)
 
-    def next_crops() -> np.ndarray:
+    def next_crop() -> Crop:
         rows = stream.random_crops(data_rng, args.batch, crop_tokens)
+        if chat_recall is not None and data_rng.random() < args.chat_recall_share:  # a whole batch of recall
+            rows, labels = chat_recall.batch(rows, data_rng)
+            return Crop(torch.as_tensor(rows, device=device), args.segment, torch.as_tensor(labels, device=device))
         if retrieval is not None:
             for i in range(len(rows)):
                 if data_rng.random() < args.retrieval_share:
                     rows[i] = retrieval.make(rows[i], data_rng)
-        return rows
+        return Crop(torch.as_tensor(rows, device=device), args.segment)
 
     def save() -> None:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
@@ -232,7 +241,7 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
         while step < args.steps:
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            crop = Crop(torch.as_tensor(next_crops(), device=device), args.segment)
+            crop = next_crop()
             loss = estimate_gradient(model, crop, args.estimator, args.window, estimator_rng,
                                      windows_per_pass=args.windows_per_pass, loss_windows=args.loss_windows)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
@@ -241,6 +250,8 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
             step += 1
             record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
                       "tokens": step * args.batch * (crop_tokens - 1), "seconds": time.perf_counter() - started}
+            if crop.labels is not None:
+                record["chat_recall"] = True  # the loss is the answer's alone
             if heldout is not None and (step % args.eval_every == 0 or step == args.steps):
                 record["heldout_ppl"] = math.exp(heldout_loss(model, heldout, args.segment, device))
             log.write(json.dumps(record) + "\n")

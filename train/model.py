@@ -16,6 +16,7 @@ from torch import nn
 from train.lora import LoRALinear
 from uio_gguf.errors import UIOError
 
+IGNORE = -100  # a target that scores nothing (cross_entropy's ignore_index), e.g. in train.chat_recall's crops
 ENCODER = "encoder"
 TRANSFER = "transfer"
 
@@ -223,4 +224,4 @@ class UIOModel(nn.Module):
     def window_loss(self, tokens: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
         """J_t: mean next-token loss of a raw window given the memory before it."""
         logits = self.decode(tokens, memory)
-        return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)

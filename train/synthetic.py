@@ -25,8 +25,12 @@ def passkey_fact(key: int) -> str:
     return f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
+def passkey_answer_only(key: int) -> str:
+    return f"The pass key is {key}."
+
+
 def passkey_answer(key: int) -> str:
-    return f"{PASSKEY_QUESTION} The pass key is {key}."
+    return f"{PASSKEY_QUESTION} {passkey_answer_only(key)}"
 
 
 def key_value_fact(name: str, value: int) -> str:

@@ -58,6 +58,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out exactly where it stopped."),
     device: str = typer.Option("auto", help="auto (CUDA if available, bf16; else CPU, fp32), cpu or cuda."),
     retrieval_share: float = typer.Option(0.0, help="Share of crops turned into recall tasks: pass-key / key-value facts in the memory segments, asked at the crop's end."),
+    chat_recall_share: float = typer.Option(0.0, help="Share of steps whose crops are pass-key chat turns (the book in the user turn, the question, the assistant's answer), scored on the answer's tokens alone: recall training in `uio-gguf eval passkey`'s format."),
     init: Optional[Path] = typer.Option(None, help="Start from the weights of this UIO checkpoint, or of a converted bundle such as a shipped head (uio_gguf/bundles/...; its checkpoint is rebuilt in OUT/init-checkpoint). Fine-tuning: new optimizer and schedule; its segment, ratio, rank and alpha are used; a --seed other than the original run's draws other crops."),
     max_minutes: Optional[float] = typer.Option(None, help="Stop with a checkpoint after this many minutes; --resume continues (the schedule still spans --steps)."),
     prepare_only: bool = typer.Option(False, "--prepare-only", help="Only tokenize --data into OUT/tokens.npz (e.g. to train on another machine without the text or llama.cpp)."),
@@ -72,7 +73,7 @@ def train(
         base=base, data=[str(p) for p in data], heldout=[str(p) for p in heldout], out=str(out), segment=segment, ratio=ratio, segments=segments,
         batch=batch, steps=steps, estimator=estimator, window=window, windows_per_pass=windows_per_pass, loss_windows=loss_windows, rank=rank, alpha=alpha, lr=lr,
         weight_decay=weight_decay, clip=clip, eval_every=eval_every, eval_crops=eval_crops, save_every=save_every, seed=seed,
-        resume=resume, device=device, retrieval_share=retrieval_share, init=None if init is None else str(init),
+        resume=resume, device=device, retrieval_share=retrieval_share, chat_recall_share=chat_recall_share, init=None if init is None else str(init),
         max_minutes=max_minutes, prepare_only=prepare_only, kill_after=kill_after,
     )
     written = run_training(args)

@@ -1,0 +1,102 @@
+"""Chat recall crops (train.chat_recall): the runtime's pass-key chat turn as a training crop, scored on
+its answer alone, and `uio-gguf train --chat-recall-share`."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_retrieval import _train, _weights, book  # noqa: F401  (book: a fixture)
+from train import synthetic
+from train.base import GGUFTokenizer
+from train.chat_recall import POOL_FILE, ChatRecallCrops, ChatRecallPool
+from train.model import IGNORE
+from uio_gguf.chat import BOOK_MARKER, render
+from uio_gguf.errors import UIOError
+
+SEGMENT, T = 128, 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_gguf):
+    return GGUFTokenizer(embedded_gguf)
+
+
+@pytest.fixture(scope="module")
+def pool(tokenizer):
+    return ChatRecallPool.build(tokenizer, count=32)
+
+
+@pytest.fixture(scope="module")
+def filler_crops(tokenizer, prose):
+    ids = np.asarray(tokenizer(prose, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    n = T * SEGMENT + 1
+    return [ids[i * n : (i + 1) * n] for i in range(8)]
+
+
+def test_a_crop_is_what_the_runtime_feeds_and_scores_the_answer_alone(tokenizer, pool, filler_crops, embedded_gguf):
+    from uio_gguf.llama_api import Model
+
+    vocab = Model(embedded_gguf, vocab_only=True)
+    asked = render(tokenizer.chat_template, [("user", f"{BOOK_MARKER}\n\n{synthetic.PASSKEY_QUESTION}")], True)
+    before, after = asked.split(BOOK_MARKER, 1)
+    maker = ChatRecallCrops(pool, SEGMENT, T * SEGMENT + 1)
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        row, labels = maker.make(filler_crops[i % len(filler_crops)], rng)
+        assert row.shape == labels.shape == (T * SEGMENT + 1,)
+        scored = np.flatnonzero(labels != IGNORE)
+        assert (labels[scored] == row[scored]).all()
+        # the answer closes the crop, inside the last window, and ends the assistant's turn
+        assert scored[0] > (T - 1) * SEGMENT and scored[-1] == len(row) - 1 and (np.diff(scored) == 1).all()
+        assert any(vocab.is_eog(t) for t in row[scored])
+        key = int(re.fullmatch(r"The pass key is (\d{5})\.\s*", tokenizer.decode(row[scored])).group(1))
+        # the fact lies whole, on a line of its own, in the memory segments
+        fact = tokenizer(f"\n{synthetic.passkey_fact(key)}\n", add_special_tokens=False)["input_ids"]
+        at = next(j for j in range(len(row)) if row[j : j + len(fact)].tolist() == fact)
+        assert at + len(fact) <= (T - 1) * SEGMENT
+        # the chat turn is the runtime's (uio_gguf.chat.Conversation): the template's opening with the
+        # book, then the question turn; the book is the crop's text with the fact
+        book_end = scored[0] - len(pool.question)
+        opening = vocab.tokenize(before, add_special=True).tolist()
+        assert row[: len(opening)].tolist() == opening
+        assert row[book_end : scored[0]].tolist() == vocab.tokenize(after).tolist()
+        assert f"\n{synthetic.passkey_fact(key)}\n" in tokenizer.decode(row[len(opening) : book_end])
+
+
+def test_the_pool_round_trips_and_belongs_to_its_base(pool, tmp_path):
+    path = tmp_path / POOL_FILE
+    pool.save(path, "sha256:base")
+    loaded = ChatRecallPool.load(path, "sha256:base")
+    assert (loaded.head, loaded.question, loaded.tasks) == (pool.head, pool.question, pool.tasks)
+    with pytest.raises(UIOError, match="tokenized for another base model"):
+        ChatRecallPool.load(path, "sha256:other")
+
+
+def test_segments_too_short_for_the_turn_are_refused(pool):
+    with pytest.raises(UIOError, match="chat recall crops need segments of at least"):
+        ChatRecallCrops(pool, 16, 4 * 16 + 1)
+
+
+def test_chat_recall_run_scores_answers_and_resumes_exactly(make_tiny_model_dir, book, tmp_path):  # noqa: F811
+    model_dir = make_tiny_model_dir("llama")
+    straight, chunked, plain = tmp_path / "straight", tmp_path / "chunked", tmp_path / "plain"
+    args = ("--steps", "4", "--lr", "1e-2", "--chat-recall-share", "0.5")
+    _train(model_dir, straight, *args, data=book)
+    _train(model_dir, chunked, *args, "--max-minutes", "0", data=book)
+    assert (chunked / POOL_FILE).exists()
+    changed = _train(model_dir, chunked, "--steps", "4", "--resume", check=False)  # without the share
+    assert changed.returncode != 0 and "Traceback" not in changed.stderr
+    assert "this run was trained with --chat-recall-share 0.5" in changed.stderr.strip().splitlines()[-1]
+    _train(model_dir, chunked, *args, "--resume")
+    a, b = _weights(straight / "checkpoint"), _weights(chunked / "checkpoint")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the recall steps come from the saved data rng
+    _train(model_dir, plain, "--steps", "4", "--lr", "1e-2", data=book)
+    log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    plain_log = [json.loads(line) for line in (plain / "log.jsonl").read_text().splitlines()]
+    recall_steps = [r["step"] for r in log if r.get("chat_recall")]
+    assert 0 < len(recall_steps) < 4, recall_steps  # seed 0 draws both kinds of step
+    assert all(r["loss"] != p["loss"] for r, p in zip(log, plain_log) if r.get("chat_recall"))
+    bad = _train(model_dir, tmp_path / "bad", "--steps", "1", "--chat-recall-share", "2", data=book, check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith("--chat-recall-share must lie between 0 and 1")
