@@ -7,32 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_retrieval import _train, _weights, book  # noqa: F401  (book: a fixture)
+# the crop shape and the fixtures (tokenizer, filler crops, book) of the retrieval crops' tests
+from tests.test_retrieval import SEGMENT, T, _train, _weights, book, filler_crops, tokenizer  # noqa: F401
 from train import synthetic
-from train.base import GGUFTokenizer
 from train.chat_recall import POOL_FILE, ChatRecallCrops, ChatRecallPool
 from train.model import IGNORE
 from uio_gguf.chat import BOOK_MARKER, render
 from uio_gguf.errors import UIOError
 
-SEGMENT, T = 128, 3
-
 
 @pytest.fixture(scope="module")
-def tokenizer(embedded_gguf):
-    return GGUFTokenizer(embedded_gguf)
-
-
-@pytest.fixture(scope="module")
-def pool(tokenizer):
+def pool(tokenizer):  # noqa: F811
     return ChatRecallPool.build(tokenizer, count=32)
-
-
-@pytest.fixture(scope="module")
-def filler_crops(tokenizer, prose):
-    ids = np.asarray(tokenizer(prose, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    n = T * SEGMENT + 1
-    return [ids[i * n : (i + 1) * n] for i in range(8)]
 
 
 def test_a_crop_is_what_the_runtime_feeds_and_scores_the_answer_alone(tokenizer, pool, filler_crops, embedded_gguf):
