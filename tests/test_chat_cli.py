@@ -96,19 +96,28 @@ def test_ctrl_c_stops_the_answer_and_a_second_one_exits_cleanly(tiny_bundle, boo
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
         env={**os.environ, **cache_env},
     )
+    errors = b""
+
+    def read_more() -> bytes:
+        """What stdout gave since the last call; stderr is drained too, so a full pipe never blocks it."""
+        nonlocal errors
+        errors += proc.stderr.read() or b""
+        return proc.stdout.read() or b""
+
     try:
         proc.stdin.write(b"Tell me everything.\n")
         proc.stdin.flush()
         os.set_blocking(proc.stdout.fileno(), False)
+        os.set_blocking(proc.stderr.fileno(), False)
         seen = b""
         deadline = time.monotonic() + 120
         while len(seen) < 200 and time.monotonic() < deadline:  # the answer is streaming
-            seen += proc.stdout.read() or b""
+            seen += read_more()
             time.sleep(0.05)
         assert len(seen) >= 200, "no streamed answer"
         proc.send_signal(signal.SIGINT)
-        while b"[stopped]" not in seen and time.monotonic() < deadline:
-            seen += proc.stdout.read() or b""
+        while not seen.endswith(b"[stopped]\n> ") and time.monotonic() < deadline:  # back at the prompt
+            seen += read_more()
             time.sleep(0.05)
         assert b"[stopped]" in seen
         assert proc.poll() is None  # still running: back at the prompt
@@ -117,6 +126,7 @@ def test_ctrl_c_stops_the_answer_and_a_second_one_exits_cleanly(tiny_bundle, boo
     finally:
         if proc.poll() is None:
             proc.kill()
-    stderr = proc.stderr.read().decode()
+    os.set_blocking(proc.stderr.fileno(), True)
+    stderr = (errors + proc.stderr.read()).decode()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
