@@ -303,17 +303,22 @@ def _chat_loop(conversation, params, prompt: Optional[str]) -> None:
             signal.signal(signal.SIGINT, previous)
         typer.echo("" if interrupts["n"] == 0 else " [stopped]")
 
-    if prompt is not None:
-        answer(prompt)
-        return
-    while True:
-        try:
-            question = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            typer.echo("")
+    # Ctrl-C at the prompt leaves, even in a process that inherited SIGINT ignored (a background job)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if prompt is not None:
+            answer(prompt)
             return
-        if question.strip():
-            answer(question)
+        while True:
+            try:
+                question = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                typer.echo("")
+                return
+            if question.strip():
+                answer(question)
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 # ----- evaluation: does the memory work? ---------------------------------------------------------------
