@@ -84,7 +84,7 @@ class ChatRecallCrops:
     from one numpy rng (the training loop's data rng, so a resumed run makes the same crops)."""
 
     def __init__(self, pool: ChatRecallPool, segment: int, crop_tokens: int):
-        self.pool, self.segment, self.crop_tokens = pool, segment, crop_tokens
+        self.pool, self.segment = pool, segment
         tail = len(pool.question) + max(len(a) for _, a in pool.tasks)
         opening = len(pool.head) + max(len(f) for f, _ in pool.tasks)
         if tail > segment or opening > crop_tokens - 1 - segment:
