@@ -57,8 +57,20 @@ def test_eval_passkey_prints_a_table_and_writes_json(tiny_bundle, cache_env, tmp
     (cell,) = report["results"]
     assert cell["length"] == 64 and cell["depth"] == 0.5 and 0 <= cell["accuracy"] <= 1
     assert len(cell["samples"]) == 2 and cell["hits"] == sum(s["hit"] for s in cell["samples"])
+    assert cell["digit_accuracy"] == sum(s["digits_right"] for s in cell["samples"]) / 10
+    assert "digits" in result.stdout
     assert all(abs(s["tokens"] - 64) <= 4 for s in cell["samples"])  # the document is about L tokens long
     assert not list((tmp_path / "cache").glob("memory/*"))  # memory files stay off
+
+
+def test_digits_right_counts_the_digits_at_their_place():
+    from uio_gguf.eval_passkey import digits_right
+
+    assert digits_right(55761, "The pass key is 55761.") == 5
+    assert digits_right(55761, "The pass key is 55661.") == 4
+    assert digits_right(16388, "The pass key is 138888.") == 3  # 1 _ _ 8 8: compared place by place
+    assert digits_right(29377, "It is 2 and 9377") == 1  # only the first number counts
+    assert digits_right(12345, "I do not know.") == 0
 
 
 def test_passkey_document_holds_the_key_at_its_depth(tiny_bundle):

@@ -4,10 +4,13 @@ A document of about L tokens of filler holds the pass-key sentence of the traini
 (train.synthetic) on a line of its own at depth d (0: its start, 1: its end). The document is read
 through the chat path, as `uio-gguf chat` reads a book (memory files off), and the training task's
 question is asked; a trial is a hit when the greedy answer (16 tokens at most) contains the number.
+Beside the hits the report gives the share of the key's digits the answer got right at their place,
+which shows a memory that carries the number approximately before it carries it whole.
 """
 from __future__ import annotations
 
 import random
+import re
 import time
 from typing import Callable
 
@@ -17,6 +20,12 @@ from uio_gguf.errors import UIOError
 # The filler of the original passkey test (Mohtashami & Jaggi, 2023), one sentence group a line.
 CLASSIC_FILLER_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 ANSWER_TOKENS = 16
+
+
+def digits_right(key: int, answer: str) -> int:
+    """How many of the key's digits the answer's first number has at the same place ("55661" for 55761: 4)."""
+    number = re.search(r"\d+", answer)
+    return sum(a == b for a, b in zip(str(key), number.group())) if number else 0
 
 
 def filler_text(model, n_tokens: int, rng: random.Random, texts: list[str] | None) -> str:
@@ -69,12 +78,15 @@ def evaluate(runtime, lengths: list[int], depths: list[float], trials: int, seed
                 book = document(runtime.model, length, depth, key, rng, texts)
                 answer = ask(runtime, book, PASSKEY_QUESTION)
                 samples.append({"key": key, "tokens": len(runtime.model.tokenize(book, add_special=False)),
-                                "answer": answer, "hit": str(key) in answer})
+                                "answer": answer, "hit": str(key) in answer,
+                                "digits_right": digits_right(key, answer)})
                 done += 1
                 if progress:
                     progress(done, total)
             hits = sum(s["hit"] for s in samples)
+            digits = sum(s["digits_right"] for s in samples) / sum(len(str(s["key"])) for s in samples)
             results.append({"length": length, "depth": depth, "accuracy": hits / trials, "hits": hits,
+                            "digit_accuracy": round(digits, 4),
                             "trials": trials, "seconds": round(time.perf_counter() - started, 3),
                             "samples": samples})
     return {"lengths": lengths, "depths": depths, "trials": trials, "seed": seed, "ratio": runtime.bundle.ratio,
@@ -83,10 +95,13 @@ def evaluate(runtime, lengths: list[int], depths: list[float], trials: int, seed
 
 def format_report(report: dict) -> str:
     cell = {(r["length"], r["depth"]): r for r in report["results"]}
-    head = f"{'tokens':>8}" + "".join(f"{'depth ' + format(d, 'g'):>12}" for d in report["depths"]) + f"{'all':>8}"
-    lines = [f"pass-key retrieval, ratio {report['ratio']}, {report['trials']} trials a cell (hits / trials)", head]
+    head = (f"{'tokens':>8}" + "".join(f"{'depth ' + format(d, 'g'):>12}" for d in report["depths"])
+            + f"{'all':>8}{'digits':>8}")
+    lines = [f"pass-key retrieval, ratio {report['ratio']}, {report['trials']} trials a cell (hits / trials; "
+             "digits: share of the key's digits right at their place)", head]
     for n in report["lengths"]:
         row = [cell[(n, d)] for d in report["depths"]]
         accuracy = sum(r["hits"] for r in row) / sum(r["trials"] for r in row)
-        lines.append(f"{n:>8,}" + "".join(f"{r['accuracy']:>12.0%}" for r in row) + f"{accuracy:>8.0%}")
+        digits = sum(r["digit_accuracy"] * r["trials"] for r in row) / sum(r["trials"] for r in row)
+        lines.append(f"{n:>8,}" + "".join(f"{r['accuracy']:>12.0%}" for r in row) + f"{accuracy:>8.0%}{digits:>8.0%}")
     return "\n".join(lines)
