@@ -28,6 +28,11 @@ def digits_right(key: int, answer: str) -> int:
     return sum(a == b for a, b in zip(str(key), number.group())) if number else 0
 
 
+def digit_share(samples: list[dict]) -> float:
+    """The share of the samples' key digits that their answers got right at their place."""
+    return sum(s["digits_right"] for s in samples) / sum(len(str(s["key"])) for s in samples)
+
+
 def filler_text(model, n_tokens: int, rng: random.Random, texts: list[str] | None) -> str:
     """Exactly the first n_tokens tokens of the classic filler or, with texts, of a random stretch of them."""
     chars = 8 * n_tokens + 64
@@ -84,9 +89,8 @@ def evaluate(runtime, lengths: list[int], depths: list[float], trials: int, seed
                 if progress:
                     progress(done, total)
             hits = sum(s["hit"] for s in samples)
-            digits = sum(s["digits_right"] for s in samples) / sum(len(str(s["key"])) for s in samples)
             results.append({"length": length, "depth": depth, "accuracy": hits / trials, "hits": hits,
-                            "digit_accuracy": round(digits, 4),
+                            "digit_accuracy": round(digit_share(samples), 4),
                             "trials": trials, "seconds": round(time.perf_counter() - started, 3),
                             "samples": samples})
     return {"lengths": lengths, "depths": depths, "trials": trials, "seed": seed, "ratio": runtime.bundle.ratio,
@@ -102,6 +106,6 @@ def format_report(report: dict) -> str:
     for n in report["lengths"]:
         row = [cell[(n, d)] for d in report["depths"]]
         accuracy = sum(r["hits"] for r in row) / sum(r["trials"] for r in row)
-        digits = sum(r["digit_accuracy"] * r["trials"] for r in row) / sum(r["trials"] for r in row)
+        digits = digit_share([s for r in row for s in r["samples"]])
         lines.append(f"{n:>8,}" + "".join(f"{r['accuracy']:>12.0%}" for r in row) + f"{accuracy:>8.0%}{digits:>8.0%}")
     return "\n".join(lines)
