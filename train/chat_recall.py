@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from train import synthetic
-from train.data import load_npz, save_npz
+from train.data import load_npz, load_or_build, save_npz
 from train.model import IGNORE
 from uio_gguf.errors import UIOError
 
@@ -71,12 +71,8 @@ class ChatRecallPool:
     @classmethod
     def for_run(cls, out: Path, tokenizer, base_fingerprint: str) -> "ChatRecallPool":
         """The run's pool: read from OUT/chat_recall.npz, or built and saved there."""
-        path = Path(out) / POOL_FILE
-        if path.exists():
-            return cls.load(path, base_fingerprint)
-        pool = cls.build(tokenizer)
-        pool.save(path, base_fingerprint)
-        return pool
+        return load_or_build(Path(out) / POOL_FILE, lambda path: cls.load(path, base_fingerprint),
+                             lambda: cls.build(tokenizer), lambda path, pool: pool.save(path, base_fingerprint))
 
 
 class ChatRecallCrops:

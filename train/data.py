@@ -70,6 +70,16 @@ def load_npz(path: Path, base_fingerprint: str, keys: list[str], redo: str) -> d
     return arrays
 
 
+def load_or_build(path: Path, load, build, save):
+    """A file a run derives once (a task pool): load(path) when it exists, else build() saved with
+    save(path, made), so that a resumed run reads what its first start made."""
+    if path.exists():
+        return load(path)
+    made = build()
+    save(path, made)
+    return made
+
+
 class TokenStream:
     """The train and held-out token streams (documents joined, EOS after each)."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from train import synthetic
-from train.data import load_npz, save_npz
+from train.data import load_npz, load_or_build, save_npz
 from uio_gguf.errors import UIOError
 
 POOL_FILE = "retrieval.npz"
@@ -85,12 +85,8 @@ class RetrievalCrops:
     @classmethod
     def for_run(cls, out: Path, tokenizer, base_fingerprint: str, segment: int, crop_tokens: int) -> "RetrievalCrops":
         """The run's task pool: read from OUT/retrieval.npz, or tokenized and saved there."""
-        path = Path(out) / POOL_FILE
-        if path.exists():
-            pool = load_pool(path, base_fingerprint)
-        else:
-            pool = build_pool(tokenizer)
-            save_pool(path, pool, base_fingerprint)
+        pool = load_or_build(Path(out) / POOL_FILE, lambda path: load_pool(path, base_fingerprint),
+                             lambda: build_pool(tokenizer), lambda path, made: save_pool(path, made, base_fingerprint))
         return cls(pool, segment, crop_tokens)
 
     def make(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
