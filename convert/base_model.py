@@ -1,22 +1,29 @@
 """model.gguf from a Hugging Face causal LM (LLaMA, Mistral, Qwen2): hyper-parameters, tokenizer,
 weights in llama.cpp's names and row layout, stored as the chosen output type."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
 
-from convert.arch import Arch, arch_of_config, to_llama_layout
-from convert.gguf_save import save
-from convert.outtypes import Outtype, llama_quantize, outtype, tensor_type
 from uio_gguf import schema
+from uio_gguf.arch import Arch, arch_of_config, to_llama_layout
+from uio_gguf.convert.gguf_save import save
+from uio_gguf.convert.outtypes import Outtype, llama_quantize, outtype, tensor_type
 from uio_gguf.errors import UIOError
 
 
-def write_base_model(model, path: Path, kind: Outtype | str, add_tokenizer: Callable[[gguf.GGUFWriter], None],
-                     name: str | None = None, progress: bool = False) -> None:
+def write_base_model(
+    model,
+    path: Path,
+    kind: Outtype | str,
+    add_tokenizer: Callable[[gguf.GGUFWriter], None],
+    name: str | None = None,
+    progress: bool = False,
+) -> None:
     """Writes `model` (a transformers causal LM) to `path`; add_tokenizer(writer) adds the tokenizer keys."""
     kind = outtype(kind) if isinstance(kind, str) else kind
     if kind.native:
@@ -45,8 +52,9 @@ def _write(model, path: Path, kind: Outtype, add_tokenizer, name: str | None, pr
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer)
     weights = hf_weights(model)
-    for gguf_name, data in tqdm(llama_tensors(weights, config, arch), total=len(weights), desc=path.name,
-                                unit="tensor", disable=not progress):
+    for gguf_name, data in tqdm(
+        llama_tensors(weights, config, arch), total=len(weights), desc=path.name, unit="tensor", disable=not progress
+    ):
         qtype = tensor_type(kind, data.shape)
         writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     save(writer)

@@ -1,28 +1,37 @@
 """convert_checkpoint: a UIO checkpoint (train/checkpoint.py) + its base model -> a bundle directory
 (uio_gguf/schema.py). The bundle is assembled in a temporary directory beside the target and renamed
 into place, so a failed or interrupted conversion never leaves half a bundle."""
+
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 
-from convert.adapters import read_peft_adapter, write_encoder_adapter
-from convert.arch import arch_of_config, arch_of_gguf
-from convert.base_model import write_base_model
-from convert.head import HeadContents, write_head
-from convert.outtypes import outtype as parse_outtype
-from convert.tokenizer import copy_tokenizer_from_gguf, write_hf_tokenizer
 from uio_gguf import schema
+from uio_gguf.arch import arch_of_config, arch_of_gguf
 from uio_gguf.bundle import gguf_fingerprint
+from uio_gguf.convert.adapters import read_peft_adapter, write_encoder_adapter
+from uio_gguf.convert.base_model import write_base_model
+from uio_gguf.convert.head import HeadContents, write_head
+from uio_gguf.convert.outtypes import outtype as parse_outtype
+from uio_gguf.convert.tokenizer import copy_tokenizer_from_gguf, write_hf_tokenizer
 from uio_gguf.errors import UIOError
+from uio_gguf.files import atomic_dir
 from uio_gguf.gguf_file import read_gguf
 
 
-def convert_checkpoint(checkpoint_dir, out_dir, base=None, base_gguf=None, outtype: str = "f16", force: bool = False,
-                       progress: bool = False, loaded: tuple | None = None) -> Path:
+def convert_checkpoint(
+    checkpoint_dir,
+    out_dir,
+    base=None,
+    base_gguf=None,
+    outtype: str = "f16",
+    force: bool = False,
+    progress: bool = False,
+    loaded: tuple | None = None,
+) -> Path:
     """Writes the bundle of a checkpoint and returns its directory.
 
     base: the base model (HF directory or .gguf) to convert; default: the path the checkpoint recorded.
@@ -30,8 +39,8 @@ def convert_checkpoint(checkpoint_dir, out_dir, base=None, base_gguf=None, outty
     loaded: (model, tokenizer) of that base already in memory, to skip loading it again.
     Either way the base must have the fingerprint the checkpoint recorded at training time.
     """
-    from train.base import fingerprint, load_base
-    from train.checkpoint import read_config
+    from uio_gguf.train.base import fingerprint, load_base
+    from uio_gguf.train.checkpoint import read_config
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     config = read_config(checkpoint_dir)
@@ -47,12 +56,12 @@ def convert_checkpoint(checkpoint_dir, out_dir, base=None, base_gguf=None, outty
     arch = arch_of_config(model.config)
     recorded, actual = config["base"]["fingerprint"], fingerprint(model)
     if actual != recorded:
-        raise UIOError(f"the checkpoint {checkpoint_dir} was trained on another base model than {source} "
-                       f"(fingerprint {recorded[:19]}... expected, {actual[:19]}... found)")
+        raise UIOError(
+            f"the checkpoint {checkpoint_dir} was trained on another base model than {source} "
+            f"(fingerprint {recorded[:19]}... expected, {actual[:19]}... found)"
+        )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model_path = tmp / schema.MODEL_FILE
         if base_gguf is not None:
             _link_or_copy(source, model_path)
@@ -60,16 +69,11 @@ def convert_checkpoint(checkpoint_dir, out_dir, base=None, base_gguf=None, outty
             if source.suffix == ".gguf":
                 add_tokenizer = partial(copy_tokenizer_from_gguf, source=source)
             else:
-                add_tokenizer = partial(write_hf_tokenizer, tokenizer=tokenizer, directory=source,
-                                        vocab_size=model.config.vocab_size)
+                add_tokenizer = partial(
+                    write_hf_tokenizer, tokenizer=tokenizer, directory=source, vocab_size=model.config.vocab_size
+                )
             write_base_model(model, model_path, kind, add_tokenizer, name=source.stem, progress=progress)
         _write_uio_files(checkpoint_dir, config, model.config, arch, tmp, model_path)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -77,8 +81,8 @@ def _write_uio_files(checkpoint_dir: Path, config: dict, hf_config, arch, tmp: P
     """encoder.lora.gguf and uio.gguf, the latter bound to the model and encoder files by fingerprint."""
     from safetensors.numpy import load_file
 
-    from train.checkpoint import MEMORY_FILE
-    from train.model import ENCODER, TRANSFER
+    from uio_gguf.train.checkpoint import MEMORY_FILE
+    from uio_gguf.train.model import ENCODER, TRANSFER
 
     encoder = read_peft_adapter(checkpoint_dir / ENCODER, arch, hf_config, schema.ENCODER_PROJECTIONS)
     transfer = read_peft_adapter(checkpoint_dir / TRANSFER, arch, hf_config, schema.TRANSFER_PROJECTIONS)
@@ -88,12 +92,22 @@ def _write_uio_files(checkpoint_dir: Path, config: dict, hf_config, arch, tmp: P
     segment, ratio = int(config["segment"]), int(config["ratio"])
     if memory.ndim != 2 or memory.shape[0] not in (1, segment // ratio) or memory.shape[1] != hf_config.hidden_size:
         raise UIOError(f"the checkpoint's memory embedding has shape {memory.shape}, which does not fit the base model")
-    write_head(HeadContents(
-        arch=arch, segment=segment, ratio=ratio, n_layer=hf_config.num_hidden_layers, memory_embedding=memory,
-        transfer=transfer, encoder=encoder, trained_steps=int(config.get("step", 0)),
-        base_fingerprint=config["base"]["fingerprint"], model_fingerprint=gguf_fingerprint(model_path),
-        encoder_fingerprint=gguf_fingerprint(encoder_path),
-    ), tmp / schema.HEAD_FILE)
+    write_head(
+        HeadContents(
+            arch=arch,
+            segment=segment,
+            ratio=ratio,
+            n_layer=hf_config.num_hidden_layers,
+            memory_embedding=memory,
+            transfer=transfer,
+            encoder=encoder,
+            trained_steps=int(config.get("step", 0)),
+            base_fingerprint=config["base"]["fingerprint"],
+            model_fingerprint=gguf_fingerprint(model_path),
+            encoder_fingerprint=gguf_fingerprint(encoder_path),
+        ),
+        tmp / schema.HEAD_FILE,
+    )
 
 
 def _check_target(out_dir: Path, force: bool) -> None:

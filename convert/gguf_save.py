@@ -1,4 +1,5 @@
 """Writing out a gguf.GGUFWriter that has all its keys and tensors: the same four steps for every file."""
+
 from __future__ import annotations
 
 import gguf

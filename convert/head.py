@@ -1,6 +1,7 @@
-"""uio.gguf: what the runtime needs beyond the model and the encoder adapter (DESIGN section 1): the
+"""uio.gguf: what the runtime needs beyond the model and the encoder adapter (docs/design.md §1): the
 memory embedding, the transfer-head LoRA (k, v), the UIO settings and the fingerprints that bind the
 head to its model.gguf and encoder.lora.gguf."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,10 +10,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from convert.adapters import LoraWeights
-from convert.arch import Arch
-from convert.gguf_save import save
 from uio_gguf import schema
+from uio_gguf.arch import Arch
+from uio_gguf.convert.adapters import LoraWeights
+from uio_gguf.convert.gguf_save import save
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Output types of model.gguf: the ones the gguf package writes itself, and llama.cpp's quantizer for
 the rest (k-quants and friends), run on an f32 intermediate file."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,23 @@ NATIVE = {
     "q8_0": Outtype("q8_0", FT.MOSTLY_Q8_0, Q.Q8_0),
 }
 # llama.cpp types that need no importance matrix.
-QUANTIZER = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
-             "q5_k_s", "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")
+QUANTIZER = (
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "iq4_nl",
+    "iq4_xs",
+)
 OUTTYPES = (*NATIVE, *QUANTIZER)
 
 

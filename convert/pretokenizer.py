@@ -4,6 +4,7 @@ llama.cpp cannot run the tokenizer.json pipeline; it has a fixed set of named pr
 the one whose behaviour matches: each candidate below is rebuilt as a `tokenizers` pre-tokenizer and
 run on a probe text next to the model's own; the one that splits the probe identically wins.
 """
+
 from __future__ import annotations
 
 from uio_gguf.errors import UIOError
@@ -16,9 +17,7 @@ PROBE = (
 
 # The splitting regexes of the LLaMA-3 and Qwen2 tokenizers (their tokenizer.json files): they differ
 # only in how many digits a number piece may hold.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -29,11 +28,15 @@ def _candidates() -> dict:
     from tokenizers import pre_tokenizers as pt
 
     def split_then_bytes(pattern: str):
-        return pt.Sequence([pt.Split(Regex(pattern), behavior="isolated"), pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return pt.Sequence(
+            [pt.Split(Regex(pattern), behavior="isolated"), pt.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
 
     return {
         # GPT-2's byte-level regex, with every digit its own piece (SmolLM, SmolLM2)
-        "smollm": pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)]),
+        "smollm": pt.Sequence(
+            [pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)]
+        ),
         "gpt-2": pt.ByteLevel(add_prefix_space=False, use_regex=True),
         "llama-bpe": split_then_bytes(_LLAMA3_SPLIT),
         "qwen2": split_then_bytes(_QWEN2_SPLIT),
@@ -49,7 +52,9 @@ def detect_pre_tokenizer(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre = backend.pre_tokenizer if backend is not None else None
     if pre is None:
-        raise UIOError("the base model's tokenizer has no pre-tokenizer that llama.cpp knows (a fast byte-level BPE tokenizer is needed)")
+        raise UIOError(
+            "the base model's tokenizer has no pre-tokenizer that llama.cpp knows (a fast byte-level BPE tokenizer is needed)"
+        )
     ours = _pieces(pre)
     for name, candidate in _candidates().items():
         if _pieces(candidate) == ours:

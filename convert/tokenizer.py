@@ -4,13 +4,14 @@ chat template.
 Two sources: a Hugging Face tokenizer directory (byte-level BPE), or, when the base model itself came
 from a GGUF file, that file's own tokenizer keys, copied as they are (nothing is lost in a round trip).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import gguf
 
-from convert.pretokenizer import detect_pre_tokenizer
+from uio_gguf.convert.pretokenizer import detect_pre_tokenizer
 from uio_gguf.errors import UIOError
 
 TOKENIZER_PREFIX = "tokenizer."
@@ -32,8 +33,10 @@ def write_hf_tokenizer(writer: gguf.GGUFWriter, tokenizer, directory: Path, voca
     backend = getattr(tokenizer, "backend_tokenizer", None)
     model_type = type(backend.model).__name__ if backend is not None else None
     if model_type != "BPE":
-        raise UIOError(f"the base model's tokenizer is {model_type or type(tokenizer).__name__}, not byte-level BPE: "
-                       "convert from a GGUF of the base with --base-gguf instead")
+        raise UIOError(
+            f"the base model's tokenizer is {model_type or type(tokenizer).__name__}, not byte-level BPE: "
+            "convert from a GGUF of the base with --base-gguf instead"
+        )
     tokens, types = token_table(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(detect_pre_tokenizer(tokenizer))

@@ -7,18 +7,29 @@ The plugin is one library per process, so the wrappers find it themselves; they 
 leading argument (`probe(plugin, ctx, scratch)`, `Capture(plugin, n_layer, ...)`), as the runtime
 passes the library that native.build.load_plugin() returned.
 """
+
 from __future__ import annotations
 
 import ctypes
+import enum
 import functools
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int32, c_size_t, c_uint8, c_void_p
 
 import numpy as np
 
-from native.build import load_plugin
 from uio_gguf.errors import UIOError
+from uio_gguf.handles import Handle
+from uio_gguf.native.build import load_plugin
 
-KIND_ATTN_NORM, KIND_KCUR, KIND_VCUR = 0, 1, 2
+
+class CaptureKind(enum.IntEnum):
+    """What a capture holds per layer (mirrors enum uio_capture_kind in uio_plugin.h)."""
+
+    ATTN_NORM = 0  # the attention input (Q/K/V projections' input), width n_embd
+    KCUR = 1  # K before RoPE, width n_embd_k_gqa
+    VCUR = 2  # V, width n_embd_v_gqa
+
+
 MAX_LAYERS = 512
 
 _configured: ctypes.CDLL | None = None
@@ -45,8 +56,10 @@ class KVLayout(ctypes.Structure):
         return list(self.v_type[: self.n_layer])
 
     def __repr__(self) -> str:
-        return (f"KVLayout(n_layer={self.n_layer}, n_embd_k_gqa={self.n_embd_k_gqa}, n_embd_v_gqa={self.n_embd_v_gqa}, "
-                f"v_trans={self.v_trans}, k_types={sorted(set(self.k_types))}, v_types={sorted(set(self.v_types))})")
+        return (
+            f"KVLayout(n_layer={self.n_layer}, n_embd_k_gqa={self.n_embd_k_gqa}, n_embd_v_gqa={self.n_embd_v_gqa}, "
+            f"v_trans={self.v_trans}, k_types={sorted(set(self.k_types))}, v_types={sorted(set(self.v_types))})"
+        )
 
 
 def _declare(lib: ctypes.CDLL, name: str, restype, *argtypes) -> None:
@@ -72,10 +85,31 @@ def plugin() -> ctypes.CDLL:
         _declare(lib, "uio_capture_n_rows", c_int32, c_void_p)
         _declare(lib, "uio_capture_rows", POINTER(c_float), c_void_p, c_int32, c_int32)
         _declare(lib, "uio_kv_probe", c_int32, c_void_p, c_int32, POINTER(KVLayout))
-        _declare(lib, "uio_kv_write", c_int32, c_void_p, POINTER(KVLayout), c_int32, c_int32,
-                 POINTER(c_int32), c_int32, POINTER(c_float), POINTER(c_float))
-        _declare(lib, "uio_kv_read", c_int32, c_void_p, POINTER(KVLayout), c_int32, c_int32,
-                 POINTER(c_int32), POINTER(c_float), POINTER(c_float))
+        _declare(
+            lib,
+            "uio_kv_write",
+            c_int32,
+            c_void_p,
+            POINTER(KVLayout),
+            c_int32,
+            c_int32,
+            POINTER(c_int32),
+            c_int32,
+            POINTER(c_float),
+            POINTER(c_float),
+        )
+        _declare(
+            lib,
+            "uio_kv_read",
+            c_int32,
+            c_void_p,
+            POINTER(KVLayout),
+            c_int32,
+            c_int32,
+            POINTER(c_int32),
+            POINTER(c_float),
+            POINTER(c_float),
+        )
         _declare(lib, "uio_kv_parse", c_int32, POINTER(c_uint8), c_size_t, POINTER(KVLayout))
         _configured = lib
     return _configured
@@ -112,7 +146,7 @@ def _floats(array: np.ndarray):
     return array.ctypes.data_as(POINTER(c_float))
 
 
-class Capture:
+class Capture(Handle):
     """Captures attn_norm / Kcur / Vcur rows of every layer during one armed llama_decode.
 
     Give a context `callback` and `user_data` as cb_eval / cb_eval_user_data (or call
@@ -159,7 +193,7 @@ class Capture:
 
     def rows(self, kind: int, layer: int) -> np.ndarray:
         """A float32 copy [n_rows, width] of one layer's captured rows."""
-        if kind not in (0, 1, 2) or not 0 <= layer < self.n_layer:
+        if kind not in CaptureKind.__members__.values() or not 0 <= layer < self.n_layer:
             raise UIOError(f"no capture of kind {kind} at layer {layer}")
         pointer = self._lib.uio_capture_rows(self.ptr, kind, layer)
         return np.ctypeslib.as_array(pointer, shape=(self.n_rows, self.widths[kind])).copy()
@@ -203,10 +237,22 @@ def kv_write(ctx, layout: KVLayout, seq_id: int, scratch_seq: int, positions, k,
     n = positions.shape[0]
     k = np.ascontiguousarray(k, dtype=np.float32)
     v = np.ascontiguousarray(v, dtype=np.float32)
-    if positions.ndim != 1 or k.shape != (layout.n_layer, n, layout.n_embd_k_gqa) or v.shape != (layout.n_layer, n, layout.n_embd_v_gqa):
+    if (
+        positions.ndim != 1
+        or k.shape != (layout.n_layer, n, layout.n_embd_k_gqa)
+        or v.shape != (layout.n_layer, n, layout.n_embd_v_gqa)
+    ):
         raise UIOError(f"kv_write: positions {positions.shape}, k {k.shape}, v {v.shape} do not fit {layout!r}")
-    code = plugin().uio_kv_write(ctx, ctypes.byref(layout), seq_id, scratch_seq,
-                                 positions.ctypes.data_as(POINTER(c_int32)), n, _floats(k), _floats(v))
+    code = plugin().uio_kv_write(
+        ctx,
+        ctypes.byref(layout),
+        seq_id,
+        scratch_seq,
+        positions.ctypes.data_as(POINTER(c_int32)),
+        n,
+        _floats(k),
+        _floats(v),
+    )
     _check(code, "writing memory into the KV cache failed")
 
 
@@ -219,7 +265,9 @@ def kv_read(ctx, layout: KVLayout, seq_id: int) -> tuple[np.ndarray, np.ndarray,
     k = np.zeros((layout.n_layer, n, layout.n_embd_k_gqa), dtype=np.float32)
     v = np.zeros((layout.n_layer, n, layout.n_embd_v_gqa), dtype=np.float32)
     if n:
-        got = lib.uio_kv_read(ctx, ctypes.byref(layout), seq_id, n, positions.ctypes.data_as(POINTER(c_int32)), _floats(k), _floats(v))
+        got = lib.uio_kv_read(
+            ctx, ctypes.byref(layout), seq_id, n, positions.ctypes.data_as(POINTER(c_int32)), _floats(k), _floats(v)
+        )
         _check(got, "reading the KV cache failed")
     return positions, k, v
 

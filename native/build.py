@@ -2,8 +2,9 @@
 
 The shared library is compiled on first use with the system C compiler into a cache directory keyed by
 the plugin source, the compile command and the exact libllama it links to, so a new llama-cpp-python
-(or a rebuilt one) gets a fresh build. `python -m native.build` builds it and prints its path.
+(or a rebuilt one) gets a fresh build. `python -m uio_gguf.native.build` builds it and prints its path.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -12,11 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from uio_gguf.cache import cache_root
 from uio_gguf.errors import UIOError
+from uio_gguf.files import atomic_file
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "uio_plugin.c", HERE / "uio_plugin.h")
@@ -53,8 +54,18 @@ def find_compiler() -> str:
 def compile_command(compiler: str, output: Path) -> list[str]:
     include, lib = llama_cpp_paths()
     # The rpath finds the very libraries llama_cpp loaded (same sonames, so they are not loaded twice).
-    return [compiler, *CFLAGS, f"-I{include}", str(SOURCES[0]), "-o", str(output),
-            f"-L{lib}", "-lllama", "-lggml-base", f"-Wl,-rpath,{lib}"]
+    return [
+        compiler,
+        *CFLAGS,
+        f"-I{include}",
+        str(SOURCES[0]),
+        "-o",
+        str(output),
+        f"-L{lib}",
+        "-lllama",
+        "-lggml-base",
+        f"-Wl,-rpath,{lib}",
+    ]
 
 
 def build_key(compiler: str) -> str:
@@ -86,17 +97,11 @@ def build() -> Path:
     target = cache_dir() / build_key(compiler) / LIB_NAME
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    # atomic: a concurrent build or load never sees half a library
+    with atomic_file(target, suffix=".so") as tmp:
         result = subprocess.run(compile_command(compiler, tmp), capture_output=True, text=True)
         if result.returncode != 0:
             raise UIOError(f"building the native plugin failed: {first_error_line(result.stderr)}")
-        os.replace(tmp, target)  # atomic: a concurrent build or load never sees half a library
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded SmolLM2 GGUF, its tokenizer, and tiny random HF models built from a
 config (fixed seed) that use that real tokenizer."""
+
 from __future__ import annotations
 
 import os
@@ -40,7 +41,7 @@ def make_tiny_model_dir(tmp_path_factory, tokenizer_dir):
         """random_biases: the q/k/v biases (Qwen2 has them) drawn at random instead of HF's zeros."""
         key = (arch, seed, random_biases, tuple(sorted(overrides.items())))
         if key not in made:
-            from train.tiny import tiny_base
+            from uio_gguf.train.tiny import tiny_base
 
             out = tmp_path_factory.mktemp(f"tiny-{arch}")
             model = tiny_base(arch, vocab_size=49152, seed=seed, **overrides)
@@ -72,22 +73,36 @@ def make_tiny_checkpoint(tmp_path_factory, make_tiny_model_dir):
     embedding, saved as train/loop.py saves it (base path and fingerprint recorded)."""
     made: dict = {}
 
-    def make(arch: str = "llama", seed: int = 0, segment: int = 16, ratio: int = 4, rank: int = 4,
-             alpha: float = 8.0, distinct_slots: bool = False):
+    def make(
+        arch: str = "llama",
+        seed: int = 0,
+        segment: int = 16,
+        ratio: int = 4,
+        rank: int = 4,
+        alpha: float = 8.0,
+        distinct_slots: bool = False,
+    ):
         key = (arch, seed, segment, ratio, rank, alpha, distinct_slots)
         if key not in made:
             import torch
 
-            from train.base import fingerprint, load_base
-            from train.checkpoint import save_checkpoint
-            from train.model import UIOConfig, UIOModel
-            from train.tiny import randomize_uio
+            from uio_gguf.train.base import fingerprint, load_base
+            from uio_gguf.train.checkpoint import save_checkpoint
+            from uio_gguf.train.model import UIOConfig, UIOModel
+            from uio_gguf.train.tiny import randomize_uio
 
             model_dir = make_tiny_model_dir(arch, seed, random_biases=arch == "qwen2")
             base, tokenizer = load_base(model_dir)
-            meta = {"estimator": "unbiased", "window": 2, "step": 7,
-                    "base": {"path": str(model_dir.resolve()), "model_type": base.config.model_type,
-                             "fingerprint": fingerprint(base)}}
+            meta = {
+                "estimator": "unbiased",
+                "window": 2,
+                "step": 7,
+                "base": {
+                    "path": str(model_dir.resolve()),
+                    "model_type": base.config.model_type,
+                    "fingerprint": fingerprint(base),
+                },
+            }
             torch.manual_seed(seed)
             config = UIOConfig(segment=segment, ratio=ratio, rank=rank, alpha=alpha, distinct_slots=distinct_slots)
             model = randomize_uio(UIOModel(base, config), seed)
@@ -108,10 +123,12 @@ def make_tiny_bundle(tmp_path_factory, make_tiny_checkpoint):
     def make(arch: str = "llama", seed: int = 0, segment: int = 16, ratio: int = 4, outtype: str = "f32", **uio):
         key = (arch, seed, segment, ratio, outtype, tuple(sorted(uio.items())))
         if key not in made:
-            from convert import convert_checkpoint
+            from uio_gguf.convert import convert_checkpoint
 
             checkpoint, model, tokenizer = make_tiny_checkpoint(arch, seed, segment, ratio, **uio)
-            bundle = convert_checkpoint(checkpoint, tmp_path_factory.mktemp(f"bundle-{arch}") / "bundle", outtype=outtype)
+            bundle = convert_checkpoint(
+                checkpoint, tmp_path_factory.mktemp(f"bundle-{arch}") / "bundle", outtype=outtype
+            )
             made[key] = (bundle, model, tokenizer)
         return made[key]
 
@@ -120,7 +137,7 @@ def make_tiny_bundle(tmp_path_factory, make_tiny_checkpoint):
 
 @pytest.fixture(scope="session")
 def prose() -> str:
-    from train.corpus import stdlib_prose
+    from uio_gguf.train.corpus import stdlib_prose
 
     return stdlib_prose()
 
@@ -129,16 +146,20 @@ def prose() -> str:
 def smollm2(embedded_gguf, tmp_path_factory):
     """(UIO model over the dequantised SmolLM2 with random non-zero adapters, tokenizer, its checkpoint).
     Loading takes ~40 s: every test of this module shares it."""
-    from train.base import fingerprint, load_base
-    from train.checkpoint import save_checkpoint
-    from train.model import UIOConfig, UIOModel
-    from train.tiny import randomize_uio
-
     import torch
 
+    from uio_gguf.train.base import fingerprint, load_base
+    from uio_gguf.train.checkpoint import save_checkpoint
+    from uio_gguf.train.model import UIOConfig, UIOModel
+    from uio_gguf.train.tiny import randomize_uio
+
     base, tokenizer = load_base(embedded_gguf)
-    meta = {"estimator": "unbiased", "window": 2, "step": 3,
-            "base": {"path": str(embedded_gguf), "model_type": base.config.model_type, "fingerprint": fingerprint(base)}}
+    meta = {
+        "estimator": "unbiased",
+        "window": 2,
+        "step": 3,
+        "base": {"path": str(embedded_gguf), "model_type": base.config.model_type, "fingerprint": fingerprint(base)},
+    }
     torch.manual_seed(0)
     model = randomize_uio(UIOModel(base, UIOConfig(segment=64, ratio=8, rank=8, alpha=16.0)), seed=0)
     checkpoint = tmp_path_factory.mktemp("smollm2") / "checkpoint"
@@ -149,7 +170,7 @@ def smollm2(embedded_gguf, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_f32_bundle(smollm2, tmp_path_factory):
     model, tokenizer, checkpoint = smollm2
-    from convert import convert_checkpoint
+    from uio_gguf.convert import convert_checkpoint
 
     out = tmp_path_factory.mktemp("smollm2-f32") / "bundle"
     return convert_checkpoint(checkpoint, out, outtype="f32", loaded=(model.base, tokenizer))
@@ -220,7 +241,10 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subproc
     """Runs `uio-gguf ARGS` in a fresh interpreter, as a user would."""
     result = subprocess.run(
         [sys.executable, "-c", "from uio_gguf.cli import main; main()", *args],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
     if check and result.returncode != 0:
         raise AssertionError(f"uio-gguf {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

@@ -1,4 +1,5 @@
 """`uio-gguf chat` / `compress` end to end on a tiny converted bundle: memory files, bad input, Ctrl-C."""
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,9 @@ def test_chat_compresses_once_then_reuses_the_memory_file(tiny_bundle, book, cac
 
 
 def test_compress_writes_the_memory_file_where_asked(tiny_bundle, book, cache_env, tmp_path):
-    result = run_cli("compress", str(book), "-m", str(tiny_bundle), "-o", str(tmp_path / "book.mem"), env=cache_env, check=True)
+    result = run_cli(
+        "compress", str(book), "-m", str(tiny_bundle), "-o", str(tmp_path / "book.mem"), env=cache_env, check=True
+    )
     assert (tmp_path / "book.mem").stat().st_size > 0
     assert "memory slots" in result.stdout
 
@@ -91,9 +94,25 @@ def test_bad_input_gives_one_clear_line(case, message, tiny_bundle, book, cache_
 def test_ctrl_c_stops_the_answer_and_a_second_one_exits_cleanly(tiny_bundle, book, cache_env):
     """A long sampled answer is interrupted once (it stops, the REPL goes on), then again (clean exit)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from uio_gguf.cli import main; main()", "chat", str(book), "-m", str(tiny_bundle),
-         "--temp", "1.0", "-n", "100000", "--n-ctx", "200000"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+        [
+            sys.executable,
+            "-c",
+            "from uio_gguf.cli import main; main()",
+            "chat",
+            str(book),
+            "-m",
+            str(tiny_bundle),
+            "--temp",
+            "1.0",
+            "-n",
+            "100000",
+            "--n-ctx",
+            "200000",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
         env={**os.environ, **cache_env},
     )
     errors = b""

@@ -1,5 +1,6 @@
 """Chat recall crops (train.chat_recall): the runtime's pass-key chat turn as a training crop, scored on
 its answer alone, and `uio-gguf train --chat-recall-share`."""
+
 import json
 import re
 
@@ -9,11 +10,11 @@ import torch
 
 # the crop shape and the fixtures (tokenizer, filler crops, book) of the retrieval crops' tests
 from tests.test_retrieval import SEGMENT, T, _train, _weights, book, filler_crops, tokenizer  # noqa: F401
-from train import synthetic
-from train.chat_recall import POOL_FILE, ChatRecallCrops, ChatRecallPool
-from train.model import IGNORE
+from uio_gguf import synthetic
 from uio_gguf.chat import BOOK_MARKER, render
 from uio_gguf.errors import UIOError
+from uio_gguf.train.chat_recall import POOL_FILE, ChatRecallCrops, ChatRecallPool
+from uio_gguf.train.model import IGNORE
 
 
 @pytest.fixture(scope="module")
@@ -85,4 +86,6 @@ def test_chat_recall_run_scores_answers_and_resumes_exactly(make_tiny_model_dir,
     assert 0 < len(recall_steps) < 4, recall_steps  # seed 0 draws both kinds of step
     assert all(r["loss"] != p["loss"] for r, p in zip(log, plain_log) if r.get("chat_recall"))
     bad = _train(model_dir, tmp_path / "bad", "--steps", "1", "--chat-recall-share", "2", data=book, check=False)
-    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith("--chat-recall-share must lie between 0 and 1")
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(
+        "--chat-recall-share must lie between 0 and 1"
+    )

@@ -1,5 +1,6 @@
 """The bundle reads back exactly what the checkpoint held (uio_gguf/bundle.py), in llama.cpp's layout,
 and the reader refuses what it cannot trust."""
+
 from __future__ import annotations
 
 import shutil
@@ -15,7 +16,7 @@ from uio_gguf.gguf_file import ArrayInfo, read_gguf
 
 
 def llama_row_order(n_rows: int, n_head: int) -> np.ndarray:
-    """Index form of the LLaMA Q/K permutation (DESIGN section 4): llama row 2j of a head is HF row j,
+    """Index form of the LLaMA Q/K permutation (docs/design.md §4): llama row 2j of a head is HF row j,
     llama row 2j+1 is HF row j + head_dim/2. Written independently of the converter's reshape."""
     head_dim = n_rows // n_head
     order = []
@@ -35,7 +36,12 @@ def test_head_round_trip(arch, make_tiny_bundle):
     path, model, _ = make_tiny_bundle(arch)
     bundle = Bundle.open(path)
     cfg, hf = model.config, model.base.config
-    assert (bundle.architecture, bundle.segment, bundle.ratio, bundle.slots) == (arch, cfg.segment, cfg.ratio, cfg.slots)
+    assert (bundle.architecture, bundle.segment, bundle.ratio, bundle.slots) == (
+        arch,
+        cfg.segment,
+        cfg.ratio,
+        cfg.slots,
+    )
     assert bundle.rope_type == (schema.ROPE_NORM if arch == "llama" else schema.ROPE_NEOX)
     assert bundle.n_layer == hf.num_hidden_layers and bundle.trained_steps == 7
     np.testing.assert_array_equal(bundle.memory_embedding, model.memory_embedding.detach().numpy())
@@ -85,7 +91,12 @@ def test_distinct_slot_embeddings_round_trip(make_tiny_bundle):
 
 def test_lora_rejects_what_an_adapter_does_not_have(make_tiny_bundle):
     bundle = Bundle.open(make_tiny_bundle("llama")[0])
-    for args in (("encoder", "attn_k", 0), ("transfer", "attn_q", 0), ("decoder", "attn_v", 0), ("encoder", "attn_q", 99)):
+    for args in (
+        ("encoder", "attn_k", 0),
+        ("transfer", "attn_q", 0),
+        ("decoder", "attn_v", 0),
+        ("encoder", "attn_q", 99),
+    ):
         with pytest.raises(ValueError):
             bundle.lora(*args)
 
@@ -100,7 +111,11 @@ def test_header_reader_agrees_with_gguf_reader(make_tiny_bundle):
         assert list(ours.tensors) == [t.name for t in ref.tensors]
         for t in ref.tensors:
             info = ours.tensors[t.name]
-            assert (info.offset, info.n_bytes, info.type) == (t.data_offset, t.n_bytes, t.tensor_type)  # absolute in both
+            assert (info.offset, info.n_bytes, info.type) == (
+                t.data_offset,
+                t.n_bytes,
+                t.tensor_type,
+            )  # absolute in both
         for key, field in ref.fields.items():
             if key.startswith("GGUF."):
                 continue  # the reader's pseudo-fields for the header
@@ -140,16 +155,24 @@ def _u32_field(key: str, value: int) -> bytes:
     return len(key).to_bytes(8, "little") + key.encode() + (4).to_bytes(4, "little") + value.to_bytes(4, "little")
 
 
-@pytest.mark.parametrize("change, message", [
-    ("version", "format version 99"),
-    ("type", "not a UIO head"),
-    ("missing", "has no encoder.lora.gguf"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("version", "format version 99"),
+        ("type", "not a UIO head"),
+        ("missing", "has no encoder.lora.gguf"),
+    ],
+)
 def test_open_refuses_a_foreign_or_incomplete_bundle(change, message, make_tiny_bundle, tmp_path):
     path = make_tiny_bundle("llama")[0]
     if change == "version":
-        bad = _patched(path, tmp_path, schema.HEAD_FILE, _u32_field(schema.KEY_FORMAT_VERSION, schema.FORMAT_VERSION),
-                       _u32_field(schema.KEY_FORMAT_VERSION, 99))
+        bad = _patched(
+            path,
+            tmp_path,
+            schema.HEAD_FILE,
+            _u32_field(schema.KEY_FORMAT_VERSION, schema.FORMAT_VERSION),
+            _u32_field(schema.KEY_FORMAT_VERSION, 99),
+        )
     elif change == "type":
         head_type = schema.HEAD_GENERAL_TYPE.encode()
         bad = _patched(path, tmp_path, schema.HEAD_FILE, head_type, head_type[:-1] + b"?")

@@ -1,5 +1,6 @@
 """`uio-gguf convert` and `uio-gguf info` as a user runs them: a bundle that opens, and one clear line
 with a non-zero exit for each kind of bad input."""
+
 from __future__ import annotations
 
 import shutil
@@ -50,8 +51,11 @@ def test_convert_refuses_an_existing_directory_then_replaces_it_with_force(check
 
 def test_checkpoint_for_another_base_is_refused(checkpoint, make_tiny_model_dir, tmp_path):
     other = make_tiny_model_dir("llama", seed=1)
-    _fails_with(run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--base", str(other)),
-                "trained on another base model", "fingerprint")
+    _fails_with(
+        run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--base", str(other)),
+        "trained on another base model",
+        "fingerprint",
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -60,15 +64,20 @@ def test_damaged_base_gguf_is_refused(damage, message, checkpoint, bundle, tmp_p
     data = (bundle / schema.MODEL_FILE).read_bytes()
     bad = tmp_path / "base.gguf"
     bad.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"just some text\n")
-    _fails_with(run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--base-gguf", str(bad)), message, "base.gguf")
+    _fails_with(
+        run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--base-gguf", str(bad)), message, "base.gguf"
+    )
 
 
-@pytest.mark.parametrize("damage, message", [("truncate", "truncated"), ("text", "not a GGUF file"),
-                                             ("header", "truncated")])
+@pytest.mark.parametrize(
+    "damage, message", [("truncate", "truncated"), ("text", "not a GGUF file"), ("header", "truncated")]
+)
 def test_info_on_a_damaged_bundle_fails_cleanly(damage, message, bundle, tmp_path):
     data = (bundle / schema.MODEL_FILE).read_bytes()
     content = {"truncate": data[: len(data) - 1000], "text": b"not a model\n", "header": data[:1000]}[damage]
-    _fails_with(run_cli("info", str(_bundle_with(bundle, tmp_path, schema.MODEL_FILE, content))), message, schema.MODEL_FILE)
+    _fails_with(
+        run_cli("info", str(_bundle_with(bundle, tmp_path, schema.MODEL_FILE, content))), message, schema.MODEL_FILE
+    )
 
 
 def test_info_shows_and_refuses_files_that_do_not_belong_together(bundle, make_tiny_bundle, tmp_path):
@@ -83,27 +92,37 @@ def test_unsupported_architecture_is_refused(checkpoint, tmp_path):
     import gguf
     import numpy as np
 
-    from convert.gguf_save import save
+    from uio_gguf.convert.gguf_save import save
 
     foreign = tmp_path / "gpt2.gguf"
     writer = gguf.GGUFWriter(foreign, "gpt2")
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
     save(writer)
-    _fails_with(run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--base-gguf", str(foreign)),
-                "unsupported architecture 'gpt2'")
+    _fails_with(
+        run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--base-gguf", str(foreign)),
+        "unsupported architecture 'gpt2'",
+    )
 
 
 def test_unsupported_hf_architecture_is_refused(checkpoint, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)).save_pretrained(tmp_path / "gpt2")
-    _fails_with(run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--base", str(tmp_path / "gpt2")),
-                "'gpt2'", "llama")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    _fails_with(
+        run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--base", str(tmp_path / "gpt2")),
+        "'gpt2'",
+        "llama",
+    )
 
 
 def test_unknown_outtype_is_refused(checkpoint, tmp_path):
-    _fails_with(run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--outtype", "q3_zz"),
-                "unknown output type", "q4_k_m")
+    _fails_with(
+        run_cli("convert", str(checkpoint), "-o", str(tmp_path / "out"), "--outtype", "q3_zz"),
+        "unknown output type",
+        "q4_k_m",
+    )
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ The models here tie the output layer to the embeddings (as SmolLM2 and small Qwe
 then have a clear winner at most positions, so top-1 agreement measures the converter and not the
 coin-flips of a flat random distribution (an untied random model's top two logits differ by less than
 q8_0's rounding)."""
+
 from __future__ import annotations
 
 from functools import partial
@@ -31,7 +32,7 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tied(request, make_tiny_model_dir, prose):
     """(arch, HF model dir, HF model, tokenizer, tokens, HF logits)."""
-    from train.base import load_base
+    from uio_gguf.train.base import load_base
 
     directory = make_tiny_model_dir(request.param, tie_word_embeddings=True, random_biases=request.param == "qwen2")
     model, tokenizer = load_base(directory)
@@ -42,12 +43,14 @@ def tied(request, make_tiny_model_dir, prose):
 
 
 def _write(tied, tmp_path, outtype: str):
-    from convert.base_model import write_base_model
-    from convert.tokenizer import write_hf_tokenizer
+    from uio_gguf.convert.base_model import write_base_model
+    from uio_gguf.convert.tokenizer import write_hf_tokenizer
 
     _, directory, model, tokenizer, _, _ = tied
     path = tmp_path / f"model-{outtype}.gguf"
-    add_tokenizer = partial(write_hf_tokenizer, tokenizer=tokenizer, directory=directory, vocab_size=model.config.vocab_size)
+    add_tokenizer = partial(
+        write_hf_tokenizer, tokenizer=tokenizer, directory=directory, vocab_size=model.config.vocab_size
+    )
     write_base_model(model, path, outtype, add_tokenizer)
     return path
 
@@ -62,7 +65,9 @@ def test_quantized_model_stays_close(outtype, tied, tmp_path):
     ours = llama_logits(path, tokens)
     agreement = (ours.argmax(-1) == ref.argmax(-1)).mean()
     kl = kl_divergence(ref, ours).mean()
-    print(f"{arch} {outtype}: top-1 agreement {agreement:.1%}, mean KL {kl:.1e}, max |dlogit| {np.abs(ours - ref).max():.1e}")
+    print(
+        f"{arch} {outtype}: top-1 agreement {agreement:.1%}, mean KL {kl:.1e}, max |dlogit| {np.abs(ours - ref).max():.1e}"
+    )
     least, bound = BOUNDS[outtype]
     assert agreement >= least and kl < bound
 
@@ -78,7 +83,10 @@ def test_tokenizer_and_special_tokens_match_hf(tied, tmp_path, prose):
     path = _write(tied, tmp_path, "f16")
     text = prose[:3000] + "\nIn 2024, 12345 cats & 3.14 dogs!\n\n\tTabs\r\n"
     vocab_only = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    assert vocab_only.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert (
+        vocab_only.tokenize(text.encode(), add_bos=False, special=False)
+        == tokenizer(text, add_special_tokens=False)["input_ids"]
+    )
     meta = read_gguf(path).metadata
     assert meta["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
     assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id

@@ -3,6 +3,7 @@
 Tiny random LLaMA and Qwen2 models (vocabulary 49152 with the SmolLM2 tokenizer; Qwen2 with random
 q/k/v biases), fixed seeds, a real English paragraph. f32 weights and an f32 KV cache leave only float32
 rounding in two different kernels."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -43,8 +44,8 @@ def test_encoder_adapter_gives_the_peft_logits(arch, make_tiny_bundle, make_tiny
     with the checkpoint's encoder adapter loaded by PEFT; the adapter moves the logits far more than that."""
     from peft import PeftModel
 
-    from train.base import load_base
-    from train.checkpoint import read_config
+    from uio_gguf.train.base import load_base
+    from uio_gguf.train.checkpoint import read_config
 
     bundle, _, _ = make_tiny_bundle(arch, outtype="f32")
     checkpoint, _, _ = make_tiny_checkpoint(arch)

@@ -1,5 +1,6 @@
 """The converter on a real architecture: the embedded SmolLM2-135M (LLaMA, 30 layers, GQA 9/3, tied
 embeddings), dequantised from its Q4_1 GGUF into PyTorch as training sees it, converted back."""
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,9 @@ def test_f32_conversion_chooses_the_tokens_of_the_original_q4_1(smollm2_f32_bund
     ours = llama_logits(smollm2_f32_bundle / schema.MODEL_FILE, tokens)
     original = llama_logits(embedded_gguf, tokens)
     agreement = (ours.argmax(-1) == original.argmax(-1)).mean()
-    print(f"SmolLM2 f32 conversion vs original Q4_1 in llama.cpp: top-1 agreement {agreement:.1%} over {len(tokens)} tokens")
+    print(
+        f"SmolLM2 f32 conversion vs original Q4_1 in llama.cpp: top-1 agreement {agreement:.1%} over {len(tokens)} tokens"
+    )
     assert agreement >= 0.95
 
 
@@ -61,9 +64,11 @@ def test_tokenizer_is_copied_from_the_source_gguf(smollm2_f32_bundle, embedded_g
 
 def test_base_gguf_is_used_as_it_is_after_the_fingerprint_check(smollm2, embedded_gguf, tmp_path, tokens):
     model, tokenizer, checkpoint = smollm2
-    from convert import convert_checkpoint
+    from uio_gguf.convert import convert_checkpoint
 
-    bundle_dir = convert_checkpoint(checkpoint, tmp_path / "bundle", base_gguf=embedded_gguf, loaded=(model.base, tokenizer))
+    bundle_dir = convert_checkpoint(
+        checkpoint, tmp_path / "bundle", base_gguf=embedded_gguf, loaded=(model.base, tokenizer)
+    )
     started = time.perf_counter()
     bundle = Bundle.open(bundle_dir)
     opened = time.perf_counter() - started

@@ -1,5 +1,6 @@
 """`uio-gguf data` on a small fixture folder: split by document, synthetic share, reproducibility, and
 the parts it is built from (text cleaning, synthetic tasks, a source that is not installed)."""
+
 import json
 import random
 import re
@@ -7,9 +8,9 @@ import re
 import pytest
 
 from tests.conftest import run_cli
-from train import corpus_sources, synthetic
-from train.dataset import DataArgs, build
-from train.text_clean import html_to_text, looks_english, rst_to_text
+from uio_gguf.train import corpus_sources, synthetic
+from uio_gguf.train.dataset import DataArgs, build
+from uio_gguf.train.text_clean import html_to_text, looks_english, rst_to_text
 
 N_DOCS = 10
 
@@ -17,8 +18,11 @@ N_DOCS = 10
 def _story(i: int) -> str:
     """An English document whose every line carries its own tag `docNx`, so any piece of it is traceable;
     longer as i grows."""
-    return "\n".join(f"This is line {j} of the story of doc{i}x, which is told in the valley by the river "
-                     f"and it is not the same as any other one." for j in range(30 + 3 * i))
+    return "\n".join(
+        f"This is line {j} of the story of doc{i}x, which is told in the valley by the river "
+        f"and it is not the same as any other one."
+        for j in range(30 + 3 * i)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +37,25 @@ def fixture_dir(tmp_path_factory):
 
 
 def _data(fixture_dir, out, *extra):
-    return run_cli("data", "--out", str(out), "--sources", "none", "--extra-dir", str(fixture_dir),
-                   "--extra-license", "CC0-1.0", "--heldout-share", "0.2", "--synthetic-share", "0.2",
-                   "--synthetic-max-chars", "2000", *extra, check=True)
+    return run_cli(
+        "data",
+        "--out",
+        str(out),
+        "--sources",
+        "none",
+        "--extra-dir",
+        str(fixture_dir),
+        "--extra-license",
+        "CC0-1.0",
+        "--heldout-share",
+        "0.2",
+        "--synthetic-share",
+        "0.2",
+        "--synthetic-max-chars",
+        "2000",
+        *extra,
+        check=True,
+    )
 
 
 def _records(path):
@@ -102,10 +122,16 @@ def test_max_docs_keeps_a_sample(fixture_dir, tmp_path):
 
 def test_a_missing_source_says_how_to_install_it(fixture_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_sources, "SHARE", tmp_path / "empty")
-    report = build(DataArgs(out=str(tmp_path / "out"), sources=["debian-reference", "debian-handbook"],
-                            extra_dirs=[str(fixture_dir)]), progress=False)
+    report = build(
+        DataArgs(
+            out=str(tmp_path / "out"), sources=["debian-reference", "debian-handbook"], extra_dirs=[str(fixture_dir)]
+        ),
+        progress=False,
+    )
     assert {m["source"]: m["install"] for m in report["missing"]} == {
-        "debian-reference": "apt-get install debian-reference-en", "debian-handbook": "apt-get install debian-handbook"}
+        "debian-reference": "apt-get install debian-reference-en",
+        "debian-handbook": "apt-get install debian-handbook",
+    }
     assert [row["source"] for row in report["sources"]][0] == "extra"
 
 
@@ -136,9 +162,11 @@ def test_synthetic_tasks_hide_the_fact_at_a_line_start_and_ask_at_the_end():
 
 
 def test_text_cleaning():
-    html = ('<html><head><title>T</title></head><body><div id="banner">Download</div>'
-            '<ul class="docnav"><li>Next</li></ul><div class="para">\n\t\tFirst <em>para</em>.</div>'
-            '<p>Second<br/>line &amp; more</p></body></html>')
+    html = (
+        '<html><head><title>T</title></head><body><div id="banner">Download</div>'
+        '<ul class="docnav"><li>Next</li></ul><div class="para">\n\t\tFirst <em>para</em>.</div>'
+        "<p>Second<br/>line &amp; more</p></body></html>"
+    )
     assert html_to_text(html, skip={"banner", "docnav"}) == "First para.\n\nSecond\nline & more"
     rst = ".. _label:\n\nTitle\n=====\n\n.. function:: open(file)\n\n   Opens :func:`io.open <io.open>` ``x``.\n   :noindex:\n"
     assert rst_to_text(rst) == "Title\n\nopen(file)\n\n   Opens io.open x."

@@ -1,5 +1,6 @@
 """The bundles shipped for the embedded SmolLM2: they open with the embedded model, are trained, and an
 unknown ratio is refused with the ratios that exist."""
+
 import pytest
 
 from uio_gguf.bundle import Bundle

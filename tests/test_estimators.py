@@ -1,12 +1,13 @@
-"""The four gradient estimators of DESIGN section 2 against each other, on real computations."""
+"""The four gradient estimators of docs/design.md §2 against each other, on real computations."""
+
 import random
 
 import pytest
 import torch
 
-from train.check import encoder_side, flat_gradient
-from train.estimators import Crop
-from train.tiny import tiny_uio
+from uio_gguf.train.check import encoder_side, flat_gradient
+from uio_gguf.train.estimators import Crop
+from uio_gguf.train.tiny import tiny_uio
 
 SEG, RATIO, T = 16, 4, 6
 
@@ -77,12 +78,14 @@ def test_unbiased_mean_converges_to_full_and_no_factor_stays_short():
     assert _rel(no_factor, full) > 3 * err_many
 
 
-@pytest.mark.parametrize("estimator, window", [("full", 2), ("tbptt", 2), ("incremental", 1), ("unbiased", 1), ("unbiased", 2)])
+@pytest.mark.parametrize(
+    "estimator, window", [("full", 2), ("tbptt", 2), ("incremental", 1), ("unbiased", 1), ("unbiased", 2)]
+)
 @pytest.mark.parametrize("per_pass", [2, T - 1])
 def test_batched_windows_give_the_same_gradient_and_loss(setup, estimator, window, per_pass):
     """windows_per_pass > 1 (a few large calls, memories padded) computes what the per-segment path
     computes, reservoir draws included."""
-    from train.estimators import estimate_gradient
+    from uio_gguf.train.estimators import estimate_gradient
 
     model, crop = setup
     grads = [flat_gradient(model, crop, estimator, window, random.Random(3), windows_per_pass=n) for n in (1, per_pass)]
@@ -111,7 +114,7 @@ def test_padded_memory_rows_see_only_their_own_memory(setup):
 
 def _seed_drawing_each_window(n_segments: int) -> dict[int, int]:
     """{t: a seed whose first draw (loss_windows=1) scores window t}, for every t = 2..T."""
-    from train.estimators import draw_windows
+    from uio_gguf.train.estimators import draw_windows
 
     seeds = {}
     for seed in range(1000):
@@ -124,15 +127,17 @@ def _seed_drawing_each_window(n_segments: int) -> dict[int, int]:
 def test_one_random_window_is_an_unbiased_estimate_of_the_crop(setup, estimator, per_pass):
     """loss_windows=1 scores one window t: averaged over the T-1 possible draws, the gradient and the
     loss are the whole crop's (exact: with S = T-1 no memory's graph is cut or sampled)."""
-    from train.estimators import estimate_gradient
+    from uio_gguf.train.estimators import estimate_gradient
 
     model, crop = setup
     full = flat_gradient(model, crop, "full")
     full_loss = estimate_gradient(model, crop, "full")
     seeds = _seed_drawing_each_window(T)
     grads, losses = [], []
-    for t, seed in seeds.items():
-        grads.append(flat_gradient(model, crop, estimator, T - 1, random.Random(seed), windows_per_pass=per_pass, loss_windows=1))
+    for seed in seeds.values():
+        grads.append(
+            flat_gradient(model, crop, estimator, T - 1, random.Random(seed), windows_per_pass=per_pass, loss_windows=1)
+        )
         losses.append(estimate_gradient(model, crop, estimator, T - 1, random.Random(seed), True, per_pass, 1))
     assert _rel(grads[0], full) > 0.1  # one window alone is far from the crop's gradient
     assert _rel(torch.stack(grads).mean(0), full) < 1e-5
@@ -150,7 +155,7 @@ def test_loss_windows_covering_the_crop_change_nothing(setup):
 
 def _labelled(crop: Crop, scored: dict[int, list[tuple[int, int]]]) -> Crop:
     """The crop with labels (IGNORE elsewhere) at {window t: [(row, position in the window)]}."""
-    from train.model import IGNORE
+    from uio_gguf.train.model import IGNORE
 
     labels = torch.full_like(crop.tokens, IGNORE)
     for t, places in scored.items():
@@ -163,7 +168,7 @@ def _labelled(crop: Crop, scored: dict[int, list[tuple[int, int]]]) -> Crop:
 def test_labels_score_only_their_tokens_in_every_estimator(setup):
     """J of a labelled crop is the mean, over its labelled windows, of their labelled tokens' mean NLL
     (computed here by hand), and every estimator that keeps every memory's graph computes its gradient."""
-    from train.estimators import estimate_gradient
+    from uio_gguf.train.estimators import estimate_gradient
 
     model, crop = setup
     scored = {3: [(0, 5), (1, 0)], T: [(0, SEG - 1), (0, 2), (1, 7)]}
@@ -178,8 +183,9 @@ def test_labels_score_only_their_tokens_in_every_estimator(setup):
         per_window.append(torch.stack([-logp[r, p, targets[r, p]] for r, p in places]).mean())
     by_hand = torch.stack(per_window).mean()
     by_hand.backward()
-    expected = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
-                          for p in model.trainable_parameters()]).double()
+    expected = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.trainable_parameters()]
+    ).double()
     assert abs(estimate_gradient(model, labelled, "full") - by_hand.item()) < 1e-5
     for estimator, per_pass in [("full", 1), ("incremental", 1), ("unbiased", 1), ("unbiased", 2), ("full", T - 1)]:
         got = flat_gradient(model, labelled, estimator, T - 1, random.Random(0), windows_per_pass=per_pass)
@@ -191,11 +197,13 @@ def test_labels_on_every_token_are_the_plain_crop(setup):
     every = Crop(crop.tokens, SEG, crop.tokens.clone())
     for per_pass in (1, 2):
         plain = flat_gradient(model, crop, "unbiased", 2, random.Random(4), windows_per_pass=per_pass)
-        assert _rel(flat_gradient(model, every, "unbiased", 2, random.Random(4), windows_per_pass=per_pass), plain) < 1e-6
+        assert (
+            _rel(flat_gradient(model, every, "unbiased", 2, random.Random(4), windows_per_pass=per_pass), plain) < 1e-6
+        )
 
 
 def test_labels_that_score_nothing_after_the_first_window_are_refused(setup):
-    from train.estimators import estimate_gradient
+    from uio_gguf.train.estimators import estimate_gradient
 
     model, crop = setup
     with pytest.raises(ValueError, match="score nothing"):

@@ -1,5 +1,6 @@
 """`uio-gguf eval ppl` and `uio-gguf eval passkey` end to end on a tiny converted bundle: tables, JSON,
 and one clear line for bad input."""
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,26 @@ def text(tmp_path_factory, prose):
 
 def test_eval_ppl_prints_a_table_and_writes_json(tiny_bundle, text, cache_env, tmp_path):
     out = tmp_path / "out.json"
-    result = run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--lengths", "32,64", "--json", str(out),
-                     env=cache_env, check=True)
+    result = run_cli(
+        "eval",
+        "ppl",
+        str(text),
+        "-m",
+        str(tiny_bundle),
+        "--lengths",
+        "32,64",
+        "--json",
+        str(out),
+        env=cache_env,
+        check=True,
+    )
     assert "uio-r4" in result.stdout and "full-8k" in result.stdout
     report = json.loads(out.read_text())
     assert report["lengths"] == [32, 64]
     assert report["methods"] == ["uio-r4", "window", "full-8k", "full"]
     assert {(r["method"], r["length"]) for r in report["results"]} == {
-        (m, n) for m in report["methods"] for n in (32, 64)}
+        (m, n) for m in report["methods"] for n in (32, 64)
+    }
     for r in report["results"]:
         assert set(r) >= {"method", "length", "ppl", "tokens", "seconds"}
         assert r["tokens"] == r["length"] - 1 and r["ppl"] > 1
@@ -37,20 +50,49 @@ def test_eval_ppl_baselines_can_be_left_out(tiny_bundle, text, cache_env, tmp_pa
     runs = {}
     for chosen in ("window,sliding,full", "none", "window"):
         out = tmp_path / f"{chosen}.json"
-        run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--lengths", "32,64", "--baselines", chosen,
-                "--json", str(out), env=cache_env, check=True)
+        run_cli(
+            "eval",
+            "ppl",
+            str(text),
+            "-m",
+            str(tiny_bundle),
+            "--lengths",
+            "32,64",
+            "--baselines",
+            chosen,
+            "--json",
+            str(out),
+            env=cache_env,
+            check=True,
+        )
         runs[chosen] = {(r["method"], r["length"]): r["ppl"] for r in json.loads(out.read_text())["results"]}
     assert {m for m, _ in runs["none"]} == {"uio-r4"} and {m for m, _ in runs["window"]} == {"uio-r4", "window"}
     for chosen in ("none", "window"):
         assert all(runs["window,sliding,full"][key] == ppl for key, ppl in runs[chosen].items())
-    _one_line_error(run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--baselines", "window,rag",
-                            env=cache_env), "unknown baseline rag")
+    _one_line_error(
+        run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--baselines", "window,rag", env=cache_env),
+        "unknown baseline rag",
+    )
 
 
 def test_eval_passkey_prints_a_table_and_writes_json(tiny_bundle, cache_env, tmp_path):
     out = tmp_path / "out.json"
-    result = run_cli("eval", "passkey", "-m", str(tiny_bundle), "--lengths", "64", "--depths", "0.5", "--trials", "2",
-                     "--json", str(out), env=cache_env, check=True)
+    result = run_cli(
+        "eval",
+        "passkey",
+        "-m",
+        str(tiny_bundle),
+        "--lengths",
+        "64",
+        "--depths",
+        "0.5",
+        "--trials",
+        "2",
+        "--json",
+        str(out),
+        env=cache_env,
+        check=True,
+    )
     assert "depth 0.5" in result.stdout
     report = json.loads(out.read_text())
     assert report["lengths"] == [64] and report["depths"] == [0.5] and report["trials"] == 2

@@ -1,5 +1,6 @@
 """`uio-gguf eval ppl` on a tiny converted bundle: the baselines are computed honestly (they agree where
 they must, differ where they must), and the perplexity is the PyTorch model's, token for token."""
+
 from __future__ import annotations
 
 import math
@@ -105,8 +106,10 @@ def test_perplexity_equals_pytorch(setup):
     ppl = {(r["method"], r["length"]): r["ppl"] for r in report["results"]}
     inputs = stream[:-1]
     with torch.no_grad():
-        windows = [model.decode(torch.as_tensor(w, dtype=torch.long)[None], None)[0].numpy()
-                   for w in np.split(inputs, range(SEGMENT, len(inputs), SEGMENT))]
+        windows = [
+            model.decode(torch.as_tensor(w, dtype=torch.long)[None], None)[0].numpy()
+            for w in np.split(inputs, range(SEGMENT, len(inputs), SEGMENT))
+        ]
         full = model.decode(torch.as_tensor(inputs, dtype=torch.long)[None], None)[0].numpy()
     reference = {"uio-r4": torch_stream_logits(model, inputs, SEGMENT), "window": np.concatenate(windows), "full": full}
     for name, logits in reference.items():

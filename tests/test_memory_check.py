@@ -1,5 +1,6 @@
 """train.memory_check: each memory cap reads exactly the segments it names, and the command prints the
 PyTorch twin of eval ppl's uio column for a checkpoint."""
+
 import json
 import math
 import subprocess
@@ -7,15 +8,15 @@ import sys
 
 import torch
 
-from train.estimators import Crop
-from train.memory_check import prefix_ppl, window_losses
-from train.tiny import tiny_uio
+from uio_gguf.train.estimators import Crop
+from uio_gguf.train.memory_check import prefix_ppl, window_losses
+from uio_gguf.train.tiny import tiny_uio
 
 SEGMENT, T = 16, 6
 
 
 def _memory_check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train.memory_check", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "uio_gguf.train.memory_check", *args], capture_output=True, text=True)
 
 
 def test_a_cap_reads_the_last_segments_and_nothing_else():
@@ -29,7 +30,9 @@ def test_a_cap_reads_the_last_segments_and_nothing_else():
             alone = model.window_loss(crop.window(t), crop.targets(t), None).item()
             assert math.isclose(losses[0][t - 1], alone, rel_tol=1e-6)
             last_two = torch.cat(memories[max(0, t - 3) : t - 1], dim=2) if t > 1 else None
-            assert math.isclose(losses[2][t - 1], model.window_loss(crop.window(t), crop.targets(t), last_two).item(), rel_tol=1e-6)
+            assert math.isclose(
+                losses[2][t - 1], model.window_loss(crop.window(t), crop.targets(t), last_two).item(), rel_tol=1e-6
+            )
     assert losses[2][:3] == losses[None][:3]  # windows 1-3 have at most two segments of memory
     assert all(abs(a - b) > 1e-6 for a, b in zip(losses[2][3:], losses[None][3:]))  # later ones lose the oldest
     assert losses[0][0] == losses[None][0]  # window 1 has no memory at all
@@ -41,8 +44,20 @@ def test_the_command_prints_a_row_per_cap(make_tiny_checkpoint, prose, tmp_path)
     base = json.loads((checkpoint / "uio_config.json").read_text())["base"]["path"]
     text = tmp_path / "book.txt"
     text.write_text(prose)
-    result = _memory_check("--base", base, "--text", str(text), "--head", str(checkpoint), "--segments", "4",
-                           "--caps", "0,1,all", "--last", "2")
+    result = _memory_check(
+        "--base",
+        base,
+        "--text",
+        str(text),
+        "--head",
+        str(checkpoint),
+        "--segments",
+        "4",
+        "--caps",
+        "0,1,all",
+        "--last",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in result.stdout.splitlines()[2:]}
     assert set(rows) == {"0", "1", "all"} and all(len(r) == 2 for r in rows.values())  # 128 tokens, last 2

@@ -1,9 +1,10 @@
-"""Mask and positions of the encoder, and the independence structure of DESIGN section 1."""
+"""Mask and positions of the encoder, and the independence structure of docs/design.md §1."""
+
 import torch
 
-from train.estimators import Crop
-from train.model import step_expansion_mask
-from train.tiny import tiny_uio
+from uio_gguf.train.estimators import Crop
+from uio_gguf.train.model import step_expansion_mask
+from uio_gguf.train.tiny import tiny_uio
 
 SEG, RATIO = 16, 4
 SLOTS = SEG // RATIO
@@ -76,8 +77,10 @@ def test_loss_of_segment_t_ignores_later_segments():
         crop = Crop(toks, SEG)
         with torch.no_grad():
             memory = [model.encode(crop.window(s)) for s in range(1, T)]
-            return [model.window_loss(crop.window(t), crop.targets(t), torch.cat(memory[: t - 1], dim=2)).item()
-                    for t in range(2, T + 1)]
+            return [
+                model.window_loss(crop.window(t), crop.targets(t), torch.cat(memory[: t - 1], dim=2)).item()
+                for t in range(2, T + 1)
+            ]
 
     ref = losses(tokens)
     t = 3
@@ -104,8 +107,8 @@ def test_decoder_with_memory_prefix_equals_plain_attention_over_memory_kv():
 def test_trained_parameters_stay_float32_over_a_bf16_base():
     """On CUDA the base runs in bf16; AdamW on bf16 weights would drop small updates, so everything trained
     is float32, and one optimizer step moves the memory embedding by a step far below bf16's resolution."""
-    from train.model import UIOConfig, UIOModel
-    from train.tiny import tiny_base
+    from uio_gguf.train.model import UIOConfig, UIOModel
+    from uio_gguf.train.tiny import tiny_base
 
     base = tiny_base().to(torch.bfloat16)
     model = UIOModel(base, UIOConfig(segment=SEG, ratio=RATIO, rank=4, alpha=8.0))

@@ -1,6 +1,7 @@
 """The native plugin on the real embedded SmolLM2-135M GGUF, through llama_cpp's low-level API:
 state-format probe, KV writes and reads, activation capture checked against numpy, and memory that the
 model actually attends to."""
+
 from __future__ import annotations
 
 import ctypes
@@ -14,10 +15,10 @@ llama_cpp = pytest.importorskip("llama_cpp")
 llama_cpp_logger = pytest.importorskip("llama_cpp._logger")
 llama_cpp_logger.set_verbose(False)  # llama.cpp's per-context log lines drown a failure report
 
-from native import bindings  # noqa: E402
-from native.build import load_plugin  # noqa: E402
 from uio_gguf.errors import UIOError  # noqa: E402
 from uio_gguf.llama_api import model_params  # noqa: E402
+from uio_gguf.native import bindings  # noqa: E402
+from uio_gguf.native.build import load_plugin  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,9 @@ def context(model, cache_type=F32, flash=False, capture=None, unified=True, n_se
     params.n_seq_max = n_seq_max
     params.kv_unified = unified
     params.type_k = params.type_v = cache_type
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     params.n_threads = params.n_threads_batch = 2
     if capture is not None:
         bindings.set_capture_callback(params, capture)
@@ -138,6 +141,7 @@ def by_position(positions, k, v):
 
 # --- probe -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cache_type", [F32, F16])
 @pytest.mark.parametrize("flash", [True, False])
 def test_probe_learns_the_layout(model, cache_type, flash):
@@ -164,6 +168,7 @@ def test_probe_refuses_a_busy_scratch_sequence(model, tokens):
 
 # --- KV write / read -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cache_type,flash", [(F32, False), (F32, True), (F16, False), (F16, True)])
 def test_kv_write_round_trip_keeps_other_cells(model, tokens, cache_type, flash):
     rng = np.random.default_rng(0)
@@ -181,7 +186,11 @@ def test_kv_write_round_trip_keeps_other_cells(model, tokens, cache_type, flash)
         assert pos_range(ctx, SCRATCH) == (-1, -1)
         got_pos, got_k, got_v = by_position(*parse_state_py(seq_state(ctx, 0)))
         assert list(got_pos) == list(range(8))
-        expect_k, expect_v = (k, v) if cache_type == F32 else (k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32))
+        expect_k, expect_v = (
+            (k, v)
+            if cache_type == F32
+            else (k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32))
+        )
         np.testing.assert_array_equal(got_k[:, :5], expect_k)
         np.testing.assert_array_equal(got_v[:, :5], expect_v)
         _, old_k, old_v = by_position(*before)
@@ -246,6 +255,7 @@ def test_kv_write_rejects_bad_arguments(model):
 
 # --- corrupted state -------------------------------------------------------------------------------
 
+
 def test_parser_detects_a_changed_format(model, tokens):
     with context(model) as ctx:
         decode(ctx, tokens[:3], [0, 1, 2])
@@ -276,6 +286,7 @@ def test_parser_detects_a_changed_format(model, tokens):
 
 
 # --- capture -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def gguf_weights(embedded_gguf):
@@ -328,7 +339,7 @@ def captured(request, model, tokens):
         capture.disarm()
         capture.check()
         stored = by_position(*bindings.kv_read(ctx, layout, 0))
-        rows = {(kind, layer): capture.rows(kind, layer) for kind in range(3) for layer in range(N_LAYER)}
+        rows = {(kind, layer): capture.rows(kind, layer) for kind in bindings.CaptureKind for layer in range(N_LAYER)}
     yield rows, positions, stored
     capture.close()
 
@@ -433,20 +444,33 @@ int main(void) {
 def test_capture_reads_strided_and_half_precision_nodes(tmp_path):
     import subprocess
 
-    from native import build
+    from uio_gguf.native import build
 
     source = tmp_path / "harness.c"
     source.write_text(CAPTURE_HARNESS)
     include, lib = build.llama_cpp_paths()
     exe = tmp_path / "harness"
-    command = [build.find_compiler(), "-O1", "-std=c11", f"-I{include}", f"-I{build.HERE}", str(source), "-o", str(exe),
-               f"-L{lib}", "-lllama", "-lggml-base", f"-Wl,-rpath,{lib}"]
+    command = [
+        build.find_compiler(),
+        "-O1",
+        "-std=c11",
+        f"-I{include}",
+        f"-I{build.HERE}",
+        str(source),
+        "-o",
+        str(exe),
+        f"-L{lib}",
+        "-lllama",
+        "-lggml-base",
+        f"-Wl,-rpath,{lib}",
+    ]
     subprocess.run(command, check=True, capture_output=True)
     result = subprocess.run([str(exe)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
 
 
 # --- memory the model attends to ------------------------------------------------------------------
+
 
 def test_written_memory_is_attended_and_reproduces_the_cache(model, tokens):
     prefix, last = tokens[:5], tokens[5]
@@ -467,8 +491,10 @@ def test_written_memory_is_attended_and_reproduces_the_cache(model, tokens):
         bindings.kv_write(ctx, layout, 0, SCRATCH, positions, rng.standard_normal(k.shape, dtype=np.float32), v)
         with_random_memory = decode(ctx, [last], [5])
     error = float(np.max(np.abs(with_memory - reference)))
-    print(f"logits with the cache's own K/V written back: max abs error {error:.2e}; "
-          f"without memory: {np.max(np.abs(without_memory - reference)):.2f}, random K: {np.max(np.abs(with_random_memory - reference)):.2f}")
+    print(
+        f"logits with the cache's own K/V written back: max abs error {error:.2e}; "
+        f"without memory: {np.max(np.abs(without_memory - reference)):.2f}, random K: {np.max(np.abs(with_random_memory - reference)):.2f}"
+    )
     assert error < 1e-3
     assert np.max(np.abs(without_memory - reference)) > 0.5
     assert np.max(np.abs(with_random_memory - reference)) > 0.5
@@ -476,8 +502,9 @@ def test_written_memory_is_attended_and_reproduces_the_cache(model, tokens):
 
 # --- build ----------------------------------------------------------------------------------------
 
+
 def test_build_reports_a_missing_compiler(monkeypatch, tmp_path):
-    from native import build
+    from uio_gguf.native import build
 
     monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -487,7 +514,7 @@ def test_build_reports_a_missing_compiler(monkeypatch, tmp_path):
 
 
 def test_build_reports_the_first_compiler_error(monkeypatch, tmp_path):
-    from native import build
+    from uio_gguf.native import build
 
     broken = tmp_path / "broken.c"
     broken.write_text("int main(void) { return undefined_name; }\n")

@@ -1,12 +1,13 @@
 """A few training steps of the real embedded SmolLM2-135M (dequantised from its GGUF) on CPU."""
+
 import random
 
 import pytest
 import torch
 
-from train.base import fingerprint, load_base
-from train.estimators import Crop, estimate_gradient
-from train.model import UIOConfig, UIOModel
+from uio_gguf.train.base import fingerprint, load_base
+from uio_gguf.train.estimators import Crop, estimate_gradient
+from uio_gguf.train.model import UIOConfig, UIOModel
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,12 @@ def test_training_steps_lower_the_loss_on_a_real_batch(embedded_gguf, prose):
         optimizer.step()
     with torch.no_grad():
         memory = [model.encode(crop.window(s)) for s in range(1, 4)]
-        final = sum(model.window_loss(crop.window(t), crop.targets(t), torch.cat(memory[: t - 1], 2)).item()
-                    for t in range(2, 5)) / 3
+        final = (
+            sum(
+                model.window_loss(crop.window(t), crop.targets(t), torch.cat(memory[: t - 1], 2)).item()
+                for t in range(2, 5)
+            )
+            / 3
+        )
     print("losses", [round(x, 4) for x in losses], "final", round(final, 4))
     assert final < losses[0] - 0.05

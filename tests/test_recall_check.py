@@ -1,5 +1,6 @@
 """train.recall_check: the probe crops have the training tasks' layout, and a head read from its bundle
 scores exactly as its checkpoint."""
+
 import json
 import re
 import subprocess
@@ -7,15 +8,15 @@ import sys
 
 import numpy as np
 
-from train import synthetic
-from train.model import IGNORE
-from train.recall_check import probe_crops
+from uio_gguf import synthetic
+from uio_gguf.train.model import IGNORE
+from uio_gguf.train.recall_check import probe_crops
 
 SEGMENT, T = 32, 4
 
 
 def _recall_check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train.recall_check", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "uio_gguf.train.recall_check", *args], capture_output=True, text=True)
 
 
 def test_probe_crops_hide_the_fact_in_memory_and_end_with_the_answer(make_tiny_checkpoint, prose):
@@ -43,8 +44,20 @@ def test_a_bundle_scores_as_its_checkpoint(make_tiny_checkpoint, make_tiny_bundl
     base = json.loads((checkpoint / "uio_config.json").read_text())["base"]["path"]
     text = tmp_path / "heldout.txt"
     text.write_text(prose)
-    result = _recall_check("--base", base, "--heldout", str(text), "--head", str(checkpoint), "--head", str(bundle),
-                           "--segments", str(T), "--crops", "4")
+    result = _recall_check(
+        "--base",
+        base,
+        "--heldout",
+        str(text),
+        "--head",
+        str(checkpoint),
+        "--head",
+        str(bundle),
+        "--segments",
+        str(T),
+        "--crops",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     rows = [line.split()[1:] for line in result.stdout.splitlines()[1:]]  # T, memory, top-1, NLL, all right
     assert len(rows) == 4 and rows[:2] == rows[2:]  # the bundle scores exactly as its checkpoint

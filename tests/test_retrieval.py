@@ -1,5 +1,6 @@
 """Retrieval crops (train.retrieval) and the fine-tuning options of `uio-gguf train`: --retrieval-share
 and --init."""
+
 import json
 import re
 
@@ -9,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
-from train import synthetic
-from train.base import GGUFTokenizer
-from train.retrieval import POOL_FILE, RetrievalCrops, build_pool, load_pool, save_pool
+from uio_gguf import synthetic
 from uio_gguf.errors import UIOError
+from uio_gguf.train.base import GGUFTokenizer
+from uio_gguf.train.retrieval import POOL_FILE, RetrievalCrops, build_pool, load_pool, save_pool
 
 SEGMENT, T = 128, 3
 
@@ -59,13 +60,13 @@ def test_facts_lie_in_memory_and_questions_close_the_crop(tokenizer, pool, fille
         # Without the questions and the facts' lines, the crop is the original's first tokens, in order.
         rest = made.tolist()
         tail = tokenizer("\n\n" + "\n".join(answers), add_special_tokens=False)["input_ids"]
-        assert rest[-len(tail):] == tail
+        assert rest[-len(tail) :] == tail
         rest = rest[: -len(tail)]
         for fact in facts:
             ids = tokenizer(f"\n{fact}\n", add_special_tokens=False)["input_ids"]
             at = next(i for i in range(len(rest)) if rest[i : i + len(ids)] == ids)
             assert at + len(ids) <= (T - 1) * SEGMENT
-            rest = rest[:at] + rest[at + len(ids):]
+            rest = rest[:at] + rest[at + len(ids) :]
         assert rest == original[: len(rest)].tolist()
     assert kinds == {"pass", "value"}  # both tasks occur
 
@@ -99,28 +100,60 @@ def book(tmp_path_factory, prose):
 
 def _train(model_dir, out, *extra, data=None, check=True):
     data_args = ("--data", str(data)) if data is not None else ()
-    return run_cli("train", "--base", str(model_dir), *data_args, "--out", str(out), "--segment", "128",
-                   "--ratio", "32", "--segments", "3", "--batch", "2", "--rank", "4", "--alpha", "8",
-                   "--eval-every", "100", "--save-every", "1", *extra, check=check)
+    return run_cli(
+        "train",
+        "--base",
+        str(model_dir),
+        *data_args,
+        "--out",
+        str(out),
+        "--segment",
+        "128",
+        "--ratio",
+        "32",
+        "--segments",
+        "3",
+        "--batch",
+        "2",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--eval-every",
+        "100",
+        "--save-every",
+        "1",
+        *extra,
+        check=check,
+    )
 
 
 def _weights(checkpoint):
-    return {f"{name}:{key}": value for name in ("encoder/adapter_model.safetensors", "transfer/adapter_model.safetensors",
-                                                "memory_embedding.safetensors")
-            for key, value in load_file(str(checkpoint / name)).items()}
+    return {
+        f"{name}:{key}": value
+        for name in (
+            "encoder/adapter_model.safetensors",
+            "transfer/adapter_model.safetensors",
+            "memory_embedding.safetensors",
+        )
+        for key, value in load_file(str(checkpoint / name)).items()
+    }
 
 
 def test_retrieval_run_resumes_exactly_and_init_loads_its_weights(make_tiny_model_dir, book, tmp_path):
     model_dir = make_tiny_model_dir("llama")
     straight, chunked = tmp_path / "straight", tmp_path / "chunked"
     _train(model_dir, straight, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", data=book)
-    _train(model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--max-minutes", "0", data=book)
+    _train(
+        model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--max-minutes", "0", data=book
+    )
     assert (chunked / POOL_FILE).exists()
     changed = _train(model_dir, chunked, "--steps", "3", "--resume", check=False)  # without the share
     assert changed.returncode != 0 and "Traceback" not in changed.stderr
     assert "this run was trained with --retrieval-share 0.5" in changed.stderr.strip().splitlines()[-1]
-    resumed = _train(model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--resume",
-                     "--ratio", "16")  # the run's own shape wins over a mistyped one
+    resumed = _train(
+        model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--resume", "--ratio", "16"
+    )  # the run's own shape wins over a mistyped one
     assert "--resume: taking segment 128, ratio 32, rank 4, alpha 8.0" in resumed.stderr
     a, b = _weights(straight / "checkpoint"), _weights(chunked / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the retrieval crops come from the saved data rng
@@ -143,14 +176,22 @@ def test_retrieval_run_resumes_exactly_and_init_loads_its_weights(make_tiny_mode
 def test_init_refuses_another_base_and_a_missing_checkpoint(make_tiny_model_dir, book, tmp_path):
     _train(make_tiny_model_dir("llama"), tmp_path / "a", "--steps", "1", data=book)
     other = make_tiny_model_dir("llama", seed=1)
-    for init, message in ((tmp_path / "a", "was trained on another base model"), (tmp_path / "none", "no UIO checkpoint in")):
+    for init, message in (
+        (tmp_path / "a", "was trained on another base model"),
+        (tmp_path / "none", "no UIO checkpoint in"),
+    ):
         result = _train(other, tmp_path / "b", "--steps", "1", "--init", str(init), data=book, check=False)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert message in result.stderr.strip().splitlines()[-1], result.stderr
 
 
-@pytest.mark.parametrize("option, value, message", [("--retrieval-share", "1.5", "--retrieval-share must lie between 0 and 1"),
-                                                    ("--windows-per-pass", "0", "--windows-per-pass must be at least 1")])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--retrieval-share", "1.5", "--retrieval-share must lie between 0 and 1"),
+        ("--windows-per-pass", "0", "--windows-per-pass must be at least 1"),
+    ],
+)
 def test_bad_training_options_give_one_line(option, value, message, tmp_path):
     result = run_cli("train", "--base", "unused", "--out", str(tmp_path / "o"), option, value)
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -159,8 +200,8 @@ def test_bad_training_options_give_one_line(option, value, message, tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # llama: LoRA B of q and k comes back from llama.cpp's row order
 def test_a_bundle_gives_back_its_checkpoint_bit_for_bit(arch, make_tiny_checkpoint, make_tiny_bundle, tmp_path):
-    from train.base import load_config
-    from train.from_bundle import checkpoint_from_bundle
+    from uio_gguf.train.base import load_config
+    from uio_gguf.train.from_bundle import checkpoint_from_bundle
 
     checkpoint, _, _ = make_tiny_checkpoint(arch)
     bundle, _, _ = make_tiny_bundle(arch)
@@ -175,7 +216,9 @@ def test_a_bundle_gives_back_its_checkpoint_bit_for_bit(arch, make_tiny_checkpoi
     assert config["base"]["fingerprint"] == original["base"]["fingerprint"]
 
 
-def test_init_from_a_bundle_starts_from_its_weights(make_tiny_checkpoint, make_tiny_bundle, make_tiny_model_dir, book, tmp_path):
+def test_init_from_a_bundle_starts_from_its_weights(
+    make_tiny_checkpoint, make_tiny_bundle, make_tiny_model_dir, book, tmp_path
+):
     checkpoint, _, _ = make_tiny_checkpoint("llama")
     bundle, _, _ = make_tiny_bundle("llama")
     base = json.loads((checkpoint / "uio_config.json").read_text())["base"]["path"]
@@ -184,6 +227,14 @@ def test_init_from_a_bundle_starts_from_its_weights(make_tiny_checkpoint, make_t
     assert "--init: taking segment 16, ratio 4, rank 4, alpha 8.0" in result.stderr
     a, c = _weights(checkpoint), _weights(tuned / "checkpoint")
     assert all(torch.equal(a[k], c[k]) for k in a)
-    other = _train(make_tiny_model_dir("llama", seed=1), tmp_path / "other", "--steps", "1", "--init", str(bundle),
-                   data=book, check=False)
+    other = _train(
+        make_tiny_model_dir("llama", seed=1),
+        tmp_path / "other",
+        "--steps",
+        "1",
+        "--init",
+        str(bundle),
+        data=book,
+        check=False,
+    )
     assert other.returncode != 0 and "was trained on another base model" in other.stderr.strip().splitlines()[-1]

@@ -3,6 +3,7 @@
 A tiny random LLaMA (and Qwen2) with non-zero random UIO weights (encoder LoRA, transfer LoRA, memory
 embedding), converted to an f32 bundle, over a real text of 6 full segments and a remainder. The KV
 cache is f32 here, so the only differences are float32 rounding in two different kernels."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,6 +18,7 @@ def _torch_stream_logits(model, stream):
     from tests.uio_reference import torch_stream_logits
 
     return torch_stream_logits(model, stream, SEGMENT)
+
 
 SEGMENT, RATIO = 16, 4
 SLOTS = SEGMENT // RATIO
@@ -83,7 +85,9 @@ def test_memory_actually_matters(setup):
     """A guard on the test above: without memory the later windows' logits differ."""
     _, runtime, model, stream = setup
     with torch.no_grad():
-        plain = model.decode(torch.as_tensor(stream[3 * SEGMENT : 4 * SEGMENT], dtype=torch.long)[None], None)[0].numpy()
+        plain = model.decode(torch.as_tensor(stream[3 * SEGMENT : 4 * SEGMENT], dtype=torch.long)[None], None)[
+            0
+        ].numpy()
     expected = _torch_stream_logits(model, stream)[3 * SEGMENT : 4 * SEGMENT]
     assert np.abs(plain - expected).max() > 1e-2
 
@@ -118,8 +122,9 @@ def test_parallel_batches_equal_one_segment_at_a_time(setup):
     _, runtime, _, stream = setup
     segments = stream[: N_SEGMENTS * SEGMENT].reshape(N_SEGMENTS, SEGMENT)
     batched = runtime.encoder.compress(segments)  # 4 per batch: batches of 4 and 2
-    single = Encoder(runtime.model, runtime.bundle, runtime.plugin, segments_per_batch=1,
-                     kv_type=runtime.kv_type).compress(segments)
+    single = Encoder(
+        runtime.model, runtime.bundle, runtime.plugin, segments_per_batch=1, kv_type=runtime.kv_type
+    ).compress(segments)
     assert np.abs(batched.k - single.k).max() < 1e-5
     assert np.abs(batched.v - single.v).max() < 1e-5
 

@@ -1,5 +1,6 @@
 """Decoder parity on the real embedded SmolLM2-135M (30 layers, GQA 9/3): dequantised into PyTorch with a
 random non-zero UIO adapter, converted to an f32 bundle, run through the llama.cpp runtime."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +26,9 @@ def test_real_model_decoder_logits_equal_pytorch(smollm2, smollm2_f32_bundle, pr
     top1 = (got.argmax(-1) == expected.argmax(-1)).mean()
     mean_kl = kl(expected, got).mean()
     err = np.abs(got - expected).max()
-    print(f"SmolLM2 runtime vs PyTorch ({kv_type} cache): top-1 {top1:.2%}, mean KL {mean_kl:.2e}, max |dlogit| {err:.2e}")
+    print(
+        f"SmolLM2 runtime vs PyTorch ({kv_type} cache): top-1 {top1:.2%}, mean KL {mean_kl:.2e}, max |dlogit| {err:.2e}"
+    )
     assert top1 >= 0.99 and mean_kl <= 1e-3
     if bound is not None:
         assert err < bound * np.abs(expected).max()

@@ -1,4 +1,5 @@
 """`uio-gguf train` end to end on a tiny model: checkpoint format, exact resume, bad input."""
+
 import json
 import sys
 
@@ -19,9 +20,34 @@ def book(tmp_path_factory, prose):
 def _train(model_dir, book, out, *extra, check=True):
     """A tiny training run; book=None leaves out --data (the run reads OUT/tokens.npz)."""
     data = ("--data", str(book)) if book is not None else ()
-    return run_cli("train", "--base", str(model_dir), *data, "--out", str(out), "--segment", "16",
-                   "--ratio", "4", "--segments", "4", "--batch", "2", "--rank", "4", "--alpha", "8", "--lr", "1e-2",
-                   "--eval-every", "2", "--save-every", "1", *extra, check=check)
+    return run_cli(
+        "train",
+        "--base",
+        str(model_dir),
+        *data,
+        "--out",
+        str(out),
+        "--segment",
+        "16",
+        "--ratio",
+        "4",
+        "--segments",
+        "4",
+        "--batch",
+        "2",
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--lr",
+        "1e-2",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "1",
+        *extra,
+        check=check,
+    )
 
 
 def test_checkpoint_is_peft_format_and_resume_is_exact(make_tiny_model_dir, book, tmp_path):
@@ -48,7 +74,11 @@ def test_checkpoint_is_peft_format_and_resume_is_exact(make_tiny_model_dir, book
     assert json.loads((killed / "checkpoint" / "uio_config.json").read_text())["step"] == 2
     _train(model_dir, book, killed, "--steps", "4", "--resume")
 
-    for name in ("encoder/adapter_model.safetensors", "transfer/adapter_model.safetensors", "memory_embedding.safetensors"):
+    for name in (
+        "encoder/adapter_model.safetensors",
+        "transfer/adapter_model.safetensors",
+        "memory_embedding.safetensors",
+    ):
         a, b = load_file(str(ckpt / name)), load_file(str(killed / "checkpoint" / name))
         assert a.keys() == b.keys()
         for key in a:
@@ -59,11 +89,19 @@ def test_checkpoint_is_peft_format_and_resume_is_exact(make_tiny_model_dir, book
 
 
 def _adapters(checkpoint):
-    return {name: load_file(str(checkpoint / name)) for name in
-            ("encoder/adapter_model.safetensors", "transfer/adapter_model.safetensors", "memory_embedding.safetensors")}
+    return {
+        name: load_file(str(checkpoint / name))
+        for name in (
+            "encoder/adapter_model.safetensors",
+            "transfer/adapter_model.safetensors",
+            "memory_embedding.safetensors",
+        )
+    }
 
 
-def test_max_minutes_stops_with_a_checkpoint_and_resume_needs_only_the_saved_tokens(make_tiny_model_dir, book, tmp_path):
+def test_max_minutes_stops_with_a_checkpoint_and_resume_needs_only_the_saved_tokens(
+    make_tiny_model_dir, book, tmp_path
+):
     """Training in chunks (--max-minutes) and resuming from OUT/tokens.npz alone (no --data, as on a
     machine the text was not copied to) lands on the same weights as one straight run."""
     model_dir = make_tiny_model_dir("llama")
@@ -82,7 +120,7 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_needs_only_the_saved_tok
 def test_prepare_only_and_heldout_files(make_tiny_model_dir, book, prose, tmp_path):
     import numpy as np
 
-    from train.base import load_base
+    from uio_gguf.train.base import load_base
 
     model_dir = make_tiny_model_dir("llama")
     heldout = tmp_path / "heldout.txt"
@@ -99,15 +137,21 @@ def test_prepare_only_and_heldout_files(make_tiny_model_dir, book, prose, tmp_pa
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "tokens.npz").write_bytes((out / "tokens.npz").read_bytes()[:500])  # an interrupted copy
-    result = run_cli("train", "--base", str(model_dir), "--out", str(damaged), "--segment", "16", "--ratio", "4", "--steps", "1")
+    result = run_cli(
+        "train", "--base", str(model_dir), "--out", str(damaged), "--segment", "16", "--ratio", "4", "--steps", "1"
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "tokens.npz is damaged" in result.stderr.strip().splitlines()[-1]
 
     other = make_tiny_model_dir("qwen2")  # another base: its tokens would be wrong for it
-    result = run_cli("train", "--base", str(other), "--out", str(out), "--segment", "16", "--ratio", "4", "--steps", "1")
+    result = run_cli(
+        "train", "--base", str(other), "--out", str(out), "--segment", "16", "--ratio", "4", "--steps", "1"
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (f"uio-gguf: error: {out / 'tokens.npz'} was tokenized for another base model: delete it to tokenize the data again")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"uio-gguf: error: {out / 'tokens.npz'} was tokenized for another base model: delete it to tokenize the data again"
+    )
 
 
 def test_encoder_adapter_loads_in_peft_with_same_logits(make_tiny_model_dir, book, tmp_path):
@@ -115,7 +159,7 @@ def test_encoder_adapter_loads_in_peft_with_same_logits(make_tiny_model_dir, boo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train.checkpoint import load_uio_model
+    from uio_gguf.train.checkpoint import load_uio_model
 
     model_dir = make_tiny_model_dir("llama")
     _train(model_dir, book, tmp_path / "run", "--steps", "2")
@@ -155,8 +199,20 @@ def test_bad_input_gives_one_clear_line(change, message, make_tiny_model_dir, bo
 
         GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
         args["base"] = str(tmp_path / "gpt2")
-    result = run_cli("train", "--base", args["base"], *sum((["--data", d] for d in args["data"]), []),
-                     "--out", args["out"], "--segment", "16", "--ratio", args["ratio"], "--steps", "1")
+    result = run_cli(
+        "train",
+        "--base",
+        args["base"],
+        *sum((["--data", d] for d in args["data"]), []),
+        "--out",
+        args["out"],
+        "--segment",
+        "16",
+        "--ratio",
+        args["ratio"],
+        "--steps",
+        "1",
+    )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
@@ -166,8 +222,16 @@ def test_bad_input_gives_one_clear_line(change, message, make_tiny_model_dir, bo
 def test_train_without_training_extra_says_how_to_install(tmp_path):
     blocker = tmp_path / "sitecustomize.py"  # makes `import torch` fail, as in a runtime-only install
     blocker.write_text("import sys\nsys.modules['torch'] = None\n")
-    result = run_cli("train", "--base", "x", "--data", "y", "--out", str(tmp_path / "o"),
-                     env={"PYTHONPATH": f"{tmp_path}:{sys.path[0]}"})
+    result = run_cli(
+        "train",
+        "--base",
+        "x",
+        "--data",
+        "y",
+        "--out",
+        str(tmp_path / "o"),
+        env={"PYTHONPATH": f"{tmp_path}:{sys.path[0]}"},
+    )
     assert result.returncode != 0
     assert "pip install 'uio-gguf[train]'" in result.stderr and "Traceback" not in result.stderr
 
@@ -207,14 +271,21 @@ def test_loss_windows_scores_random_windows_and_resumes_exactly(make_tiny_model_
     _train(model_dir, book, tmp_path / "all", "--steps", "2")
     _train(model_dir, book, tmp_path / "one", "--steps", "2", "--loss-windows", "1")
     killed = tmp_path / "killed"
-    assert _train(model_dir, book, killed, "--steps", "2", "--loss-windows", "1", "--kill-after", "1", check=False).returncode != 0
+    assert (
+        _train(
+            model_dir, book, killed, "--steps", "2", "--loss-windows", "1", "--kill-after", "1", check=False
+        ).returncode
+        != 0
+    )
     _train(model_dir, book, killed, "--steps", "2", "--loss-windows", "1", "--resume")
     a, b = _adapters(tmp_path / "one" / "checkpoint"), _adapters(killed / "checkpoint")
     for name in a:
         for key in a[name]:
             assert torch.equal(a[name][key], b[name][key]), f"{name}:{key} differs after resume"
-    losses = {run: [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-              for run in ("all", "one", "killed")}
+    losses = {
+        run: [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("all", "one", "killed")
+    }
     assert losses["one"] == losses["killed"] and losses["one"][0] != losses["all"][0]
     bad = _train(model_dir, book, tmp_path / "bad", "--steps", "1", "--loss-windows", "0", check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith("--loss-windows must be at least 1")

@@ -1,4 +1,5 @@
 """The PyTorch side of the runtime parity tests: what the UIO model computes for a token stream."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,7 @@ def torch_memory(model, segments: np.ndarray) -> torch.Tensor:
 
 def torch_stream_logits(model, stream: np.ndarray, segment: int) -> np.ndarray:
     """Logits of every token of the stream, window by window, each window after the memory of all the
-    full segments before it (DESIGN section 1)."""
+    full segments before it (docs/design.md §1)."""
     n_full = len(stream) // segment
     memory = torch_memory(model, stream[: n_full * segment].reshape(n_full, segment))
     out = []

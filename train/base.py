@@ -1,4 +1,5 @@
 """Loading the frozen base model (a Hugging Face directory or a GGUF file) and fingerprinting it."""
+
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,7 @@ import torch
 
 from uio_gguf.errors import UIOError
 
-# Decoders whose attention is exactly DESIGN section 1 (RMSNorm input, RoPE, q/k/v/o projections, GQA).
+# Decoders whose attention is exactly docs/design.md §1 (RMSNorm input, RoPE, q/k/v/o projections, GQA).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -54,9 +55,7 @@ def load_base(path: str | Path, dtype: torch.dtype = torch.float32, attn_impleme
 
     where, extra = _split_path(path)
     load_config(path)  # a foreign or damaged base fails here with one line, before the slow load
-    model = AutoModelForCausalLM.from_pretrained(
-        where, dtype=dtype, attn_implementation=attn_implementation, **extra
-    )
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn_implementation, **extra)
     tokenizer = GGUFTokenizer(path) if extra else AutoTokenizer.from_pretrained(where)
     model.eval()
     model.requires_grad_(False)

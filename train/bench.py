@@ -1,4 +1,4 @@
-"""`python -m train.bench`: peak memory and time per step of the gradient estimators on a tiny random
+"""`python -m uio_gguf.train.bench`: peak memory and time per step of the gradient estimators on a tiny random
 model, for crops of T = 4, 8, 16 segments (a benchmark, not a test).
 
 Each (estimator, T) runs in a fresh interpreter: torch's CPU allocator keeps no statistics, and a
@@ -6,6 +6,7 @@ process's peak resident set size (ru_maxrss) only tells about one configuration 
 The step peak is the rise of that high-water mark while the steps run, over what the imports, the
 model and the crop had already taken.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,12 +29,17 @@ def measure(config: dict) -> dict:
     """One configuration in this process: one warm-up step, then `steps` timed ones."""
     import torch
 
-    from train.estimators import Crop, estimate_gradient
-    from train.tiny import tiny_uio
+    from uio_gguf.train.estimators import Crop, estimate_gradient
+    from uio_gguf.train.tiny import tiny_uio
 
     torch.set_num_threads(config["threads"])
-    model = tiny_uio(segment=config["segment"], ratio=config["ratio"], seed=config["seed"],
-                     hidden=config["hidden"], layers=config["layers"])
+    model = tiny_uio(
+        segment=config["segment"],
+        ratio=config["ratio"],
+        seed=config["seed"],
+        hidden=config["hidden"],
+        layers=config["layers"],
+    )
     gen = torch.Generator().manual_seed(config["seed"])
     length = config["segments"] * config["segment"] + 1
     crop = Crop(torch.randint(0, model.base.config.vocab_size, (1, length), generator=gen), config["segment"])
@@ -43,7 +49,9 @@ def measure(config: dict) -> dict:
         started = time.perf_counter()
         for p in model.trainable_parameters():
             p.grad = None
-        estimate_gradient(model, crop, config["estimator"], config["window"], rng, windows_per_pass=config["windows_per_pass"])
+        estimate_gradient(
+            model, crop, config["estimator"], config["window"], rng, windows_per_pass=config["windows_per_pass"]
+        )
         return time.perf_counter() - started
 
     before = _max_rss_mb()
@@ -63,8 +71,9 @@ def measure(config: dict) -> dict:
 
 def run_isolated(config: dict) -> dict:
     """`measure(config)` in a fresh interpreter, so that its peak memory is its own."""
-    result = subprocess.run([sys.executable, "-m", "train.bench", "--worker", json.dumps(config)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "uio_gguf.train.bench", "--worker", json.dumps(config)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         raise RuntimeError(f"benchmark worker failed for {config}:\n{result.stderr}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -74,8 +83,10 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'estimator':<12} {'S':>3} {'T':>3} {'N':>3} {'step peak MB':>12} {'peak RSS MB':>11} {'s/step':>8}"]
     for row in rows:
         window = "-" if row["window"] is None else row["window"]
-        lines.append(f"{row['estimator']:<12} {window:>3} {row['segments']:>3} {row['windows_per_pass']:>3} {row['step_peak_mb']:>12.1f} "
-                     f"{row['peak_rss_mb']:>11.1f} {row['seconds_per_step']:>8.3f}")
+        lines.append(
+            f"{row['estimator']:<12} {window:>3} {row['segments']:>3} {row['windows_per_pass']:>3} {row['step_peak_mb']:>12.1f} "
+            f"{row['peak_rss_mb']:>11.1f} {row['seconds_per_step']:>8.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -84,12 +95,19 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--estimators", default="full,unbiased", help="comma separated (full, tbptt, incremental, unbiased)")
+    parser = argparse.ArgumentParser(prog="python -m uio_gguf.train.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--estimators", default="full,unbiased", help="comma separated (full, tbptt, incremental, unbiased)"
+    )
     parser.add_argument("--segments", type=_ints, default=[4, 8, 16], help="crop lengths T, comma separated")
     for name, value in DEFAULTS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=value,
-                            help="decoder windows per call (1: one segment at a time)" if name == "windows_per_pass" else None)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=int,
+            default=value,
+            help="decoder windows per call (1: one segment at a time)" if name == "windows_per_pass" else None,
+        )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one configuration, as JSON
     args = parser.parse_args(argv)
@@ -106,9 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps({"config": config, "rows": rows}, indent=1))
     else:
-        print("tiny model: hidden {hidden}, {layers} layers, segment {segment}, ratio {ratio}, "
-              "{threads} thread(s), mean of {steps} steps after one warm-up; N = decoder windows "
-              "per call".format(**config))
+        print(
+            "tiny model: hidden {hidden}, {layers} layers, segment {segment}, ratio {ratio}, "
+            "{threads} thread(s), mean of {steps} steps after one warm-up; N = decoder windows "
+            "per call".format(**config)
+        )
         print(format_table(rows))
 
 

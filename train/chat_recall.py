@@ -11,16 +11,17 @@ The pieces are rendered with the runtime's own chat renderer (uio_gguf.chat) and
 runtime tokenizes them (the book part, the question turn and the answer each on their own), then kept in
 OUT/chat_recall.npz so that a run that reuses them needs no llama.cpp, as with tokens.npz.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from train import synthetic
-from train.data import load_npz, load_or_build, save_npz
-from train.model import IGNORE
+from uio_gguf import synthetic
 from uio_gguf.errors import UIOError
+from uio_gguf.train.data import load_npz, load_or_build, save_npz
+from uio_gguf.train.model import IGNORE
 
 POOL_FILE = "chat_recall.npz"
 POOL_TASKS = 4096  # distinct pass keys; each crop draws one
@@ -34,7 +35,7 @@ class ChatRecallPool:
         self.head, self.question, self.tasks = head, question, tasks
 
     @classmethod
-    def build(cls, tokenizer, count: int = POOL_TASKS, seed: int = 0) -> "ChatRecallPool":
+    def build(cls, tokenizer, count: int = POOL_TASKS, seed: int = 0) -> ChatRecallPool:
         from uio_gguf.chat import BOOK_MARKER, render
 
         def ids(text: str) -> list[int]:
@@ -50,7 +51,7 @@ class ChatRecallPool:
             answer = render(template, [("user", user), ("assistant", synthetic.passkey_answer_only(key))], False)
             if not answer.startswith(asked):
                 raise UIOError("the chat template rewrites the question turn when an answer follows it")
-            tasks.append((ids(f"\n{synthetic.passkey_fact(key)}\n"), ids(answer[len(asked):])))  # a line of its own
+            tasks.append((ids(f"\n{synthetic.passkey_fact(key)}\n"), ids(answer[len(asked) :])))  # a line of its own
         head = tokenizer(opening, add_special_tokens=True)["input_ids"]  # the book part starts the stream
         return cls(head, ids(question), tasks)
 
@@ -62,17 +63,21 @@ class ChatRecallPool:
         save_npz(path, ids=np.concatenate(pieces).astype(np.int64), starts=starts, base_fingerprint=base_fingerprint)
 
     @classmethod
-    def load(cls, path: Path, base_fingerprint: str) -> "ChatRecallPool":
+    def load(cls, path: Path, base_fingerprint: str) -> ChatRecallPool:
         saved = load_npz(path, base_fingerprint, ["ids", "starts"], "render and tokenize the tasks again")
         ids, starts = saved["ids"].tolist(), saved["starts"]
         pieces = [ids[a:b] for a, b in zip(starts[:-1], starts[1:])]
         return cls(pieces[0], pieces[1], list(zip(pieces[2::2], pieces[3::2])))
 
     @classmethod
-    def for_run(cls, out: Path, tokenizer, base_fingerprint: str) -> "ChatRecallPool":
+    def for_run(cls, out: Path, tokenizer, base_fingerprint: str) -> ChatRecallPool:
         """The run's pool: read from OUT/chat_recall.npz, or built and saved there."""
-        return load_or_build(Path(out) / POOL_FILE, lambda path: cls.load(path, base_fingerprint),
-                             lambda: cls.build(tokenizer), lambda path, pool: pool.save(path, base_fingerprint))
+        return load_or_build(
+            Path(out) / POOL_FILE,
+            lambda path: cls.load(path, base_fingerprint),
+            lambda: cls.build(tokenizer),
+            lambda path, pool: pool.save(path, base_fingerprint),
+        )
 
 
 class ChatRecallCrops:
@@ -84,8 +89,10 @@ class ChatRecallCrops:
         tail = len(pool.question) + max(len(a) for _, a in pool.tasks)
         opening = len(pool.head) + max(len(f) for f, _ in pool.tasks)
         if tail > segment or opening > crop_tokens - 1 - segment:
-            raise UIOError(f"chat recall crops need segments of at least {tail} tokens and at least {opening} "
-                           "tokens before the last segment (the chat turn's opening and the pass-key sentence)")
+            raise UIOError(
+                f"chat recall crops need segments of at least {tail} tokens and at least {opening} "
+                "tokens before the last segment (the chat turn's opening and the pass-key sentence)"
+            )
 
     def make(self, crop: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, labels) of one crop: labels are IGNORE except at the answer's tokens."""
@@ -96,7 +103,7 @@ class ChatRecallCrops:
         at = int(rng.integers(0, memory_end - len(head) - len(fact) + 1))
         row = np.asarray(head + body[:at] + fact + body[at:] + tail, dtype=np.int64)
         labels = np.full_like(row, IGNORE)
-        labels[-len(answer):] = row[-len(answer):]
+        labels[-len(answer) :] = row[-len(answer) :]
         return row, labels
 
     def batch(self, crops: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

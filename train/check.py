@@ -1,4 +1,5 @@
 """`uio-gguf train-check`: the paper's Table 4 on a tiny random model."""
+
 from __future__ import annotations
 
 import random
@@ -6,11 +7,18 @@ import random
 import torch
 from tqdm import tqdm
 
-from train.estimators import Crop, estimate_gradient
-from train.tiny import tiny_uio
+from uio_gguf.train.estimators import Crop, estimate_gradient
+from uio_gguf.train.tiny import tiny_uio
 
 # arXiv 2406.18173, Table 4: mean ||g_est|| / ||g_full|| (without / with the max(1, (t-1)/S) factor).
-PAPER_TABLE4 = {(1, False): 0.676, (4, False): 0.818, (8, False): 0.935, (1, True): 0.994, (4, True): 0.980, (8, True): 1.024}
+PAPER_TABLE4 = {
+    (1, False): 0.676,
+    (4, False): 0.818,
+    (8, False): 0.935,
+    (1, True): 0.994,
+    (4, True): 0.980,
+    (8, True): 1.024,
+}
 
 
 def encoder_side(model) -> list:
@@ -19,8 +27,17 @@ def encoder_side(model) -> list:
     return [p for name, p in model.named_trainable_parameters() if name == "memory_embedding" or ".encoder." in name]
 
 
-def flat_gradient(model, crop: Crop, estimator: str, window: int = 2, rng=None, factor: bool = True,
-                  params: list | None = None, windows_per_pass: int = 1, loss_windows: int | None = None) -> torch.Tensor:
+def flat_gradient(
+    model,
+    crop: Crop,
+    estimator: str,
+    window: int = 2,
+    rng=None,
+    factor: bool = True,
+    params: list | None = None,
+    windows_per_pass: int = 1,
+    loss_windows: int | None = None,
+) -> torch.Tensor:
     for p in model.trainable_parameters():
         p.grad = None
     estimate_gradient(model, crop, estimator, window, rng, factor, windows_per_pass, loss_windows)

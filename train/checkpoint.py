@@ -8,19 +8,18 @@
 
 Saves are atomic: written to a temporary directory, then swapped in with renames.
 """
+
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.model import ENCODER, TRANSFER, UIOConfig, UIOModel
 from uio_gguf.errors import UIOError
+from uio_gguf.files import atomic_dir, previous_dir
+from uio_gguf.train.model import ENCODER, TRANSFER, UIOConfig, UIOModel
 
 CONFIG_FILE = "uio_config.json"
 MEMORY_FILE = "memory_embedding.safetensors"
@@ -48,7 +47,11 @@ def _load_adapter(model: UIOModel, adapter: str, tensors: dict[str, torch.Tensor
     if set(tensors) != set(expected):
         raise UIOError(f"the {adapter} adapter does not fit this base model (its tensor names differ)")
     for key, value in tensors.items():
-        name = key[len(PEFT_PREFIX) :].replace(".lora_A.", f".lora_A.{adapter}.").replace(".lora_B.", f".lora_B.{adapter}.")
+        name = (
+            key[len(PEFT_PREFIX) :]
+            .replace(".lora_A.", f".lora_A.{adapter}.")
+            .replace(".lora_B.", f".lora_B.{adapter}.")
+        )
         if params[name].shape != value.shape:
             raise UIOError(f"the {adapter} adapter does not fit this base model ({key}: {tuple(value.shape)})")
         with torch.no_grad():
@@ -61,36 +64,35 @@ def save_checkpoint(model: UIOModel, directory: Path, meta: dict, trainer_state:
     write_checkpoint(directory, adapters, memory, {"format": FORMAT, **model.config.to_dict(), **meta}, trainer_state)
 
 
-def write_checkpoint(directory: Path, adapters: dict[str, dict[str, torch.Tensor]], memory: torch.Tensor,
-                     config: dict, trainer_state: dict | None = None) -> None:
+def write_checkpoint(
+    directory: Path,
+    adapters: dict[str, dict[str, torch.Tensor]],
+    memory: torch.Tensor,
+    config: dict,
+    trainer_state: dict | None = None,
+) -> None:
     """Writes the checkpoint files: adapters {ENCODER: PEFT state dict, TRANSFER: ...}, the memory
     embedding and uio_config.json (config holds rank, alpha and base.path)."""
     from peft import LoraConfig
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         for adapter, tensors in adapters.items():
             (tmp / adapter).mkdir()
             save_file(tensors, str(tmp / adapter / ADAPTER_WEIGHTS))
             LoraConfig(
-                r=config["rank"], lora_alpha=config["alpha"], lora_dropout=0.0, target_modules=TARGETS[adapter],
-                bias="none", task_type="CAUSAL_LM", base_model_name_or_path=config.get("base", {}).get("path"),
+                r=config["rank"],
+                lora_alpha=config["alpha"],
+                lora_dropout=0.0,
+                target_modules=TARGETS[adapter],
+                bias="none",
+                task_type="CAUSAL_LM",
+                base_model_name_or_path=config.get("base", {}).get("path"),
             ).save_pretrained(str(tmp / adapter))
         save_file({"memory_embedding": memory}, str(tmp / MEMORY_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
-        old = directory.parent / f".{directory.name}.old"
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def find_checkpoint(directory: Path) -> Path | None:
@@ -98,7 +100,7 @@ def find_checkpoint(directory: Path) -> Path | None:
     directory = Path(directory)
     if (directory / CONFIG_FILE).exists():
         return directory
-    old = directory.parent / f".{directory.name}.old"
+    old = previous_dir(directory)
     return old if (old / CONFIG_FILE).exists() else None
 
 
@@ -134,16 +136,20 @@ def load_weights(model: UIOModel, directory: Path) -> None:
         model.memory_embedding.copy_(memory)
 
 
-def load_uio_model(directory: Path, base_path: str | Path | None = None, dtype=torch.float32) -> tuple[UIOModel, object, dict]:
+def load_uio_model(
+    directory: Path, base_path: str | Path | None = None, dtype=torch.float32
+) -> tuple[UIOModel, object, dict]:
     """Rebuilds (model, tokenizer, config) from a checkpoint; refuses a base other than the one it was
     trained on (fingerprint)."""
-    from train.base import fingerprint, load_base
+    from uio_gguf.train.base import fingerprint, load_base
 
     config = read_config(directory)
     base_path = base_path or config["base"]["path"]
     base, tokenizer = load_base(base_path, dtype=dtype)
     model = UIOModel(base, uio_config_from(config))
     if fingerprint(base) != config["base"]["fingerprint"]:
-        raise UIOError(f"the checkpoint {directory} was trained on another base model than {base_path} (fingerprint mismatch)")
+        raise UIOError(
+            f"the checkpoint {directory} was trained on another base model than {base_path} (fingerprint mismatch)"
+        )
     load_weights(model, directory)
     return model, tokenizer, config

@@ -1,15 +1,45 @@
 """Real English prose that every Python installation carries: the docstrings of standard-library
 modules. Used by the demo and the tests, so nothing is downloaded."""
+
 from __future__ import annotations
 
 import importlib
 import inspect
 
 MODULES = (
-    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "decimal", "email", "fractions",
-    "functools", "heapq", "http.client", "inspect", "io", "json", "logging", "multiprocessing", "os",
-    "pathlib", "pickle", "random", "re", "shutil", "socket", "sqlite3", "string", "subprocess", "tarfile",
-    "threading", "unittest", "urllib.parse", "uuid", "zipfile",
+    "argparse",
+    "asyncio",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "decimal",
+    "email",
+    "fractions",
+    "functools",
+    "heapq",
+    "http.client",
+    "inspect",
+    "io",
+    "json",
+    "logging",
+    "multiprocessing",
+    "os",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "string",
+    "subprocess",
+    "tarfile",
+    "threading",
+    "unittest",
+    "urllib.parse",
+    "uuid",
+    "zipfile",
 )
 
 

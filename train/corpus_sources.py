@@ -4,18 +4,19 @@ Each source yields Documents; a document is the unit of the train / held-out spl
 documentation page, a module's docstrings). A source that is not installed raises SourceMissing with
 the command that installs it: the data command reports it and goes on without it.
 """
+
 from __future__ import annotations
 
 import ast
 import gzip
 import re
 import sysconfig
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
 
-from train.text_clean import html_to_text, rst_to_text, tidy
+from uio_gguf.train.text_clean import html_to_text, rst_to_text, tidy
 
 SHARE = Path("/usr/share")
 
@@ -90,7 +91,9 @@ def debian_reference() -> Iterator[Document]:
 def python_docs() -> Iterator[Document]:
     """The Python documentation (tutorial, library reference, HOWTOs), one page a document, from the
     reStructuredText sources that Debian's pythonX.Y-doc ships next to the HTML."""
-    roots = sorted(SHARE.glob("doc/python3*/html/_sources"), key=lambda p: [int(n) for n in re.findall(r"\d+", p.parts[-3])])
+    roots = sorted(
+        SHARE.glob("doc/python3*/html/_sources"), key=lambda p: [int(n) for n in re.findall(r"\d+", p.parts[-3])]
+    )
     if not roots:
         raise SourceMissing("apt-get install python3-doc")
     for path in sorted(roots[-1].rglob("*.txt")):
@@ -127,7 +130,9 @@ def debian_docs() -> Iterator[Document]:
             text = _read_text(path)
             if text:
                 license_ = license_ or _debian_license(package_dir)
-                yield Document(tidy(rst_to_text(text) if name.endswith(".rst") else text), "debian-docs", license_, str(path))
+                yield Document(
+                    tidy(rst_to_text(text) if name.endswith(".rst") else text), "debian-docs", license_, str(path)
+                )
 
 
 def common_licenses() -> Iterator[Document]:
@@ -200,7 +205,9 @@ def extra_dir(directory: Path, license_: str) -> Iterator[Document]:
 SOURCES = {
     source.name: source
     for source in (
-        Source("debian-handbook", "The Debian Administrator's Handbook (Debian package debian-handbook)", debian_handbook),
+        Source(
+            "debian-handbook", "The Debian Administrator's Handbook (Debian package debian-handbook)", debian_handbook
+        ),
         Source("debian-reference", "Debian Reference (Debian package debian-reference-en)", debian_reference),
         Source("python-docs", "The Python documentation (Debian package python3-doc)", python_docs),
         Source("debian-docs", "READMEs and manuals of the installed Debian packages", debian_docs),

@@ -2,6 +2,7 @@
 tokenized into one stream with EOS between documents, split into train / held-out by document
 (or held-out from files of its own), saved as tokens.npz in the run directory, and cut into random
 crops of T segments."""
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from uio_gguf.errors import UIOError
+from uio_gguf.files import atomic_file
 
 TOKENS_FILE = "tokens.npz"
 
@@ -51,9 +53,8 @@ def tokenize(documents: list[str], tokenizer) -> list[np.ndarray]:
 
 def save_npz(path: Path, **arrays) -> None:
     """Compressed, written atomically: an interrupted save never leaves a half file under the name."""
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
 
 
 def load_npz(path: Path, base_fingerprint: str, keys: list[str], redo: str) -> dict[str, np.ndarray]:
@@ -87,13 +88,15 @@ class TokenStream:
         self.train, self.heldout = train, heldout
 
     @classmethod
-    def split(cls, documents: list[np.ndarray], holdout_every: int = 10) -> "TokenStream":
+    def split(cls, documents: list[np.ndarray], holdout_every: int = 10) -> TokenStream:
         """Held-out is every `holdout_every`-th document (at least one document each side when there are
         two or more, else the last tenth of the only one)."""
         if len(documents) >= 2:
             held = set(range(len(documents) - 1, -1, -holdout_every))
-            return cls(np.concatenate([d for i, d in enumerate(documents) if i not in held]),
-                       np.concatenate([d for i, d in enumerate(documents) if i in held]))
+            return cls(
+                np.concatenate([d for i, d in enumerate(documents) if i not in held]),
+                np.concatenate([d for i, d in enumerate(documents) if i in held]),
+            )
         cut = len(documents[0]) * 9 // 10
         return cls(documents[0][:cut], documents[0][cut:])
 
@@ -103,11 +106,16 @@ class TokenStream:
         # The smallest unsigned type that holds the vocabulary, compressed: small enough to carry along.
         top = max(int(self.train.max(initial=0)), int(self.heldout.max(initial=0)))
         dtype = np.uint16 if top < 2**16 else np.uint32
-        save_npz(path, train=self.train.astype(dtype), heldout=self.heldout.astype(dtype),
-                 base_fingerprint=base_fingerprint, sources=np.asarray(sources, dtype=str))
+        save_npz(
+            path,
+            train=self.train.astype(dtype),
+            heldout=self.heldout.astype(dtype),
+            base_fingerprint=base_fingerprint,
+            sources=np.asarray(sources, dtype=str),
+        )
 
     @classmethod
-    def load(cls, path: Path, base_fingerprint: str) -> "TokenStream":
+    def load(cls, path: Path, base_fingerprint: str) -> TokenStream:
         saved = load_npz(path, base_fingerprint, ["train", "heldout"], "tokenize the data again")
         return cls(saved["train"].astype(np.int64), saved["heldout"].astype(np.int64))
 
@@ -141,8 +149,9 @@ def read_run_text(out: Path, data: list[str], heldout: list[str]) -> tuple[list[
     return read_documents(data), (read_documents(heldout) if heldout else [])
 
 
-def prepare_tokens(out: Path, text: tuple[list[str], list[str]] | None, tokenizer, base_fingerprint: str,
-                   sources: list[str]) -> TokenStream:
+def prepare_tokens(
+    out: Path, text: tuple[list[str], list[str]] | None, tokenizer, base_fingerprint: str, sources: list[str]
+) -> TokenStream:
     """The run's token streams: read back from OUT/tokens.npz when `text` is None, else tokenized
     (held-out: the --heldout documents, or every tenth --data document) and saved there."""
     path = out / TOKENS_FILE

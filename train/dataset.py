@@ -2,24 +2,25 @@
 
 Documents are filtered (long enough, English), de-duplicated, split into train / held-out by document
 (each source gives the same share to held-out, across its range of lengths), and the train side gets
-synthetic long-range tasks (train.synthetic) built from train text only, so held-out text never leaks
+synthetic long-range tasks (uio_gguf.synthetic) built from train text only, so held-out text never leaks
 into training.
 
 Writes train.jsonl and heldout.jsonl ({"text", "source", "license"} a line) and sources.json.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from train import synthetic
-from train.corpus_sources import SOURCES, Document, Source, SourceMissing, extra_dir
-from train.text_clean import looks_english
+from uio_gguf import synthetic
 from uio_gguf.errors import UIOError
+from uio_gguf.files import atomic_file
+from uio_gguf.train.corpus_sources import SOURCES, Document, Source, SourceMissing, extra_dir
+from uio_gguf.train.text_clean import looks_english
 
 
 @dataclass
@@ -45,8 +46,9 @@ def selected_sources(args: DataArgs) -> list[Source]:
     for directory in args.extra_dirs:
         if not Path(directory).is_dir():
             raise UIOError(f"--extra-dir {directory} is not a directory")
-        chosen.append(Source("extra", f"text files under {directory}",
-                             lambda d=directory: extra_dir(Path(d), args.extra_license)))
+        chosen.append(
+            Source("extra", f"text files under {directory}", lambda d=directory: extra_dir(Path(d), args.extra_license))
+        )
     if not chosen:
         raise UIOError("no sources selected: name some with --sources or add --extra-dir")
     return chosen
@@ -59,7 +61,9 @@ def collect(sources: list[Source], min_chars: int, progress: bool) -> tuple[list
     documents, missing, seen = [], [], set()
     for source in sources:
         try:
-            for doc in tqdm(source.read(), desc=f"reading {source.name}", unit="doc", disable=not progress, leave=False):
+            for doc in tqdm(
+                source.read(), desc=f"reading {source.name}", unit="doc", disable=not progress, leave=False
+            ):
                 digest = hashlib.sha1(" ".join(doc.text.split()).encode()).digest()
                 if len(doc.text) >= min_chars and digest not in seen and looks_english(doc.text):
                     seen.add(digest)
@@ -104,15 +108,14 @@ def synthetic_documents(train: list[Document], args: DataArgs, rng: random.Rando
 
 
 def _write_jsonl(path: Path, documents: list[Document]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for d in documents:
             f.write(json.dumps({"text": d.text, "source": d.source, "license": d.license}, ensure_ascii=False) + "\n")
-    os.replace(partial, path)  # a killed run never leaves a half file under the final name
 
 
-def summary(train: list[Document], heldout: list[Document], sources: list[Source], missing: list[dict],
-            args: DataArgs) -> dict:
+def summary(
+    train: list[Document], heldout: list[Document], sources: list[Source], missing: list[dict], args: DataArgs
+) -> dict:
     descriptions = {s.name: s.description for s in sources}
     # Rows in the order of the sources asked for (those that gave documents), then the synthetic tasks.
     found = {d.source for d in train + heldout}
@@ -121,12 +124,17 @@ def summary(train: list[Document], heldout: list[Document], sources: list[Source
     for name in names:
         in_train = [d for d in train if d.source == name]
         in_heldout = [d for d in heldout if d.source == name]
-        rows.append({
-            "source": name, "description": descriptions.get(name, "passkey / key-value recall in train text"),
-            "docs": len(in_train) + len(in_heldout), "train_docs": len(in_train), "heldout_docs": len(in_heldout),
-            "chars": sum(len(d.text) for d in in_train + in_heldout),
-            "licenses": sorted({d.license for d in in_train + in_heldout}),
-        })
+        rows.append(
+            {
+                "source": name,
+                "description": descriptions.get(name, "passkey / key-value recall in train text"),
+                "docs": len(in_train) + len(in_heldout),
+                "train_docs": len(in_train),
+                "heldout_docs": len(in_heldout),
+                "chars": sum(len(d.text) for d in in_train + in_heldout),
+                "licenses": sorted({d.license for d in in_train + in_heldout}),
+            }
+        )
     train_chars = sum(len(d.text) for d in train)
     synthetic_chars = sum(len(d.text) for d in train if d.source.startswith("synthetic-"))
     return {
@@ -151,8 +159,10 @@ def build(args: DataArgs, progress: bool = True) -> dict:
     rng = random.Random(args.seed)
     documents, missing = collect(sources, args.min_chars, progress)
     if not documents:
-        raise UIOError(f"no documents of at least {args.min_chars} English characters were found"
-                       + "".join(f"; {m['source']}: {m['install']}" for m in missing))
+        raise UIOError(
+            f"no documents of at least {args.min_chars} English characters were found"
+            + "".join(f"; {m['source']}: {m['install']}" for m in missing)
+        )
     if args.max_docs is not None and len(documents) > args.max_docs:
         kept = sorted(rng.sample(range(len(documents)), args.max_docs))
         documents = [documents[i] for i in kept]
@@ -170,11 +180,15 @@ def build(args: DataArgs, progress: bool = True) -> dict:
 def format_report(report: dict) -> str:
     lines = [f"{'source':<22} {'docs':>6} {'held-out':>8} {'chars':>12}  licence"]
     for row in report["sources"]:
-        licenses = row["licenses"][0] if len(row["licenses"]) == 1 else f"{len(row['licenses'])} licences (see sources.json)"
+        licenses = (
+            row["licenses"][0] if len(row["licenses"]) == 1 else f"{len(row['licenses'])} licences (see sources.json)"
+        )
         lines.append(f"{row['source']:<22} {row['docs']:>6} {row['heldout_docs']:>8} {row['chars']:>12,}  {licenses}")
     t, h = report["train"], report["heldout"]
-    lines.append(f"train: {t['docs']} documents, {t['chars']:,} characters ({t['synthetic_share']:.1%} synthetic); "
-                 f"held-out: {h['docs']} documents, {h['chars']:,} characters")
+    lines.append(
+        f"train: {t['docs']} documents, {t['chars']:,} characters ({t['synthetic_share']:.1%} synthetic); "
+        f"held-out: {h['docs']} documents, {h['chars']:,} characters"
+    )
     for m in report["missing"]:
         lines.append(f"not installed: {m['source']} ({m['description']}): {m['install']}")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The gradient estimators of DESIGN.md section 2.
+"""The gradient estimators of docs/design.md §2.
 
 A crop of T segments gives the objective J = 1/(T-1) · Σ_{t=2..T} J_t (J_1 sees no memory, so it has no
 gradient), where J_t is the loss of window t given the memories m_1..m_{t-1}, and m_s = encoder(x_s)
@@ -28,6 +28,7 @@ With loss_windows n < T-1, J is estimated from n windows drawn at random (withou
 encoded and the other windows are not decoded, so a long crop costs its encoder passes and n decoder
 windows: the way to train on memories of hundreds of segments where the decoder is the expensive part.
 """
+
 from __future__ import annotations
 
 import random
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from train.model import IGNORE, UIOModel
+from uio_gguf.train.model import IGNORE, UIOModel
 
 ESTIMATORS = ("full", "tbptt", "incremental", "unbiased")
 
@@ -219,8 +220,9 @@ def _table(policy, T: int) -> dict[int, dict[int, float]]:
     return table
 
 
-def _batched(model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], per_pass: int,
-             windows: list[int]) -> float:
+def _batched(
+    model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], per_pass: int, windows: list[int]
+) -> float:
     batch, k = crop.tokens.shape[0], model.config.slots
 
     def encode(segments: list[int]) -> dict[int, torch.Tensor]:
@@ -245,12 +247,16 @@ def _batched(model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], pe
             used = [_ScaleGrad.apply(leaves[s], table[t][s]) if s in table[t] else values[s] for s in range(1, t)]
             padding = values[1].new_zeros(batch, values[1].shape[1], (longest - (t - 1)) * k, values[1].shape[3])
             rows.append(torch.cat(used + [padding], dim=2))
-        logits = model.decode(torch.cat([crop.window(t) for t in chunk]), torch.cat(rows),
-                              [(t - 1) * k for t in chunk for _ in range(batch)])
+        logits = model.decode(
+            torch.cat([crop.window(t) for t in chunk]),
+            torch.cat(rows),
+            [(t - 1) * k for t in chunk for _ in range(batch)],
+        )
         targets = torch.cat([crop.targets(t) for t in chunk]).view(len(chunk), -1)  # one row per window
         # the sum of the windows' mean losses (over their scored tokens), as _streamed adds them
-        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                                ignore_index=IGNORE, reduction="none").view(len(chunk), -1)
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none"
+        ).view(len(chunk), -1)
         loss = (nll.sum(1) / (targets != IGNORE).sum(1)).sum() / len(windows)
         loss.backward()
         total += loss.item()

@@ -7,18 +7,19 @@ float32 and only reorders the rows of LoRA B of q and k for llama.cpp's rope, so
 bit for bit. model.gguf is not needed: the base model is the one training is given (--base), and the
 fingerprint recorded in uio.gguf must match it (train.loop checks, as for any --init checkpoint).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from convert.arch import arch_of_gguf, from_llama_layout
-from train.checkpoint import FORMAT, PEFT_PREFIX, write_checkpoint
-from train.model import ENCODER, TRANSFER
 from uio_gguf import schema
+from uio_gguf.arch import arch_of_gguf, from_llama_layout
 from uio_gguf.errors import UIOError
 from uio_gguf.gguf_file import read_gguf
+from uio_gguf.train.checkpoint import FORMAT, PEFT_PREFIX, write_checkpoint
+from uio_gguf.train.model import ENCODER, TRANSFER
 
 HF_MODULE = {proj: module for module, proj in schema.HF_PROJECTION.items()}  # attn_q -> q_proj
 
@@ -64,11 +65,17 @@ def checkpoint_from_bundle(bundle: str | Path, out: str | Path, base_config, bas
         "rank": ranks.pop(),
         "alpha": alphas.pop(),
         "distinct_slots": head.tensor(schema.MEMORY_EMBEDDING).shape[0] > 1,
-        "base": {"path": base_path, "model_type": base_config.model_type,
-                 "fingerprint": head.get(schema.KEY_BASE_FINGERPRINT)},
+        "base": {
+            "path": base_path,
+            "model_type": base_config.model_type,
+            "fingerprint": head.get(schema.KEY_BASE_FINGERPRINT),
+        },
         "step": int(head.get(schema.KEY_TRAINED_STEPS, 0)),
         "from_bundle": str(bundle),
     }
-    adapters = {ENCODER: adapter(encoder, schema.ENCODER_PROJECTIONS), TRANSFER: adapter(head, schema.TRANSFER_PROJECTIONS)}
+    adapters = {
+        ENCODER: adapter(encoder, schema.ENCODER_PROJECTIONS),
+        TRANSFER: adapter(head, schema.TRANSFER_PROJECTIONS),
+    }
     write_checkpoint(out, adapters, torch.from_numpy(head.tensor(schema.MEMORY_EMBEDDING)), config)
     return Path(out)

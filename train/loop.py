@@ -1,5 +1,6 @@
 """The training loop: random crops, an estimator's gradient, AdamW with warm-up + cosine, clipping,
 a JSONL log, held-out perplexity, atomic checkpoints and exact resume."""
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import checkpoint as ckpt
-from train.chat_recall import ChatRecallCrops, ChatRecallPool
-from train.base import fingerprint, load_base, load_config
-from train.data import TOKENS_FILE, prepare_tokens, read_run_text
-from train.estimators import ESTIMATORS, Crop, estimate_gradient
-from train.from_bundle import checkpoint_from_bundle, is_bundle
-from train.model import UIOConfig, UIOModel
-from train.retrieval import RetrievalCrops
 from uio_gguf.errors import UIOError
+from uio_gguf.train import checkpoint as ckpt
+from uio_gguf.train.base import fingerprint, load_base, load_config
+from uio_gguf.train.chat_recall import ChatRecallCrops, ChatRecallPool
+from uio_gguf.train.data import TOKENS_FILE, prepare_tokens, read_run_text
+from uio_gguf.train.estimators import ESTIMATORS, Crop, estimate_gradient
+from uio_gguf.train.from_bundle import checkpoint_from_bundle, is_bundle
+from uio_gguf.train.model import UIOConfig, UIOModel
+from uio_gguf.train.retrieval import RetrievalCrops
 
 INIT_FROM_BUNDLE = "init-checkpoint"  # where --init BUNDLE rebuilds the bundle's checkpoint, inside OUT
 
@@ -57,7 +58,9 @@ class TrainArgs:
     resume: bool = False
     device: str = "auto"
     retrieval_share: float = 0.0  # share of crops turned into pass-key / key-value recall (train.retrieval)
-    chat_recall_share: float = 0.0  # share of steps whose crops are chat pass-key turns scored on the answer (train.chat_recall)
+    chat_recall_share: float = (
+        0.0  # share of steps whose crops are chat pass-key turns scored on the answer (train.chat_recall)
+    )
     init: str | None = None  # start from this checkpoint's (or bundle's) weights (fresh optimizer and schedule)
     max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time; --resume goes on
     prepare_only: bool = False  # tokenize into OUT/tokens.npz and stop
@@ -94,7 +97,9 @@ def take_shape(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
         source = ckpt.find_checkpoint(Path(args.init)) or ckpt.find_checkpoint(Path(args.init) / "checkpoint")
         if source is None and is_bundle(args.init):  # a converted head: its checkpoint is rebuilt in OUT
             _check_writable(Path(args.out))
-            source = checkpoint_from_bundle(args.init, Path(args.out) / INIT_FROM_BUNDLE, load_config(args.base), args.base)
+            source = checkpoint_from_bundle(
+                args.init, Path(args.out) / INIT_FROM_BUNDLE, load_config(args.base), args.base
+            )
         if source is None:
             raise UIOError(f"--init: no UIO checkpoint in {args.init}")
     else:
@@ -110,8 +115,12 @@ def take_shape(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
                 raise UIOError(f"--resume: this run was trained with --{name.replace('_', '-')} {share}; pass the same")
     shape = {"segment": saved.segment, "ratio": saved.ratio, "rank": saved.rank, "alpha": saved.alpha}
     if any(getattr(args, k) != v for k, v in shape.items()):
-        print(f"{'--resume' if args.resume else '--init'}: taking "
-              + ", ".join(f"{k} {v}" for k, v in shape.items()) + f" from {source}", file=sys.stderr)
+        print(
+            f"{'--resume' if args.resume else '--init'}: taking "
+            + ", ".join(f"{k} {v}" for k, v in shape.items())
+            + f" from {source}",
+            file=sys.stderr,
+        )
     return replace(args, **shape), None if args.resume else source
 
 
@@ -156,8 +165,11 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
     args.validate()
     out = Path(args.out)
     _check_writable(out)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     text = read_run_text(out, args.data, args.heldout)
@@ -165,10 +177,16 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
     base_fingerprint = fingerprint(base)
     stream = prepare_tokens(out, text, tokenizer, base_fingerprint, args.data + args.heldout)
     crop_tokens = args.segments * args.segment + 1
-    retrieval = (RetrievalCrops.for_run(out, tokenizer, base_fingerprint, args.segment, crop_tokens)
-                 if args.retrieval_share > 0 else None)  # before --prepare-only returns: the pool travels too
-    chat_recall = (ChatRecallCrops(ChatRecallPool.for_run(out, tokenizer, base_fingerprint), args.segment, crop_tokens)
-                   if args.chat_recall_share > 0 else None)
+    retrieval = (
+        RetrievalCrops.for_run(out, tokenizer, base_fingerprint, args.segment, crop_tokens)
+        if args.retrieval_share > 0
+        else None
+    )  # before --prepare-only returns: the pool travels too
+    chat_recall = (
+        ChatRecallCrops(ChatRecallPool.for_run(out, tokenizer, base_fingerprint), args.segment, crop_tokens)
+        if args.chat_recall_share > 0
+        else None
+    )
     if args.prepare_only:
         return out / TOKENS_FILE
     if device.type == "cuda":
@@ -189,9 +207,14 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
     meta = {
         "estimator": args.estimator,
         "window": args.window,
-        "base": {"path": str(Path(args.base).resolve()), "model_type": base.config.model_type,
-                 "fingerprint": base_fingerprint},
-        "train_args": {k: v for k, v in asdict(args).items() if k not in ("resume", "kill_after", "max_minutes", "prepare_only")},
+        "base": {
+            "path": str(Path(args.base).resolve()),
+            "model_type": base.config.model_type,
+            "fingerprint": base_fingerprint,
+        },
+        "train_args": {
+            k: v for k, v in asdict(args).items() if k not in ("resume", "kill_after", "max_minutes", "prepare_only")
+        },
     }
 
     checkpoint_dir = out / "checkpoint"
@@ -229,9 +252,14 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
         return Crop(torch.as_tensor(rows, device=device), args.segment)
 
     def save() -> None:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                 "data_rng": data_rng.bit_generator.state, "estimator_rng": estimator_rng.getstate(),
-                 "torch_rng": torch.get_rng_state()}
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "data_rng": data_rng.bit_generator.state,
+            "estimator_rng": estimator_rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        }
         ckpt.save_checkpoint(model, checkpoint_dir, {**meta, "step": step}, state)
 
     deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
@@ -242,27 +270,45 @@ def train(args: TrainArgs, progress: bool = True) -> Path:
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             crop = next_crop()
-            loss = estimate_gradient(model, crop, args.estimator, args.window, estimator_rng,
-                                     windows_per_pass=args.windows_per_pass, loss_windows=args.loss_windows)
+            loss = estimate_gradient(
+                model,
+                crop,
+                args.estimator,
+                args.window,
+                estimator_rng,
+                windows_per_pass=args.windows_per_pass,
+                loss_windows=args.loss_windows,
+            )
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
             optimizer.step()
             scheduler.step()
             step += 1
-            record = {"step": step, "loss": loss, "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0],
-                      "tokens": step * args.batch * (crop_tokens - 1), "seconds": time.perf_counter() - started}
+            record = {
+                "step": step,
+                "loss": loss,
+                "grad_norm": grad_norm,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": step * args.batch * (crop_tokens - 1),
+                "seconds": time.perf_counter() - started,
+            }
             if crop.labels is not None:
                 record["chat_recall"] = True  # the loss is the answer's alone
             if heldout is not None and (step % args.eval_every == 0 or step == args.steps):
                 record["heldout_ppl"] = math.exp(heldout_loss(model, heldout, args.segment, device))
             log.write(json.dumps(record) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{loss:.3f}", **({"ppl": f"{record['heldout_ppl']:.1f}"} if "heldout_ppl" in record else {}))
+            bar.set_postfix(
+                loss=f"{loss:.3f}", **({"ppl": f"{record['heldout_ppl']:.1f}"} if "heldout_ppl" in record else {})
+            )
             bar.update(1)
             out_of_time = deadline is not None and time.monotonic() > deadline
             if step % args.save_every == 0 or step == args.steps or out_of_time:
                 save()
             if out_of_time and step < args.steps:
-                bar.write(f"stopped at step {step} of {args.steps} (--max-minutes): --resume goes on from here", file=sys.stderr)
+                bar.write(
+                    f"stopped at step {step} of {args.steps} (--max-minutes): --resume goes on from here",
+                    file=sys.stderr,
+                )
                 break
             if args.kill_after is not None and step == args.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)

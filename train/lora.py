@@ -6,6 +6,7 @@ encoder adapter on and off inside one training step. PEFT's `set_adapter` / `dis
 graph built earlier still owes them. Here switching is a plain flag; the checkpoint is still written
 in PEFT's format (see train/checkpoint.py) and loads with `PeftModel.from_pretrained`.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""`python -m train.memory_check`: does a head read a long memory, or is it lost in it? Measured in PyTorch.
+"""`python -m uio_gguf.train.memory_check`: does a head read a long memory, or is it lost in it? Measured in PyTorch.
 
 The longest document of the given text is cut into T segments. Every window t reads the memory of the
 segments before it, or only of the last K of them (a cap), and the table prints the perplexity of the
@@ -7,9 +7,10 @@ computed here without llama.cpp) and of the last --last windows alone (where the
 A head that reads its memory well gets better as K grows; one that was trained only on short
 memories gets worse with the whole memory than with the last few segments of it.
 
-    python -m train.memory_check --base <GGUF> --text data/heldout.jsonl --segments 256 --caps 0,15,all \\
+    python -m uio_gguf.train.memory_check --base <GGUF> --text data/heldout.jsonl --segments 256 --caps 0,15,all \\
         --head uio_gguf/bundles/smollm2-135m-l128-r8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.estimators import Crop
 from uio_gguf.errors import UIOError
+from uio_gguf.train.estimators import Crop
 
 
 @torch.no_grad()
@@ -57,15 +58,19 @@ def parse_caps(text: str) -> list[int | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.data import read_documents
-    from train.recall_check import load_head
+    from uio_gguf.train.data import read_documents
+    from uio_gguf.train.recall_check import load_head
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base", required=True, help="the base model the heads were trained on (GGUF or HF directory)")
     parser.add_argument("--head", action="append", required=True, type=Path, help="checkpoint or bundle (repeatable)")
     parser.add_argument("--text", required=True, nargs="+", help="text (.txt / .jsonl): its longest document is read")
     parser.add_argument("--segments", type=int, default=256, help="T: segments read from the document")
-    parser.add_argument("--caps", default="0,15,all", help="memory caps K in segments (0: no memory, all: the whole memory)")
+    parser.add_argument(
+        "--caps", default="0,15,all", help="memory caps K in segments (0: no memory, all: the whole memory)"
+    )
     parser.add_argument("--last", type=int, default=16, help="also score the last N windows alone")
     args = parser.parse_args(argv)
     try:
@@ -82,17 +87,21 @@ def main(argv: list[str] | None = None) -> None:
                 segment = model.config.segment
                 ids = tokenizer(document, add_special_tokens=False)["input_ids"][: args.segments * segment + 1]
                 if len(ids) < args.segments * segment + 1:
-                    raise UIOError(f"the longest document has {len(ids)} tokens, fewer than {args.segments} segments of {segment}")
+                    raise UIOError(
+                        f"the longest document has {len(ids)} tokens, fewer than {args.segments} segments of {segment}"
+                    )
                 losses = window_losses(model, Crop(torch.tensor([ids]), segment), caps)
-                lengths = sorted({2 ** n for n in range(5, 20) if 2 ** n <= args.segments} | {args.segments})
+                lengths = sorted({2**n for n in range(5, 20) if 2**n <= args.segments} | {args.segments})
                 print(f"{head}: perplexity by memory cap (segments of {segment} tokens)")
-                print(f"{'cap':>5} " + " ".join(f"{n * segment:>9,}" for n in lengths) + f" {'last ' + str(args.last):>9}")
+                print(
+                    f"{'cap':>5} " + " ".join(f"{n * segment:>9,}" for n in lengths) + f" {'last ' + str(args.last):>9}"
+                )
                 for cap in caps:
                     cells = [f"{prefix_ppl(losses[cap], n):>9.3f}" for n in lengths]
-                    last = prefix_ppl(losses[cap][-args.last:], args.last)
+                    last = prefix_ppl(losses[cap][-args.last :], args.last)
                     print(f"{'all' if cap is None else cap:>5} " + " ".join(cells) + f" {last:>9.3f}", flush=True)
     except UIOError as err:
-        raise SystemExit(f"memory_check: error: {err}")
+        raise SystemExit(f"memory_check: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""The UIO-LLMs model (DESIGN.md section 1) over a frozen Hugging Face LLaMA-family causal LM.
+"""The UIO-LLMs model (docs/design.md §1) over a frozen Hugging Face LLaMA-family causal LM.
 
 encoder : F + LoRA(q, v), input [segment ; k memory slots], step-expansion mask
           -> h_mem[L] = input RMSNorm output at the slot rows, for every layer L
 transfer: K_mem = h_mem · (W_K + ΔW_K),  V_mem = h_mem · (W_V + ΔW_V), RoPE at the memory positions
 decoder : F unchanged, the memory written in front of the raw window as a KV-cache prefix
 """
+
 from __future__ import annotations
 
 import sys
@@ -13,8 +14,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from train.lora import LoRALinear
 from uio_gguf.errors import UIOError
+from uio_gguf.train.lora import LoRALinear
 
 IGNORE = -100  # a target that scores nothing (cross_entropy's ignore_index), e.g. in train.chat_recall's crops
 ENCODER = "encoder"
@@ -31,9 +32,7 @@ class UIOConfig:
 
     def __post_init__(self):
         if self.segment <= 0 or self.ratio <= 0 or self.segment % self.ratio:
-            raise UIOError(
-                f"segment length {self.segment} is not a multiple of the ratio {self.ratio}"
-            )
+            raise UIOError(f"segment length {self.segment} is not a multiple of the ratio {self.ratio}")
 
     @property
     def slots(self) -> int:
@@ -88,7 +87,7 @@ def slot_positions(segment: int, ratio: int) -> torch.Tensor:
 class UIOModel(nn.Module):
     def __init__(self, base, config: UIOConfig):
         super().__init__()
-        from train.base import check_architecture
+        from uio_gguf.train.base import check_architecture
 
         check_architecture(base.config)
         self.base = base
@@ -193,8 +192,9 @@ class UIOModel(nn.Module):
         return out
 
     # ----- decoder -----------------------------------------------------------------------------
-    def decode(self, tokens: torch.Tensor, memory: torch.Tensor | None = None,
-               memory_lengths: list[int] | None = None) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, memory: torch.Tensor | None = None, memory_lengths: list[int] | None = None
+    ) -> torch.Tensor:
         """Logits of the raw window `tokens` (B, n) after the memory prefix (B, n_layers, M, d).
 
         memory_lengths: per row, how many of the M memory rows are its memory (the rest is padding it
@@ -211,14 +211,14 @@ class UIOModel(nn.Module):
         dtype = self.base.get_input_embeddings().weight.dtype
         if memory_lengths is None:
             mask = memory_prefix_mask(n_mem, n_raw, dtype).to(tokens.device)
-            positions = torch.arange(n_mem, n_mem + n_raw, device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
+            positions = (
+                torch.arange(n_mem, n_mem + n_raw, device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
+            )
         else:
             lengths = torch.as_tensor(memory_lengths, device=tokens.device)
             mask = padded_memory_mask(lengths, n_mem, n_raw, dtype)
             positions = lengths[:, None] + torch.arange(n_raw, device=tokens.device)[None, :]
-        out = self.base(
-            input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-        )
+        out = self.base(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         return out.logits
 
     def window_loss(self, tokens: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:

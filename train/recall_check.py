@@ -1,4 +1,4 @@
-"""`python -m train.recall_check`: does a head's memory carry a pass key? Measured in PyTorch, in a
+"""`python -m uio_gguf.train.recall_check`: does a head's memory carry a pass key? Measured in PyTorch, in a
 training format, so that a miss of `uio-gguf eval passkey` can be told apart from a runtime fault.
 
 Each probe crop is T segments of held-out text with the pass-key sentence at a random point of
@@ -9,9 +9,10 @@ The scores are the top-1 rate and mean NLL of the scored tokens and the share of
 right, with the memory of segments 1..T-1 and, as the baseline, without any memory. A bundle is read
 through train.from_bundle, so a shipped head can be probed as well as a checkpoint.
 
-    python -m train.recall_check --base <GGUF> --heldout data/heldout.jsonl \\
+    python -m uio_gguf.train.recall_check --base <GGUF> --heldout data/heldout.jsonl \\
         --head uio_gguf/bundles/smollm2-135m-l128-r8 --segments 4,16 --crops 16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train import synthetic
-from train.chat_recall import ChatRecallCrops, ChatRecallPool
-from train.estimators import Crop
-from train.model import IGNORE
-from train.retrieval import tokenize_task
+from uio_gguf import synthetic
 from uio_gguf.errors import UIOError
+from uio_gguf.train.chat_recall import ChatRecallCrops, ChatRecallPool
+from uio_gguf.train.estimators import Crop
+from uio_gguf.train.model import IGNORE
+from uio_gguf.train.retrieval import tokenize_task
 
 
 def probe_crops(tokenizer, filler: np.ndarray, segments: int, segment: int, count: int, seed: int = 0):
@@ -93,9 +94,9 @@ FORMATS = {"plain": probe_crops, "chat": chat_probe_crops}
 
 def load_head(head: Path, base: str, workdir: Path):
     """(UIOModel, tokenizer) of a checkpoint or a converted bundle over the base model `base`."""
-    from train.base import load_config
-    from train.checkpoint import find_checkpoint, load_uio_model
-    from train.from_bundle import checkpoint_from_bundle, is_bundle
+    from uio_gguf.train.base import load_config
+    from uio_gguf.train.checkpoint import find_checkpoint, load_uio_model
+    from uio_gguf.train.from_bundle import checkpoint_from_bundle, is_bundle
 
     directory = find_checkpoint(head) or find_checkpoint(head / "checkpoint")
     if directory is None:
@@ -108,17 +109,23 @@ def load_head(head: Path, base: str, workdir: Path):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.data import read_documents, tokenize
+    from uio_gguf.train.data import read_documents, tokenize
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base", required=True, help="the base model the heads were trained on (GGUF or HF directory)")
     parser.add_argument("--head", action="append", required=True, type=Path, help="checkpoint or bundle (repeatable)")
     parser.add_argument("--heldout", required=True, nargs="+", help="held-out text (.txt / .jsonl) for the filler")
     parser.add_argument("--segments", default="4,16", help="crop lengths T, comma separated")
     parser.add_argument("--crops", type=int, default=16)
-    parser.add_argument("--format", choices=sorted(FORMATS), default="plain",
-                        help="plain: train.retrieval's lines, the number's tokens scored; chat: the pass-key chat "
-                             "turn of train.chat_recall and `uio-gguf eval passkey`, the whole answer scored")
+    parser.add_argument(
+        "--format",
+        choices=sorted(FORMATS),
+        default="plain",
+        help="plain: train.retrieval's lines, the number's tokens scored; chat: the pass-key chat "
+        "turn of train.chat_recall and `uio-gguf eval passkey`, the whole answer scored",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -137,10 +144,13 @@ def main(argv: list[str] | None = None) -> None:
                     crops = FORMATS[args.format](tokenizer, filler, T, model.config.segment, args.crops, args.seed)
                     for use_memory in (False, True):
                         r = recall(model, crops, model.config.segment, use_memory)
-                        print(f"{str(head):<40} {T:>3} {'yes' if use_memory else 'no':>7} {r['top1']:>6.0%} "
-                              f"{r['nll']:>6.2f} {r['whole']:>9.0%}", flush=True)
+                        print(
+                            f"{str(head):<40} {T:>3} {'yes' if use_memory else 'no':>7} {r['top1']:>6.0%} "
+                            f"{r['nll']:>6.2f} {r['whole']:>9.0%}",
+                            flush=True,
+                        )
     except UIOError as err:
-        raise SystemExit(f"recall_check: error: {err}")
+        raise SystemExit(f"recall_check: error: {err}") from None
 
 
 if __name__ == "__main__":

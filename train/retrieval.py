@@ -4,21 +4,22 @@ crop, with its facts in the memory segments (1..T-1) and the questions and answe
 Why, next to the synthetic documents of `uio-gguf data`: a random crop of the token stream rarely holds
 both a synthetic document's fact and its question, and when it does the fact may sit in the raw window.
 A retrieval crop always asks about something only the memory holds, so every such crop trains recall.
-The sentences are those of train.synthetic; the filler is the crop's own train text, which keeps the
+The sentences are those of uio_gguf.synthetic; the filler is the crop's own train text, which keeps the
 ordinary next-token loss on most of its tokens.
 
 The tasks are tokenized once into a pool, saved as OUT/retrieval.npz next to tokens.npz, so that a run
 that reuses them (--resume, or another machine) needs no tokenizer, as with tokens.npz.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from train import synthetic
-from train.data import load_npz, load_or_build, save_npz
+from uio_gguf import synthetic
 from uio_gguf.errors import UIOError
+from uio_gguf.train.data import load_npz, load_or_build, save_npz
 
 POOL_FILE = "retrieval.npz"
 POOL_TASKS = 8192  # distinct tasks; each crop draws one
@@ -42,6 +43,7 @@ def _sentences(rng: np.random.Generator) -> tuple[list[str], str]:
 
 def tokenize_task(tokenizer, facts: list[str], asked: str) -> Task:
     """A task as crops hold it: each fact on a line of its own, the questions after a blank line."""
+
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -59,8 +61,13 @@ def save_pool(path: Path, pool: list[Task], base_fingerprint: str) -> None:
     pieces = [piece for facts, tail in pool for piece in (*facts, tail)]
     piece_starts = np.cumsum([0] + [len(p) for p in pieces])
     task_starts = np.cumsum([0] + [len(facts) + 1 for facts, _ in pool])
-    save_npz(path, ids=np.concatenate(pieces).astype(np.int64), piece_starts=piece_starts,
-             task_starts=task_starts, base_fingerprint=base_fingerprint)
+    save_npz(
+        path,
+        ids=np.concatenate(pieces).astype(np.int64),
+        piece_starts=piece_starts,
+        task_starts=task_starts,
+        base_fingerprint=base_fingerprint,
+    )
 
 
 def load_pool(path: Path, base_fingerprint: str) -> list[Task]:
@@ -79,14 +86,20 @@ class RetrievalCrops:
         tail = max(len(t) for _, t in pool)
         facts = max(sum(map(len, f)) for f, _ in pool)
         if tail >= segment or facts > crop_tokens - 1 - segment:
-            raise UIOError(f"--retrieval-share needs segments of more than {tail} tokens and at least "
-                           f"{facts} tokens before the last segment (the longest task's questions and facts)")
+            raise UIOError(
+                f"--retrieval-share needs segments of more than {tail} tokens and at least "
+                f"{facts} tokens before the last segment (the longest task's questions and facts)"
+            )
 
     @classmethod
-    def for_run(cls, out: Path, tokenizer, base_fingerprint: str, segment: int, crop_tokens: int) -> "RetrievalCrops":
+    def for_run(cls, out: Path, tokenizer, base_fingerprint: str, segment: int, crop_tokens: int) -> RetrievalCrops:
         """The run's task pool: read from OUT/retrieval.npz, or tokenized and saved there."""
-        pool = load_or_build(Path(out) / POOL_FILE, lambda path: load_pool(path, base_fingerprint),
-                             lambda: build_pool(tokenizer), lambda path, made: save_pool(path, made, base_fingerprint))
+        pool = load_or_build(
+            Path(out) / POOL_FILE,
+            lambda path: load_pool(path, base_fingerprint),
+            lambda: build_pool(tokenizer),
+            lambda path, made: save_pool(path, made, base_fingerprint),
+        )
         return cls(pool, segment, crop_tokens)
 
     def make(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Plain prose out of the markups that documentation ships in (HTML, reStructuredText, Markdown), and a
 cheap test for English. The model should learn to remember text, not to predict markup."""
+
 from __future__ import annotations
 
 import re

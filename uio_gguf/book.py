@@ -1,4 +1,5 @@
 """Reading the user's document: a clear error for what is not text, a warning for what is nearly text."""
+
 from __future__ import annotations
 
 import warnings

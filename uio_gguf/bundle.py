@@ -4,6 +4,7 @@
 together (the fingerprints uio.gguf recorded at conversion), so the runtime never mixes a head with a
 model it was not trained for.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,14 +67,16 @@ class Bundle:
         self.model_fingerprint: str = _required(head, schema.KEY_MODEL_FINGERPRINT)
         self.encoder_fingerprint: str = _required(head, schema.KEY_ENCODER_FINGERPRINT)
         self.head_fingerprint: str = gguf_fingerprint(head.path)
-        self._alpha = {"encoder": float(_required(encoder, schema.ADAPTER_LORA_ALPHA)),
-                       "transfer": float(_required(head, schema.KEY_TRANSFER_ALPHA))}
+        self._alpha = {
+            "encoder": float(_required(encoder, schema.ADAPTER_LORA_ALPHA)),
+            "transfer": float(_required(head, schema.KEY_TRANSFER_ALPHA)),
+        }
         if self.segment <= 0 or self.ratio <= 0 or self.segment % self.ratio:
             raise UIOError(f"{head.path}: segment length {self.segment} is not a multiple of the ratio {self.ratio}")
 
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, check: bool = True) -> "Bundle":
+    def open(cls, path: str | Path, check: bool = True) -> Bundle:
         """Opens a bundle directory; UIOError (one line) on a missing, damaged or foreign file, and with
         check=True also when the files' fingerprints say they were not converted together."""
         path = Path(path)
@@ -158,10 +161,16 @@ class Bundle:
             "memory_embeddings": int(self.memory_embedding.shape[0]),
             "model_tensor_types": dict(sorted(types.items(), key=lambda kv: -kv[1])),
             "model_bytes": self._model.size,
-            "encoder": {"rank": self._rank("encoder"), "alpha": self._alpha["encoder"],
-                        "projections": list(schema.ENCODER_PROJECTIONS)},
-            "transfer": {"rank": self._rank("transfer"), "alpha": self._alpha["transfer"],
-                         "projections": list(schema.TRANSFER_PROJECTIONS)},
+            "encoder": {
+                "rank": self._rank("encoder"),
+                "alpha": self._alpha["encoder"],
+                "projections": list(schema.ENCODER_PROJECTIONS),
+            },
+            "transfer": {
+                "rank": self._rank("transfer"),
+                "alpha": self._alpha["transfer"],
+                "projections": list(schema.TRANSFER_PROJECTIONS),
+            },
             "trained_steps": self.trained_steps,
             "format_version": int(self._head.get(schema.KEY_FORMAT_VERSION)),
             "base_fingerprint": self.base_fingerprint,
@@ -179,6 +188,7 @@ def _required(f: GGUFFile, key: str):
 
 def _check_kinds(path: Path, model: GGUFFile, encoder: GGUFFile, head: GGUFFile) -> None:
     """Each file is the kind of GGUF its name says, all for one architecture, in a format we read."""
+
     def where(f: GGUFFile) -> str:
         return f"{path}/{f.path.name}"
 
@@ -186,16 +196,23 @@ def _check_kinds(path: Path, model: GGUFFile, encoder: GGUFFile, head: GGUFFile)
         raise UIOError(f"{where(head)} is not a UIO head (general.type {head.get(schema.GENERAL_TYPE)!r})")
     version = head.get(schema.KEY_FORMAT_VERSION)
     if version != schema.FORMAT_VERSION:
-        raise UIOError(f"{where(head)} has format version {version}; this uio-gguf reads version {schema.FORMAT_VERSION}")
-    if encoder.get(schema.GENERAL_TYPE) != schema.ADAPTER_GENERAL_TYPE or encoder.get(schema.ADAPTER_TYPE) != schema.ADAPTER_LORA:
+        raise UIOError(
+            f"{where(head)} has format version {version}; this uio-gguf reads version {schema.FORMAT_VERSION}"
+        )
+    if (
+        encoder.get(schema.GENERAL_TYPE) != schema.ADAPTER_GENERAL_TYPE
+        or encoder.get(schema.ADAPTER_TYPE) != schema.ADAPTER_LORA
+    ):
         raise UIOError(f"{where(encoder)} is not a LoRA adapter (general.type {encoder.get(schema.GENERAL_TYPE)!r})")
     if model.get(schema.GENERAL_TYPE, schema.MODEL_GENERAL_TYPE) != schema.MODEL_GENERAL_TYPE:
         raise UIOError(f"{where(model)} is not a model (general.type {model.get(schema.GENERAL_TYPE)!r})")
     arch = head.get(schema.GENERAL_ARCHITECTURE)
     for f in (model, encoder):
         if f.get(schema.GENERAL_ARCHITECTURE) != arch:
-            raise UIOError(f"{where(f)} is for architecture {f.get(schema.GENERAL_ARCHITECTURE)!r}, "
-                           f"{schema.HEAD_FILE} for {arch!r}")
+            raise UIOError(
+                f"{where(f)} is for architecture {f.get(schema.GENERAL_ARCHITECTURE)!r}, "
+                f"{schema.HEAD_FILE} for {arch!r}"
+            )
     layers = model.get(f"{arch}.block_count")
     if layers != head.get(schema.KEY_LAYER_COUNT):
         raise UIOError(f"{where(model)} has {layers} layers, {schema.HEAD_FILE} {head.get(schema.KEY_LAYER_COUNT)}")
@@ -217,7 +234,9 @@ def format_info(info: dict) -> str:
     ]
     for adapter in ADAPTERS:
         lora = info[adapter]
-        rows.append((f"{adapter} LoRA", f"rank {lora['rank']}, alpha {lora['alpha']:g} ({', '.join(lora['projections'])})"))
+        rows.append(
+            (f"{adapter} LoRA", f"rank {lora['rank']}, alpha {lora['alpha']:g} ({', '.join(lora['projections'])})")
+        )
     rows += [("trained steps", info["trained_steps"]), ("format version", info["format_version"]), ("fingerprints", "")]
     for name, fp in info["fingerprints"].items():
         status = "ok" if fp["matches"] else f"MISMATCH ({schema.HEAD_FILE} expects {fp['recorded']})"

@@ -1,6 +1,7 @@
 """Where uio-gguf keeps what it builds or computes once: $UIO_GGUF_CACHE, else $XDG_CACHE_HOME/uio-gguf,
 else ~/.cache/uio-gguf. Subfolders: native/ (the compiled plugin), bundles/ (default bundles put
 together), memory/ (memory files of compressed books)."""
+
 from __future__ import annotations
 
 import os

@@ -4,17 +4,19 @@ The first turn is rendered with a marker where the book goes; everything before 
 book is the document part: its full segments are compressed (or read from a memory file), the
 remainder and the question are decoded as raw tokens. Later turns append what the template adds.
 """
+
 from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import llama_cpp
 
 from uio_gguf import memory_file
 from uio_gguf.errors import UIOError
+from uio_gguf.handles import Handle
 from uio_gguf.session import SamplingParams
 
 BOOK_MARKER = "\u2063UIO-BOOK\u2063"  # invisible separator: never in a real chat template
@@ -52,9 +54,15 @@ class CompressionStats:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-class Conversation:
-    def __init__(self, runtime, book: str, n_ctx: int | None = None, use_memory_files: bool = True,
-                 progress: Callable[[int, int], None] | None = None):
+class Conversation(Handle):
+    def __init__(
+        self,
+        runtime,
+        book: str,
+        n_ctx: int | None = None,
+        use_memory_files: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ):
         self.runtime = runtime
         self.model = runtime.model
         self.template = self.model.chat_template()
@@ -102,7 +110,9 @@ class Conversation:
         self.session.feed(self.book_tokens[n_full * seg :])
 
     # ----- turns ------------------------------------------------------------------------------------
-    def ask(self, question: str, params: SamplingParams, should_stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
+    def ask(
+        self, question: str, params: SamplingParams, should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[str]:
         """Streams the answer to `question` and keeps it in the conversation."""
         if not self.messages:
             first = self._first_turn(question)
@@ -125,12 +135,14 @@ class Conversation:
         self.seen_text += answer
         self.messages.append(("assistant", answer))
 
+    def close(self) -> None:
+        self.session.close()
+
     # ----- figures for the user ---------------------------------------------------------------------
     def kv_bytes(self) -> tuple[int, int]:
         """(bytes the cache holds now, bytes full attention over the same text would hold), f16 cache."""
-        from uio_gguf.runtime import GGML_TYPE_F32
+        from llama_cpp import GGML_TYPE_F32
 
         m = self.model
         per_cell = m.n_layer * 2 * m.n_head_kv * m.head_dim * (4 if self.runtime.kv_type == GGML_TYPE_F32 else 2)
         return self.session.n_past * per_cell, self.session.tokens_seen * per_cell
-

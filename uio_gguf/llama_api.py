@@ -4,6 +4,7 @@ Why not `llama_cpp.Llama`: its `eval` deletes KV cells past its own token count,
 cells that no token produced. Here every call maps to one llama.cpp function, errors become UIOError,
 and each handle is freed exactly once.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -14,6 +15,7 @@ import llama_cpp
 import numpy as np
 
 from uio_gguf.errors import UIOError
+from uio_gguf.handles import Handle
 
 _backend_ready = False
 
@@ -41,7 +43,7 @@ def model_params(n_gpu_layers: int = 0, vocab_only: bool = False):
     return params
 
 
-class Model:
+class Model(Handle):
     """A GGUF loaded by llama.cpp, with the few hyper-parameters UIO needs."""
 
     def __init__(self, path: str | Path, n_gpu_layers: int = 0, verbose: bool = False, vocab_only: bool = False):
@@ -120,14 +122,14 @@ class ContextSettings:
     n_ubatch: int
     n_seq_max: int = 1
     flash_attn: bool = False
-    type_k: int = 1  # GGML_TYPE_F16; 0 = F32
-    type_v: int = 1
+    type_k: int = llama_cpp.GGML_TYPE_F16
+    type_v: int = llama_cpp.GGML_TYPE_F16
     n_threads: int = 0  # 0: llama.cpp's default
     cb_eval: object = None  # a ggml_backend_sched_eval_callback (ctypes), or None
     cb_eval_user_data: object = None
 
 
-class Context:
+class Context(Handle):
     """A llama.cpp context with a unified KV cache (sequences share cells: the step-expansion mask and
     the memory copy between sequences need it)."""
 
@@ -163,7 +165,7 @@ class Context:
         if llama_cpp.llama_set_adapters_lora(self.ptr, array if n else None, n, scales if n else None) != 0:
             raise UIOError("llama.cpp refused the LoRA adapter for this context")
 
-    def decode(self, batch: "Batch") -> None:
+    def decode(self, batch: Batch) -> None:
         code = llama_cpp.llama_decode(self.ptr, batch.batch)
         if code != 0:
             reason = {1: "no free KV-cache slot (the context is full)", 2: "aborted"}.get(code, f"error {code}")
@@ -198,7 +200,7 @@ class Context:
     __del__ = close
 
 
-class Batch:
+class Batch(Handle):
     """One llama_batch of either token ids or embeddings, each row with its position, its sequence ids
     (the first one decides what the row sees) and whether it wants output."""
 
@@ -207,7 +209,9 @@ class Batch:
         self.batch = llama_cpp.llama_batch_init(capacity, embd, max_seqs)
         self.n = 0
 
-    def fill(self, positions, seqs: list[list[int]], outputs, tokens=None, embeddings: np.ndarray | None = None) -> None:
+    def fill(
+        self, positions, seqs: list[list[int]], outputs, tokens=None, embeddings: np.ndarray | None = None
+    ) -> None:
         n = len(positions)
         if n > self.capacity:
             raise ValueError(f"batch of {n} rows exceeds its capacity {self.capacity}")

@@ -5,12 +5,11 @@ the segment length, the ratio and the tokens compressed. The file holds K (befor
 segment and a checksum over them; a damaged or foreign file is detected and the memory recomputed.
 Files are written atomically (temporary file, then rename).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from uio_gguf.cache import cache_root
 from uio_gguf.encoder import SegmentMemory
+from uio_gguf.files import atomic_file
 
 FORMAT = "uio-memory/1"
 
@@ -43,14 +43,8 @@ def save(path: Path, key: str, memory: SegmentMemory, dtype=np.float16) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     k, v = memory.k.astype(dtype), memory.v.astype(dtype)
     meta = json.dumps({"format": FORMAT, "key": key, "checksum": _checksum(k, v)})
-    fd, tmp = tempfile.mkstemp(prefix=".memory-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, k=k, v=v, meta=np.array(meta))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez(tmp, k=k, v=v, meta=np.array(meta))
     return path
 
 

@@ -8,6 +8,7 @@ rotates the model's own keys:
 theta_i = pos · freq_scale · base^(-2i / n_rot); dimensions past n_rot are left as they are.
 Computed in float64, so the only rounding is the final cast.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class Rope:
     freq_scale: float = 1.0
 
     @classmethod
-    def from_model(cls, model, kind: str) -> "Rope":
+    def from_model(cls, model, kind: str) -> Rope:
         """Reads the RoPE settings from the base model's GGUF metadata (what llama.cpp itself uses)."""
         arch = model.meta("general.architecture")
         scaling = model.meta(f"{arch}.rope.scaling.type")

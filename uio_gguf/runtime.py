@@ -7,27 +7,37 @@
 It owns the llama.cpp model, the encoder context (with the encoder LoRA and the capture plugin), the
 transfer head and the RoPE settings; each Session owns one decoder context.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32
 
 from uio_gguf.encoder import Encoder, SegmentMemory
 from uio_gguf.errors import UIOError
+from uio_gguf.handles import Handle
 from uio_gguf.llama_api import Model
 from uio_gguf.rope import Rope
 from uio_gguf.session import Session
 
-GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
 ANSWER_RESERVE = 1024  # cells kept free in the decoder for the remainder, the question and the answer
 
 
-class UIORuntime:
-    def __init__(self, bundle=None, n_gpu_layers: int = 0, flash_attn: bool = False, kv_type: str = "f16",
-                 segments_per_batch: int = 0, n_threads: int = 0, verbose: bool = False):
-        from native.build import load_plugin
+class UIORuntime(Handle):
+    def __init__(
+        self,
+        bundle=None,
+        n_gpu_layers: int = 0,
+        flash_attn: bool = False,
+        kv_type: str = "f16",
+        segments_per_batch: int = 0,
+        n_threads: int = 0,
+        verbose: bool = False,
+    ):
         from uio_gguf.bundle import Bundle
+        from uio_gguf.native.build import load_plugin
 
         if bundle is None:
             from uio_gguf.default_bundle import default_bundle_path
@@ -37,7 +47,9 @@ class UIORuntime:
         self.plugin = load_plugin()
         self.model = Model(self.bundle.model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
         if self.model.n_layer != self.bundle.n_layer:
-            raise UIOError(f"the UIO head has {self.bundle.n_layer} layers, the model {self.model.n_layer}: not made for each other")
+            raise UIOError(
+                f"the UIO head has {self.bundle.n_layer} layers, the model {self.model.n_layer}: not made for each other"
+            )
         self.rope = Rope.from_model(self.model, self.bundle.rope_type)
         self.flash_attn, self.n_threads = flash_attn, n_threads
         if kv_type not in ("f16", "f32"):
@@ -46,8 +58,9 @@ class UIORuntime:
         # Segments of one batch attend over each other's cells (masked), so batching multiplies the
         # attention work: it pays on a GPU (parallelism), not on a CPU.
         segments_per_batch = segments_per_batch or (4 if n_gpu_layers else 1)
-        self.encoder = Encoder(self.model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads,
-                               kv_type=self.kv_type)
+        self.encoder = Encoder(
+            self.model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads, kv_type=self.kv_type
+        )
 
     @property
     def segment(self) -> int:
@@ -80,5 +93,18 @@ class UIORuntime:
 
     def new_session(self, n_ctx: int | None = None) -> Session:
         n_ctx = n_ctx or self.model.n_ctx_train
-        return Session(self, n_ctx=n_ctx, flash_attn=self.flash_attn, type_k=self.kv_type, type_v=self.kv_type,
-                       n_threads=self.n_threads)
+        return Session(
+            self,
+            n_ctx=n_ctx,
+            flash_attn=self.flash_attn,
+            type_k=self.kv_type,
+            type_v=self.kv_type,
+            n_threads=self.n_threads,
+        )
+
+    def close(self) -> None:
+        """Frees the encoder and the model; sessions made by this runtime must be closed first."""
+        if hasattr(self, "encoder"):
+            self.encoder.close()
+        if hasattr(self, "model"):
+            self.model.close()

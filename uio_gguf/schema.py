@@ -9,6 +9,7 @@ A bundle is a directory of three files:
 The converter writes these names, the runtime and `uio-gguf info` read them, the tests check them;
 nothing else spells these strings.
 """
+
 from __future__ import annotations
 
 FORMAT_VERSION = 1

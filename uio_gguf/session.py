@@ -4,20 +4,22 @@ Sequence 0 holds the conversation: memory cells at positions 0 .. n_mem-1 (segme
 s·k-1), then the raw window. Sequence 1 is scratch: memory is loaded there and copied into sequence 0,
 which adds cells without touching the raw window. Whenever the raw window reaches the segment length,
 its tokens are compressed into k new slots right after the existing memory and their raw cells are
-dropped (DESIGN section 1). Feeding splits at those boundaries, so token i always sees the memory of
+dropped (docs/design.md §1). Feeding splits at those boundaries, so token i always sees the memory of
 every full segment before it plus the raw tokens since the last boundary, as in training.
 """
+
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import llama_cpp
 import numpy as np
 
 from uio_gguf.encoder import SegmentMemory
 from uio_gguf.errors import UIOError
+from uio_gguf.handles import Handle
 from uio_gguf.llama_api import Batch, Context, ContextSettings
 
 DECODER_SEQ, SCRATCH_SEQ = 0, 1
@@ -33,7 +35,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
 
-class Sampler:
+class Sampler(Handle):
     """llama.cpp's own sampler chain (top-k, top-p, temperature, seeded draw; or greedy)."""
 
     def __init__(self, params: SamplingParams):
@@ -60,20 +62,36 @@ class Sampler:
     __del__ = close
 
 
-class Session:
+class Session(Handle):
     """One conversation. `runtime` supplies the model, the encoder, the RoPE and the native plugin."""
 
-    def __init__(self, runtime, n_ctx: int, flash_attn: bool = False, type_k: int = 1, type_v: int = 1,
-                 n_threads: int = 0):
-        from native.bindings import probe
+    def __init__(
+        self,
+        runtime,
+        n_ctx: int,
+        flash_attn: bool = False,
+        type_k: int = llama_cpp.GGML_TYPE_F16,
+        type_v: int = llama_cpp.GGML_TYPE_F16,
+        n_threads: int = 0,
+    ):
+        from uio_gguf.native.bindings import probe
 
         self.runtime = runtime
         self.segment, self.slots = runtime.bundle.segment, runtime.bundle.slots
         n_batch = min(self.segment, 512)
-        self.ctx = Context(runtime.model, ContextSettings(
-            n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=2, flash_attn=flash_attn,
-            type_k=type_k, type_v=type_v, n_threads=n_threads,
-        ))
+        self.ctx = Context(
+            runtime.model,
+            ContextSettings(
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_batch,
+                n_seq_max=2,
+                flash_attn=flash_attn,
+                type_k=type_k,
+                type_v=type_v,
+                n_threads=n_threads,
+            ),
+        )
         self.layout = probe(runtime.plugin, self.ctx.ptr, SCRATCH_SEQ)  # checks llama.cpp's state format
         self.ctx.clear()
         self.batch = Batch(n_batch, 0, 1)
@@ -107,7 +125,7 @@ class Session:
         k = memory.k.transpose(1, 0, 2, 3).reshape(n_layer, n_seg * self.slots, -1)
         v = memory.v.transpose(1, 0, 2, 3).reshape(n_layer, n_seg * self.slots, -1)
         k = self.runtime.rope.rotate(k, positions)
-        from native.bindings import kv_write
+        from uio_gguf.native.bindings import kv_write
 
         kv_write(self.runtime.plugin, self.ctx.ptr, self.layout, DECODER_SEQ, SCRATCH_SEQ, positions, k, v)
         self.n_mem += n_seg * self.slots
@@ -193,4 +211,3 @@ class Session:
 
     def close(self) -> None:
         self.ctx.close()
-

@@ -1,12 +1,13 @@
 """The transfer head: per layer, the memory slots' captured activations -> the K and V rows of memory.
 
-DESIGN section 1: K_mem = h·(W_K + ΔW_K), V_mem = h·(W_V + ΔW_V) with the transfer LoRA deltas. The
+docs/design.md §1: K_mem = h·(W_K + ΔW_K), V_mem = h·(W_V + ΔW_V) with the transfer LoRA deltas. The
 encoder pass already computed h·W_K (Kcur; no encoder LoRA on K) and h·(W_V + ΔV_encoder) (Vcur) in
 llama.cpp with the model's own weights, whatever their quantisation, so only low-rank terms are left:
   K_mem = Kcur + ΔK_transfer(h)
   V_mem = Vcur − ΔV_encoder(h) + ΔV_transfer(h)
 with Δ(h) = scale · (h Aᵀ) Bᵀ. K_mem is returned before RoPE (rope.py rotates it at its position).
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """What the converter must know per architecture: llama.cpp's name for it, how llama.cpp rotates Q/K,
-and the Q/K row permutation that goes with it (DESIGN section 4)."""
+and the Q/K row permutation that goes with it (docs/design.md §4)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,7 +33,9 @@ BY_GGUF_NAME = {arch.name: arch for arch in (LLAMA, QWEN2)}
 def arch_of_config(config) -> Arch:
     arch = BY_MODEL_TYPE.get(config.model_type)
     if arch is None:
-        raise UIOError(f"unsupported architecture '{config.model_type}' (the converter handles {', '.join(BY_MODEL_TYPE)})")
+        raise UIOError(
+            f"unsupported architecture '{config.model_type}' (the converter handles {', '.join(BY_MODEL_TYPE)})"
+        )
     window = getattr(config, "sliding_window", None)
     if config.model_type == "mistral" and window is not None and window < config.max_position_embeddings:
         # llama.cpp's LLaMA graph has no sliding window: the two would disagree past `window` tokens.

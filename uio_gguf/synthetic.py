@@ -7,14 +7,19 @@ documents; this module imports nothing heavy, so the runtime can use it.
              The pass key is 71432."
   key-value  several "The value of key amber-falcon is 48213." ... two of them asked for at the end
 """
+
 from __future__ import annotations
 
 import random
 
-_ADJECTIVES = ("amber silent brisk copper distant eager frozen golden hollow ivory jagged lunar mellow "
-               "narrow olive quiet rapid scarlet tidal velvet wild young azure bitter crimson").split()
-_NOUNS = ("falcon harbor lantern meadow orchard pebble quarry river saddle thistle valley willow anchor "
-          "beacon canyon dune ember glacier island kettle ledger marble nectar otter").split()
+_ADJECTIVES = (
+    "amber silent brisk copper distant eager frozen golden hollow ivory jagged lunar mellow "
+    "narrow olive quiet rapid scarlet tidal velvet wild young azure bitter crimson"
+).split()
+_NOUNS = (
+    "falcon harbor lantern meadow orchard pebble quarry river saddle thistle valley willow anchor "
+    "beacon canyon dune ember glacier island kettle ledger marble nectar otter"
+).split()
 
 
 KEY_NAMES = [f"{a}-{n}" for a in _ADJECTIVES for n in _NOUNS]

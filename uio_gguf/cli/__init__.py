@@ -1,0 +1,29 @@
+"""The `uio-gguf` command line. Each command imports its stage lazily, so `--help` is instant and the
+runtime works without the training extra.
+
+    options.py   the app, the options the commands share, opening a runtime, progress bars
+    training.py  data, train, train-check, convert
+    run.py       info, compress, chat, demo
+    evaluate.py  eval ppl, eval passkey
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from uio_gguf.cli import evaluate, run, training  # noqa: F401  (each registers its commands on `app`)
+from uio_gguf.cli.options import app
+from uio_gguf.errors import UIOError
+
+
+def main() -> None:
+    try:
+        app()
+    except UIOError as err:
+        typer.echo(f"uio-gguf: error: {err}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("uio-gguf: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,123 @@
+"""`uio-gguf eval`: does the memory work? Measured through the llama.cpp runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from uio_gguf.cli.options import (
+    DEFAULT_RATIO,
+    FlashAttn,
+    GpuLayers,
+    Model,
+    Ratio,
+    Verbose,
+    app,
+    open_runtime,
+    parse_lengths,
+    progress_bar,
+    write_json,
+)
+from uio_gguf.errors import UIOError
+
+eval_app = typer.Typer(
+    help="Measure the memory through the llama.cpp runtime: perplexity and pass-key retrieval.", no_args_is_help=True
+)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    files: list[Path] = typer.Argument(..., help="Held-out UTF-8 text files (one document each)."),
+    lengths: str = typer.Option(
+        "4096,8192,16384,32768", "--lengths", help="Token lengths L, comma separated: each text's first L tokens."
+    ),
+    model: list[Path] = typer.Option(
+        [], "-m", "--model", help="UIO bundle directory (repeatable: one uio column each)."
+    ),
+    ratio: list[int] = typer.Option(
+        [], "--ratio", help="A shipped SmolLM2 bundle by ratio (repeatable). Default, without -m: every shipped ratio."
+    ),
+    full_window: int | None = typer.Option(
+        None,
+        "--full-window",
+        help="Window of the sliding full-attention baseline (default: the model's trained context).",
+    ),
+    full_keep: int = typer.Option(
+        4,
+        "--full-keep",
+        help="Tokens at the start the sliding baseline never drops (attention sinks; llama.cpp's --keep).",
+    ),
+    baselines: str = typer.Option(
+        "window,sliding,full",
+        "--baselines",
+        help="Baselines to compute, comma separated: window (no memory), sliding (full attention in the trained window), full; 'none' for the uio columns alone (each method is deterministic: baselines measured once need not be rerun).",
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
+    n_gpu_layers: GpuLayers = 0,
+    flash_attn: FlashAttn = False,
+    verbose: Verbose = False,
+):
+    """Perplexity of long texts: UIO memory (each bundle) next to the same raw window without memory,
+    full attention inside the model's trained window (sliding), and full attention over everything."""
+    from uio_gguf import eval_ppl
+    from uio_gguf.book import read_book
+    from uio_gguf.default_bundle import shipped_bundles
+
+    asked = parse_lengths(lengths)
+    chosen = eval_ppl.parse_baselines(baselines)
+    texts = [(path.name, read_book(path)) for path in files]
+    if not model and not ratio:
+        ratio = sorted(shipped_bundles(), reverse=True)
+    runtimes = [open_runtime(path, 0, n_gpu_layers, flash_attn, verbose) for path in model]
+    runtimes += [open_runtime(None, r, n_gpu_layers, flash_attn, verbose) for r in ratio]
+    tokenized = eval_ppl.tokenize_texts(runtimes[0].model, texts)
+    bar, update = progress_bar("evaluating")
+    report = eval_ppl.evaluate(
+        runtimes, tokenized, asked, full_window=full_window, full_keep=full_keep, progress=update, baselines=chosen
+    )
+    bar.close()
+    typer.echo(eval_ppl.format_report(report))
+    write_json(json_out, report)
+
+
+@eval_app.command("passkey")
+def eval_passkey(
+    lengths: str = typer.Option("4096,16384", "--lengths", help="Document lengths in tokens, comma separated."),
+    depths: str = typer.Option(
+        "0.1,0.5,0.9", "--depths", help="Where the pass key sits (0: start, 1: end), comma separated."
+    ),
+    trials: int = typer.Option(5, "--trials", help="Documents (each with its own key) per length and depth."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the keys and of the filler."),
+    model: Model = None,
+    ratio: Ratio = DEFAULT_RATIO,
+    filler: list[Path] = typer.Option(
+        [],
+        "--filler",
+        help="Text files to draw the filler from (repeatable). Default: the classic 'The grass is green...' lines.",
+    ),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Also write the results (with every answer) here as JSON."
+    ),
+    n_gpu_layers: GpuLayers = 0,
+    flash_attn: FlashAttn = False,
+    verbose: Verbose = False,
+):
+    """Pass-key retrieval: a number hidden at several depths of long filler, asked for through the chat path."""
+    from uio_gguf import eval_passkey as passkey
+    from uio_gguf.book import read_book
+
+    asked = parse_lengths(lengths)
+    try:
+        where = [float(d) for d in depths.split(",") if d.strip()]
+    except ValueError:
+        raise UIOError(f"--depths takes comma separated fractions between 0 and 1, not {depths!r}") from None
+    texts = [read_book(path) for path in filler] or None
+    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
+    bar, update = progress_bar("asking")
+    bar.unit = "doc"
+    report = passkey.evaluate(runtime, asked, where, trials, seed=seed, texts=texts, progress=update)
+    bar.close()
+    typer.echo(passkey.format_report(report))
+    write_json(json_out, report)

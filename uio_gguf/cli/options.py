@@ -1,0 +1,88 @@
+"""What the commands share: the Typer app, the options every runtime command takes (declared once
+here), and the helpers that open a runtime and draw a progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from uio_gguf.default_bundle import DEFAULT_RATIO
+from uio_gguf.errors import UIOError
+
+__all__ = ["DEFAULT_RATIO", "app"]
+
+app = typer.Typer(
+    help="Long-context memory for llama.cpp: compress a book into memory slots (UIO-LLMs) and chat with it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+BUNDLE_HELP = "UIO bundle directory (model.gguf, encoder.lora.gguf, uio.gguf). Default: the embedded SmolLM2 bundle."
+RATIO_HELP = "Without -m: which shipped SmolLM2 bundle, by compression ratio (8: finer memory, books up to ~56K tokens; 32: up to ~225K)."
+
+# The options of every command that runs the model (use with a default: `ratio: Ratio = DEFAULT_RATIO`).
+Model = Annotated[Path | None, typer.Option("-m", "--model", help=BUNDLE_HELP)]
+Ratio = Annotated[int, typer.Option("--ratio", help=RATIO_HELP)]
+GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
+FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="Use flash attention.")]
+Verbose = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log.")]
+
+TRAIN_EXTRA_HINT = (
+    "the training extra is not installed: pip install 'uio-gguf[train]' (install torch==2.13.0 first on CPU)"
+)
+
+
+def require_training_stack() -> None:
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UIOError(TRAIN_EXTRA_HINT) from None
+
+
+def open_runtime(bundle: Path | None, ratio: int, n_gpu_layers: int, flash_attn: bool, verbose: bool):
+    from uio_gguf.default_bundle import default_bundle_path
+    from uio_gguf.runtime import UIORuntime
+
+    bundle = bundle if bundle is not None else default_bundle_path(ratio)
+    runtime = UIORuntime(bundle, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=verbose)
+    if runtime.bundle.trained_steps == 0:
+        typer.echo(
+            "note: this UIO head is untrained (zero LoRA deltas): the memory is the model's own states, "
+            "not a trained compression; answers about far-away text will be weak",
+            err=True,
+        )
+    return runtime
+
+
+def progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="tok", unit_scale=True, leave=False, disable=None)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+def parse_lengths(text: str, what: str = "--lengths") -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UIOError(f"{what} takes comma separated token counts, not {text!r}") from None
+    if not values:
+        raise UIOError(f"{what} is empty")
+    return values
+
+
+def write_json(path: Path | None, report: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"json: {path}", err=True)

@@ -1,0 +1,195 @@
+"""Commands of the runtime: info, compress, chat, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from uio_gguf.cli.options import (
+    DEFAULT_RATIO,
+    FlashAttn,
+    GpuLayers,
+    Model,
+    Ratio,
+    Verbose,
+    app,
+    open_runtime,
+    progress_bar,
+)
+
+
+@app.command()
+def info(
+    bundle: Path = typer.Argument(..., help="A bundle directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the information as JSON."),
+):
+    """What a bundle holds: architecture, sizes, segment/ratio, types, fingerprints and whether they match."""
+    from uio_gguf.bundle import Bundle, format_info
+
+    opened = Bundle.open(bundle, check=False)
+    details = opened.info()
+    typer.echo(json.dumps(details, indent=2) if as_json else format_info(details))
+    if not all(fp["matches"] for fp in details["fingerprints"].values()):
+        opened.verify()  # raises: the files do not belong together
+
+
+@app.command()
+def compress(
+    book: Path = typer.Argument(..., help="A UTF-8 text file."),
+    model: Model = None,
+    out: Path | None = typer.Option(None, "-o", "--out", help="Also copy the memory file here."),
+    ratio: Ratio = DEFAULT_RATIO,
+    n_gpu_layers: GpuLayers = 0,
+    flash_attn: FlashAttn = False,
+    verbose: Verbose = False,
+):
+    """Compress a book into its memory file (cached: `chat` on the same book starts instantly)."""
+    import shutil
+
+    from uio_gguf.book import read_book
+    from uio_gguf.chat import Conversation
+
+    text = read_book(book)
+    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
+    bar, update = progress_bar("compressing")
+    conversation = Conversation(runtime, text, progress=update)
+    bar.close()
+    stats = conversation.stats
+    source = "memory file (cached)" if stats.from_file else f"{stats.tokens_per_second:,.0f} tokens/s"
+    typer.echo(
+        f"{len(conversation.book_tokens):,} tokens, {stats.tokens:,} compressed into "
+        f"{conversation.session.n_mem:,} memory slots in {stats.seconds:.1f} s ({source})"
+    )
+    if out is not None:
+        shutil.copyfile(conversation.memory_path, out)
+        typer.echo(f"memory file: {out}")
+    else:
+        typer.echo(f"memory file: {conversation.memory_path}")
+
+
+@app.command()
+def chat(
+    book: Path = typer.Argument(..., help="A UTF-8 text file: the book to talk about."),
+    model: Model = None,
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Ask one question, print the answer, exit."),
+    ratio: Ratio = DEFAULT_RATIO,
+    n_gpu_layers: GpuLayers = 0,
+    n_ctx: int | None = typer.Option(
+        None, "--n-ctx", help="Decoder window in tokens (default: the model's trained context)."
+    ),
+    temperature: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
+    top_k: int = typer.Option(40, "--top-k", help="Top-k sampling (with --temp > 0)."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Top-p sampling (with --temp > 0)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per answer."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    flash_attn: FlashAttn = False,
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write memory files."),
+    verbose: Verbose = False,
+):
+    """Chat about a book of any length: it is compressed into memory slots in llama.cpp's KV cache.
+
+    Ctrl-C stops the current answer; a second Ctrl-C (or Ctrl-D at the prompt) exits."""
+    from uio_gguf.book import read_book
+    from uio_gguf.chat import Conversation
+    from uio_gguf.session import SamplingParams
+
+    text = read_book(book)
+    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
+    bar, update = progress_bar("compressing")
+    conversation = Conversation(runtime, text, n_ctx=n_ctx, use_memory_files=not no_cache, progress=update)
+    bar.close()
+    stats = conversation.stats
+    typer.echo(
+        f"[{len(conversation.book_tokens):,} tokens -> {conversation.session.n_mem:,} memory slots + "
+        f"{len(conversation.session.raw)} raw tokens; "
+        + ("memory file reused]" if stats.from_file else f"compressed at {stats.tokens_per_second:,.0f} tokens/s]"),
+        err=True,
+    )
+    params = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens, stop=stop
+    )
+    try:
+        _chat_loop(conversation, params, prompt)
+    except KeyboardInterrupt:  # the second Ctrl-C: leave cleanly
+        typer.echo("\n[bye]", err=True)
+    used, full = conversation.kv_bytes()
+    typer.echo(
+        f"[KV cache: {used / 2**20:.1f} MiB used; full attention over the same "
+        f"{conversation.session.tokens_seen:,} tokens would need {full / 2**20:.1f} MiB]",
+        err=True,
+    )
+
+
+DEMO_QUESTION = "What is the access code of the archive?"
+
+
+@app.command()
+def demo(
+    ratio: Ratio = DEFAULT_RATIO,
+    n_gpu_layers: GpuLayers = 0,
+):
+    """The main job on the embedded default: SmolLM2-135M reads a bundled 13K-token text (its own
+    8K window could not hold it) through UIO memory and answers one question about its first lines."""
+    from importlib.resources import files
+
+    book = Path(str(files("uio_gguf") / "data" / "demo_book.txt"))
+    typer.echo(f"demo: {book.name} (the access code is stated in its first lines)\nquestion: {DEMO_QUESTION}", err=True)
+    chat(
+        book=book,
+        model=None,
+        prompt=DEMO_QUESTION,
+        ratio=ratio,
+        n_gpu_layers=n_gpu_layers,
+        n_ctx=None,
+        temperature=0.0,
+        top_k=40,
+        top_p=0.95,
+        seed=0,
+        max_tokens=64,
+        stop=[],
+        flash_attn=False,
+        no_cache=False,
+        verbose=False,
+    )
+
+
+def _chat_loop(conversation, params, prompt: str | None) -> None:
+    """One answer (--prompt) or a REPL. The first Ctrl-C during an answer stops that answer."""
+    import signal
+
+    interrupts = {"n": 0}
+
+    def on_sigint(_sig, _frame):
+        interrupts["n"] += 1
+        if interrupts["n"] >= 2:
+            raise KeyboardInterrupt
+
+    def answer(question: str) -> None:
+        interrupts["n"] = 0
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            for piece in conversation.ask(question, params, should_stop=lambda: interrupts["n"] > 0):
+                typer.echo(piece, nl=False)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        typer.echo("" if interrupts["n"] == 0 else " [stopped]")
+
+    # Ctrl-C at the prompt leaves, even in a process that inherited SIGINT ignored (a background job)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if prompt is not None:
+            answer(prompt)
+            return
+        while True:
+            try:
+                question = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                typer.echo("")
+                return
+            if question.strip():
+                answer(question)
+    finally:
+        signal.signal(signal.SIGINT, outer)
