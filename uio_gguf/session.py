@@ -1,7 +1,8 @@
 """The decoder side: one conversation over [memory ; raw window] in a llama.cpp context.
 
 Sequence 0 holds the conversation: memory cells at positions 0 .. n_mem-1 (segment s at (s-1)·k ..
-s·k-1), then the raw window. Sequence 1 is scratch: memory is loaded there and copied into sequence 0,
+s·k-1), then the recalled passages of the current question (docs/design.md §6; none unless
+set_recall is called), then the raw window. Sequence 1 is scratch: memory is loaded there and copied into sequence 0,
 which adds cells without touching the raw window. Whenever the raw window reaches the segment length,
 its tokens are compressed into k new slots right after the existing memory and their raw cells are
 dropped (docs/design.md §1). Feeding splits at those boundaries, so token i always sees the memory of
@@ -33,6 +34,8 @@ class SamplingParams:
     seed: int = 0
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
+    repeat_penalty: float = 1.0  # llama.cpp's repetition penalty over the last repeat_last_n tokens; 1: off
+    repeat_last_n: int = 64
 
 
 class Sampler(Handle):
@@ -41,6 +44,8 @@ class Sampler(Handle):
     def __init__(self, params: SamplingParams):
         self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731 - the chain owns s
+        if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
+            add(llama_cpp.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
         if params.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -96,14 +101,15 @@ class Session(Handle):
         self.ctx.clear()
         self.batch = Batch(n_batch, 0, 1)
         self.n_mem = 0  # memory cells (positions 0 .. n_mem-1)
-        self.raw: list[int] = []  # tokens of the raw window, at positions n_mem ..
+        self.recall: list[int] = []  # recalled tokens, at positions n_mem .. n_mem+len(recall)-1
+        self.raw: list[int] = []  # tokens of the raw window, right after the recall
         self.compressed_segments = 0
         self.tokens_seen = 0  # tokens of text the conversation stands for (memory + raw)
 
     @property
     def n_past(self) -> int:
-        """Cells in use by the conversation: memory + raw window."""
-        return self.n_mem + len(self.raw)
+        """Cells in use by the conversation: memory + recall + raw window."""
+        return self.n_mem + len(self.recall) + len(self.raw)
 
     # ----- memory -----------------------------------------------------------------------------
     def add_memory(self, memory: SegmentMemory) -> None:
@@ -119,6 +125,8 @@ class Session(Handle):
         if n_seg == 0:
             return
         self._check_room(n_seg * self.slots)
+        if self.recall:  # the recall moves up to make room right after the memory (K re-rotated at next decode)
+            self.ctx.seq_add(DECODER_SEQ, self.n_mem, self.n_mem + len(self.recall), n_seg * self.slots)
         positions = np.arange(self.n_mem, self.n_mem + n_seg * self.slots, dtype=np.int32)
         n_layer = memory.k.shape[1]
         # (N, n_layer, k, w) -> (n_layer, N·k, w): cells in position order, per layer
@@ -134,15 +142,41 @@ class Session(Handle):
     def _check_room(self, cells: int) -> None:
         if self.n_past + cells > self.ctx.n_ctx:
             raise UIOError(
-                f"the decoder context is full ({self.ctx.n_ctx} cells: {self.n_mem} memory + {len(self.raw)} raw); "
+                f"the decoder context is full ({self.ctx.n_ctx} cells: {self.n_mem} memory + {len(self.recall)} recall + "
+                f"{len(self.raw)} raw); "
                 "start a new session or use a larger --n-ctx"
             )
 
     def _compress_window(self) -> None:
         memory = self.runtime.encoder.compress(np.asarray([self.raw], dtype=np.int32))
-        self.ctx.seq_rm(DECODER_SEQ, self.n_mem, -1)  # the raw cells of the window
+        self.ctx.seq_rm(DECODER_SEQ, self.n_mem + len(self.recall), -1)  # the raw cells of the window
         self.raw = []
         self._write_memory(memory)
+
+    # ----- recall -----------------------------------------------------------------------------
+    def set_recall(self, tokens) -> None:
+        """Replaces the recalled passages with `tokens`, decoded as raw tokens right after the memory and
+        before the raw window (docs/design.md §6). The previous recall's cells are removed and the raw
+        window's cells shift (llama.cpp seq_rm + seq_add; K is re-rotated at the next decode), so the
+        cache stays [memory][recall][raw] at contiguous positions however many times it is replaced.
+        The recall attends to the memory only; the raw window keeps the states it was decoded with."""
+        tokens = [int(t) for t in tokens]
+        start, old = self.n_mem, len(self.recall)
+        if old:
+            self.ctx.seq_rm(DECODER_SEQ, start, start + old)
+        self.recall = []
+        self._last_logits = None  # what follows must be fed before sampling
+        if len(tokens) != old and self.raw:
+            self.ctx.seq_add(DECODER_SEQ, start + old, -1, len(tokens) - old)
+        if len(tokens) > self.ctx.n_ctx - self.n_past:
+            self.ctx.seq_add(DECODER_SEQ, start + len(tokens), -1, -len(tokens)) if self.raw else None
+            self._check_room(len(tokens))
+        for at in range(0, len(tokens), self.batch.capacity):
+            chunk = tokens[at : at + self.batch.capacity]
+            positions = np.arange(start + at, start + at + len(chunk))
+            self.batch.fill(positions, [[DECODER_SEQ]] * len(chunk), [False] * len(chunk), tokens=chunk)
+            self.ctx.decode(self.batch)
+            self.recall.extend(chunk)
 
     # ----- tokens -----------------------------------------------------------------------------
     def feed(self, tokens, all_logits: bool = False) -> np.ndarray | None:
@@ -182,18 +216,24 @@ class Session(Handle):
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         model = self.runtime.model
         text = ""
+        # What the last answer came to, for the OpenAI shapes (`usage`, finish_reason stop/length).
+        self.generated, self.finish_reason = 0, "length"
         try:
             for _ in range(params.max_tokens):
                 if should_stop():
+                    self.finish_reason = "stop"
                     break
                 token = self._sample(sampler)
                 if model.is_eog(token):
+                    self.finish_reason = "stop"
                     break
                 piece = decoder.decode(model.piece(token))
                 self.feed([token])
+                self.generated += 1
                 text += piece
                 hit = next((s for s in params.stop if s in text), None)
                 if hit:
+                    self.finish_reason = "stop"
                     cut = text.index(hit)
                     emitted = len(text) - len(piece)
                     if cut > emitted:
