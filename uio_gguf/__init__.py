@@ -24,6 +24,7 @@ _EXPORTS = {
     "Bundle": "uio_gguf.bundle",
     "SegmentMemory": "uio_gguf.encoder",
     "UIOError": "uio_gguf.errors",
+    "UIOLlama": "uio_gguf.llama_compat",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -5,6 +5,7 @@ runtime works without the training extra.
     training.py  data, train, train-check, convert
     run.py       info, compress, chat, demo
     evaluate.py  eval ppl, eval passkey
+    serve.py     serve (the OpenAI-compatible server; needs the serve extra)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import typer
 
-from uio_gguf.cli import evaluate, run, training  # noqa: F401  (each registers its commands on `app`)
+from uio_gguf.cli import evaluate, run, serve, training  # noqa: F401  (each registers its commands on `app`)
 from uio_gguf.cli.options import app
 from uio_gguf.errors import UIOError
 

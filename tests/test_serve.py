@@ -1,0 +1,355 @@
+"""`uio-gguf serve` and UIOLlama (docs/design.md §7): the server runs on 127.0.0.1 over a tiny bundle and
+the real `openai` client drives it; answers are checked against a Conversation run in-process (greedy),
+and the drop-in class against a real llama_cpp.Llama on a text that fits the raw window."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from tests.conftest import run_cli  # noqa: E402
+
+SEGMENT = 64  # a raw window that holds a short chat, for the llama.cpp comparison
+N_CTX = 1536  # books up to 1856 tokens: a small decoder context per conversation
+KEY = "sk-test"
+
+
+@pytest.fixture(scope="module")
+def bundle(make_tiny_bundle):
+    return make_tiny_bundle("llama", segment=SEGMENT, ratio=4, outtype="f32")[0]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Memory files of this module go to a cache of their own."""
+    before = os.environ.get("UIO_GGUF_CACHE")
+    os.environ["UIO_GGUF_CACHE"] = str(tmp_path_factory.mktemp("serve-cache"))
+    yield
+    if before is None:
+        del os.environ["UIO_GGUF_CACHE"]
+    else:
+        os.environ["UIO_GGUF_CACHE"] = before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, tries: int = 600) -> None:
+    for _ in range(tries):
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no server at {base}")
+
+
+@pytest.fixture(scope="module")
+def server(bundle, cache):
+    """(base url, UIOLlama): the app in a uvicorn server on a thread of this process."""
+    import uvicorn
+
+    from uio_gguf.llama_compat import UIOLlama
+    from uio_gguf.server import create_app
+
+    llm = UIOLlama(bundle, n_ctx=N_CTX, keep=4)
+    port = free_port()
+    app = create_app(llm, "tiny", parallel=2, queue=2, api_key=KEY)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base)
+    yield base, llm
+    uv.should_exit = True
+    thread.join(timeout=30)
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def books(prose):
+    """Two books of several segments each (different text), and one too long for N_CTX."""
+    return prose[:1500], prose[3000:4500], prose[:30000]
+
+
+def counters(server) -> dict:
+    return httpx.get(f"{server[0]}/health").json()["counters"]
+
+
+def reference(llm, book: str, questions: list[str], max_tokens: int) -> list[str]:
+    """The answers of a Conversation in this process, greedy: what the server must send."""
+    from uio_gguf.chat import Conversation
+    from uio_gguf.session import SamplingParams
+
+    with Conversation(llm.runtime, book, n_ctx=N_CTX, use_memory_files=False) as conv:
+        return ["".join(conv.ask(q, SamplingParams(max_tokens=max_tokens))) for q in questions]
+
+
+def ask(client, messages, **kw):
+    return client.chat.completions.create(model="tiny", messages=messages, temperature=0, **kw)
+
+
+def user(book: str, question: str) -> dict:
+    return {"role": "user", "content": f"{book}\n\n{question}"}
+
+
+# ----- completions ---------------------------------------------------------------------------------
+def test_a_completion_answers_over_the_book_as_the_conversation_does(server, client, books):
+    before = counters(server)
+    out = ask(client, [user(books[0], "What is it about?")], max_tokens=12)
+    assert out.object == "chat.completion" and out.id.startswith("chatcmpl-") and out.model == "tiny"
+    choice = out.choices[0]
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert choice.message.content == reference(server[1], books[0], ["What is it about?"], 12)[0]
+    assert 0 < out.usage.completion_tokens <= 12 and out.usage.prompt_tokens > 3 * SEGMENT
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    after = counters(server)
+    assert after["compressed"] == before["compressed"] + 1 and after["from_file"] == before["from_file"]
+
+
+def test_a_streamed_completion_sends_the_same_answer_in_chunks(server, client, books):
+    question = "Who is speaking?"
+    plain = ask(client, [user(books[0], question)], max_tokens=10)
+    chunks = list(ask(client, [user(books[0], question)], max_tokens=10, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].finish_reason is None
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert chunks[-1].choices[0].delta.content is None
+    assert {c.id for c in chunks} == {chunks[0].id} and all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == plain.choices[0].message.content and len(chunks) > 3
+
+
+def test_the_same_book_again_is_read_from_its_memory_file(server, client, books):
+    ask(client, [user(books[1], "First question?")], max_tokens=4)
+    before = counters(server)
+    ask(client, [user(books[1], "A different question?")], max_tokens=4)
+    after = counters(server)
+    assert after["from_file"] == before["from_file"] + 1
+    assert after["compressed"] == before["compressed"]
+
+
+def test_a_longer_conversation_continues_its_session(server, client, books):
+    q1, q2 = "Name one thing in it.", "And another?"
+    first = ask(client, [user(books[1], q1)], max_tokens=8).choices[0].message.content
+    before = counters(server)
+    history = [user(books[1], q1), {"role": "assistant", "content": first}, {"role": "user", "content": q2}]
+    second = ask(client, history, max_tokens=8).choices[0].message.content
+    after = counters(server)
+    assert after["continued"] == before["continued"] + 1
+    assert (after["compressed"], after["from_file"]) == (before["compressed"], before["from_file"])
+    assert [first, second] == reference(server[1], books[1], [q1, q2], 8)
+
+
+def test_a_history_the_server_did_not_write_is_read_in_as_sent(server, books):
+    """An assistant turn the app did not get from us (another model's, say) is read as text, not
+    generated (recall off, so the raw text is all that differs between the turns)."""
+    from uio_gguf.chat import BOOK_MARKER, Conversation
+    from uio_gguf.llama_compat import UIOLlama
+    from uio_gguf.session import SamplingParams
+
+    q1, q2 = "Name one thing in it.", "And another?"
+    history = [user(books[0], q1), {"role": "assistant", "content": "A river."}, {"role": "user", "content": q2}]
+    llm = UIOLlama(runtime=server[1].runtime, n_ctx=N_CTX, recall_tokens=0, use_memory_files=False)
+    with llm:
+        answer = llm.create_chat_completion(history, temperature=0, max_tokens=8)["choices"][0]["message"]["content"]
+        assert llm.stats()["continued"] == 0
+
+    # By hand: the book is read, then the rest of the first turn and the given answer as raw text.
+    with Conversation(server[1].runtime, books[0], n_ctx=N_CTX, use_memory_files=False, recall_tokens=0) as conv:
+        before, after = conv._first_turn(q1).split(BOOK_MARKER, 1)
+        conv.session.feed(conv.model.tokenize(after + "A river."))
+        conv.seen_text = before + books[0] + after + "A river."
+        conv.messages = [("user", f"{books[0]}\n\n{q1}"), ("assistant", "A river.")]
+        expected = "".join(conv.ask(q2, SamplingParams(max_tokens=8)))
+    assert answer == expected
+
+
+# ----- errors ----------------------------------------------------------------------------------------
+def test_a_book_too_long_is_400_with_the_longest_that_fits(server, client, books):
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask(client, [user(books[2], "What is it about?")], max_tokens=4)
+    error = caught.value.body
+    assert caught.value.status_code == 400 and error["code"] == "context_length_exceeded"
+    assert f"holds at most {server[1].max_book_tokens()}" in error["message"]
+    assert ask(client, [{"role": "user", "content": "Hi"}], max_tokens=2).choices[0].message.role == "assistant"
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        (b"{not json", 400),
+        (json.dumps({"model": "tiny"}).encode(), 422),
+        (json.dumps({"messages": []}).encode(), 422),
+        (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), 422),
+        (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 422),
+        (json.dumps({"messages": [{"role": "assistant", "content": "x"}]}).encode(), 400),
+    ],
+)
+def test_a_malformed_request_gets_an_openai_error_and_the_server_goes_on(server, body, status):
+    base = server[0]
+    reply = httpx.post(
+        f"{base}/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"},
+    )
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert httpx.get(f"{base}/health").json()["status"] == "ok"
+
+
+def test_an_unknown_model_is_404_and_a_bad_key_401(server, client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "Hi"}])
+    assert caught.value.body["code"] == "model_not_found"
+    wrong = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        ask(wrong, [{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+# ----- concurrency -----------------------------------------------------------------------------------
+def test_two_clients_at_once_each_get_their_own_stream(server, client, books):
+    requests = [[user(books[0], "What happens first?")], [user(books[1], "What happens last?")]]
+    expected = [ask(client, r, max_tokens=24).choices[0].message.content for r in requests]
+    assert expected[0] != expected[1]
+    got: list = [None, None]
+    start = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        start.wait()
+        stream = ask(client, requests[i], max_tokens=24, stream=True)
+        got[i] = "".join(c.choices[0].delta.content or "" for c in stream)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_answer_and_frees_its_slot(server, client):
+    before = counters(server)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Tell me a very long story."}],
+        temperature=1.0,
+        seed=3,
+        max_tokens=1000,
+        stream=True,
+    )
+    next(iter(stream))
+    stream.close()
+    for _ in range(600):  # the worker notices at its next token
+        state = httpx.get(f"{server[0]}/health").json()
+        if state["slots"]["busy"] == 0:
+            break
+        time.sleep(0.05)
+    assert state["slots"]["busy"] == 0
+    assert state["counters"]["cancelled"] == before["cancelled"] + 1
+    assert ask(client, [{"role": "user", "content": "Hi"}], max_tokens=2).choices[0].finish_reason
+
+
+# ----- the drop-in class -------------------------------------------------------------------------------
+def test_uiollama_returns_what_llama_cpp_returns(bundle, server):
+    """A chat that fits the raw window: the same greedy text and the same keys, chunk by chunk."""
+    import llama_cpp
+
+    messages = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a colour."}]
+    ref = llama_cpp.Llama(model_path=str(bundle / "model.gguf"), n_ctx=256, verbose=False, seed=0)
+    ours = server[1]
+    try:
+        want = ref.create_chat_completion(messages, temperature=0, max_tokens=8)
+        got = ours.create_chat_completion(messages, temperature=0, max_tokens=8)
+        assert want["usage"]["total_tokens"] < SEGMENT  # the whole chat stays in the raw window
+        assert set(got) == set(want) and got["object"] == want["object"]
+        assert set(got["choices"][0]) == set(want["choices"][0])
+        assert got["choices"][0]["message"] == want["choices"][0]["message"]
+        assert got["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"]
+        assert got["usage"] == want["usage"]
+
+        want_chunks = list(ref.create_chat_completion(messages, temperature=0, max_tokens=8, stream=True))
+        got_chunks = list(ours.create_chat_completion(messages, temperature=0, max_tokens=8, stream=True))
+        for w, g in ((want_chunks[0], got_chunks[0]), (want_chunks[-1], got_chunks[-1])):
+            assert set(g) == set(w) and set(g["choices"][0]) == set(w["choices"][0])
+            assert g["choices"][0]["delta"] == w["choices"][0]["delta"]
+            assert g["choices"][0]["finish_reason"] == w["choices"][0]["finish_reason"]
+        join = lambda chunks: "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)  # noqa: E731
+        assert join(got_chunks) == join(want_chunks) == want["choices"][0]["message"]["content"]
+    finally:
+        ref.close()
+
+
+# ----- the command -----------------------------------------------------------------------------------
+def test_the_serve_command_serves_until_stopped(bundle, cache_env):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from uio_gguf.cli import main; main()", "serve", "-m", str(bundle)]
+        + ["--port", str(port), "--n-ctx", str(N_CTX)],
+        cwd=REPO,
+        env={**os.environ, **cache_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}")
+        local = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        model = local.models.list().data[0].id
+        assert model == bundle.name
+        out = local.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        assert out.choices[0].message.role == "assistant"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert f"http://127.0.0.1:{port}/v1" in err
+
+
+def test_serve_without_the_extra_says_so_in_one_line():
+    code = "import sys; sys.modules['fastapi'] = None; from uio_gguf.cli import main; sys.argv[1:] = ['serve']; main()"
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "uio-gguf: error: the serve extra is not installed: pip install 'uio-gguf[serve]'"
+    assert "serve" in run_cli("--help").stdout
+
+
+def test_only_the_server_imports_the_serve_stack():
+    from tests.test_layout import imports, modules
+
+    table = modules()
+    at_top = {
+        module
+        for module, path in table.items()
+        for target, _, top in imports(path, set(table))
+        if top and target.split(".")[0] in {"fastapi", "uvicorn", "sse_starlette", "starlette"}
+    }
+    assert at_top == {"uio_gguf.server"}

@@ -1,0 +1,59 @@
+"""The `serve` command: an OpenAI-compatible server with book memory (uio_gguf/server.py, docs/serving.md)."""
+
+from __future__ import annotations
+
+import typer
+
+from uio_gguf.cli.options import DEFAULT_RATIO, FlashAttn, GpuLayers, Model, Ratio, Verbose, app, open_runtime
+from uio_gguf.errors import UIOError
+
+SERVE_EXTRA_HINT = "the serve extra is not installed: pip install 'uio-gguf[serve]'"
+
+
+def require_serve_stack() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import sse_starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UIOError(SERVE_EXTRA_HINT) from None
+
+
+@app.command()
+def serve(
+    model: Model = None,
+    ratio: Ratio = DEFAULT_RATIO,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    n_gpu_layers: GpuLayers = 0,
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Answers generated at once (a decoder context each)."),
+    queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait for a slot; past that, 503."),
+    api_key: str | None = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY`."),
+    n_ctx: int | None = typer.Option(
+        None, "--n-ctx", help="Decoder window in tokens (default: the model's trained context)."
+    ),
+    keep: int = typer.Option(4, "--keep", min=0, help="Finished conversations kept open to be continued."),
+    alias: str | None = typer.Option(None, "--alias", help="The model id clients use (default: the bundle's name)."),
+    flash_attn: FlashAttn = False,
+    verbose: Verbose = False,
+):
+    """Serve the OpenAI chat-completions API: a long user message (the book) goes into memory, once per book."""
+    require_serve_stack()
+    from uio_gguf.llama_compat import UIOLlama
+    from uio_gguf.server import create_app, run
+
+    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
+    llm = UIOLlama(runtime=runtime, n_ctx=n_ctx, keep=keep)
+    if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
+        from uio_gguf.default_bundle import shipped_bundles
+
+        alias = shipped_bundles()[ratio].name
+    model_id = alias or runtime.bundle.path.name
+    typer.echo(
+        f"serving {model_id} on http://{host}:{port}/v1 (books up to {llm.max_book_tokens():,} tokens)", err=True
+    )
+    try:
+        run(create_app(llm, model_id, parallel=parallel, queue=queue, api_key=api_key), host, port)
+    finally:
+        llm.close()
+        runtime.close()

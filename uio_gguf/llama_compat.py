@@ -1,0 +1,342 @@
+"""UIOLlama: llama-cpp-python's `Llama.create_chat_completion` answered over UIO memory (docs/design.md §7).
+
+An app written against llama-cpp-python switches by changing its constructor:
+
+    llm = UIOLlama("bundle_dir")          # or UIOLlama() for the embedded SmolLM2 bundle
+    out = llm.create_chat_completion([{"role": "user", "content": book + "\\n\\nWho wrote it?"}])
+    out["choices"][0]["message"]["content"]
+
+The return values are the dicts (and, with stream=True, the chunk iterator) llama-cpp-python returns.
+
+How messages map onto a Conversation (uio_gguf/chat.py):
+- system messages before the first user message are its preamble (rendered before it);
+- the first user message is the document turn. When it is longer than the raw window (one segment) it
+  holds the book: its text up to the last blank line is the book, compressed into memory or read from its
+  memory file (keyed by content), and the paragraph after that line is the question (recall, when the
+  runtime has it, works on it). A shorter first message is all question;
+- later user turns are asked in turn; assistant turns the client sends are read in as they are;
+- a request that repeats a conversation kept from an earlier request (its messages and the answer given)
+  and adds turns continues that conversation's decoder session: nothing is compressed or read again.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+from uio_gguf.chat import BOOK_MARKER, Conversation, render
+from uio_gguf.errors import UIOError
+from uio_gguf.handles import Handle
+from uio_gguf.runtime import ANSWER_RESERVE
+from uio_gguf.session import SamplingParams
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class Counters:
+    """What the requests came to (the server shows them on /health)."""
+
+    requests: int = 0
+    compressed: int = 0  # conversations whose book was compressed
+    from_file: int = 0  # conversations whose book memory was read from its memory file
+    continued: int = 0  # requests that continued a kept conversation
+    cancelled: int = 0  # answers stopped early because should_stop() turned true (a client left)
+
+
+class _Thread(Conversation):
+    """A Conversation whose document turn may follow system messages and need not end in a question:
+    the first user message renders as book + sep + question, exactly as the client sent it."""
+
+    def __init__(self, runtime, preamble: list[tuple[str, str]], book: str, sep: str, n_ctx, **options):
+        self.preamble, self.sep, self.n_ctx = preamble, sep, n_ctx
+        self.history: list[tuple[str, str]] = list(preamble)  # the messages read so far, as the client sends them
+        super().__init__(runtime, book, n_ctx=n_ctx, **options)
+
+    def _first_turn(self, question: str) -> str:
+        return render(self.template, [*self.preamble, ("user", f"{BOOK_MARKER}{self.sep}{question}")], True)
+
+    def _load_book(self, *args, **kwargs) -> None:
+        # The document part is everything the first turn renders before the book: the preamble too.
+        opening = self._first_turn("?").split(BOOK_MARKER, 1)[0]
+        self.book_tokens = self.model.tokenize(opening + self.book, add_special=True)
+        self.runtime.check_length(len(self.book_tokens), self.n_ctx)
+        super()._load_book(*args, **kwargs)
+
+    def turn(self, message: tuple[str, str], question: str, params: SamplingParams, should_stop) -> Iterator[str]:
+        """Asks `question` (the text of the user `message`) and streams the answer."""
+        yield from self.ask(question, params, should_stop=should_stop)
+        # ask() keeps its own record of the first turn (book + "\n\n" + question); the client's is the truth
+        self.history += [message, self.messages[-1]]
+        self.messages = list(self.history)
+
+    def read_answer(self, message: tuple[str, str], question: str, answer: str) -> None:
+        """Reads in a user turn and the assistant's answer as the client sent them (no generation)."""
+        for _ in self.turn(message, question, SamplingParams(max_tokens=0), lambda: False):
+            pass
+        if answer:
+            self.session.feed(self.model.tokenize(answer))
+        self.seen_text += answer
+        self.history[-1] = ("assistant", answer)
+        self.messages = list(self.history)
+
+
+def normalize(messages) -> list[tuple[str, str]]:
+    """OpenAI chat messages -> (role, text) with roles system/user/assistant; consecutive messages of one
+    role are joined by a blank line (templates expect turns to alternate). ValueError on what we can't read."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    out: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise ValueError(f"messages[{i}]: role must be one of {', '.join(ROLES)}, not {role!r}")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}]: content must be a string or a list of text parts")
+        role = ROLES[role]
+        if out and out[-1][0] == role:
+            out[-1] = (role, f"{out[-1][1]}\n\n{content}")
+        else:
+            out.append((role, content))
+    first_user = next((i for i, (role, _) in enumerate(out) if role == "user"), None)
+    if first_user is None:
+        raise ValueError("messages hold no user message")
+    if any(role == "system" for role, _ in out[first_user:]):
+        raise ValueError("system messages must come before the first user message")
+    if out[-1][0] != "user":
+        raise ValueError("the last message must be the user's")
+    return out
+
+
+def _serialize_encoder(encoder) -> None:
+    """Conversations run in threads of their own, but share the runtime's one encoder context (a book's
+    segments, and each raw window that fills up): its compressions take turns."""
+    if getattr(encoder, "serialized", False):
+        return
+    inner, lock = encoder.compress, threading.Lock()
+
+    def compress(*args, **kwargs):
+        with lock:
+            return inner(*args, **kwargs)
+
+    encoder.compress, encoder.serialized = compress, True
+
+
+def _chat_id() -> str:
+    return f"chatcmpl-{uuid.uuid4()}"
+
+
+class UIOLlama(Handle):
+    """llama_cpp.Llama's chat API over a UIO runtime. Thread-safe: each conversation runs in its own
+    decoder context; at most `keep` finished conversations stay open to be continued (least recent closed
+    first)."""
+
+    def __init__(
+        self,
+        bundle=None,
+        n_ctx: int | None = None,
+        n_gpu_layers: int = 0,
+        flash_attn: bool = False,
+        n_threads: int = 0,
+        keep: int = 4,
+        use_memory_files: bool = True,
+        recall_tokens: int | None = None,
+        verbose: bool = False,
+        runtime=None,
+    ):
+        """bundle: a bundle directory (None: the embedded SmolLM2 bundle); n_ctx: the decoder window
+        (None: the model's trained context); recall_tokens: Conversation's recall budget per question
+        (None: its default; 0: off); runtime: an open UIORuntime to use instead (not closed here)."""
+        if runtime is None:
+            from uio_gguf.runtime import UIORuntime
+
+            runtime = UIORuntime(
+                bundle, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=n_threads, verbose=verbose
+            )
+            self._owns_runtime = True
+        else:
+            self._owns_runtime = False
+        self.runtime = runtime
+        _serialize_encoder(runtime.encoder)
+        self.n_ctx = n_ctx
+        self.keep = keep
+        self.options = {"use_memory_files": use_memory_files}  # passed on to each Conversation
+        if recall_tokens is not None:
+            self.options["recall_tokens"] = recall_tokens
+        self.model_path = str(runtime.bundle.model_path)
+        self.counters = Counters()
+        self._kept: OrderedDict[tuple, _Thread] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def max_book_tokens(self) -> int:
+        return self.runtime.max_tokens(self.n_ctx)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {**asdict(self.counters), "kept": len(self._kept)}
+
+    # ----- conversations ----------------------------------------------------------------------------
+    def _checkout(self, msgs: list[tuple[str, str]]) -> _Thread:
+        """The kept conversation that `msgs` extends (taken out while in use), or a new one."""
+        with self._lock:
+            self.counters.requests += 1
+            best = max(
+                (h for h in self._kept if len(h) < len(msgs) and tuple(msgs[: len(h)]) == h), key=len, default=None
+            )
+            if best is not None:
+                self.counters.continued += 1
+                return self._kept.pop(best)
+        first = next(i for i, (role, _) in enumerate(msgs) if role == "user")
+        content = msgs[first][1]
+        book, sep = "", ""
+        if len(self.runtime.model.tokenize(content)) > self.runtime.segment:
+            cut = content.rfind("\n\n")
+            book, sep = (content[:cut], "\n\n") if cut > 0 else (content, "")
+        thread = _Thread(self.runtime, msgs[:first], book, sep, self.n_ctx, **self.options)
+        thread.question = content[len(book) + len(sep) :]
+        with self._lock:
+            if thread.stats.from_file:
+                self.counters.from_file += 1
+            elif thread.stats.tokens:
+                self.counters.compressed += 1
+        return thread
+
+    def _checkin(self, thread: _Thread) -> None:
+        with self._lock:
+            self._kept[tuple(thread.history)] = thread
+            while len(self._kept) > self.keep:
+                self._kept.popitem(last=False)[1].close()
+
+    def _prepare(self, msgs: list[tuple[str, str]]) -> _Thread:
+        """A conversation that has read every message but the last (the question to answer)."""
+        thread = self._checkout(msgs)
+        try:
+            i = len(thread.history)
+            while i < len(msgs) - 1:
+                thread.read_answer(msgs[i], self._question(thread, msgs[i]), msgs[i + 1][1])
+                i += 2
+        except BaseException:
+            thread.close()
+            raise
+        return thread
+
+    @staticmethod
+    def _question(thread: _Thread, message: tuple[str, str]) -> str:
+        return thread.question if not thread.messages else message[1]
+
+    # ----- the llama-cpp-python API -----------------------------------------------------------------
+    def create_chat_completion(
+        self,
+        messages,
+        stream: bool = False,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        max_tokens: int | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        model: str | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        **_ignored,
+    ):
+        """llama_cpp.Llama.create_chat_completion's arguments (the sampling ones UIO has; the others are
+        accepted and ignored) and return values. max_tokens None or <= 0: up to the runtime's answer reserve.
+        should_stop (not in llama-cpp-python): polled per token; true ends the answer (finish_reason stop).
+
+        The book is read (or its memory file loaded) before this returns, also with stream=True, so a
+        book that does not fit raises UIOError here rather than mid-stream."""
+        try:
+            msgs = normalize(messages)
+        except ValueError as err:
+            raise UIOError(str(err)) from None
+        params = SamplingParams(
+            temperature=max(0.0, float(temperature)),
+            top_k=int(top_k),
+            top_p=float(top_p),
+            seed=random.randrange(2**31) if seed is None else int(seed),
+            max_tokens=int(max_tokens) if max_tokens and max_tokens > 0 else ANSWER_RESERVE,
+            stop=[stop] if isinstance(stop, str) else list(stop or []),
+        )
+        thread = self._prepare(msgs)
+        answer = self._answer(thread, msgs[-1], params, should_stop or (lambda: False))
+        meta = {"id": _chat_id(), "created": int(time.time()), "model": model or self.model_path}
+        return self._chunks(thread, answer, meta) if stream else self._completion(thread, answer, meta)
+
+    def _answer(self, thread: _Thread, message, params, should_stop) -> Iterator[str]:
+        """Streams the answer; when it ends, thread.result holds (finish_reason, usage) and the
+        conversation is kept. A consumer that stops early closes the conversation."""
+        stopped = {"flag": False}
+
+        def stop_now() -> bool:
+            stopped["flag"] = stopped["flag"] or bool(should_stop())
+            return stopped["flag"]
+
+        try:
+            yield from thread.turn(message, self._question(thread, message), params, stop_now)
+        except BaseException:  # the consumer left (GeneratorExit) or decoding failed: not reusable
+            thread.close()
+            raise
+        session = thread.session
+        prompt = session.tokens_seen - session.generated
+        thread.result = (
+            session.finish_reason,
+            {"prompt_tokens": prompt, "completion_tokens": session.generated, "total_tokens": session.tokens_seen},
+        )
+        if stopped["flag"]:
+            with self._lock:
+                self.counters.cancelled += 1
+        self._checkin(thread)
+
+    def _completion(self, thread: _Thread, answer: Iterator[str], meta: dict) -> dict:
+        text = "".join(answer)
+        finish, usage = thread.result
+        return {
+            "id": meta["id"],
+            "object": "chat.completion",
+            "created": meta["created"],
+            "model": meta["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": usage,
+        }
+
+    def _chunks(self, thread: _Thread, answer: Iterator[str], meta: dict) -> Iterator[dict]:
+        def chunk(delta: dict, finish: str | None) -> dict:
+            return {
+                "id": meta["id"],
+                "model": meta["model"],
+                "created": meta["created"],
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+
+        yield chunk({"role": "assistant"}, None)
+        try:
+            for piece in answer:
+                yield chunk({"content": piece}, None)
+        finally:
+            answer.close()  # a consumer that leaves early closes the conversation (see _answer)
+        yield chunk({}, thread.result[0])
+
+    def close(self) -> None:
+        with self._lock:
+            while self._kept:
+                self._kept.popitem()[1].close()
+        if self._owns_runtime:
+            self.runtime.close()

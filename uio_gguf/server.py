@@ -1,0 +1,203 @@
+"""`uio-gguf serve`: the OpenAI chat-completions protocol over UIOLlama (docs/design.md §7, docs/serving.md).
+
+POST /v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`, or not), GET /v1/models,
+GET /health. `parallel` requests run at once, each in a worker thread with a decoder context of its own;
+up to `queue` more wait, past that the answer is 503. A streamed answer whose client leaves stops at its
+next token. Errors have the OpenAI shape {"error": {"message", "type", "param", "code"}}.
+
+This module needs the `serve` extra (fastapi, uvicorn, sse-starlette); nothing else imports it at module level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Literal
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException
+
+from uio_gguf.errors import UIOError
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(BaseModel):
+    """The fields UIO uses; the other OpenAI fields are accepted and ignored (as llama-cpp-python does
+    for many)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    temperature: float = Field(0.8, ge=0.0, le=2.0)  # llama-cpp-python's server defaults
+    top_p: float = Field(0.95, ge=0.0, le=1.0)
+    top_k: int = Field(40, ge=0)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+
+def error_response(status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+class Slots:
+    """`parallel` answers at once, `queue` more waiting; past that, 503."""
+
+    def __init__(self, parallel: int, queue: int):
+        self.parallel, self.queue = parallel, queue
+        self.busy = self.waiting = 0
+        self._free: asyncio.Semaphore | None = None
+
+    async def acquire(self) -> None:
+        if self._free is None:  # made on the server's event loop
+            self._free = asyncio.Semaphore(self.parallel)
+        if self.busy >= self.parallel and self.waiting >= self.queue:
+            raise APIError(503, "the server is busy: every slot is taken and the queue is full", "server_error", "busy")
+        self.waiting += 1
+        try:
+            await self._free.acquire()
+        finally:
+            self.waiting -= 1
+        self.busy += 1
+
+    def release(self) -> None:
+        self.busy -= 1
+        self._free.release()
+
+    def state(self) -> dict:
+        return {"parallel": self.parallel, "busy": self.busy, "waiting": self.waiting, "queue": self.queue}
+
+
+def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: str | None = None) -> FastAPI:
+    """The app over a UIOLlama (uio_gguf/llama_compat.py); `model_id` is the one id /v1/models lists."""
+    app = FastAPI(title="uio-gguf", version="1")
+    slots = Slots(parallel, queue)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            raise APIError(401, "invalid API key", "invalid_request_error", "invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def on_api_error(_request, err: APIError):
+        return error_response(err.status, err.message, err.type, err.code, err.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_request, err: RequestValidationError):
+        errors = err.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
+        first = errors[0] if errors else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error_response(422, f"{param}: {first.get('msg', 'invalid')}", "invalid_request_error", None, param)
+
+    @app.exception_handler(HTTPException)
+    async def on_http(_request, err: HTTPException):
+        return error_response(err.status_code, str(err.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def on_crash(_request, err: Exception):
+        return error_response(500, f"internal error: {err}", "server_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "slots": slots.state(), "counters": llm.stats()}
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "owned_by": "me", "permissions": []}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(body: ChatRequest, request: Request):
+        if body.model not in (None, "", model_id):
+            raise APIError(
+                404, f"the model {body.model!r} does not exist (this server has {model_id!r})", "invalid_request_error",
+                "model_not_found", "model",
+            )  # fmt: skip
+        stop = threading.Event()
+        kwargs = {
+            "messages": [m.model_dump() for m in body.messages],
+            "stream": body.stream,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k,
+            "max_tokens": body.max_completion_tokens or body.max_tokens,
+            "stop": body.stop,
+            "seed": body.seed,
+            "model": model_id,
+            "should_stop": stop.is_set,
+        }
+        await slots.acquire()
+        try:
+            result = await anyio.to_thread.run_sync(lambda: llm.create_chat_completion(**kwargs))
+        except UIOError as err:
+            slots.release()
+            code = "context_length_exceeded" if "holds at most" in str(err) else None
+            raise APIError(400, str(err), "invalid_request_error", code, "messages") from None
+        except BaseException:
+            slots.release()
+            raise
+        if not body.stream:
+            slots.release()
+            return result
+        return EventSourceResponse(_events(_pump(result, slots), stop), sep="\n")
+
+    return app
+
+
+def _pump(chunks, slots: Slots) -> asyncio.Queue:
+    """Runs the chunk iterator in a worker thread that puts each chunk on the queue as it comes, then
+    None; the slot frees when the worker is done (started here, so even a response never sent frees it)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def work():
+        try:
+            for chunk in chunks:
+                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+        except Exception as err:  # reported to the client as an error event
+            loop.call_soon_threadsafe(queue.put_nowait, {"error": {"message": str(err), "type": "server_error"}})
+        finally:
+            chunks.close()
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    loop.run_in_executor(None, work).add_done_callback(lambda _: slots.release())
+    return queue
+
+
+async def _events(queue: asyncio.Queue, stop: threading.Event):
+    """Sends the chunks as server-sent events, then [DONE]. When the client leaves, sse-starlette cancels
+    this generator: the stop flag ends the answer at its next token."""
+    try:
+        while (item := await queue.get()) is not None:
+            yield {"data": json.dumps(item)}
+        yield {"data": "[DONE]"}
+    finally:
+        stop.set()
+
+
+def run(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
