@@ -3,6 +3,8 @@
 The first turn is rendered with a marker where the book goes; everything before the marker plus the
 book is the document part: its full segments are compressed (or read from a memory file), the
 remainder and the question are decoded as raw tokens. Later turns append what the template adds.
+With recall on (the default), each question first brings back the book's passages that BM25 ranks
+best for it, as raw tokens between the memory and the raw window (uio_gguf.recall, docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import llama_cpp
 from uio_gguf import memory_file
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
+from uio_gguf.recall import DEFAULT_RECALL_TOKENS, Recall
 from uio_gguf.session import SamplingParams
 
 BOOK_MARKER = "\u2063UIO-BOOK\u2063"  # invisible separator: never in a real chat template
@@ -43,6 +46,16 @@ def render(template: str | None, messages: list[tuple[str, str]], add_generation
     raise UIOError("chat template rendering failed")
 
 
+def opening(template: str | None) -> str:
+    """What the chat template puts before the book in the first user turn."""
+    return render(template, [("user", f"{BOOK_MARKER}\n\n?")], True).split(BOOK_MARKER, 1)[0]
+
+
+def document_tokens(model, book: str):
+    """The tokens the conversation reads before the first question: the template's opening and the book."""
+    return model.tokenize(opening(model.chat_template()) + book, add_special=True)
+
+
 @dataclass
 class CompressionStats:
     tokens: int = 0
@@ -62,26 +75,33 @@ class Conversation(Handle):
         n_ctx: int | None = None,
         use_memory_files: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        recall_tokens: int = DEFAULT_RECALL_TOKENS,
     ):
+        """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
+        alone, as in training)."""
+        if recall_tokens < 0:
+            raise UIOError(f"the recall budget must be 0 or more tokens, not {recall_tokens}")
         self.runtime = runtime
         self.model = runtime.model
         self.template = self.model.chat_template()
         self.book = book
         self.messages: list[tuple[str, str]] = []
         self.seen_text = ""  # everything the model has read, as text (to append later turns)
-        self.book_tokens = self.model.tokenize(self._document_part(), add_special=True)
+        self.book_tokens = document_tokens(self.model, book)
         runtime.check_length(len(self.book_tokens), n_ctx)
         self.session = runtime.new_session(n_ctx)
         self.stats = CompressionStats()
+        self.recall_tokens = recall_tokens
         self._load_book(use_memory_files, progress)
+        self.recall = None
+        if recall_tokens:
+            n_full = len(self.book_tokens) // runtime.segment  # the raw remainder is in view anyway
+            skip = len(self.model.tokenize(opening(self.template), add_special=True))
+            self.recall = Recall(self.model, self.book_tokens[: n_full * runtime.segment], runtime.segment, skip)
 
     # ----- the first turn ---------------------------------------------------------------------------
     def _first_turn(self, question: str) -> str:
         return render(self.template, [("user", f"{BOOK_MARKER}\n\n{question}")], True)
-
-    def _document_part(self) -> str:
-        before, _ = self._first_turn("?").split(BOOK_MARKER, 1)
-        return before + self.book
 
     def _load_book(self, use_memory_files: bool, progress) -> None:
         seg = self.runtime.segment
@@ -126,7 +146,11 @@ class Conversation(Handle):
             if not full.startswith(self.seen_text):  # a template that rewrites history: append the new turn only
                 full = self.seen_text + render(self.template, [("user", question)], True)
             delta = full[len(self.seen_text) :]
-        self.session.feed(self.model.tokenize(delta, add_special=False))
+        tokens = self.model.tokenize(delta, add_special=False)
+        if self.recall is not None:
+            budget = min(self.recall_tokens, self._recall_room(len(tokens), params.max_tokens))
+            self.session.set_recall(self.recall.recall_tokens(question, budget))
+        self.session.feed(tokens)
         self.seen_text += delta
         answer = ""
         for piece in self.session.generate(params, should_stop):
@@ -134,6 +158,13 @@ class Conversation(Handle):
             yield piece
         self.seen_text += answer
         self.messages.append(("assistant", answer))
+
+    def _recall_room(self, n_question: int, max_tokens: int) -> int:
+        """The most recall tokens that leave room for the question and a whole answer: the raw window
+        never passes a segment, and each segment it fills adds k memory cells."""
+        s = self.session
+        grown = (len(s.raw) + n_question + max_tokens) // s.segment * s.slots
+        return max(0, s.ctx.n_ctx - s.n_mem - s.segment - grown)
 
     def close(self) -> None:
         self.session.close()

@@ -3,7 +3,8 @@
 A document of about L tokens of filler holds the pass-key sentence of the training tasks
 (uio_gguf.synthetic) on a line of its own at depth d (0: its start, 1: its end). The document is read
 through the chat path, as `uio-gguf chat` reads a book (memory files off), and the training task's
-question is asked; a trial is a hit when the greedy answer (16 tokens at most) contains the number.
+question is asked (with recall_tokens, after the passages BM25 ranks best for it are brought back
+raw, as chat does by default; 0, the default here: the memory alone); a trial is a hit when the greedy answer (16 tokens at most) contains the number.
 Beside the hits the report gives the share of the key's digits the answer got right at their place,
 which shows a memory that carries the number approximately before it carries it whole.
 """
@@ -56,11 +57,11 @@ def document(model, length: int, depth: float, key: int, rng: random.Random, tex
     return insert_at(filler_text(model, room, rng, texts), fact, depth)
 
 
-def ask(runtime, book: str, question: str) -> str:
+def ask(runtime, book: str, question: str, recall_tokens: int = 0) -> str:
     from uio_gguf.chat import Conversation
     from uio_gguf.session import SamplingParams
 
-    conversation = Conversation(runtime, book, use_memory_files=False)
+    conversation = Conversation(runtime, book, use_memory_files=False, recall_tokens=recall_tokens)
     try:
         return "".join(conversation.ask(question, SamplingParams(max_tokens=ANSWER_TOKENS)))
     finally:
@@ -75,6 +76,7 @@ def evaluate(
     seed: int = 0,
     texts: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    recall_tokens: int = 0,
 ) -> dict:
     """The report that `uio-gguf eval passkey` prints and writes as JSON."""
     if trials < 1:
@@ -91,7 +93,7 @@ def evaluate(
                 rng = random.Random(f"{seed}:{length}:{depth}:{trial}")  # each cell reproducible on its own
                 key = rng.randint(10_000, 99_999)
                 book = document(runtime.model, length, depth, key, rng, texts)
-                answer = ask(runtime, book, PASSKEY_QUESTION)
+                answer = ask(runtime, book, PASSKEY_QUESTION, recall_tokens)
                 samples.append(
                     {
                         "key": key,
@@ -125,6 +127,7 @@ def evaluate(
         "ratio": runtime.bundle.ratio,
         "segment": runtime.segment,
         "filler": "texts" if texts else "classic",
+        "recall_tokens": recall_tokens,
         "results": results,
     }
 
@@ -137,7 +140,8 @@ def format_report(report: dict) -> str:
         + f"{'all':>8}{'digits':>8}"
     )
     lines = [
-        f"pass-key retrieval, ratio {report['ratio']}, {report['trials']} trials a cell (hits / trials; "
+        f"pass-key retrieval, ratio {report['ratio']}, recall {report.get('recall_tokens', 0)} tokens, "
+        f"{report['trials']} trials a cell (hits / trials; "
         "digits: share of the key's digits right at their place)",
         head,
     ]

@@ -186,6 +186,10 @@ class Context(Handle):
             raise UIOError("this model's KV cache cannot shift positions")
         llama_cpp.llama_memory_seq_add(self.memory, seq, p0, p1, delta)
 
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Adds seq dst to the cells of seq src in [p0, p1) (a unified cache shares them, copying nothing)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
     def seq_pos_max(self, seq: int) -> int:
         return llama_cpp.llama_memory_seq_pos_max(self.memory, seq)
 

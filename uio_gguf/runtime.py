@@ -25,6 +25,13 @@ from uio_gguf.session import Session
 ANSWER_RESERVE = 1024  # cells kept free in the decoder for the remainder, the question and the answer
 
 
+def max_book_tokens(n_ctx: int, segment: int, slots: int) -> int:
+    """How many tokens of text fit: memory of full segments + one raw window + the answer reserve must
+    stay inside an n_ctx-cell decoder window."""
+    free = n_ctx - segment - ANSWER_RESERVE
+    return max(0, free // slots) * segment + segment
+
+
 class UIORuntime(Handle):
     def __init__(
         self,
@@ -73,16 +80,17 @@ class UIORuntime(Handle):
     def max_tokens(self, n_ctx: int | None = None) -> int:
         """How many tokens of text fit: memory of full segments + one raw window + the answer reserve
         must stay inside the decoder window (the model's trained context unless n_ctx says otherwise)."""
-        n_ctx = n_ctx or self.model.n_ctx_train
-        free = n_ctx - self.segment - ANSWER_RESERVE
-        return max(0, free // self.slots) * self.segment + self.segment
+        return max_book_tokens(n_ctx or self.model.n_ctx_train, self.segment, self.slots)
 
-    def check_length(self, n_tokens: int, n_ctx: int | None = None) -> None:
+    def check_length(self, n_tokens: int, n_ctx: int | None = None, hint: str = "") -> None:
+        """Raises, naming the longest text that fits and what to do, when n_tokens do not fit.
+        hint: a better way out than cutting the text, when the caller knows one (e.g. another bundle)."""
         limit = self.max_tokens(n_ctx)
         if n_tokens > limit:
             raise UIOError(
                 f"the text has {n_tokens} tokens; at segment {self.segment} and ratio {self.bundle.ratio} this "
-                f"model's {n_ctx or self.model.n_ctx_train}-token window holds at most {limit}"
+                f"model's {n_ctx or self.model.n_ctx_train}-token window holds at most {limit}: "
+                + (hint or f"cut the text to {limit} tokens or less, or split it into parts")
             )
 
     def compress(self, tokens, progress=None) -> SegmentMemory:

@@ -34,6 +34,19 @@ class SamplingParams:
     seed: int = 0
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """Values without a meaning are refused (one line), not silently read as something else."""
+        checks = [
+            (self.max_tokens >= 0, f"max tokens must be 0 or more, not {self.max_tokens}"),
+            (self.temperature >= 0, f"the temperature must be 0 (greedy) or more, not {self.temperature}"),
+            (self.top_k >= 0, f"top-k must be 0 (off) or more, not {self.top_k}"),
+            (0 <= self.top_p <= 1, f"top-p must lie between 0 and 1, not {self.top_p}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UIOError(message)
+
     repeat_penalty: float = 1.0  # llama.cpp's repetition penalty over the last repeat_last_n tokens; 1: off
     repeat_last_n: int = 64
 
@@ -99,7 +112,8 @@ class Session(Handle):
         )
         self.layout = probe(runtime.plugin, self.ctx.ptr, SCRATCH_SEQ)  # checks llama.cpp's state format
         self.ctx.clear()
-        self.batch = Batch(n_batch, 0, 1)
+        # llama.cpp lowers n_batch to a small n_ctx; a larger batch would abort it (GGML_ASSERT).
+        self.batch = Batch(min(n_batch, llama_cpp.llama_n_batch(self.ctx.ptr)), 0, 1)
         self.n_mem = 0  # memory cells (positions 0 .. n_mem-1)
         self.recall: list[int] = []  # recalled tokens, at positions n_mem .. n_mem+len(recall)-1
         self.raw: list[int] = []  # tokens of the raw window, right after the recall
@@ -162,21 +176,26 @@ class Session(Handle):
         The recall attends to the memory only; the raw window keeps the states it was decoded with."""
         tokens = [int(t) for t in tokens]
         start, old = self.n_mem, len(self.recall)
+        self._check_room(len(tokens) - old)
+        raw_at = start + old
         if old:
-            self.ctx.seq_rm(DECODER_SEQ, start, start + old)
+            self.ctx.seq_rm(DECODER_SEQ, start, raw_at)
         self.recall = []
         self._last_logits = None  # what follows must be fed before sampling
-        if len(tokens) != old and self.raw:
-            self.ctx.seq_add(DECODER_SEQ, start + old, -1, len(tokens) - old)
-        if len(tokens) > self.ctx.n_ctx - self.n_past:
-            self.ctx.seq_add(DECODER_SEQ, start + len(tokens), -1, -len(tokens)) if self.raw else None
-            self._check_room(len(tokens))
+        if self.raw:  # set aside in the scratch sequence: llama.cpp decodes only past a sequence's last position
+            self.ctx.seq_cp(DECODER_SEQ, SCRATCH_SEQ, raw_at, -1)
+            self.ctx.seq_rm(DECODER_SEQ, raw_at, -1)
         for at in range(0, len(tokens), self.batch.capacity):
             chunk = tokens[at : at + self.batch.capacity]
             positions = np.arange(start + at, start + at + len(chunk))
             self.batch.fill(positions, [[DECODER_SEQ]] * len(chunk), [False] * len(chunk), tokens=chunk)
             self.ctx.decode(self.batch)
             self.recall.extend(chunk)
+        if self.raw:
+            if len(tokens) != old:
+                self.ctx.seq_add(SCRATCH_SEQ, raw_at, -1, len(tokens) - old)
+            self.ctx.seq_cp(SCRATCH_SEQ, DECODER_SEQ)
+            self.ctx.seq_rm(SCRATCH_SEQ)
 
     # ----- tokens -----------------------------------------------------------------------------
     def feed(self, tokens, all_logits: bool = False) -> np.ndarray | None:

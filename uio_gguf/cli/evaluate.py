@@ -100,6 +100,9 @@ def eval_passkey(
     json_out: Path | None = typer.Option(
         None, "--json", help="Also write the results (with every answer) here as JSON."
     ),
+    recall: int = typer.Option(
+        0, "--recall", help="Tokens brought back raw for the question, as chat's --recall; 0: the memory alone."
+    ),
     n_gpu_layers: GpuLayers = 0,
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
@@ -117,7 +120,9 @@ def eval_passkey(
     runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
     bar, update = progress_bar("asking")
     bar.unit = "doc"
-    report = passkey.evaluate(runtime, asked, where, trials, seed=seed, texts=texts, progress=update)
+    report = passkey.evaluate(
+        runtime, asked, where, trials, seed=seed, texts=texts, progress=update, recall_tokens=recall
+    )
     bar.close()
     typer.echo(passkey.format_report(report))
     write_json(json_out, report)

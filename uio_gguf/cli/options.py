@@ -27,6 +27,11 @@ RATIO_HELP = "Without -m: which shipped SmolLM2 bundle, by compression ratio (8:
 # The options of every command that runs the model (use with a default: `ratio: Ratio = DEFAULT_RATIO`).
 Model = Annotated[Path | None, typer.Option("-m", "--model", help=BUNDLE_HELP)]
 Ratio = Annotated[int, typer.Option("--ratio", help=RATIO_HELP)]
+# For commands that read a book: None picks the finest shipped ratio that holds it (open_runtime's book=).
+AutoRatio = Annotated[
+    int | None,
+    typer.Option("--ratio", help=RATIO_HELP + " Default: 8, or 32 for a book longer than ratio 8 holds."),
+]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="Use flash attention.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log.")]
@@ -45,18 +50,69 @@ def require_training_stack() -> None:
         raise UIOError(TRAIN_EXTRA_HINT) from None
 
 
-def open_runtime(bundle: Path | None, ratio: int, n_gpu_layers: int, flash_attn: bool, verbose: bool):
+def open_runtime(
+    bundle: Path | None,
+    ratio: int | None,
+    n_gpu_layers: int,
+    flash_attn: bool,
+    verbose: bool,
+    book: str | None = None,
+    n_ctx: int | None = None,
+):
+    """The runtime of a bundle, or of the shipped bundle of `ratio`. With a book, its length is checked
+    here; without -m and --ratio (ratio None), a book longer than the default ratio holds gets the
+    finest shipped ratio that holds it, and one line says so."""
     from uio_gguf.default_bundle import default_bundle_path
     from uio_gguf.runtime import UIORuntime
 
-    bundle = bundle if bundle is not None else default_bundle_path(ratio)
-    runtime = UIORuntime(bundle, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=verbose)
+    def opened(path):
+        return UIORuntime(path, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=verbose)
+
+    auto = bundle is None and ratio is None
+    ratio = DEFAULT_RATIO if ratio is None else ratio
+    runtime = opened(bundle if bundle is not None else default_bundle_path(ratio))
+    if book is not None:
+        runtime = _fit_book(runtime, book, n_ctx, ratio if bundle is None else None, auto, opened)
     if runtime.bundle.trained_steps == 0:
         typer.echo(
             "note: this UIO head is untrained (zero LoRA deltas): the memory is the model's own states, "
             "not a trained compression; answers about far-away text will be weak",
             err=True,
         )
+    return runtime
+
+
+def _fit_book(runtime, book: str, n_ctx: int | None, ratio: int | None, auto: bool, opened):
+    """runtime if the book fits; else, for a shipped ratio, the finest larger shipped ratio that holds it
+    (auto) or an error that names it (an explicit --ratio); else the length error."""
+    from uio_gguf.bundle import Bundle
+    from uio_gguf.chat import document_tokens
+    from uio_gguf.default_bundle import default_bundle_path, shipped_bundles
+    from uio_gguf.runtime import max_book_tokens
+
+    n_tokens = len(document_tokens(runtime.model, book))
+    if n_tokens <= runtime.max_tokens(n_ctx):
+        return runtime
+    hint = ""
+    if ratio is not None:
+        window = n_ctx or runtime.model.n_ctx_train
+        for larger in (r for r in sorted(shipped_bundles()) if r > ratio):
+            head = Bundle.open(default_bundle_path(larger), check=False)
+            limit = max_book_tokens(window, head.segment, head.slots)
+            if n_tokens > limit:  # the longest book any shipped head holds, if none fits
+                hint = f"the ratio-{larger} head holds at most {limit}: cut the text to {limit} tokens or less"
+                continue
+            if not auto:
+                hint = f"--ratio {larger} holds up to {limit} tokens"
+                break
+            typer.echo(
+                f"note: the book has {n_tokens:,} tokens, more than ratio {ratio} holds "
+                f"({runtime.max_tokens(n_ctx):,}): using the ratio-{larger} head (up to {limit:,})",
+                err=True,
+            )
+            runtime.close()
+            return opened(default_bundle_path(larger))
+    runtime.check_length(n_tokens, n_ctx, hint)
     return runtime
 
 

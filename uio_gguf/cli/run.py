@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from uio_gguf.cli.options import (
-    DEFAULT_RATIO,
+    AutoRatio,
     FlashAttn,
     GpuLayers,
     Model,
-    Ratio,
     Verbose,
     app,
     open_runtime,
     progress_bar,
 )
+from uio_gguf.errors import UIOError
+from uio_gguf.recall import DEFAULT_RECALL_TOKENS
+
+Recall = Annotated[
+    int,
+    typer.Option(
+        "--recall",
+        help="Tokens of the book brought back raw for each question (the passages BM25 ranks best for it); "
+        "0: the compressed memory alone.",
+    ),
+]
+RepeatPenalty = Annotated[
+    float, typer.Option("--repeat-penalty", help="llama.cpp's repetition penalty over the last 64 tokens; 1: off.")
+]
 
 
 @app.command()
@@ -40,7 +55,7 @@ def compress(
     book: Path = typer.Argument(..., help="A UTF-8 text file."),
     model: Model = None,
     out: Path | None = typer.Option(None, "-o", "--out", help="Also copy the memory file here."),
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: AutoRatio = None,
     n_gpu_layers: GpuLayers = 0,
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
@@ -51,10 +66,12 @@ def compress(
     from uio_gguf.book import read_book
     from uio_gguf.chat import Conversation
 
+    if out is not None:
+        _check_output_file(out)  # before the work, not after it
     text = read_book(book)
-    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
+    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text)
     bar, update = progress_bar("compressing")
-    conversation = Conversation(runtime, text, progress=update)
+    conversation = Conversation(runtime, text, progress=update, recall_tokens=0)
     bar.close()
     stats = conversation.stats
     source = "memory file (cached)" if stats.from_file else f"{stats.tokens_per_second:,.0f} tokens/s"
@@ -74,7 +91,7 @@ def chat(
     book: Path = typer.Argument(..., help="A UTF-8 text file: the book to talk about."),
     model: Model = None,
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="Ask one question, print the answer, exit."),
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: AutoRatio = None,
     n_gpu_layers: GpuLayers = 0,
     n_ctx: int | None = typer.Option(
         None, "--n-ctx", help="Decoder window in tokens (default: the model's trained context)."
@@ -85,6 +102,8 @@ def chat(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per answer."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    recall: Recall = DEFAULT_RECALL_TOKENS,
+    repeat_penalty: RepeatPenalty = 1.0,
     flash_attn: FlashAttn = False,
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write memory files."),
     verbose: Verbose = False,
@@ -96,10 +115,24 @@ def chat(
     from uio_gguf.chat import Conversation
     from uio_gguf.session import SamplingParams
 
+    # Bad settings get their line before the book is compressed.
+    params = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        max_tokens=max_tokens,
+        stop=stop,
+        repeat_penalty=repeat_penalty,
+    )
+    if n_ctx is not None and n_ctx <= 0:
+        raise UIOError(f"--n-ctx must be a positive number of tokens, not {n_ctx}")
     text = read_book(book)
-    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
+    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text, n_ctx=n_ctx)
     bar, update = progress_bar("compressing")
-    conversation = Conversation(runtime, text, n_ctx=n_ctx, use_memory_files=not no_cache, progress=update)
+    conversation = Conversation(
+        runtime, text, n_ctx=n_ctx, use_memory_files=not no_cache, progress=update, recall_tokens=recall
+    )
     bar.close()
     stats = conversation.stats
     typer.echo(
@@ -107,9 +140,6 @@ def chat(
         f"{len(conversation.session.raw)} raw tokens; "
         + ("memory file reused]" if stats.from_file else f"compressed at {stats.tokens_per_second:,.0f} tokens/s]"),
         err=True,
-    )
-    params = SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_tokens=max_tokens, stop=stop
     )
     try:
         _chat_loop(conversation, params, prompt)
@@ -123,13 +153,25 @@ def chat(
     )
 
 
+def _check_output_file(out: Path) -> None:
+    """UIOError unless a file can be written at `out` (its folder exists, it is not a folder)."""
+    if out.is_dir():
+        raise UIOError(f"-o {out} is a directory: name the memory file to write (e.g. {out / 'book.mem'})")
+    if not out.parent.is_dir():
+        raise UIOError(f"-o {out}: the directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UIOError(f"-o {out}: cannot write to the directory {out.parent}")
+
+
 DEMO_QUESTION = "What is the access code of the archive?"
 
 
 @app.command()
 def demo(
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: AutoRatio = None,
     n_gpu_layers: GpuLayers = 0,
+    recall: Recall = DEFAULT_RECALL_TOKENS,
+    repeat_penalty: RepeatPenalty = 1.0,
 ):
     """The main job on the embedded default: SmolLM2-135M reads a bundled 13K-token text (its own
     8K window could not hold it) through UIO memory and answers one question about its first lines."""
@@ -150,6 +192,8 @@ def demo(
         seed=0,
         max_tokens=64,
         stop=[],
+        recall=recall,
+        repeat_penalty=repeat_penalty,
         flash_attn=False,
         no_cache=False,
         verbose=False,

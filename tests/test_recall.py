@@ -1,0 +1,216 @@
+"""Recall (docs/design.md §6): the question's passages brought back raw between the memory and the raw
+window, replaced at each question without piling up, at contiguous positions; the automatic ratio switch.
+
+The tiny LLaMA bundle (segment 16, ratio 4, f32 cache) over real prose, so the only differences between
+two ways of computing the same cache are float32 rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from uio_gguf.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
+
+SEGMENT, RATIO = 16, 4
+SLOTS = SEGMENT // RATIO
+PLANTED = "The access code of the archive is 7419."
+QUESTION = "What is the access code of the archive?"
+
+
+@pytest.fixture(scope="module")
+def runtime(make_tiny_bundle):
+    from uio_gguf.runtime import UIORuntime
+
+    bundle = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")[0]
+    with UIORuntime(bundle, kv_type="f32") as rt:
+        yield rt
+
+
+@pytest.fixture(scope="module")
+def stream(runtime, prose):
+    return runtime.model.tokenize(prose[:6000], add_special=False)
+
+
+@pytest.fixture(scope="module")
+def planted_book(prose):
+    cut = prose.index(" ", 1500)
+    return prose[:cut] + "\n" + PLANTED + "\n" + prose[cut : cut + 1500]
+
+
+def _positions(runtime, session) -> np.ndarray:
+    from uio_gguf.native.bindings import kv_read
+
+    return np.sort(kv_read(runtime.plugin, session.ctx.ptr, session.layout, DECODER_SEQ)[0])
+
+
+def _assert_contiguous(runtime, session) -> None:
+    assert np.array_equal(_positions(runtime, session), np.arange(session.n_past))
+    assert session.ctx.seq_pos_max(DECODER_SEQ) == session.n_past - 1
+
+
+def _decode_at(session, tokens, start: int) -> np.ndarray:
+    """Decodes tokens at explicit positions start.. with no seq_rm/seq_add; the last token's logits."""
+    tokens = [int(t) for t in tokens]
+    for at in range(0, len(tokens), session.batch.capacity):
+        chunk = tokens[at : at + session.batch.capacity]
+        n = len(chunk)
+        positions = np.arange(start + at, start + at + n)
+        session.batch.fill(positions, [[DECODER_SEQ]] * n, [i == n - 1 for i in range(n)], chunk)
+        session.ctx.decode(session.batch)
+    return session.ctx.logits(n - 1)
+
+
+def test_recall_ranks_the_planted_sentence_first(runtime, planted_book):
+    from uio_gguf.recall import Recall
+
+    tokens = runtime.model.tokenize(planted_book, add_special=False)
+    recall = Recall(runtime.model, tokens, 128)
+    spans = recall.select(QUESTION, 128)
+    assert len(spans) == 1 and "7419" in recall.text(spans[0])
+    assert recall.scores("zzzz qqqq").max() == 0 and recall.select("zzzz qqqq", 1000) == []
+    # a budget fills in book order, neighbours merged, separators counted
+    many = recall.select("the archive of the code and the module", 400)
+    assert all(a.end <= b.start for a, b in zip(many, many[1:]))
+    cost = sum(s.end - s.start for s in many) + (len(many) - 1) * len(recall.separator)
+    assert 0 < cost <= 400
+    assert all(a.end != b.start for a, b in zip(many, many[1:]))  # neighbours were merged
+
+
+def test_conversation_recalls_the_planted_segment(runtime, planted_book):
+    from uio_gguf.chat import Conversation
+
+    with Conversation(runtime, planted_book, n_ctx=2048, use_memory_files=False, recall_tokens=48) as chat:
+        "".join(chat.ask(QUESTION, SamplingParams(max_tokens=2)))
+        recalled = b"".join(runtime.model.piece(t) for t in chat.session.recall).decode("utf-8", "replace")
+        assert "7419" in recalled and 0 < len(chat.session.recall) <= 48
+        _assert_contiguous(runtime, chat.session)
+
+
+def test_shifted_raw_window_equals_rotating_it_in_numpy(runtime, stream):
+    """set_recall moves the raw window up (llama.cpp seq_add, K re-rotated at the next decode): the
+    question's logits equal a cache where the same raw cells were rotated to their new positions here."""
+    from uio_gguf.native.bindings import kv_read, kv_write
+
+    memory = runtime.compress(stream[: 4 * SEGMENT])
+    raw, recalled, question = stream[64:70], stream[200:223], stream[300:305]
+    n_mem = 4 * SLOTS
+    with runtime.new_session(n_ctx=256) as s:
+        s.add_memory(memory)
+        s.feed(raw)
+        s.set_recall(recalled)
+        got = s.feed(question)
+        _assert_contiguous(runtime, s)
+    with runtime.new_session(n_ctx=256) as first, runtime.new_session(n_ctx=256) as ref:
+        first.add_memory(memory)
+        first.feed(raw)
+        positions, k, v = kv_read(runtime.plugin, first.ctx.ptr, first.layout, DECODER_SEQ)
+        cells = np.flatnonzero(positions >= n_mem)
+        cells = cells[np.argsort(positions[cells])]
+        moved = positions[cells] + len(recalled)
+        k_moved = runtime.rope.rotate(k[:, cells], np.full(len(cells), len(recalled)))
+        ref.add_memory(memory)
+        _decode_at(ref, recalled, n_mem)  # first: llama.cpp decodes only past a sequence's last position
+        kv_write(runtime.plugin, ref.ctx.ptr, ref.layout, DECODER_SEQ, SCRATCH_SEQ, moved, k_moved, v[:, cells])
+        expected = _decode_at(ref, question, n_mem + len(recalled) + len(raw))
+    without_shift = np.abs(got - expected).max()
+    assert without_shift < 1e-4 * max(1.0, np.abs(expected).max()), without_shift
+
+
+def test_three_questions_keep_memory_raw_and_the_current_recall_only(runtime, stream):
+    """Compressions while a recall is in place (the recall moves up past the new slots) and recalls
+    replaced three times: the cache ends as a fresh session fed [memory][recall 3][question 3]."""
+    raw0 = stream[64:70]
+    questions = [stream[100:110], stream[120:136], stream[140:145]]  # 6+10 and 16 fill two segments
+    recalls = [stream[200:220], stream[230:237], stream[250:283]]
+    with runtime.new_session(n_ctx=256) as s:
+        s.add_memory(runtime.compress(stream[: 4 * SEGMENT]))
+        s.feed(raw0)
+        for recalled, question in zip(recalls, questions):
+            s.set_recall(recalled)
+            _assert_contiguous(runtime, s)
+            got = s.feed(question)
+            _assert_contiguous(runtime, s)
+            assert s.recall == [int(t) for t in recalled]
+        assert s.compressed_segments == 6 and s.n_mem == 6 * SLOTS and len(s.raw) == len(questions[2])
+        assert s.n_past == s.n_mem + len(recalls[2]) + len(questions[2])
+    with runtime.new_session(n_ctx=256) as ref:
+        ref.add_memory(runtime.compress(stream[: 4 * SEGMENT]))
+        ref.add_memory(runtime.compress(np.concatenate([raw0, questions[0]])))
+        ref.add_memory(runtime.compress(questions[1]))
+        _decode_at(ref, recalls[2], 6 * SLOTS)
+        expected = _decode_at(ref, questions[2], 6 * SLOTS + len(recalls[2]))
+    err = np.abs(got - expected).max()
+    assert err < 1e-4 * max(1.0, np.abs(expected).max()), err
+
+
+def test_conversation_turns_do_not_pile_up_recall(runtime, planted_book):
+    from uio_gguf.chat import Conversation
+
+    params = SamplingParams(max_tokens=6)
+    with Conversation(runtime, planted_book, n_ctx=2048, use_memory_files=False, recall_tokens=40) as chat:
+        for question in (QUESTION, "Which module reads the archive?", "And the code?"):
+            "".join(chat.ask(question, params))
+            s = chat.session
+            assert len(s.recall) <= 40
+            assert s.n_past == s.n_mem + len(s.recall) + len(s.raw)
+            _assert_contiguous(runtime, s)
+
+
+def test_recall_zero_is_the_memory_alone(runtime, planted_book):
+    """recall_tokens=0 is the path without recall, step for step: memory, the book's remainder, the
+    question, greedy answer."""
+    from uio_gguf.chat import Conversation
+
+    params = SamplingParams(max_tokens=8)
+    with Conversation(runtime, planted_book, n_ctx=2048, use_memory_files=False, recall_tokens=0) as chat:
+        answer = "".join(chat.ask(QUESTION, params))
+        assert chat.recall is None and chat.session.recall == []
+        tokens = list(chat.book_tokens)
+    first = chat._first_turn(QUESTION).split("\u2063UIO-BOOK\u2063", 1)[1]
+    n_full = len(tokens) // SEGMENT
+    with runtime.new_session(2048) as s:
+        s.add_memory(runtime.compress(tokens))
+        s.feed(tokens[n_full * SEGMENT :])
+        s.feed(runtime.model.tokenize(first, add_special=False))
+        assert "".join(s.generate(params)) == answer
+
+
+def test_recall_budget_leaves_room_for_the_answer(runtime, prose):
+    from uio_gguf.chat import Conversation
+
+    n_ctx = 2048  # the memory of this ~3K-token book leaves ~1.3K cells: less than the words shared
+    question = "Which module, function, object, file, value, class, method, list and string?"
+    with Conversation(runtime, prose[:14000], n_ctx=n_ctx, use_memory_files=False, recall_tokens=4096) as chat:
+        s = chat.session
+        room = chat._recall_room(0, 100)
+        "".join(chat.ask(question, SamplingParams(max_tokens=100)))
+        assert 0.8 * room < len(s.recall) <= room < 4096
+        assert s.n_past <= n_ctx
+
+
+def test_negative_recall_budget_is_refused(runtime):
+    from uio_gguf.chat import Conversation
+    from uio_gguf.errors import UIOError
+
+    with pytest.raises(UIOError, match="recall budget"):
+        Conversation(runtime, "text", use_memory_files=False, recall_tokens=-1)
+
+
+# ----- the real embedded model ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_long_book_switches_to_ratio_32_and_too_long_names_the_limit(capsys):
+    from uio_gguf.cli.options import open_runtime
+    from uio_gguf.errors import UIOError
+
+    line = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+    book = line * 2800  # ~64K tokens: more than ratio 8 holds (56448), less than ratio 32
+    with open_runtime(None, None, 0, False, False, book=book) as runtime:
+        assert runtime.bundle.ratio == 32
+    note = capsys.readouterr().err
+    assert "using the ratio-32 head" in note and len(note.strip().splitlines()) == 1
+    with pytest.raises(UIOError, match="--ratio 32 holds up to"):
+        open_runtime(None, 8, 0, False, False, book=book)  # asked for ratio 8: told, not switched
+    with pytest.raises(UIOError, match=r"the ratio-32 head holds at most \d+: cut the text to \d+ tokens"):
+        open_runtime(None, None, 0, False, False, book=line * 11000)  # ~250K tokens
