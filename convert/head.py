@@ -32,6 +32,16 @@ class HeadContents:
 
 
 def write_head(head: HeadContents, path: Path) -> None:
+    """Writes uio.gguf twice: the second time with the checksum of what the first holds, as read back
+    (bundle.head_checksum leaves its own key out, so both files give the same checksum)."""
+    from uio_gguf.bundle import head_checksum
+    from uio_gguf.gguf_file import read_gguf
+
+    _write(head, path, None)
+    _write(head, path, head_checksum(read_gguf(path)))
+
+
+def _write(head: HeadContents, path: Path, checksum: str | None) -> None:
     writer = gguf.GGUFWriter(path, head.arch.name)
     writer.add_type(schema.HEAD_GENERAL_TYPE)
     writer.add_uint32(schema.KEY_FORMAT_VERSION, schema.FORMAT_VERSION)
@@ -47,6 +57,8 @@ def write_head(head: HeadContents, path: Path) -> None:
     writer.add_string(schema.KEY_BASE_FINGERPRINT, head.base_fingerprint)
     writer.add_string(schema.KEY_MODEL_FINGERPRINT, head.model_fingerprint)
     writer.add_string(schema.KEY_ENCODER_FINGERPRINT, head.encoder_fingerprint)
+    if checksum is not None:
+        writer.add_string(schema.KEY_HEAD_CHECKSUM, checksum)
     writer.add_tensor(schema.MEMORY_EMBEDDING, np.ascontiguousarray(head.memory_embedding, dtype=np.float32))
     for name, data in head.transfer.tensors():
         writer.add_tensor(name, data)

@@ -5,12 +5,14 @@
     transfer/                    PEFT LoRA adapter (k_proj, v_proj), applied to the memory rows only
     memory_embedding.safetensors the learned slot embedding(s) e_mem, shape (1 or k, d_model)
     trainer_state.pt             optimizer, scheduler, step and RNG states (training only)
+    checksums.json               sha256 of every file above: a damaged checkpoint is refused, not loaded
 
 Saves are atomic: written to a temporary directory, then swapped in with renames.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -25,6 +27,7 @@ CONFIG_FILE = "uio_config.json"
 MEMORY_FILE = "memory_embedding.safetensors"
 STATE_FILE = "trainer_state.pt"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MANIFEST = "checksums.json"
 FORMAT = "uio-checkpoint/1"
 TARGETS = {ENCODER: ["q_proj", "v_proj"], TRANSFER: ["k_proj", "v_proj"]}
 PEFT_PREFIX = "base_model.model."
@@ -93,6 +96,34 @@ def write_checkpoint(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
+        (tmp / MANIFEST).write_text(json.dumps(_file_digests(tmp), indent=2) + "\n")
+
+
+def _file_digests(directory: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file in the checkpoint but the manifest."""
+    return {
+        path.relative_to(directory).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def verify_files(directory: Path) -> None:
+    """UIOError unless every file the manifest lists is there with its checksum (checkpoints written
+    before the manifest have none and are read as they are)."""
+    manifest = Path(directory) / MANIFEST
+    if not manifest.exists():
+        return
+    try:
+        recorded = json.loads(manifest.read_text())
+        if not isinstance(recorded, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UIOError(f"damaged {manifest}: {err}") from None
+    for name, digest in recorded.items():
+        path = Path(directory) / name
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise UIOError(f"damaged checkpoint {directory}: {name} is missing or does not match its checksum")
 
 
 def find_checkpoint(directory: Path) -> Path | None:
@@ -108,10 +139,13 @@ def read_config(directory: Path) -> dict:
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
         raise UIOError(f"not a UIO checkpoint (no {CONFIG_FILE}): {directory}")
+    verify_files(directory)
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (ValueError, UnicodeDecodeError) as err:
         raise UIOError(f"damaged {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise UIOError(f"damaged {path}: not a JSON object")
     if config.get("format") != FORMAT:
         raise UIOError(f"{path}: unknown checkpoint format {config.get('format')!r} (expected {FORMAT})")
     return config
@@ -124,11 +158,14 @@ def uio_config_from(config: dict) -> UIOConfig:
 
 def load_weights(model: UIOModel, directory: Path) -> None:
     directory = Path(directory)
+    verify_files(directory)
     try:
         for adapter in (ENCODER, TRANSFER):
             _load_adapter(model, adapter, load_file(str(directory / adapter / ADAPTER_WEIGHTS)))
         memory = load_file(str(directory / MEMORY_FILE))["memory_embedding"]
-    except (OSError, KeyError) as err:
+    except UIOError:
+        raise
+    except Exception as err:  # OSError, KeyError, safetensors' own error on a damaged file
         raise UIOError(f"incomplete or damaged checkpoint {directory}: {err}") from None
     if memory.shape != model.memory_embedding.shape:
         raise UIOError(f"memory embedding {tuple(memory.shape)} does not fit this base model")

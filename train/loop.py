@@ -159,6 +159,19 @@ def heldout_loss(model: UIOModel, crops: np.ndarray, segment: int, device) -> fl
 
 
 def train(args: TrainArgs, progress: bool = True) -> Path:
+    """Runs (or resumes) a training run in args.out. A run that fails before writing anything there
+    leaves no empty --out directory behind."""
+    out = Path(args.out)
+    existed = out.exists()
+    try:
+        return _train(args, progress)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _train(args: TrainArgs, progress: bool = True) -> Path:
     from tqdm import tqdm
 
     args, init_dir = take_shape(args)

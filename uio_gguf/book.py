@@ -7,6 +7,23 @@ from pathlib import Path
 
 from uio_gguf.errors import UIOError
 
+SAMPLE_CHARS = 65536  # text vs binary is decided on the first characters
+# Share of control characters (other than whitespace) and undecodable bytes above which a file is
+# binary: a random file has about 60%, text in another encoding (Latin-1 read as UTF-8) a few percent.
+MAX_BINARY_SHARE = 0.10
+_WHITESPACE_CONTROLS = set("\t\n\r\f\v")
+
+
+def binary_share(text: str) -> float:
+    """The share of characters in `text` that text does not have: C0/C1 controls other than whitespace,
+    and U+FFFD (what undecodable bytes became)."""
+    if not text:
+        return 0.0
+    odd = sum(
+        1 for c in text if c == "\ufffd" or (c not in _WHITESPACE_CONTROLS and (c < " " or "\x7f" <= c <= "\x9f"))
+    )
+    return odd / len(text)
+
 
 def read_book(path: str | Path) -> str:
     path = Path(path)
@@ -15,8 +32,11 @@ def read_book(path: str | Path) -> str:
     if not path.is_file():
         raise UIOError(f"not a file: {path}")
     data = path.read_bytes()
-    if b"\0" in data[:65536]:
+    if b"\0" in data[:SAMPLE_CHARS]:
         raise UIOError(f"{path} looks like a binary file, not text")
+    share = binary_share(data[: SAMPLE_CHARS * 4].decode("utf-8", errors="replace")[:SAMPLE_CHARS])
+    if share > MAX_BINARY_SHARE:
+        raise UIOError(f"{path} looks like a binary file, not text ({share:.0%} control or undecodable characters)")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:

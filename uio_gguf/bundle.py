@@ -21,21 +21,39 @@ FINGERPRINT_BLOCK_BYTES = 1 << 16
 ADAPTERS = ("encoder", "transfer")
 
 
-def gguf_fingerprint(path: str | Path) -> str:
+def gguf_fingerprint(path: str | Path, whole: bool = False) -> str:
     """sha256 over the file size, the whole header (metadata + tensor table) and evenly spaced blocks of
-    the tensor data: a few MB read whatever the file size, yet any re-conversion changes it."""
+    the tensor data: a few MB read whatever the file size, yet any re-conversion changes it. whole=True
+    hashes every byte (the head: a few MB, and a damaged block must change its memory files' key)."""
     info = read_gguf(path)
     digest = hashlib.sha256(info.size.to_bytes(8, "little"))
     data_bytes = info.size - info.data_offset
     with open(info.path, "rb") as f:
         digest.update(f.read(info.data_offset))
-        if data_bytes <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK_BYTES:
+        if whole or data_bytes <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK_BYTES:
             digest.update(f.read())
         else:
             last = data_bytes - FINGERPRINT_BLOCK_BYTES
             for i in range(FINGERPRINT_BLOCKS):
                 f.seek(info.data_offset + last * i // (FINGERPRINT_BLOCKS - 1))
                 digest.update(f.read(FINGERPRINT_BLOCK_BYTES))
+    return "sha256:" + digest.hexdigest()
+
+
+def head_checksum(head: GGUFFile) -> str:
+    """sha256 over what uio.gguf holds as read: every metadata key and value but the checksum itself,
+    and every tensor's name, shape, type and bytes. The converter stores it (schema.KEY_HEAD_CHECKSUM);
+    Bundle.open compares, so no damaged setting or weight of the head is used unnoticed."""
+    digest = hashlib.sha256()
+    for key in sorted(head.metadata):
+        if key != schema.KEY_HEAD_CHECKSUM:
+            digest.update(repr((key, head.metadata[key])).encode() + b"\0")
+    with open(head.path, "rb") as f:
+        for name in sorted(head.tensors):
+            info = head.tensors[name]
+            digest.update(repr((name, info.shape, int(info.type))).encode() + b"\0")
+            f.seek(info.offset)
+            digest.update(f.read(info.n_bytes))
     return "sha256:" + digest.hexdigest()
 
 
@@ -66,13 +84,18 @@ class Bundle:
         # As recorded at conversion; verify() compares them with the files.
         self.model_fingerprint: str = _required(head, schema.KEY_MODEL_FINGERPRINT)
         self.encoder_fingerprint: str = _required(head, schema.KEY_ENCODER_FINGERPRINT)
-        self.head_fingerprint: str = gguf_fingerprint(head.path)
+        self.head_fingerprint: str = gguf_fingerprint(head.path, whole=True)
         self._alpha = {
             "encoder": float(_required(encoder, schema.ADAPTER_LORA_ALPHA)),
             "transfer": float(_required(head, schema.KEY_TRANSFER_ALPHA)),
         }
         if self.segment <= 0 or self.ratio <= 0 or self.segment % self.ratio:
             raise UIOError(f"{head.path}: segment length {self.segment} is not a multiple of the ratio {self.ratio}")
+        if self.rope_type not in (schema.ROPE_NORM, schema.ROPE_NEOX):
+            raise UIOError(f"{head.path}: unknown RoPE type {self.rope_type!r}")
+        if not all(np.isfinite(a) and a > 0 for a in self._alpha.values()):
+            raise UIOError(f"{head.path} is damaged (LoRA alpha {self._alpha})")
+        _check_weights(path, model, encoder, head, self.slots)
 
     # ----- opening -------------------------------------------------------------------------------
     @classmethod
@@ -89,7 +112,15 @@ class Bundle:
             files[name] = read_gguf(path / name)
         model, encoder, head = files[schema.MODEL_FILE], files[schema.ENCODER_FILE], files[schema.HEAD_FILE]
         _check_kinds(path, model, encoder, head)
-        bundle = cls(path, model, encoder, head)
+        for f in (encoder, head):
+            f.check_packed()
+        recorded = head.get(schema.KEY_HEAD_CHECKSUM)
+        if recorded is not None and recorded != head_checksum(head):
+            raise UIOError(f"{head.path} is damaged (its checksum does not match its contents)")
+        try:
+            bundle = cls(path, model, encoder, head)
+        except (ValueError, TypeError, KeyError, OverflowError) as err:  # a value of the wrong type or range
+            raise UIOError(f"{path}/{schema.HEAD_FILE} is damaged ({type(err).__name__}: {err})") from None
         if check:
             bundle.verify()
         return bundle
@@ -216,6 +247,40 @@ def _check_kinds(path: Path, model: GGUFFile, encoder: GGUFFile, head: GGUFFile)
     layers = model.get(f"{arch}.block_count")
     if layers != head.get(schema.KEY_LAYER_COUNT):
         raise UIOError(f"{where(model)} has {layers} layers, {schema.HEAD_FILE} {head.get(schema.KEY_LAYER_COUNT)}")
+
+
+def _check_weights(path: Path, model: GGUFFile, encoder: GGUFFile, head: GGUFFile, slots: int) -> None:
+    """The head's and the encoder's tensors have the shapes the model asks for and hold finite numbers:
+    a damaged tensor is refused here, not met as a broadcast error or a NaN memory later."""
+    arch = head.get(schema.GENERAL_ARCHITECTURE)
+    d_model = model.get(f"{arch}.embedding_length")
+    n_layer = int(head.get(schema.KEY_LAYER_COUNT))
+    expected = {}
+    memory = head.tensors.get(schema.MEMORY_EMBEDDING)
+    if memory is None or memory.shape not in ((1, d_model), (slots, d_model)):
+        got = None if memory is None else memory.shape
+        raise UIOError(f"{path}/{schema.HEAD_FILE}: memory embedding {got} does not fit the model (d_model {d_model})")
+    expected[schema.MEMORY_EMBEDDING] = (head, memory.shape)
+    for source, projections in ((encoder, schema.ENCODER_PROJECTIONS), (head, schema.TRANSFER_PROJECTIONS)):
+        rank = None
+        for layer in range(n_layer):
+            for proj in projections:
+                base = schema.layer_tensor(layer, proj)
+                weight = model.tensors.get(base)
+                a, b = source.tensors.get(schema.lora_a(base)), source.tensors.get(schema.lora_b(base))
+                if weight is None or a is None or b is None:
+                    raise UIOError(f"{path}: no {base} LoRA in {source.path.name} or no {base} in the model")
+                rank = a.shape[0] if rank is None else rank
+                n_out, n_in = weight.shape
+                if a.shape != (rank, n_in) or b.shape != (n_out, rank):
+                    raise UIOError(
+                        f"{path}/{source.path.name}: {base} LoRA shapes {a.shape}, {b.shape} do not fit the model "
+                        f"({base} is {weight.shape})"
+                    )
+                expected[a.name], expected[b.name] = (source, a.shape), (source, b.shape)
+    for name, (source, _) in expected.items():
+        if not np.isfinite(source.tensor(name)).all():
+            raise UIOError(f"{path}/{source.path.name} is damaged (tensor {name} holds non-finite values)")
 
 
 def format_info(info: dict) -> str:

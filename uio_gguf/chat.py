@@ -107,7 +107,8 @@ class Conversation(Handle):
         seg = self.runtime.segment
         n_full = len(self.book_tokens) // seg
         compressed = self.book_tokens[: n_full * seg]
-        key = memory_file.memory_key(self.runtime.bundle, compressed)
+        dtype = self.runtime.encoder.head.memory_dtype  # memory is stored as it was made: bit-identical reuse
+        key = memory_file.memory_key(self.runtime.bundle, compressed, dtype)
         path = memory_file.cache_dir() / f"{key}.npz"
         started = time.perf_counter()
         memory = memory_file.load(path, key) if use_memory_files else None
@@ -123,7 +124,7 @@ class Conversation(Handle):
 
             memory = self.runtime.compress(compressed, progress=step)
             if use_memory_files and n_full:
-                memory_file.save(path, key, memory)
+                memory_file.save(path, key, memory, dtype)
         self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
         self.memory_path = path
         self.session.add_memory(memory)

@@ -63,7 +63,8 @@ class Encoder(Handle):
         self.segment, self.slots = bundle.segment, bundle.slots
         most = max(1, LLAMA_MAX_SEQ // self.slots)
         self.per_batch = min(most, segments_per_batch or 4)
-        self.head = TransferHead(bundle)
+        # Memory is made in what the KV cache holds, and memory files store it as made (transfer.py).
+        self.head = TransferHead(bundle, np.float32 if kv_type == llama_cpp.GGML_TYPE_F32 else np.float16)
         self.dk = model.n_head_kv * model.head_dim
         self.dv = self.dk
         rows = self.per_batch * self.slots

@@ -17,7 +17,9 @@ import numpy as np
 
 from uio_gguf.cache import cache_root
 from uio_gguf.encoder import SegmentMemory
+from uio_gguf.errors import UIOError
 from uio_gguf.files import atomic_file
+from uio_gguf.transfer import MEMORY_DTYPE
 
 FORMAT = "uio-memory/1"
 
@@ -26,10 +28,14 @@ def cache_dir() -> Path:
     return cache_root() / "memory"
 
 
-def memory_key(bundle, tokens: np.ndarray) -> str:
+def memory_key(bundle, tokens: np.ndarray, dtype=MEMORY_DTYPE) -> str:
+    """dtype: what the memory is made and stored in (the runtime's encoder.head.memory_dtype); an f32
+    memory is another file than the f16 one (keys of f16 memory are as before it was a part)."""
     digest = hashlib.sha256()
     for part in (bundle.model_fingerprint, bundle.head_fingerprint, str(bundle.segment), str(bundle.ratio)):
         digest.update(part.encode() + b"\0")
+    if np.dtype(dtype) != np.dtype(MEMORY_DTYPE):
+        digest.update(np.dtype(dtype).name.encode() + b"\0")
     digest.update(np.asarray(tokens, dtype=np.int32).tobytes())
     return digest.hexdigest()
 
@@ -38,10 +44,14 @@ def _checksum(k: np.ndarray, v: np.ndarray) -> str:
     return hashlib.sha256(k.tobytes() + v.tobytes()).hexdigest()
 
 
-def save(path: Path, key: str, memory: SegmentMemory, dtype=np.float16) -> Path:
+def save(path: Path, key: str, memory: SegmentMemory, dtype=MEMORY_DTYPE) -> Path:
+    """Writes the memory (K and V in `dtype`: MEMORY_DTYPE, what transfer.py rounds every memory to, so
+    nothing is lost). A memory with non-finite values is refused, never saved."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     k, v = memory.k.astype(dtype), memory.v.astype(dtype)
+    if not (np.isfinite(k).all() and np.isfinite(v).all()):
+        raise UIOError("refusing to save a memory with non-finite values (the UIO head is damaged?)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     meta = json.dumps({"format": FORMAT, "key": key, "checksum": _checksum(k, v)})
     with atomic_file(path, suffix=".npz") as tmp:
         np.savez(tmp, k=k, v=v, meta=np.array(meta))
@@ -63,6 +73,8 @@ def load(path: Path, key: str) -> SegmentMemory | None:
             return None  # another document or bundle: not an error, just not ours
         if meta.get("checksum") != _checksum(k, v):
             raise ValueError("checksum mismatch")
+        if k.shape != v.shape or k.ndim != 4 or not (np.isfinite(k).all() and np.isfinite(v).all()):
+            raise ValueError("K and V are not finite memory rows of one shape")
     except Exception as err:  # any damage: truncated zip, bad JSON, wrong arrays
         warnings.warn(f"memory file {path} is damaged ({err}); recomputing", stacklevel=2)
         return None

@@ -43,6 +43,7 @@ KEY_BASE_FINGERPRINT = "uio.base.fingerprint"  # str, the training-time fingerpr
 KEY_MODEL_FINGERPRINT = "uio.model.fingerprint"  # str, gguf_fingerprint(model.gguf)
 KEY_ENCODER_FINGERPRINT = "uio.encoder.fingerprint"  # str, gguf_fingerprint(encoder.lora.gguf)
 KEY_TRAINED_STEPS = "uio.trained_steps"  # u32, optimizer steps of the checkpoint (0 = untrained)
+KEY_HEAD_CHECKSUM = "uio.head.checksum"  # str, bundle.head_checksum of this file (absent in older heads)
 
 ROPE_NORM = "norm"  # adjacent pairs (LLaMA after the converter's Q/K row permutation)
 ROPE_NEOX = "neox"  # halves (Qwen2)
