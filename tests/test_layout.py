@@ -22,7 +22,14 @@ FOLDERS = {
 # Lowest first: a stage may import its own modules and those of the stages before it.
 STAGES = ["common", "native", "core", "train", "convert", "app"]
 COMMON = {"uio_gguf.errors", "uio_gguf.cache", "uio_gguf.files", "uio_gguf.handles"}
-APP = {"uio_gguf", "uio_gguf.cli", "uio_gguf.eval_passkey", "uio_gguf.eval_ppl", "uio_gguf.server"}
+APP = {
+    "uio_gguf",
+    "uio_gguf.cli",
+    "uio_gguf.eval_passkey",
+    "uio_gguf.eval_ppl",
+    "uio_gguf.server",
+    "uio_gguf.bench_serve",
+}
 # Stages that run without the `train` extra: none of them may import these at module level.
 RUNTIME = {"common", "native", "core", "app"}
 TRAINING_STACK = {"torch", "transformers", "peft", "safetensors"}

@@ -247,6 +247,24 @@ def test_two_clients_at_once_each_get_their_own_stream(server, client, books):
     assert got == expected
 
 
+def test_a_book_asked_about_twice_at_once_is_compressed_once(server, client, prose):
+    book = prose[6000:7500]
+    before = counters(server)
+    start = threading.Barrier(2)
+
+    def run(question: str) -> None:
+        start.wait()
+        ask(client, [user(book, question)], max_tokens=2)
+
+    threads = [threading.Thread(target=run, args=(q,)) for q in ("Who?", "Where?")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = counters(server)
+    assert (after["compressed"], after["from_file"]) == (before["compressed"] + 1, before["from_file"] + 1)
+
+
 def test_a_client_that_leaves_mid_stream_stops_its_answer_and_frees_its_slot(server, client):
     before = counters(server)
     stream = client.chat.completions.create(
@@ -267,6 +285,29 @@ def test_a_client_that_leaves_mid_stream_stops_its_answer_and_frees_its_slot(ser
     assert state["slots"]["busy"] == 0
     assert state["counters"]["cancelled"] == before["cancelled"] + 1
     assert ask(client, [{"role": "user", "content": "Hi"}], max_tokens=2).choices[0].finish_reason
+
+
+def test_past_the_queue_a_request_gets_503():
+    import asyncio
+
+    from uio_gguf.server import APIError, Slots
+
+    async def scenario():
+        slots = Slots(parallel=1, queue=1)
+        await slots.acquire()  # the one slot
+        waiter = asyncio.create_task(slots.acquire())
+        await asyncio.sleep(0)
+        assert slots.state()["waiting"] == 1
+        try:
+            await slots.acquire()
+        except APIError as err:
+            refused = err.status
+        slots.release()
+        await waiter  # the queued request gets the slot
+        return refused, slots.state()
+
+    refused, state = asyncio.run(scenario())
+    assert refused == 503 and (state["busy"], state["waiting"]) == (1, 0)
 
 
 # ----- the drop-in class -------------------------------------------------------------------------------

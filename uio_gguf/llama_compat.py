@@ -21,6 +21,7 @@ How messages map onto a Conversation (uio_gguf/chat.py):
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
@@ -177,6 +178,7 @@ class UIOLlama(Handle):
         self.counters = Counters()
         self._kept: OrderedDict[tuple, _Thread] = OrderedDict()
         self._lock = threading.Lock()
+        self._book_locks: dict[str, threading.Lock] = {}
 
     def max_book_tokens(self) -> int:
         return self.runtime.max_tokens(self.n_ctx)
@@ -202,7 +204,12 @@ class UIOLlama(Handle):
         if len(self.runtime.model.tokenize(content)) > self.runtime.segment:
             cut = content.rfind("\n\n")
             book, sep = (content[:cut], "\n\n") if cut > 0 else (content, "")
-        thread = _Thread(self.runtime, msgs[:first], book, sep, self.n_ctx, **self.options)
+        # One request compresses a book at a time; others about it wait, then read its memory file.
+        key = hashlib.sha256(repr((msgs[:first], book)).encode()).hexdigest()
+        with self._lock:
+            book_lock = self._book_locks.setdefault(key, threading.Lock())
+        with book_lock:
+            thread = _Thread(self.runtime, msgs[:first], book, sep, self.n_ctx, **self.options)
         thread.question = content[len(book) + len(sep) :]
         with self._lock:
             if thread.stats.from_file:
