@@ -310,6 +310,26 @@ def test_past_the_queue_a_request_gets_503():
     assert refused == 503 and (state["busy"], state["waiting"]) == (1, 0)
 
 
+def test_a_client_that_leaves_a_plain_request_stops_its_answer(server):
+    before = counters(server)
+    body = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 1000}
+    headers = {"authorization": f"Bearer {KEY}"}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 1000 tokens
+        httpx.post(
+            f"{server[0]}/v1/chat/completions",
+            json=body | {"temperature": 1.0, "seed": 5},
+            headers=headers,
+            timeout=0.5,
+        )
+    for _ in range(600):
+        state = httpx.get(f"{server[0]}/health").json()
+        if state["slots"]["busy"] == 0:
+            break
+        time.sleep(0.05)
+    assert state["slots"]["busy"] == 0
+    assert state["counters"]["cancelled"] == before["cancelled"] + 1
+
+
 # ----- the drop-in class -------------------------------------------------------------------------------
 def test_uiollama_returns_what_llama_cpp_returns(bundle, server):
     """A chat that fits the raw window: the same greedy text and the same keys, chunk by chunk."""

@@ -2,8 +2,9 @@
 
 POST /v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`, or not), GET /v1/models,
 GET /health. `parallel` requests run at once, each in a worker thread with a decoder context of its own;
-up to `queue` more wait, past that the answer is 503. A streamed answer whose client leaves stops at its
-next token. Errors have the OpenAI shape {"error": {"message", "type", "param", "code"}}.
+up to `queue` more wait, past that the answer is 503. An answer whose client leaves stops at its next
+token (a non-streamed one is checked every quarter of a second). Errors have the OpenAI shape
+{"error": {"message", "type", "param", "code"}}.
 
 This module needs the `serve` extra (fastapi, uvicorn, sse-starlette); nothing else imports it at module level.
 """
@@ -149,6 +150,7 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
             "should_stop": stop.is_set,
         }
         await slots.acquire()
+        watcher = None if body.stream else asyncio.create_task(_watch(request, stop))
         try:
             result = await anyio.to_thread.run_sync(lambda: llm.create_chat_completion(**kwargs))
         except UIOError as err:
@@ -158,12 +160,22 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
         except BaseException:
             slots.release()
             raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         if not body.stream:
             slots.release()
             return result
         return EventSourceResponse(_events(_pump(result, slots), stop), sep="\n")
 
     return app
+
+
+async def _watch(request: Request, stop: threading.Event) -> None:
+    """A client that leaves while its (non-streamed) answer is made stops it at the next token."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+    stop.set()
 
 
 def _pump(chunks, slots: Slots) -> asyncio.Queue:
