@@ -3,8 +3,6 @@ embeddings), dequantised from its Q4_1 GGUF into PyTorch as training sees it, co
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -69,20 +67,14 @@ def test_base_gguf_is_used_as_it_is_after_the_fingerprint_check(smollm2, embedde
     bundle_dir = convert_checkpoint(
         checkpoint, tmp_path / "bundle", base_gguf=embedded_gguf, loaded=(model.base, tokenizer)
     )
-    started = time.perf_counter()
     bundle = Bundle.open(bundle_dir)
-    opened = time.perf_counter() - started
     assert gguf_fingerprint(bundle.model_path) == gguf_fingerprint(embedded_gguf)
     assert bundle.info()["model_tensor_types"]["Q4_1"] == 210
-    print(f"Bundle.open (3 fingerprints) of the SmolLM2 bundle: {opened * 1000:.0f} ms")
-    assert opened < 1.0
     with_adapter = llama_logits(bundle.model_path, tokens[:32], lora=bundle.encoder_path)
     assert np.abs(with_adapter - llama_logits(bundle.model_path, tokens[:32])).max() > 0.1  # the adapter loads and acts
 
 
-def test_fingerprint_is_fast_on_a_real_model(embedded_gguf):
-    started = time.perf_counter()
+def test_fingerprint_of_a_real_model_is_stable(embedded_gguf):
+    # Its speed is a benchmark's business, not a test's (docs/benchmarks.md).
     fingerprint = gguf_fingerprint(embedded_gguf)
-    elapsed = time.perf_counter() - started
-    print(f"gguf_fingerprint of {embedded_gguf.stat().st_size / 1e6:.0f} MB: {elapsed * 1000:.0f} ms")
-    assert fingerprint.startswith("sha256:") and elapsed < 1.0
+    assert fingerprint.startswith("sha256:") and gguf_fingerprint(embedded_gguf) == fingerprint
