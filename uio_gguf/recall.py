@@ -15,6 +15,9 @@ import numpy as np
 
 DEFAULT_RECALL_TOKENS = 1024  # see README / docs/design.md §6 for the measurements behind it
 SEPARATOR = "\n[...]\n"  # between passages that are not neighbours in the book
+# Segments scoring under this share of the best one are left out: on the demo book, the weaker matches
+# that a larger budget let in (code examples sharing "code") turned the right answer (7419) into "None".
+MIN_SCORE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -68,12 +71,13 @@ class Recall:
     def select(self, question: str, budget: int) -> list[Span]:
         """The best-ranked segments, each followed by its next and previous neighbour (a sentence may
         straddle a segment boundary), while they fit in `budget` tokens (separators included); spans
-        merged where they meet, in book order. Segments that share no word with the question, and their
-        neighbours, are left out."""
+        merged where they meet, in book order. Segments that share no word with the question or score
+        under MIN_SCORE_SHARE of the best, and their neighbours, are left out."""
         scores = self.scores(question)
         chosen: set[int] = set()
+        floor = MIN_SCORE_SHARE * scores.max() if len(scores) else 0.0
         for best in np.argsort(-scores, kind="stable"):
-            if scores[best] <= 0:
+            if scores[best] <= 0 or scores[best] < floor:
                 break
             for i in (int(best), int(best) + 1, int(best) - 1):
                 if 0 <= i < len(self.spans) and i not in chosen and self._cost(chosen | {i}) <= budget:
