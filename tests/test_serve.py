@@ -111,6 +111,40 @@ def user(book: str, question: str) -> dict:
     return {"role": "user", "content": f"{book}\n\n{question}"}
 
 
+@pytest.mark.slow
+def test_the_demo_book_through_the_server_gives_the_access_code():
+    """The embedded SmolLM2 bundle, the bundled 13K-token demo book and its question, through the
+    server and the openai client (recall brings the code's passage back; docs/design.md §6). First in the
+    file, so it runs before the other tests point the memory-file cache at a folder of their own (a
+    memory file of the demo book from `make demo` is then reused)."""
+    from importlib.resources import files
+
+    import uvicorn
+
+    from uio_gguf.cli.run import DEMO_QUESTION
+    from uio_gguf.llama_compat import UIOLlama
+    from uio_gguf.server import create_app
+
+    book = (files("uio_gguf") / "data" / "demo_book.txt").read_text(encoding="utf-8")
+    with UIOLlama() as llm:
+        port = free_port()
+        uv = uvicorn.Server(
+            uvicorn.Config(create_app(llm, "smollm2"), host="127.0.0.1", port=port, log_level="warning")
+        )
+        thread = threading.Thread(target=uv.run, daemon=True)
+        thread.start()
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}")
+            local = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)
+            out = local.chat.completions.create(
+                model="smollm2", messages=[user(book, DEMO_QUESTION)], temperature=0, max_tokens=16
+            )
+        finally:
+            uv.should_exit = True
+            thread.join(timeout=30)
+    assert "7419" in out.choices[0].message.content
+
+
 # ----- completions ---------------------------------------------------------------------------------
 def test_a_completion_answers_over_the_book_as_the_conversation_does(server, client, books):
     before = counters(server)
