@@ -214,3 +214,17 @@ def test_long_book_switches_to_ratio_32_and_too_long_names_the_limit(capsys):
         open_runtime(None, 8, 0, False, False, book=book)  # asked for ratio 8: told, not switched
     with pytest.raises(UIOError, match=r"the ratio-32 head holds at most \d+: cut the text to \d+ tokens"):
         open_runtime(None, None, 0, False, False, book=line * 11000)  # ~250K tokens
+
+
+def test_repeat_penalty_reaches_llamas_sampler(runtime, stream):
+    """A strong repetition penalty (llama.cpp's penalties sampler) keeps greedy decoding from repeating
+    any token of its last 64, where the plain greedy answer of this tiny random model loops."""
+
+    def answer(penalty: float) -> list[str]:
+        with runtime.new_session(n_ctx=512) as s:
+            s.feed(stream[:40])
+            return list(s.generate(SamplingParams(max_tokens=30, repeat_penalty=penalty)))
+
+    plain, penalized = answer(1.0), answer(100.0)
+    assert len(set(plain)) < len(plain)  # the loop the penalty is for
+    assert len(penalized) == 30 and len(set(penalized)) == len(penalized)

@@ -54,11 +54,12 @@ class SamplingParams:
 class Sampler(Handle):
     """llama.cpp's own sampler chain (top-k, top-p, temperature, seeded draw; or greedy)."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, n_vocab: int):
         self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731 - the chain owns s
         if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
-            add(llama_cpp.llama_sampler_init_penalties(params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+            # this llama.cpp's signature still takes n_vocab first (see its llama.h)
+            add(llama_cpp.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
         if params.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -231,7 +232,7 @@ class Session(Handle):
         end-of-generation token, a stop string, max_tokens, or when should_stop() turns true."""
         if getattr(self, "_last_logits", None) is None:
             raise RuntimeError("feed a prompt before generating")
-        sampler = Sampler(params)
+        sampler = Sampler(params, self.runtime.model.n_vocab)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         model = self.runtime.model
         text = ""
