@@ -228,3 +228,12 @@ def test_repeat_penalty_reaches_llamas_sampler(runtime, stream):
     plain, penalized = answer(1.0), answer(100.0)
     assert len(set(plain)) < len(plain)  # the loop the penalty is for
     assert len(penalized) == 30 and len(set(penalized)) == len(penalized)
+
+
+@pytest.mark.slow
+def test_demo_answers_the_access_code_with_the_defaults():
+    """`uio-gguf demo` as a user runs it (its memory file is reused from an earlier demo when there is one)."""
+    from tests.conftest import run_cli
+
+    result = run_cli("demo", check=True)
+    assert "7419" in result.stdout, result.stdout
