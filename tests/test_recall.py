@@ -237,3 +237,15 @@ def test_demo_answers_the_access_code_with_the_defaults():
 
     result = run_cli("demo", check=True)
     assert "7419" in result.stdout, result.stdout
+
+
+def test_eval_passkey_takes_a_recall_budget(tiny_bundle, cache_env, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "out.json"
+    args = ("eval", "passkey", "-m", str(tiny_bundle), "--lengths", "96", "--depths", "0.5", "--trials", "1")
+    result = run_cli(*args, "--recall", "32", "--json", str(out), env=cache_env, check=True)
+    assert "recall 32 tokens" in result.stdout
+    assert json.loads(out.read_text())["recall_tokens"] == 32
