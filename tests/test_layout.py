@@ -29,6 +29,7 @@ APP = {
     "uio_gguf.eval_ppl",
     "uio_gguf.server",
     "uio_gguf.bench_serve",
+    "uio_gguf.bench",
 }
 # Stages that run without the `train` extra: none of them may import these at module level.
 RUNTIME = {"common", "native", "core", "app"}

@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from uio_gguf.cli import evaluate, run, serve, training  # noqa: F401  (each registers its commands on `app`)
+from uio_gguf.cli import bench, evaluate, run, serve, training  # noqa: F401  (each registers its commands on `app`)
 from uio_gguf.cli.options import app
 from uio_gguf.errors import UIOError
 

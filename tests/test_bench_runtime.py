@@ -1,0 +1,72 @@
+"""`uio-gguf bench` end to end at the smallest settings on the tiny bundle: the JSON's shape, and KV
+bytes and cells that agree with what the bench did (its timings are not asserted: speed belongs to
+docs/benchmarks.md)."""
+
+import json
+
+from tests.conftest import run_cli
+
+SEGMENT, RATIO, DECODE = 16, 4, 8  # the tiny bundle's segment and ratio; tokens decoded per side
+
+
+def test_bench_json_and_kv_cells(make_tiny_bundle, cache_env, tmp_path):
+    bundle, uio_model, _ = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "bench", "-m", str(bundle), "--lengths", "64,101", "--threads", "1",
+        "--decode-tokens", str(DECODE), "--json", str(out), env=cache_env, check=True,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("uio-gguf bench -m")
+    assert report["settings"]["threads"] == 1 and report["settings"]["decode_tokens"] == DECODE
+    assert [r["length"] for r in report["rows"]] == [64, 101]
+    assert "| uio ingest, tok/s |" in result.stdout and "ingest limit" in result.stdout
+
+    # A cell holds K and V of every layer, f16 (the runtime's default cache type): from the HF config.
+    config = uio_model.base.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    cell = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
+    assert report["model"]["kv_cell_bytes"] == cell
+    slots = SEGMENT // RATIO
+    for row in report["rows"]:
+        n = row["tokens"]
+        assert abs(n - row["length"]) <= 4  # cut at a token boundary of the text, then re-tokenized
+        plain, uio, limit = row["plain"], row["uio"], row["limit"]
+        # plain full attention: every token of the document and every decoded token holds a cell
+        assert plain["kv_cells"] == n + DECODE and plain["kv_bytes"] == (n + DECODE) * cell
+        # uio: k slots per full segment, then the raw window; each segment the decode fills is compressed
+        assert uio["tokens"] == n
+        filled = (n % SEGMENT + DECODE) // SEGMENT
+        assert uio["decode_compressions"] == filled
+        assert uio["memory_cells"] == (n // SEGMENT + filled) * slots
+        assert uio["raw_cells"] == n % SEGMENT + DECODE - filled * SEGMENT
+        assert uio["kv_cells"] == uio["memory_cells"] + uio["raw_cells"]
+        assert uio["kv_bytes"] == uio["kv_cells"] * cell
+        assert uio["ttft_from_file"] is True  # the question's memory came from the file the ingest wrote
+        assert row["ratios"]["kv"] == uio["kv_bytes"] / plain["kv_bytes"]
+        assert row["ratios"]["decode"] == uio["decode_tok_s"] / plain["decode_tok_s"]
+        assert limit["ingest_limit_tok_s"] == limit["short_prefill_tok_s"] * SEGMENT / (SEGMENT + slots)
+        assert limit["ingest_share"] == uio["ingest_tok_s"] / limit["ingest_limit_tok_s"]
+        assert limit["short_prefill_tokens"] == n // SEGMENT * SEGMENT
+        assert row["beyond_trained_window"] is False
+        for value in (plain["prefill_tok_s"], plain["decode_tok_s"], uio["ingest_tok_s"], uio["decode_tok_s"]):
+            assert value > 0
+        assert uio["ttft_s"] > 0 and uio["ttft_recall_s"] > 0
+
+
+def test_bench_no_plain_runs_uio_alone(tiny_bundle, cache_env, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "bench", "-m", str(tiny_bundle), "--lengths", "48", "--threads", "1", "--decode-tokens", "2",
+        "--no-plain", "--json", str(out), env=cache_env, check=True,
+    )  # fmt: skip
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["plain"] is None and row["ratios"] is None and row["uio"]["kv_cells"] > 0
+    assert "plain prefill" not in result.stdout
+
+
+def test_bench_bad_lengths_give_one_line(tiny_bundle, cache_env):
+    for lengths in ("4k", "8"):  # not a number; shorter than a segment
+        result = run_cli("bench", "-m", str(tiny_bundle), "--lengths", lengths, env=cache_env)
+        assert result.returncode == 1
+        assert result.stderr.startswith("uio-gguf: error:") and "Traceback" not in result.stderr

@@ -1,0 +1,366 @@
+"""`uio-gguf bench`: speed and KV size of UIO memory next to plain llama.cpp full attention, per text
+length, in one process: one llama.cpp build, one model (the runtime's), one cache type, one thread count.
+
+For each length L (tokens of the chat document: the template's opening, then the book):
+  plain   a context of L + N cells (llama_api Context/Batch): the L tokens prefilled 512 per decode
+          (only the last row's logits), then N greedy tokens decoded one at a time. Past the model's
+          trained window llama.cpp runs, but what full attention computes there is not meaningful:
+          measured for speed only, and the table says so.
+  uio     a Conversation, the path `chat` takes (memory alone, no recall): the book's full segments
+          compressed by the encoder and written into the decoder's cache, its memory file saved, the
+          remainder decoded raw = ingest; then N greedy tokens over [memory ; raw window] (a raw window
+          that fills is compressed, as in chat: that cost is part of decode).
+  ttft    a new Conversation on the same book, whose memory now comes from its memory file, asked one
+          question: seconds until the answer's first token is sampled (memory alone, then with the
+          default recall budget, as `chat` runs).
+  limit   per segment the encoder reads l tokens and k slot rows (docs/design.md §1), so ingest cannot
+          beat a short-context prefill of segment-sized chunks (each decoded from position 0 in a
+          cleared context) × l/(l+k); ingest is also given as a share of that limit.
+KV bytes: the cells in use (llama.cpp's last position of the sequence + 1; positions are contiguous)
+× the bytes of a cell (layers × (K + V widths) × the cache type's size). Both sides take the argmax
+of the logits, so a decoded token costs them the same work outside llama.cpp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from importlib.resources import files
+
+import llama_cpp
+import numpy as np
+
+from uio_gguf.chat import Conversation, document_tokens
+from uio_gguf.errors import UIOError
+from uio_gguf.handles import Handle
+from uio_gguf.llama_api import Batch, Context, ContextSettings
+from uio_gguf.recall import DEFAULT_RECALL_TOKENS
+from uio_gguf.session import DECODER_SEQ, SamplingParams
+
+DECODE_TOKENS = 64
+PREFILL_BATCH = 512  # llama.cpp's default micro-batch
+LIMIT_TOKENS = 4096  # the short-context prefill is timed over at most this many tokens per length
+QUESTION = "What is the access code of the archive?"  # the demo's question, about the packaged text
+TEXT_SEPARATOR = "\n\n"  # between copies of a text repeated to reach a length
+
+
+def packaged_text() -> str:
+    """The demo book shipped in uio_gguf/data (about 13.5K SmolLM2 tokens)."""
+    return (files("uio_gguf") / "data" / "demo_book.txt").read_text(encoding="utf-8")
+
+
+def book_of_length(model, text: str, n_tokens: int) -> tuple[str, int]:
+    """(book, copies): a book whose chat document (template opening + book) has about n_tokens tokens:
+    `text` repeated (a blank line between copies) until it is long enough, cut at a token boundary."""
+    need = max(1, n_tokens - len(document_tokens(model, "")))
+    per_copy = max(1, len(model.tokenize(text)))
+    copies = -(-need // per_copy)
+    while True:
+        tokens = model.tokenize(TEXT_SEPARATOR.join([text] * copies))
+        if len(tokens) >= need:
+            return b"".join(model.piece(t) for t in tokens[:need]).decode("utf-8", "replace"), copies
+        copies += 1
+
+
+def kv_cell_bytes(runtime) -> int:
+    """Bytes one cell of the cache holds, K and V of every layer (as Conversation.kv_bytes counts)."""
+    m = runtime.model
+    return m.n_layer * 2 * m.n_head_kv * m.head_dim * (4 if runtime.kv_type == llama_cpp.GGML_TYPE_F32 else 2)
+
+
+class Plain(Handle):
+    """One sequence in a plain llama.cpp context: full attention, no memory; the runtime's model, cache
+    type, flash-attention setting and threads."""
+
+    def __init__(self, runtime, n_ctx: int, n_batch: int = PREFILL_BATCH):
+        n_batch = min(n_batch, n_ctx)
+        self.ctx = Context(
+            runtime.model,
+            ContextSettings(
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=min(n_batch, PREFILL_BATCH),
+                flash_attn=runtime.flash_attn,
+                type_k=runtime.kv_type,
+                type_v=runtime.kv_type,
+                n_threads=runtime.n_threads,
+            ),
+        )
+        self.batch = Batch(n_batch)
+        self.n_past = 0
+
+    def feed(self, tokens) -> np.ndarray:
+        """Decodes tokens (batch by batch) after those already in; the last token's logits."""
+        for start in range(0, len(tokens), self.batch.capacity):
+            chunk = tokens[start : start + self.batch.capacity]
+            n = len(chunk)
+            self.batch.fill(
+                np.arange(self.n_past, self.n_past + n), [[0]] * n, [i == n - 1 for i in range(n)], tokens=chunk
+            )
+            self.ctx.decode(self.batch)
+            self.n_past += n
+        return self.ctx.logits(-1)
+
+    def clear(self) -> None:
+        self.ctx.clear()
+        self.n_past = 0
+
+    def close(self) -> None:
+        self.batch.close()
+        self.ctx.close()
+
+
+def greedy_rate(step: Callable[[int], np.ndarray], logits: np.ndarray, n: int) -> float:
+    """Tokens/s of n greedy tokens, each decoded by step(token) -> its logits."""
+    token = int(np.argmax(logits))
+    started = time.perf_counter()
+    for _ in range(n):
+        token = int(np.argmax(step(token)))
+    return n / (time.perf_counter() - started)
+
+
+def short_prefill_rate(runtime, tokens: np.ndarray) -> tuple[float, int]:
+    """(tokens/s, tokens timed): segment-sized chunks of `tokens`, each prefilled from position 0 in a
+    cleared segment-sized context, as the encoder reads a segment (its micro-batch too)."""
+    seg = runtime.segment
+    n = min(len(tokens), LIMIT_TOKENS) // seg * seg
+    if n == 0:
+        raise UIOError(f"a length must hold at least one segment ({seg} tokens)")
+    with Plain(runtime, n_ctx=seg, n_batch=seg) as plain:
+        started = time.perf_counter()
+        for chunk in np.asarray(tokens[:n]).reshape(-1, seg):
+            plain.clear()
+            plain.feed(chunk)
+        return n / (time.perf_counter() - started), n
+
+
+def measure_plain(runtime, tokens: np.ndarray, n_decode: int) -> dict:
+    cell = kv_cell_bytes(runtime)
+    with Plain(runtime, n_ctx=len(tokens) + n_decode) as plain:
+        started = time.perf_counter()
+        logits = plain.feed(tokens)
+        prefill_s = time.perf_counter() - started
+        decode = greedy_rate(lambda t: plain.feed([t]), logits, n_decode)
+        cells = plain.ctx.seq_pos_max(0) + 1
+    return {
+        "prefill_s": prefill_s,
+        "prefill_tok_s": len(tokens) / prefill_s,
+        "decode_tok_s": decode,
+        "kv_cells": cells,
+        "kv_bytes": cells * cell,
+    }
+
+
+def measure_uio(runtime, book: str, n_decode: int) -> dict:
+    cell = kv_cell_bytes(runtime)
+    started = time.perf_counter()
+    with Conversation(runtime, book, use_memory_files=True, recall_tokens=0) as conv:
+        ingest_s = time.perf_counter() - started
+        session = conv.session
+        segments = session.compressed_segments
+        tokens = len(conv.book_tokens)
+        decode = greedy_rate(lambda t: session.feed([t]), session.ctx.logits(-1), n_decode)
+        cells = session.ctx.seq_pos_max(DECODER_SEQ) + 1
+        report = {
+            "tokens": tokens,
+            "ingest_s": ingest_s,
+            "ingest_tok_s": tokens / ingest_s,
+            "compress_s": conv.stats.seconds,  # the encoder passes and the memory file's write, inside ingest
+            "decode_tok_s": decode,
+            "decode_compressions": session.compressed_segments - segments,  # raw windows that filled in decode
+            "memory_cells": session.n_mem,
+            "raw_cells": len(session.raw),
+            "kv_cells": cells,
+            "kv_bytes": cells * cell,
+        }
+    from_file = []
+    for name, recall in (("ttft_s", 0), ("ttft_recall_s", DEFAULT_RECALL_TOKENS)):
+        started = time.perf_counter()
+        with Conversation(runtime, book, use_memory_files=True, recall_tokens=recall) as again:
+            for _ in again.ask(QUESTION, SamplingParams(max_tokens=1)):
+                pass
+            report[name] = time.perf_counter() - started
+            from_file.append(again.stats.from_file)
+    report["ttft_from_file"] = all(from_file)  # both read the memory the ingest saved
+    return report
+
+
+@contextlib.contextmanager
+def private_memory_files() -> Iterator[None]:
+    """Memory files go to a fresh cache for the run, so the first ingest compresses and nothing stays
+    behind. Call it after the runtime is open: the default bundle is assembled in the user's cache."""
+    before = os.environ.get("UIO_GGUF_CACHE")
+    with tempfile.TemporaryDirectory(prefix="uio-bench-") as cache:
+        os.environ["UIO_GGUF_CACHE"] = cache
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("UIO_GGUF_CACHE", None)
+            else:
+                os.environ["UIO_GGUF_CACHE"] = before
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    return {
+        "cpu": cpu,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "llama_cpp_python": llama_cpp.__version__,
+    }
+
+
+def run(
+    runtime,
+    lengths: list[int],
+    text: str,
+    text_name: str,
+    n_decode: int = DECODE_TOKENS,
+    plain: bool = True,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict:
+    """The bench on an open runtime (its threads and offload are both sides'). Returns the report."""
+    if n_decode < 1:
+        raise UIOError(f"--decode-tokens must be 1 or more, not {n_decode}")
+    for length in lengths:
+        if length < runtime.segment:
+            raise UIOError(f"length {length} is shorter than a segment ({runtime.segment} tokens)")
+        runtime.check_length(length)  # before minutes of work, not after
+    model = runtime.model
+    report = {
+        "machine": machine(),
+        "load_average_before": os.getloadavg(),
+        "model": {
+            "bundle": str(runtime.bundle.path),
+            "segment": runtime.segment,
+            "ratio": runtime.bundle.ratio,
+            "slots": runtime.slots,
+            "n_ctx_train": model.n_ctx_train,
+            "kv_type": "f32" if runtime.kv_type == llama_cpp.GGML_TYPE_F32 else "f16",
+            "kv_cell_bytes": kv_cell_bytes(runtime),
+        },
+        "settings": {
+            "threads": runtime.n_threads,
+            "segments_per_batch": runtime.encoder.per_batch,
+            "flash_attn": runtime.flash_attn,
+            "decode_tokens": n_decode,
+            "plain": plain,
+            "question": QUESTION,
+        },
+        "text": {"name": text_name, "chars": len(text)},
+        "rows": [],
+    }
+    seg, k = runtime.segment, runtime.slots
+    with private_memory_files():
+        with Plain(runtime, n_ctx=seg, n_batch=seg) as warm:  # weights paged in before anything is timed
+            warm.feed(model.tokenize(text)[:seg])
+        for length in lengths:
+            book, copies = book_of_length(model, text, length)
+            log(f"length {length}: uio ingest")
+            uio = measure_uio(runtime, book, n_decode)
+            tokens = document_tokens(model, book)
+            log(f"length {length}: short-context prefill (the ingest limit)")
+            short, short_n = short_prefill_rate(runtime, tokens)
+            limit = short * seg / (seg + k)
+            row = {
+                "length": length,
+                "tokens": len(tokens),
+                "text_copies": copies,
+                "beyond_trained_window": len(tokens) + n_decode > model.n_ctx_train,
+                "uio": uio,
+                "limit": {
+                    "short_prefill_tok_s": short,
+                    "short_prefill_tokens": short_n,
+                    "ingest_limit_tok_s": limit,
+                    "ingest_share": uio["ingest_tok_s"] / limit,
+                },
+                "plain": None,
+                "ratios": None,
+            }
+            if plain:
+                log(f"length {length}: plain llama.cpp prefill and decode")
+                p = row["plain"] = measure_plain(runtime, tokens, n_decode)
+                row["ratios"] = {
+                    "ingest_over_prefill": uio["ingest_tok_s"] / p["prefill_tok_s"],
+                    "decode": uio["decode_tok_s"] / p["decode_tok_s"],
+                    "kv": uio["kv_bytes"] / p["kv_bytes"],
+                }
+            report["rows"].append(row)
+    report["load_average_after"] = os.getloadavg()
+    return report
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else f"{n:,}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def format_table(report: dict) -> str:
+    """A markdown table, one column per length, and the lines that say what it was measured on."""
+    rows, m, s = report["rows"], report["model"], report["settings"]
+    heads = [_short(r["length"]) + (" †" if r["beyond_trained_window"] and r["plain"] else "") for r in rows]
+    with_plain = any(r["plain"] for r in rows)
+
+    def line(name: str, value) -> str:
+        return f"| {name} | " + " | ".join(value(r) for r in rows) + " |"
+
+    def plain(value):
+        return lambda r: value(r) if r["plain"] else "-"
+
+    out = ["| | " + " | ".join(heads) + " |", "|---" + "|---:" * len(rows) + "|"]
+    out.append(line("tokens", lambda r: f"{r['tokens']:,}"))
+    if with_plain:
+        out.append(line("plain prefill, tok/s", plain(lambda r: f"{r['plain']['prefill_tok_s']:,.0f}")))
+    out.append(line("uio ingest, tok/s", lambda r: f"{r['uio']['ingest_tok_s']:,.0f}"))
+    out.append(line("ingest limit, tok/s", lambda r: f"{r['limit']['ingest_limit_tok_s']:,.0f}"))
+    out.append(line("ingest / limit", lambda r: f"{r['limit']['ingest_share']:.2f}"))
+    if with_plain:
+        out.append(line("ingest / plain prefill", plain(lambda r: f"{r['ratios']['ingest_over_prefill']:.2f}×")))
+        out.append(line("plain decode, tok/s", plain(lambda r: f"{r['plain']['decode_tok_s']:,.1f}")))
+    out.append(line("uio decode, tok/s", lambda r: f"{r['uio']['decode_tok_s']:,.1f}"))
+    if with_plain:
+        out.append(line("uio decode / plain decode", plain(lambda r: f"{r['ratios']['decode']:.2f}×")))
+        out.append(line("plain KV", plain(lambda r: _mib(r["plain"]["kv_bytes"]))))
+    out.append(line("uio KV", lambda r: _mib(r["uio"]["kv_bytes"])))
+    if with_plain:
+        out.append(line("KV, plain / uio", plain(lambda r: f"{1 / r['ratios']['kv']:.1f}× smaller")))
+        out.append(line("plain prefill time, s", plain(lambda r: f"{r['plain']['prefill_s']:.1f}")))
+    out.append(line("uio first token from the memory file, s", lambda r: f"{r['uio']['ttft_s']:.2f}"))
+    out.append(line("the same with recall, s", lambda r: f"{r['uio']['ttft_recall_s']:.2f}"))
+    notes = [
+        "",
+        f"model {m['bundle']} (segment {m['segment']}, ratio {m['ratio']}: {m['slots']} slots per segment), "
+        f"{m['kv_type']} KV cache ({m['kv_cell_bytes']:,} bytes a cell), trained window {m['n_ctx_train']:,} tokens; "
+        f"{s['threads']} threads, {s['segments_per_batch']} segment(s) per encoder batch, "
+        f"{s['decode_tokens']} greedy tokens decoded per side",
+        f"text: {report['text']['name']} ({report['text']['chars']:,} characters"
+        + (f", repeated up to {max(r['text_copies'] for r in rows)} times" if rows else "")
+        + ")",
+        f"machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs; load average "
+        f"{report['load_average_before'][0]:.2f} before, {report['load_average_after'][0]:.2f} after "
+        "(the run's own threads count in the second)",
+        f"ingest limit = short-context prefill of {m['segment']}-token chunks × {m['segment']}/"
+        f"({m['segment']}+{m['slots']}); first token: a new conversation whose memory comes from the "
+        f"memory file, asked {s['question']!r} (recall: {DEFAULT_RECALL_TOKENS} tokens)",
+    ]
+    if any(r["beyond_trained_window"] and r["plain"] for r in rows):
+        notes.append(
+            f"† past the model's trained window ({m['n_ctx_train']:,} tokens): plain full attention measured "
+            "for speed only (what it computes there is not meaningful)"
+        )
+    if report["load_average_before"][0] > 1:
+        notes.append(
+            "the machine was shared with other jobs (load average above 1 before the run): figures are lower than idle"
+        )
+    return "\n".join(out + notes)

@@ -1,0 +1,88 @@
+"""`uio-gguf bench`: UIO memory against plain llama.cpp full attention, per text length (uio_gguf.bench)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from uio_gguf.cli.options import (
+    DEFAULT_RATIO,
+    FlashAttn,
+    GpuLayers,
+    Model,
+    Ratio,
+    Verbose,
+    app,
+    parse_lengths,
+    write_json,
+)
+from uio_gguf.errors import UIOError
+
+
+@app.command()
+def bench(
+    lengths: str = typer.Option(
+        "4096,16384,32768", "--lengths", help="Token lengths, comma separated: the book is cut (or repeated) to each."
+    ),
+    ratio: Ratio = DEFAULT_RATIO,
+    model: Model = None,
+    n_gpu_layers: GpuLayers = 0,
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads, the same for both sides (default: the CPUs this process may use)."
+    ),
+    text: Path | None = typer.Option(
+        None, "--text", help="A UTF-8 text (default: the packaged demo book); repeated when a length needs more."
+    ),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", help="Greedy tokens decoded on each side."),
+    segments_per_batch: int = typer.Option(
+        0, "--segments-per-batch", help="Segments per encoder batch (default: 1 on a CPU, 4 with --n-gpu-layers)."
+    ),
+    plain: bool = typer.Option(
+        True, "--plain/--no-plain", help="--no-plain: UIO alone (for lengths full attention cannot afford)."
+    ),
+    flash_attn: FlashAttn = False,
+    verbose: Verbose = False,
+):
+    """Speed you can reproduce: per length, on the same text, model and threads, plain llama.cpp (prefill,
+    decode) against UIO memory (ingest, decode over the memory and the raw window), KV bytes of each, the time to
+    a first token when the memory comes from its memory file, and ingest against its limit."""
+    import os
+
+    from uio_gguf import bench as runner
+    from uio_gguf.book import read_book
+    from uio_gguf.default_bundle import default_bundle_path
+    from uio_gguf.runtime import UIORuntime
+
+    asked = parse_lengths(lengths)
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if threads < 1:
+        raise UIOError(f"--threads must be 1 or more, not {threads}")
+    if segments_per_batch < 0:
+        raise UIOError(f"--segments-per-batch must be 0 (automatic) or more, not {segments_per_batch}")
+    body = read_book(text) if text is not None else runner.packaged_text()
+    name = str(text) if text is not None else "uio_gguf/data/demo_book.txt (the demo book)"
+    with UIORuntime(
+        model if model is not None else default_bundle_path(ratio),
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
+        segments_per_batch=segments_per_batch,
+        n_threads=threads,
+        verbose=verbose,
+    ) as runtime:
+        report = runner.run(
+            runtime,
+            asked,
+            body,
+            name,
+            n_decode=decode_tokens,
+            plain=plain,
+            log=lambda line: typer.echo(line, err=True),
+        )
+    report["command"] = "uio-gguf " + " ".join(sys.argv[1:])
+    report["settings"]["n_gpu_layers"] = n_gpu_layers
+    typer.echo(runner.format_table(report))
+    write_json(json_out, report)
