@@ -35,6 +35,7 @@ demo: setup
 # Benchmarks print numbers (the README quotes them with these commands); they are not tests.
 bench: setup
 	$(PY) -m uio_gguf.train.bench
+	$(VENV)/bin/uio-gguf bench --lengths 4096,8192,16384
 
 clean:
 	rm -rf $(VENV) build *.egg-info

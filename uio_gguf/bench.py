@@ -43,7 +43,7 @@ from uio_gguf.session import DECODER_SEQ, SamplingParams
 
 DECODE_TOKENS = 64
 PREFILL_BATCH = 512  # llama.cpp's default micro-batch
-LIMIT_TOKENS = 4096  # the short-context prefill is timed over at most this many tokens per length
+LIMIT_TOKENS = 2048  # the short-context prefill is timed over at most this many tokens per length
 QUESTION = "What is the access code of the archive?"  # the demo's question, about the packaged text
 TEXT_SEPARATOR = "\n\n"  # between copies of a text repeated to reach a length
 
