@@ -126,3 +126,73 @@ def eval_passkey(
     bar.close()
     typer.echo(passkey.format_report(report))
     write_json(json_out, report)
+
+
+@eval_app.command("qa")
+def eval_qa(
+    lengths: str = typer.Option("4096,16384,32768,56000", "--lengths", help="Book lengths in tokens, comma separated."),
+    depths: str = typer.Option(
+        "0.1,0.5,0.9", "--depths", help="Where the (asked) needle sits (0: start, 1: end), comma separated."
+    ),
+    trials: int = typer.Option(2, "--trials", help="Questions per task, length and depth."),
+    tasks: str = typer.Option(
+        "passkey,single,multikey,multivalue,vt", "--tasks", help="Tasks, comma separated (see docs/evaluation.md)."
+    ),
+    methods: str = typer.Option(
+        "window,full-8k,rag,uio,uio+recall",
+        "--methods",
+        help="Methods side by side on the same texts, comma separated.",
+    ),
+    filler: list[Path] = typer.Option(
+        [],
+        "--filler",
+        help="Text files to draw the filler from (repeatable). Default: a held-out text shipped with the package.",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the needles and of the filler."),
+    model: Model = None,
+    ratio: Ratio = DEFAULT_RATIO,
+    recall: int | None = typer.Option(
+        None, "--recall", help="Recall budget in tokens for rag and uio+recall (default: chat's)."
+    ),
+    max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="Most tokens per answer (greedy)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the fillers' memory files."),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Also write the results (with every answer) here as JSON."
+    ),
+    n_gpu_layers: GpuLayers = 0,
+    flash_attn: FlashAttn = False,
+    verbose: Verbose = False,
+):
+    """Long-context QA (RULER-style tasks, exact match): window, full-8k, rag, uio and uio+recall on the
+    same texts, with the share of answers that end by themselves, loops and time to first token."""
+    from uio_gguf import eval_qa as qa
+    from uio_gguf.book import read_book
+
+    asked = parse_lengths(lengths)
+    try:
+        where = [float(d) for d in depths.split(",") if d.strip()]
+    except ValueError:
+        raise UIOError(f"--depths takes comma separated fractions between 0 and 1, not {depths!r}") from None
+    chosen_tasks = qa.parse_names(tasks, qa.TASKS, "task")
+    chosen_methods = qa.parse_names(methods, qa.METHODS, "method")
+    texts = [read_book(path) for path in filler] or None
+    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
+    bar, update = progress_bar("asking")
+    bar.unit = "answer"
+    report = qa.evaluate(
+        runtime,
+        asked,
+        where,
+        trials,
+        tasks=chosen_tasks,
+        methods=chosen_methods,
+        texts=texts,
+        seed=seed,
+        recall_tokens=recall,
+        max_tokens=max_tokens,
+        use_memory_files=not no_cache,
+        progress=update,
+    )
+    bar.close()
+    typer.echo(qa.format_report(report))
+    write_json(json_out, report)

@@ -1,0 +1,500 @@
+"""`uio-gguf eval qa`: an offline long-context QA suite (RULER-style tasks), every method on the same texts.
+
+Tasks (each answer scored by exact match: every expected number or name must appear whole in the answer):
+  passkey     the training task's pass-key sentence (uio_gguf.synthetic) at the depth asked
+  single      "The special magic number for <word> is <7 digits>." at the depth asked
+  multikey    4 such needles for different words (the asked one at the depth asked, the others anywhere)
+  multivalue  3 numbers for one word (the first at the depth asked), all asked for
+  vt          variable tracking: "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... spread from the depth
+              asked to the end; "Which variables are assigned the value 12345?" asks for every name
+
+Methods (the book goes in the first user turn of the chat template, as `uio-gguf chat` reads it):
+  window      no memory: the template's opening, the raw remainder UIO keeps (the tokens after the last
+              full segment) and the question, in a plain llama.cpp context
+  full-8k     no memory: every token, in the model's trained window with llama.cpp's context shift (the
+              first 4 tokens stay, the older half of the others goes when full; as eval ppl's full-8k)
+  rag         no memory: window plus the passages that recall (uio_gguf.recall) brings back for the
+              question, with uio+recall's budget, between the opening and the remainder
+  uio         the memory alone (Conversation with recall 0, the training view)
+  uio+recall  the memory and recall (chat's default)
+Greedy answers of at most --max-tokens tokens. Per cell: accuracy, the share of answers that end by
+themselves (end of turn before the token limit), the share with a loop (a 4-gram of words repeated 3+
+times) and the median time to first token (for uio: the memory already made, as from a memory file).
+
+Fast by construction (docs/design.md §1, §6): a segment's memory depends on that segment's tokens
+alone. Each length has one filler, compressed once (or read from its memory file); a document is the
+filler's tokens with each needle's tokens written over as many filler tokens (nothing shifts), and
+SegmentCache recompresses only the segments whose tokens changed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+
+from uio_gguf.errors import UIOError
+from uio_gguf.eval_passkey import filler_text
+from uio_gguf.synthetic import KEY_NAMES, PASSKEY_QUESTION, passkey_fact
+
+TASKS = ("passkey", "single", "multikey", "multivalue", "vt")
+METHODS = ("window", "full-8k", "rag", "uio", "uio+recall")
+DEFAULT_LENGTHS = "4096,16384,32768,56000"
+# Held out of training (docs/evaluation.md: the libpng manual is a held-out document of `uio-gguf data`).
+DEFAULT_FILLER = "heldout_libpng_manual.txt"
+ANSWER_TOKENS = 48
+LOOP_NGRAM, LOOP_REPEATS = 4, 3
+SINK_TOKENS = 4  # as eval ppl's full-8k
+SPLICE_TRIES = 64  # line starts tried after the asked depth until the spliced tokens read back as themselves
+
+
+def default_filler() -> str:
+    return resources.files("uio_gguf").joinpath("data", DEFAULT_FILLER).read_text(encoding="utf-8")
+
+
+# ----- tasks ------------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    needles: list[tuple[str, float]]  # (sentence, depth) in book order
+    question: str
+    answers: list[str]  # every one must appear whole in the answer
+
+
+def _number(rng: random.Random, digits: int = 7) -> str:
+    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+
+
+def _magic(word: str, number: str) -> str:
+    return f"The special magic number for {word} is {number}."
+
+
+def _spread(depth: float, n: int) -> list[float]:
+    """n depths from `depth` towards the end, in order."""
+    return [depth + (1 - depth) * i / n for i in range(n)]
+
+
+def make_sample(task: str, depth: float, rng: random.Random) -> Sample:
+    if task == "passkey":
+        key = str(rng.randint(10_000, 99_999))
+        return Sample([(passkey_fact(int(key)), depth)], PASSKEY_QUESTION, [key])
+    if task == "single":
+        word, number = rng.choice(KEY_NAMES), _number(rng)
+        return Sample([(_magic(word, number), depth)], f"What is the special magic number for {word}?", [number])
+    if task == "multikey":
+        words = rng.sample(KEY_NAMES, 4)
+        numbers = [_number(rng) for _ in words]
+        depths = [depth] + [rng.random() for _ in words[1:]]
+        needles = sorted(((_magic(w, n), d) for w, n, d in zip(words, numbers, depths)), key=lambda x: x[1])
+        return Sample(needles, f"What is the special magic number for {words[0]}?", [numbers[0]])
+    if task == "multivalue":
+        word = rng.choice(KEY_NAMES)
+        numbers = [_number(rng) for _ in range(3)]
+        depths = sorted([depth] + [rng.random() for _ in range(2)])
+        return Sample(
+            [(_magic(word, n), d) for n, d in zip(numbers, depths)],
+            f"What are all the special magic numbers for {word}?",
+            numbers,
+        )
+    if task == "vt":
+        names = ["".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range(5)]
+        value = _number(rng, 5)
+        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+        return Sample(
+            list(zip(chain, _spread(depth, len(chain)))),
+            f"Which variables are assigned the value {value}? Name all of them.",
+            names,
+        )
+    raise UIOError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+
+
+def found(expected: str, answer: str) -> bool:
+    """Exact match: `expected` appears whole (not inside a longer number or word)."""
+    return re.search(rf"(?<![0-9A-Za-z]){re.escape(expected)}(?![0-9A-Za-z])", answer) is not None
+
+
+def has_loop(answer: str, n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> bool:
+    """Some n-gram of words and punctuation occurs `repeats` or more times."""
+    words = re.findall(r"\w+|[^\w\s]", answer.lower())
+    counts: dict[tuple, int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= repeats:
+            return True
+    return False
+
+
+# ----- documents: needles spliced into the filler's tokens ----------------------------------------------
+@dataclass
+class Document:
+    tokens: np.ndarray  # what the conversation reads before the question: template opening + book
+    book: str  # the book's text (tokenizes, after the opening, back to exactly `tokens`)
+    skip: int  # tokens of the template's opening
+    where: list[int] = field(default_factory=list)  # each needle's first token
+
+
+def _token_texts(model, tokens) -> list[bytes]:
+    return [model.piece(int(t)) for t in tokens]
+
+
+def base_document(model, length: int, texts: list[str], rng: random.Random) -> Document:
+    """The template's opening and `length` tokens of filler."""
+    from uio_gguf.chat import document_tokens, opening
+
+    skip = len(model.tokenize(opening(model.chat_template()), add_special=True))
+    book = filler_text(model, length, rng, texts)
+    tokens = document_tokens(model, book)
+    return Document(tokens, book, skip)
+
+
+def splice(model, base: Document, needles: list[tuple[str, float]]) -> Document:
+    """Each needle, "sentence\\n", written over as many of the base's tokens from the first line start at
+    or after its depth of the book (nothing moves, so only the segments it touches change). A line start
+    whose result does not tokenize back to itself (a merge across the seam) is passed over for the next."""
+    from uio_gguf.chat import document_tokens
+
+    pieces = _token_texts(model, base.tokens)
+    starts = [i for i in range(base.skip + 1, len(pieces)) if pieces[i - 1].endswith(b"\n")]
+    starts = [base.skip] + starts
+    needle_tokens = [model.tokenize(f"{s}\n", add_special=False, parse_special=False) for s, _ in needles]
+    n_book = len(base.tokens) - base.skip
+    for attempt in range(SPLICE_TRIES):
+        tokens, where, floor = base.tokens.copy(), [], base.skip
+        for (_, depth), ids in zip(needles, needle_tokens):
+            at = base.skip + round(depth * max(0, n_book - len(ids)))
+            candidates = [s for s in starts if s >= max(at, floor) and s + len(ids) <= len(tokens)]
+            if not candidates:
+                candidates = [s for s in starts if s >= floor and s + len(ids) <= len(tokens)][-1:]
+            if not candidates:
+                raise UIOError(f"a {n_book}-token book cannot hold the task's {len(needles)} needle(s)")
+            start = candidates[min(attempt, len(candidates) - 1)]
+            tokens[start : start + len(ids)] = ids
+            where.append(start)
+            floor = start + len(ids)
+        book = b"".join(_token_texts(model, tokens[base.skip :])).decode("utf-8", "replace")
+        if np.array_equal(document_tokens(model, book), tokens):
+            return Document(tokens, book, base.skip, where)
+    raise UIOError("the needles could not be spliced into the filler's tokens so that they read back the same")
+
+
+class SegmentCache:
+    """Memory by segment: a segment's memory depends on its tokens alone, so a document that differs from
+    those seen before in a few segments costs the compression of those few. Stands in for the runtime
+    (Conversation calls its `compress`); everything else is the runtime's."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.rows: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+        self.compressed = 0  # segments actually compressed
+
+    def __getattr__(self, name):
+        return getattr(self.runtime, name)
+
+    def add(self, tokens, memory) -> None:
+        """Memory made elsewhere (a memory file) for the full segments of `tokens`."""
+        blocks = self._blocks(tokens)
+        for i, block in enumerate(blocks):
+            self.rows[block.tobytes()] = (memory.k[i], memory.v[i])
+
+    def _blocks(self, tokens) -> np.ndarray:
+        seg = self.runtime.segment
+        tokens = np.asarray(tokens, dtype=np.int32)
+        return tokens[: len(tokens) // seg * seg].reshape(-1, seg)
+
+    def compress(self, tokens, progress=None):
+        from uio_gguf.encoder import SegmentMemory
+
+        blocks = self._blocks(tokens)
+        keys = [b.tobytes() for b in blocks]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.rows))
+        if missing:
+            made = self.runtime.encoder.compress(
+                np.stack([np.frombuffer(k, dtype=np.int32) for k in missing]), progress=progress
+            )
+            for i, k in enumerate(missing):
+                self.rows[k] = (made.k[i], made.v[i])
+            self.compressed += len(missing)
+        if not keys:
+            return self.runtime.compress(tokens)
+        return SegmentMemory(np.stack([self.rows[k][0] for k in keys]), np.stack([self.rows[k][1] for k in keys]))
+
+    def clear(self) -> None:
+        self.rows.clear()
+
+
+def load_base(cache: SegmentCache, doc: Document, use_memory_files: bool) -> None:
+    """The filler's memory into the cache: from its memory file, or compressed (and saved) once."""
+    from uio_gguf import memory_file
+
+    runtime = cache.runtime
+    compressed = doc.tokens[: len(doc.tokens) // runtime.segment * runtime.segment]
+    dtype = runtime.encoder.head.memory_dtype
+    key = memory_file.memory_key(runtime.bundle, compressed, dtype)
+    path = memory_file.cache_dir() / f"{key}.npz"
+    memory = memory_file.load(path, key) if use_memory_files else None
+    if memory is None:
+        memory = cache.compress(compressed)
+        if use_memory_files and len(memory.k):
+            memory_file.save(path, key, memory, dtype)
+    else:
+        cache.add(compressed, memory)
+
+
+# ----- methods ----------------------------------------------------------------------------------------
+@dataclass
+class Answer:
+    text: str
+    ended: bool  # end of turn before the token limit
+    ttft: float  # seconds to the first token of the answer
+
+
+def _question_tokens(model, question: str) -> np.ndarray:
+    """What the chat template puts after the book in the first turn: the question and the assistant's start."""
+    from uio_gguf.chat import BOOK_MARKER, render
+
+    first = render(model.chat_template(), [("user", f"{BOOK_MARKER}\n\n{question}")], True)  # as Conversation.ask
+    return model.tokenize(first.split(BOOK_MARKER, 1)[1], add_special=False)
+
+
+def _plain_answer(runtime, tokens: np.ndarray, params, window: int) -> Answer:
+    """Greedy answer after `tokens` in a plain llama.cpp context of `window` cells with context shift."""
+    from uio_gguf.eval_ppl import MAX_BATCH, Decoder
+    from uio_gguf.session import Sampler
+
+    started = time.perf_counter()
+    decoder = Decoder(runtime, n_ctx=window, n_batch=min((window - SINK_TOKENS) // 2, MAX_BATCH))
+    sampler = Sampler(params, runtime.model.n_vocab)
+    model = runtime.model
+
+    def feed(ids) -> None:
+        for at in range(0, len(ids), decoder.batch.capacity):
+            chunk = ids[at : at + decoder.batch.capacity]
+            if decoder.n_past + len(chunk) > window:
+                decoder.drop(SINK_TOKENS, (decoder.n_past - SINK_TOKENS) // 2)
+            n = len(chunk)
+            positions = np.arange(decoder.n_past, decoder.n_past + n)
+            decoder.batch.fill(positions, [[0]] * n, [i == n - 1 for i in range(n)], tokens=chunk)
+            decoder.ctx.decode(decoder.batch)
+            decoder.n_past += n
+
+    try:
+        feed([int(t) for t in tokens])
+        out, ended, ttft = [], False, None
+        for _ in range(params.max_tokens):
+            token = int(sampler.sample(decoder.ctx, -1))
+            ttft = ttft if ttft is not None else time.perf_counter() - started
+            if model.is_eog(token):
+                ended = True
+                break
+            out.append(token)
+            feed([token])
+        text = b"".join(model.piece(t) for t in out).decode("utf-8", "replace")
+        return Answer(text, ended, ttft if ttft is not None else time.perf_counter() - started)
+    finally:
+        sampler.close()
+        decoder.close()
+
+
+def _uio_answer(cache: SegmentCache, doc: Document, question: str, params, recall_tokens: int) -> Answer:
+    from uio_gguf.chat import Conversation
+
+    started = time.perf_counter()
+    conversation = Conversation(cache, doc.book, use_memory_files=False, recall_tokens=recall_tokens)
+    try:
+        making = conversation.stats.seconds  # the memory's compression: a memory file's job in chat
+        text, ttft = "", None
+        for piece in conversation.ask(question, params):
+            ttft = ttft if ttft is not None else time.perf_counter() - started - making
+            text += piece
+        ended = conversation.session.finish_reason == "stop"
+        return Answer(text, ended, ttft if ttft is not None else time.perf_counter() - started - making)
+    finally:
+        conversation.close()
+
+
+def method_tokens(runtime, doc: Document, question: str, method: str, recall_tokens: int) -> np.ndarray:
+    """The prompt a memoryless method reads: all of it (full-8k), or the opening, recall (rag) and the
+    raw remainder UIO keeps, then the question."""
+    from uio_gguf.recall import Recall
+
+    q = _question_tokens(runtime.model, question)
+    if method == "full-8k":
+        return np.concatenate([doc.tokens, q])
+    n_full = len(doc.tokens) // runtime.segment * runtime.segment
+    recalled = np.zeros(0, dtype=np.int32)
+    if method == "rag" and recall_tokens and n_full:
+        recalled = Recall(runtime.model, doc.tokens[:n_full], runtime.segment, doc.skip).recall_tokens(
+            question, recall_tokens
+        )
+    return np.concatenate([doc.tokens[: doc.skip], recalled, doc.tokens[max(doc.skip, n_full) :], q])
+
+
+def answer(cache: SegmentCache, doc: Document, question: str, method: str, params, recall_tokens: int) -> Answer:
+    runtime = cache.runtime
+    if method in ("uio", "uio+recall"):
+        return _uio_answer(cache, doc, question, params, recall_tokens if method == "uio+recall" else 0)
+    if method in ("window", "full-8k", "rag"):
+        tokens = method_tokens(runtime, doc, question, method, recall_tokens)
+        return _plain_answer(runtime, tokens, params, runtime.model.n_ctx_train)
+    raise UIOError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+
+
+# ----- the suite --------------------------------------------------------------------------------------
+def parse_names(text: str, known: tuple[str, ...], what: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise UIOError(f"unknown {what} {', '.join(unknown) or '(none given)'} (choose from {', '.join(known)})")
+    return names
+
+
+def evaluate(
+    runtime,
+    lengths: list[int],
+    depths: list[float],
+    trials: int,
+    tasks: tuple[str, ...] | list[str] = TASKS,
+    methods: tuple[str, ...] | list[str] = METHODS,
+    texts: list[str] | None = None,
+    seed: int = 0,
+    recall_tokens: int | None = None,
+    max_tokens: int = ANSWER_TOKENS,
+    use_memory_files: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """The report that `uio-gguf eval qa` prints and writes as JSON."""
+    from uio_gguf.recall import DEFAULT_RECALL_TOKENS
+    from uio_gguf.session import SamplingParams
+
+    recall_tokens = DEFAULT_RECALL_TOKENS if recall_tokens is None else recall_tokens
+    if trials < 1:
+        raise UIOError("--trials must be at least 1")
+    if not lengths or min(lengths) < 1:
+        raise UIOError("every length must be a positive number of tokens")
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise UIOError("every depth must lie between 0 and 1")
+    if recall_tokens < 0:
+        raise UIOError(f"the recall budget must be 0 or more tokens, not {recall_tokens}")
+    if any(m.startswith("uio") for m in methods):
+        limit = runtime.max_tokens()
+        if max(lengths) + 64 > limit:
+            raise UIOError(
+                f"at ratio {runtime.bundle.ratio} the memory holds books of at most {limit} tokens "
+                f"(with the template and question), not {max(lengths)}: use shorter --lengths or --ratio 32"
+            )
+    texts = texts or [default_filler()]
+    params = SamplingParams(max_tokens=max_tokens)
+    cache = SegmentCache(runtime)
+    total = len(lengths) * len(tasks) * len(depths) * trials * len(methods)
+    done, samples = 0, []
+    for length in lengths:
+        cache.clear()
+        base = base_document(runtime.model, length, texts, random.Random(f"{seed}:filler:{length}"))
+        if any(m.startswith("uio") for m in methods):
+            load_base(cache, base, use_memory_files)
+        for task in tasks:
+            for depth in depths:
+                for trial in range(trials):
+                    rng = random.Random(f"{seed}:{task}:{length}:{depth}:{trial}")
+                    sample = make_sample(task, depth, rng)
+                    doc = splice(runtime.model, base, sample.needles)
+                    for method in methods:
+                        before = cache.compressed
+                        got = answer(cache, doc, sample.question, method, params, recall_tokens)
+                        right = [found(a, got.text) for a in sample.answers]
+                        samples.append(
+                            {
+                                "task": task,
+                                "length": length,
+                                "depth": depth,
+                                "trial": trial,
+                                "method": method,
+                                "question": sample.question,
+                                "expected": sample.answers,
+                                "answer": got.text,
+                                "hit": all(right),
+                                "share": sum(right) / len(right),
+                                "ended": got.ended,
+                                "loop": has_loop(got.text),
+                                "ttft": round(got.ttft, 4),
+                                "recompressed": cache.compressed - before,
+                            }
+                        )
+                        done += 1
+                        if progress:
+                            progress(done, total)
+    return {
+        "lengths": lengths,
+        "depths": depths,
+        "trials": trials,
+        "tasks": list(tasks),
+        "methods": list(methods),
+        "seed": seed,
+        "ratio": runtime.bundle.ratio,
+        "segment": runtime.segment,
+        "recall_tokens": recall_tokens,
+        "max_tokens": max_tokens,
+        "filler": "custom" if texts and texts != [default_filler()] else DEFAULT_FILLER,
+        "results": summarize(samples, tasks, lengths, methods),
+        "samples": samples,
+    }
+
+
+def summarize(samples: list[dict], tasks: list[str], lengths: list[int], methods: list[str]) -> list[dict]:
+    rows = []
+    for task in tasks:
+        for length in lengths:
+            for method in methods:
+                cell = [s for s in samples if (s["task"], s["length"], s["method"]) == (task, length, method)]
+                if not cell:
+                    continue
+                rows.append(
+                    {
+                        "task": task,
+                        "length": length,
+                        "method": method,
+                        "n": len(cell),
+                        "hits": sum(s["hit"] for s in cell),
+                        "accuracy": sum(s["hit"] for s in cell) / len(cell),
+                        "ended": sum(s["ended"] for s in cell) / len(cell),
+                        "loops": sum(s["loop"] for s in cell) / len(cell),
+                        "ttft_median": float(np.median([s["ttft"] for s in cell])),
+                        "by_depth": {
+                            str(d): sum(s["hit"] for s in cell if s["depth"] == d)
+                            for d in sorted({s["depth"] for s in cell})
+                        },
+                    }
+                )
+    return rows
+
+
+def format_report(report: dict) -> str:
+    methods = report["methods"]
+    cell = {(r["task"], r["length"], r["method"]): r for r in report["results"]}
+    width = max(12, *(len(m) + 2 for m in methods))
+
+    def table(title: str, value: Callable[[dict], str]) -> list[str]:
+        lines = [title, f"{'task':<12}{'tokens':>8}" + "".join(f"{m:>{width}}" for m in methods)]
+        for task in report["tasks"]:
+            for n in report["lengths"]:
+                lines.append(
+                    f"{task:<12}{n:>8,}"
+                    + "".join(f"{value(cell[(task, n, m)]) if (task, n, m) in cell else '-':>{width}}" for m in methods)
+                )
+        return lines
+
+    lines = table(
+        f"accuracy (exact match; hits / answers), ratio {report['ratio']}, recall {report['recall_tokens']} tokens, "
+        f"{report['trials']} trials x {len(report['depths'])} depths a cell",
+        lambda r: f"{r['accuracy']:.0%} ({r['hits']}/{r['n']})",
+    )
+    lines += [""] + table("answers that end by themselves", lambda r: f"{r['ended']:.0%}")
+    lines += [""] + table("answers with a loop (a 4-gram 3+ times)", lambda r: f"{r['loops']:.0%}")
+    lines += [""] + table("median seconds to the first token", lambda r: f"{r['ttft_median']:.2f}")
+    return "\n".join(lines)
