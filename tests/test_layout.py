@@ -122,3 +122,14 @@ def test_a_planted_upward_import_is_caught(tmp_path, planted, expected):
     (tmp_path / "train" / "loop.py").write_text("from uio_gguf.session import Session\n\ntrain = None\n")
     found = violations(tmp_path)
     assert len(found) == 1 and expected in found[0], found
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists the packages by hand (package-dir mapping): a new subpackage left out of the
+    list works in an editable install and is missing from the wheel."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {name for name in modules() if modules()[name].name == "__init__.py"}
+    assert set(config["packages"]) == packages
+    assert {config["package-dir"][p] for p in FOLDERS.values()} == set(FOLDERS)
