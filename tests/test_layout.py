@@ -22,15 +22,9 @@ FOLDERS = {
 # Lowest first: a stage may import its own modules and those of the stages before it.
 STAGES = ["common", "native", "core", "train", "convert", "app"]
 COMMON = {"uio_gguf.errors", "uio_gguf.cache", "uio_gguf.files", "uio_gguf.handles"}
-APP = {
-    "uio_gguf",
-    "uio_gguf.cli",
-    "uio_gguf.eval_passkey",
-    "uio_gguf.eval_ppl",
-    "uio_gguf.server",
-    "uio_gguf.bench_serve",
-    "uio_gguf.bench",
-}
+# The app: the package's public names, the command line, the evaluations, benchmarks and the server.
+APP = {"uio_gguf", "uio_gguf.cli", "uio_gguf.server"}
+APP_PREFIXES = ("uio_gguf.cli.", "uio_gguf.eval_", "uio_gguf.bench")
 # Stages that run without the `train` extra: none of them may import these at module level.
 RUNTIME = {"common", "native", "core", "app"}
 TRAINING_STACK = {"torch", "transformers", "peft", "safetensors"}
@@ -39,7 +33,7 @@ TRAINING_STACK = {"torch", "transformers", "peft", "safetensors"}
 def stage_of(module: str) -> str:
     if module in COMMON:
         return "common"
-    if module in APP or module.startswith("uio_gguf.cli."):
+    if module in APP or module.startswith(APP_PREFIXES):
         return "app"
     for sub in ("native", "train", "convert"):
         if module == f"uio_gguf.{sub}" or module.startswith(f"uio_gguf.{sub}."):
