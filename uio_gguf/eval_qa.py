@@ -51,7 +51,7 @@ DEFAULT_FILLER = "heldout_libpng_manual.txt"
 ANSWER_TOKENS = 48
 LOOP_NGRAM, LOOP_REPEATS = 4, 3
 SINK_TOKENS = 4  # as eval ppl's full-8k
-SPLICE_TRIES = 64  # line starts tried after the asked depth until the spliced tokens read back as themselves
+SPLICE_TRIES = 16  # shifts tried until the whole spliced text reads back as its tokens
 
 
 def default_filler() -> str:
@@ -147,34 +147,49 @@ def base_document(model, length: int, texts: list[str], rng: random.Random) -> D
     """The template's opening and `length` tokens of filler."""
     from uio_gguf.chat import document_tokens, opening
 
-    skip = len(model.tokenize(opening(model.chat_template()), add_special=True))
-    book = filler_text(model, length, rng, texts)
+    head = model.tokenize(opening(model.chat_template()), add_special=True)
+    book = filler_text(model, length, rng, texts).lstrip()  # no merge with the opening's last newline
     tokens = document_tokens(model, book)
-    return Document(tokens, book, skip)
+    if not np.array_equal(tokens[: len(head)], head):
+        raise UIOError("the filler's first token merges with the chat template's opening")
+    return Document(tokens, book, len(head))
+
+
+def needle_ids(model, sentence: str) -> np.ndarray:
+    """A needle's tokens: the sentence on a line of its own."""
+    return model.tokenize(f"\n{sentence}\n", add_special=False, parse_special=False)
+
+
+def _reads_back(model, tokens: np.ndarray, start: int, end: int, margin: int = 8) -> bool:
+    """Whether tokens[start:end] with `margin` tokens either side tokenize back to themselves (no merge
+    across the seams)."""
+    lo, hi = max(0, start - margin), min(len(tokens), end + margin)
+    text = b"".join(_token_texts(model, tokens[lo:hi])).decode("utf-8", "replace")
+    return np.array_equal(model.tokenize(text, add_special=False, parse_special=False), tokens[lo:hi])
 
 
 def splice(model, base: Document, needles: list[tuple[str, float]]) -> Document:
-    """Each needle, "sentence\\n", written over as many of the base's tokens from the first line start at
-    or after its depth of the book (nothing moves, so only the segments it touches change). A line start
-    whose result does not tokenize back to itself (a merge across the seam) is passed over for the next."""
+    """Each needle, "\nsentence\n", written over as many of the base's tokens as it has, at the first
+    token at or after its depth of the book where the result reads back as the same tokens (no merge
+    across the seams). Nothing moves, so only the segments a needle touches change."""
     from uio_gguf.chat import document_tokens
 
-    pieces = _token_texts(model, base.tokens)
-    starts = [i for i in range(base.skip + 1, len(pieces)) if pieces[i - 1].endswith(b"\n")]
-    starts = [base.skip] + starts
-    needle_tokens = [model.tokenize(f"{s}\n", add_special=False, parse_special=False) for s, _ in needles]
+    needle_tokens = [needle_ids(model, s) for s, _ in needles]
     n_book = len(base.tokens) - base.skip
-    for attempt in range(SPLICE_TRIES):
+    if sum(len(i) for i in needle_tokens) > n_book:
+        raise UIOError(f"a {n_book}-token book cannot hold the task's {len(needles)} needle(s)")
+    for shift in range(SPLICE_TRIES):  # a seam that only the whole text shows: every needle one token on
         tokens, where, floor = base.tokens.copy(), [], base.skip
-        for (_, depth), ids in zip(needles, needle_tokens):
-            at = base.skip + round(depth * max(0, n_book - len(ids)))
-            candidates = [s for s in starts if s >= max(at, floor) and s + len(ids) <= len(tokens)]
-            if not candidates:
-                candidates = [s for s in starts if s >= floor and s + len(ids) <= len(tokens)][-1:]
-            if not candidates:
-                raise UIOError(f"a {n_book}-token book cannot hold the task's {len(needles)} needle(s)")
-            start = candidates[min(attempt, len(candidates) - 1)]
-            tokens[start : start + len(ids)] = ids
+        for j, ((_, depth), ids) in enumerate(zip(needles, needle_tokens)):
+            last = len(tokens) - sum(len(i) for i in needle_tokens[j:])  # leaves room for the needles to come
+            start = min(max(base.skip + round(depth * (n_book - len(ids))) + shift, floor), last)
+            while True:
+                trial = tokens.copy()
+                trial[start : start + len(ids)] = ids
+                if _reads_back(model, trial, start, start + len(ids)) or start >= last:
+                    break
+                start += 1
+            tokens = trial
             where.append(start)
             floor = start + len(ids)
         book = b"".join(_token_texts(model, tokens[base.skip :])).decode("utf-8", "replace")

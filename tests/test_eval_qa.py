@@ -1,0 +1,231 @@
+"""`uio-gguf eval qa` (docs/evaluation.md): the tasks put their needles where asked and are scored by exact
+match; the memoryless baselines are honest (window = full-8k when the text fits, rag with no budget =
+window); splicing needles into the filler's tokens and recompressing only the touched segments gives the
+memory of the spliced text compressed from scratch, bit for bit.
+
+Tiny LLaMA bundles (f32 cache) over real prose; answers are greedy."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+from uio_gguf import eval_qa
+from uio_gguf.session import SamplingParams
+
+SEGMENT, RATIO = 16, 4
+PARAMS = SamplingParams(max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def runtime(make_tiny_bundle):
+    from uio_gguf.runtime import UIORuntime
+
+    bundle = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")[0]
+    with UIORuntime(bundle, kv_type="f32") as rt:
+        yield rt
+
+
+@pytest.fixture(scope="module")
+def base(runtime, prose):
+    return eval_qa.base_document(runtime.model, 600, [prose], random.Random(0))
+
+
+@pytest.fixture(scope="module")
+def long_base(runtime, prose):
+    return eval_qa.base_document(runtime.model, 3000, [prose], random.Random(1))
+
+
+@pytest.mark.parametrize("task", eval_qa.TASKS)
+@pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
+def test_each_task_puts_its_needles_where_asked(task, depth, runtime, long_base):
+    base = long_base
+    sample = eval_qa.make_sample(task, depth, random.Random(f"{task}{depth}"))
+    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    n_book = len(base.tokens) - base.skip
+    assert len(doc.tokens) == len(base.tokens)  # written over, nothing shifted
+    text = doc.book
+    # every needle whole, on a line of its own, in book order; the asked one at its depth (a line's slack)
+    places = [text.index(f"\n{sentence}\n") for sentence, _ in sample.needles]
+    assert places == sorted(places)
+    for (sentence, d), first in zip(sample.needles, doc.where):
+        ids = eval_qa.needle_ids(runtime.model, sentence)
+        assert np.array_equal(doc.tokens[first : first + len(ids)], ids)
+        if d == depth:  # the asked needle (vt: the chain's start); the others may move to make room
+            assert round(d * (n_book - len(ids))) <= first - base.skip <= round(d * (n_book - len(ids))) + 16
+    asked = [d for s, d in sample.needles if any(a in s for a in sample.answers)]
+    assert depth in asked
+    if task == "vt":
+        assert sample.needles[0][1] == depth
+    # the filler outside the needles is untouched
+    touched = np.zeros(len(doc.tokens), bool)
+    for (sentence, _), first in zip(sample.needles, doc.where):
+        touched[first : first + len(eval_qa.needle_ids(runtime.model, sentence))] = True
+    assert np.array_equal(doc.tokens[~touched], base.tokens[~touched])
+    # every expected answer is in the text, and the text tokenizes back to exactly the spliced tokens
+    assert all(a in text for a in sample.answers)
+    from uio_gguf.chat import document_tokens
+
+    assert np.array_equal(document_tokens(runtime.model, doc.book), doc.tokens)
+
+
+def test_tasks_ask_what_they_hid():
+    rng = random.Random(0)
+    multikey = eval_qa.make_sample("multikey", 0.5, rng)
+    assert len(multikey.needles) == 4 and len(multikey.answers) == 1
+    word = multikey.question.split(" for ")[1].rstrip("?")
+    assert f"The special magic number for {word} is {multikey.answers[0]}." in [s for s, _ in multikey.needles]
+    multivalue = eval_qa.make_sample("multivalue", 0.5, rng)
+    assert len(multivalue.answers) == 3 and all(len(a) == 7 for a in multivalue.answers)
+    vt = eval_qa.make_sample("vt", 0.2, rng)
+    value = vt.question.split("value ")[1].split("?")[0]
+    assert vt.needles[0][0] == f"VAR {vt.answers[0]} = {value}."
+    assert [s for s, _ in vt.needles][1:] == [f"VAR {b} = VAR {a}." for a, b in zip(vt.answers, vt.answers[1:])]
+
+
+@pytest.mark.parametrize(
+    ("expected", "answer", "hit"),
+    [
+        ("1234567", "The special magic number is 1234567.", True),
+        ("1234567", "1234567", True),
+        ("1234567", "It is 12345678.", False),
+        ("1234567", "It is 123456.", False),
+        ("1234567", "It is 1234 567.", False),
+        ("ABCDE", "VAR ABCDE, VAR XYZQW", True),
+        ("ABCDE", "VAR ABCDEF", False),
+    ],
+)
+def test_the_scorer_is_exact(expected, answer, hit):
+    assert eval_qa.found(expected, answer) is hit
+
+
+def test_loops_are_4grams_three_times_or_more():
+    assert eval_qa.has_loop("The code is written in Python. " * 3)
+    assert eval_qa.has_loop("args.args.args.args.args.args.")
+    assert not eval_qa.has_loop("The pass key is 12345. The pass key is 12345.")
+    assert not eval_qa.has_loop("The special magic numbers are 1, 2 and 3.")
+
+
+def test_splice_and_partial_recompression_equal_compressing_from_scratch(runtime, base):
+    cache = eval_qa.SegmentCache(runtime)
+    eval_qa.load_base(cache, base, use_memory_files=False)
+    n_segments = len(base.tokens) // SEGMENT
+    assert cache.compressed == n_segments
+    for task in ("passkey", "multikey"):
+        sample = eval_qa.make_sample(task, 0.5, random.Random(task))
+        doc = eval_qa.splice(runtime.model, base, sample.needles)
+        before = cache.compressed
+        spliced = cache.compress(doc.tokens)
+        fresh = runtime.compress(doc.tokens)
+        assert spliced.k.dtype == fresh.k.dtype
+        assert np.array_equal(spliced.k, fresh.k) and np.array_equal(spliced.v, fresh.v)
+        changed = {
+            i
+            for i in range(n_segments)
+            if not np.array_equal(
+                doc.tokens[i * SEGMENT : (i + 1) * SEGMENT], base.tokens[i * SEGMENT : (i + 1) * SEGMENT]
+            )
+        }
+        assert 0 < cache.compressed - before == len(changed) < n_segments
+
+
+def test_the_filler_memory_file_is_read_back(runtime, base, tmp_path, monkeypatch):
+    monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path))
+    first = eval_qa.SegmentCache(runtime)
+    eval_qa.load_base(first, base, use_memory_files=True)
+    second = eval_qa.SegmentCache(runtime)
+    eval_qa.load_base(second, base, use_memory_files=True)
+    assert first.compressed > 0 and second.compressed == 0
+    assert np.array_equal(second.compress(base.tokens).k, runtime.compress(base.tokens).k)
+
+
+def test_uio_answers_through_the_cache_as_from_scratch(runtime, base):
+    from uio_gguf.chat import Conversation
+
+    sample = eval_qa.make_sample("single", 0.5, random.Random(1))
+    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    cache = eval_qa.SegmentCache(runtime)
+    eval_qa.load_base(cache, base, use_memory_files=False)
+    for budget in (0, 64):
+        got = eval_qa.answer(cache, doc, sample.question, "uio+recall" if budget else "uio", PARAMS, budget)
+        with Conversation(runtime, doc.book, use_memory_files=False, recall_tokens=budget) as conversation:
+            want = "".join(conversation.ask(sample.question, PARAMS))
+        assert got.text == want
+
+
+def test_rag_with_no_budget_equals_window(runtime, base):
+    sample = eval_qa.make_sample("passkey", 0.3, random.Random(2))
+    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    cache = eval_qa.SegmentCache(runtime)
+    window = eval_qa.method_tokens(runtime, doc, sample.question, "window", 64)
+    rag = eval_qa.method_tokens(runtime, doc, sample.question, "rag", 0)
+    assert np.array_equal(rag, window)
+    assert len(window) < len(doc.tokens)  # the window left the book's full segments out
+    a = eval_qa.answer(cache, doc, sample.question, "rag", PARAMS, 0)
+    b = eval_qa.answer(cache, doc, sample.question, "window", PARAMS, 64)
+    assert (a.text, a.ended) == (b.text, b.ended)
+    # with a budget, rag reads the needle's line (the question shares its words), window does not
+    needle = runtime.model.tokenize("The pass key is", add_special=False)
+    with_budget = eval_qa.method_tokens(runtime, doc, sample.question, "rag", 64)
+    contains = (
+        lambda tokens: any(  # noqa: E731
+            np.array_equal(tokens[i : i + len(needle)], needle) for i in range(len(tokens) - len(needle) + 1)
+        )
+    )
+    assert contains(with_budget) and not contains(window)
+
+
+def test_window_equals_full_8k_when_the_text_fits(make_tiny_bundle, prose):
+    from uio_gguf.runtime import UIORuntime
+
+    bundle = make_tiny_bundle("llama", segment=64, ratio=4, outtype="f32")[0]
+    with UIORuntime(bundle, kv_type="f32") as rt:
+        base = eval_qa.base_document(rt.model, 20, [prose], random.Random(3))
+        doc = eval_qa.splice(rt.model, base, [("VAR QWERT = 123.", 0.5)])
+        assert len(doc.tokens) < rt.segment  # fits in the raw remainder
+        question = "Which variables are assigned the value 123?"
+        window = eval_qa.method_tokens(rt, doc, question, "window", 0)
+        assert np.array_equal(window, eval_qa.method_tokens(rt, doc, question, "full-8k", 0))
+        cache = eval_qa.SegmentCache(rt)
+        a = eval_qa.answer(cache, doc, question, "window", PARAMS, 0)
+        b = eval_qa.answer(cache, doc, question, "full-8k", PARAMS, 0)
+        assert (a.text, a.ended) == (b.text, b.ended) and a.text
+
+
+def test_eval_qa_prints_a_table_and_writes_json(tiny_bundle, prose, cache_env, tmp_path):
+    filler = tmp_path / "filler.txt"
+    filler.write_text(prose[:20000])
+    out = tmp_path / "qa.json"
+    result = run_cli(
+        "eval", "qa", "-m", str(tiny_bundle), "--lengths", "200", "--depths", "0.5", "--trials", "1",
+        "--tasks", "passkey,vt", "--filler", str(filler), "-n", "6", "--recall", "32", "--json", str(out),
+        env=cache_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and "uio+recall" in result.stdout and "vt" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["methods"] == list(eval_qa.METHODS) and report["recall_tokens"] == 32
+    assert len(report["samples"]) == 2 * len(eval_qa.METHODS)
+    assert {r["method"] for r in report["results"]} == set(eval_qa.METHODS)
+    for r in report["results"]:
+        assert r["n"] == 1 and 0 <= r["accuracy"] <= 1 and r["ttft_median"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "passkey,nope"], "unknown task nope"),
+        (["--methods", "uio,bm25"], "unknown method bm25"),
+        (["--lengths", "100000"], "--ratio 32"),
+        (["--depths", "2"], "between 0 and 1"),
+    ],
+)
+def test_eval_qa_bad_input_gives_one_clear_line(args, message, tiny_bundle, cache_env):
+    result = run_cli("eval", "qa", "-m", str(tiny_bundle), "--lengths", "100", *args, env=cache_env)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
