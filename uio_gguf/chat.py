@@ -5,6 +5,8 @@ book is the document part: its full segments are compressed (or read from a memo
 remainder and the question are decoded as raw tokens. Later turns append what the template adds.
 With recall on (the default), each question first brings back the book's passages that BM25 ranks
 best for it, as raw tokens between the memory and the raw window (uio_gguf.recall, docs/design.md §6).
+The raw window keeps the last R tokens raw (default DEFAULT_RAW_SEGMENTS segments), not only the current
+segment: the book's tail, the question and the recent turns are read as text (docs/design.md §6).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import llama_cpp
 
 from uio_gguf import memory_file
+from uio_gguf.encoder import SegmentMemory
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.recall import DEFAULT_RECALL_TOKENS, Recall
@@ -24,6 +27,8 @@ from uio_gguf.session import SamplingParams
 
 BOOK_MARKER = "\u2063UIO-BOOK\u2063"  # invisible separator: never in a real chat template
 FALLBACK_TEMPLATE = "chatml"  # llama.cpp's built-in name, for models that ship no template
+DEFAULT_RAW_SEGMENTS = 4  # chat's raw window in segments; see docs/evaluation.md for the measurements
+ANSWER_ROOM = 1024  # cells the raw window leaves for the question and the answer (runtime.ANSWER_RESERVE)
 
 
 def render(template: str | None, messages: list[tuple[str, str]], add_generation_prompt: bool) -> str:
@@ -76,11 +81,18 @@ class Conversation(Handle):
         use_memory_files: bool = True,
         progress: Callable[[int, int], None] | None = None,
         recall_tokens: int = DEFAULT_RECALL_TOKENS,
+        raw_window: int | None = None,
     ):
         """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
-        alone, as in training)."""
+        alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
+        segments; the segment length: the training view). Where the book's memory leaves no room for R
+        beside the recall budget and an answer, R shrinks (to one segment at the least)."""
         if recall_tokens < 0:
             raise UIOError(f"the recall budget must be 0 or more tokens, not {recall_tokens}")
+        if raw_window is not None and raw_window < runtime.segment:
+            raise UIOError(
+                f"the raw window must hold at least one segment ({runtime.segment} tokens), not {raw_window}"
+            )
         self.runtime = runtime
         self.model = runtime.model
         self.template = self.model.chat_template()
@@ -90,14 +102,25 @@ class Conversation(Handle):
         self.book_tokens = document_tokens(self.model, book)
         runtime.check_length(len(self.book_tokens), n_ctx)
         self.session = runtime.new_session(n_ctx)
+        self.session.raw_window = self._fit_raw_window(raw_window, recall_tokens)
         self.stats = CompressionStats()
         self.recall_tokens = recall_tokens
         self._load_book(use_memory_files, progress)
         self.recall = None
         if recall_tokens:
-            n_full = len(self.book_tokens) // runtime.segment  # the raw remainder is in view anyway
+            n_mem = self.session.compressed_segments  # the raw window is in view anyway
             skip = len(self.model.tokenize(opening(self.template), add_special=True))
-            self.recall = Recall(self.model, self.book_tokens[: n_full * runtime.segment], runtime.segment, skip)
+            self.recall = Recall(self.model, self.book_tokens[: n_mem * runtime.segment], runtime.segment, skip)
+
+    def _fit_raw_window(self, asked: int | None, recall_tokens: int) -> int:
+        """The raw window asked for (or the default), cut to whole segments that fit beside the book's
+        memory, the recall budget and ANSWER_ROOM cells."""
+        seg, s = self.runtime.segment, self.session
+        if asked is not None and asked == seg:
+            return seg
+        memory = len(self.book_tokens) // seg * self.runtime.slots
+        room = (s.ctx.n_ctx - memory - recall_tokens - ANSWER_ROOM) // seg * seg
+        return max(seg, min(DEFAULT_RAW_SEGMENTS * seg if asked is None else asked, room))
 
     # ----- the first turn ---------------------------------------------------------------------------
     def _first_turn(self, question: str) -> str:
@@ -127,8 +150,11 @@ class Conversation(Handle):
                 memory_file.save(path, key, memory, dtype)
         self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
         self.memory_path = path
-        self.session.add_memory(memory)
-        self.session.feed(self.book_tokens[n_full * seg :])
+        # the segments the raw window holds are read as text (their memory stays in the file for later)
+        n_raw_window = len(self.book_tokens) - self.session.raw_window  # as feed would leave it: < R raw
+        n_mem = min(n_full, n_raw_window // seg + 1) if n_raw_window >= 0 else 0
+        self.session.add_memory(SegmentMemory(memory.k[:n_mem], memory.v[:n_mem]))
+        self.session.feed(self.book_tokens[n_mem * seg :])
 
     # ----- turns ------------------------------------------------------------------------------------
     def ask(
@@ -162,10 +188,11 @@ class Conversation(Handle):
 
     def _recall_room(self, n_question: int, max_tokens: int) -> int:
         """The most recall tokens that leave room for the question and a whole answer: the raw window
-        never passes a segment, and each segment it fills adds k memory cells."""
+        never passes R, and each segment compressed out of it adds k memory cells."""
         s = self.session
-        grown = (len(s.raw) + n_question + max_tokens) // s.segment * s.slots
-        return max(0, s.ctx.n_ctx - s.n_mem - s.segment - grown)
+        raw = len(s.raw) + n_question + max_tokens
+        grown = (raw - s.raw_window) // s.segment * s.slots + s.slots if raw >= s.raw_window else 0
+        return max(0, s.ctx.n_ctx - s.n_mem - s.raw_window - grown)
 
     def close(self) -> None:
         self.session.close()

@@ -4,6 +4,10 @@ with the baselines it has to beat.
 For a length L every method predicts the same targets: tokens 1..L-1 of the text's first L tokens.
   uio-r{ratio}  Session.feed, as in chat and training: a token sees the memory of every full segment
                 before it plus the raw tokens since the last segment boundary.
+  chat-r{ratio} Session.feed with chat's default raw window R (uio_gguf.chat.DEFAULT_RAW_SEGMENTS
+                segments, docs/design.md §6): a token sees the memory of every segment compressed
+                before it plus the last R - l .. R - 1 raw tokens (raw cells shifted down, not
+                recomputed, when the oldest segment is compressed).
   window        the same raw windows without memory: each segment-length window decoded alone, from
                 position 0.
   full-8k       full attention inside the model's trained window W (n_ctx_train): when the cache is
@@ -95,9 +99,11 @@ def _chunks(tokens: np.ndarray, size: int) -> Iterator[np.ndarray]:
         yield tokens[start : start + size]
 
 
-def uio_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
-    cells = len(tokens) // runtime.segment * runtime.slots + runtime.segment  # all memory + one raw window
+def uio_logits(runtime, tokens: np.ndarray, raw_window: int | None = None) -> Iterator[np.ndarray]:
+    raw_window = raw_window or runtime.segment
+    cells = len(tokens) // runtime.segment * runtime.slots + raw_window  # all memory + the raw window
     session = runtime.new_session(n_ctx=cells)
+    session.raw_window = raw_window
     try:
         for chunk in _chunks(tokens, runtime.segment):
             yield session.feed(chunk, all_logits=True)
@@ -156,10 +162,15 @@ def parse_baselines(text: str) -> tuple[str, ...]:
 
 
 def methods(
-    runtimes: list, full_window: int | None = None, full_keep: int = SINK_TOKENS, baselines: tuple[str, ...] = BASELINES
+    runtimes: list,
+    full_window: int | None = None,
+    full_keep: int = SINK_TOKENS,
+    baselines: tuple[str, ...] = BASELINES,
+    raw_windows: tuple[int, ...] | None = None,
 ) -> list[Method]:
-    """uio-r{ratio} for each runtime, then the chosen baselines on the first runtime's model and segment
-    (every method is deterministic, so a run may leave out baselines measured before)."""
+    """uio-r{ratio} for each runtime, then chat-r{ratio} (raw_windows: the raw windows R in tokens, one
+    column each; None: chat's default; (): none), then the chosen baselines on the first runtime's model
+    and segment (every method is deterministic, so a run may leave out baselines measured before)."""
     base = runtimes[0]
     for rt in runtimes[1:]:
         if rt.bundle.model_fingerprint != base.bundle.model_fingerprint:
@@ -177,14 +188,30 @@ def methods(
         raise UIOError(f"the full-attention window ({window}) must hold the {full_keep} pinned tokens and 2 more")
     names = [f"uio-r{rt.bundle.ratio}" for rt in runtimes]
     names = [n if names.count(n) == 1 else f"{n}:{rt.bundle.path.name}" for n, rt in zip(names, runtimes)]
+    if raw_windows is None:
+        from uio_gguf.chat import DEFAULT_RAW_SEGMENTS
+
+        raw_windows = (DEFAULT_RAW_SEGMENTS * base.segment,)
+    if any(r < base.segment for r in raw_windows):
+        raise UIOError(f"a raw window holds at least one segment ({base.segment} tokens)")
+    chat = [
+        Method(
+            n.replace("uio-", "chat-", 1) + ("" if len(raw_windows) == 1 else f"-raw{r}"),
+            partial(uio_logits, rt, raw_window=r),
+        )
+        for r in raw_windows
+        for n, rt in zip(names, runtimes)
+    ]
     every = {
         "window": Method("window", partial(window_logits, base)),
         "sliding": Method(f"full-{_short(window)}", partial(shifted_logits, base, window=window, keep=full_keep)),
         "full": Method("full", partial(full_logits, base)),
     }
-    return [Method(n, partial(uio_logits, rt)) for n, rt in zip(names, runtimes)] + [
-        every[b] for b in BASELINES if b in baselines
-    ]
+    return (
+        [Method(n, partial(uio_logits, rt)) for n, rt in zip(names, runtimes)]
+        + chat
+        + [every[b] for b in BASELINES if b in baselines]
+    )
 
 
 # ----- scoring ----------------------------------------------------------------------------------------
@@ -229,6 +256,7 @@ def evaluate(
     full_keep: int = SINK_TOKENS,
     progress: Callable[[int, int], None] | None = None,
     baselines: tuple[str, ...] = BASELINES,
+    raw_windows: tuple[int, ...] | None = None,
 ) -> dict:
     """The report that `uio-gguf eval ppl` prints and writes as JSON."""
     lengths = sorted(set(lengths))
@@ -239,7 +267,7 @@ def evaluate(
             raise UIOError(
                 f"{text.name} has {len(text.tokens):,} tokens, fewer than every length (the shortest is {lengths[0]:,})"
             )
-    chosen = methods(runtimes, full_window, full_keep, baselines)
+    chosen = methods(runtimes, full_window, full_keep, baselines, raw_windows)
     longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
     total = sum(longest[t.name] - 1 for t in texts) * len(chosen)
     done = 0
@@ -278,6 +306,7 @@ def evaluate(
         "segment": runtimes[0].segment,
         "full_window": _full_window(runtimes, full_window),
         "full_keep": full_keep,
+        "raw_windows": [m.logits.keywords["raw_window"] for m in chosen if "raw_window" in m.logits.keywords],
         "texts": [{"name": t.name, "tokens": len(t.tokens)} for t in texts],
         "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
         "results": results,
@@ -310,7 +339,8 @@ def format_report(report: dict) -> str:
         if names:
             lines.append(f"skipped at {int(n):,} tokens (too short): {', '.join(names)}")
     lines.append(
-        f"window = one segment ({report['segment']} tokens) without memory; "
+        f"window = one segment ({report['segment']} tokens) without memory; chat = memory + a raw window of "
+        f"{', '.join(map(str, sorted(set(report.get('raw_windows', [])))))} tokens (chat's view); "
         f"full-{_short(report['full_window'])} = full attention in a {report['full_window']:,}-token "
         f"window that keeps the first {report['full_keep']} tokens and drops the older half of the others "
         "when full; full = all tokens"

@@ -3,15 +3,18 @@
 Sequence 0 holds the conversation: memory cells at positions 0 .. n_mem-1 (segment s at (s-1)·k ..
 s·k-1), then the recalled passages of the current question (docs/design.md §6; none unless
 set_recall is called), then the raw window. Sequence 1 is scratch: memory is loaded there and copied into sequence 0,
-which adds cells without touching the raw window. Whenever the raw window reaches the segment length,
-its tokens are compressed into k new slots right after the existing memory and their raw cells are
-dropped (docs/design.md §1). Feeding splits at those boundaries, so token i always sees the memory of
-every full segment before it plus the raw tokens since the last boundary, as in training.
+which adds cells without touching the raw window. Whenever the raw window reaches `raw_window` tokens
+(R, default the segment length l), its oldest l tokens are compressed into k new slots right after the
+existing memory, their raw cells are dropped and the later ones shift down (docs/design.md §1, §6).
+Feeding splits at those boundaries. With R = l (the default) token i sees the memory of every full
+segment before it plus the raw tokens since the last boundary, as in training; with R > l it sees
+between R - l and R - 1 raw tokens before it (chat's view).
 """
 
 from __future__ import annotations
 
 import codecs
+import ctypes
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -42,6 +45,7 @@ class SamplingParams:
             (self.temperature >= 0, f"the temperature must be 0 (greedy) or more, not {self.temperature}"),
             (self.top_k >= 0, f"top-k must be 0 (off) or more, not {self.top_k}"),
             (0 <= self.top_p <= 1, f"top-p must lie between 0 and 1, not {self.top_p}"),
+            (self.dry_multiplier >= 0, f"the DRY multiplier must be 0 (off) or more, not {self.dry_multiplier}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -49,17 +53,39 @@ class SamplingParams:
 
     repeat_penalty: float = 1.0  # llama.cpp's repetition penalty over the last repeat_last_n tokens; 1: off
     repeat_last_n: int = 64
+    # llama.cpp's DRY sampler ("don't repeat yourself"): a token that would extend a sequence already
+    # seen in the answer past dry_allowed_length tokens is penalised by multiplier·base^(excess); 0: off
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_last_n: int = -1  # -1: the whole context
 
 
 class Sampler(Handle):
     """llama.cpp's own sampler chain (top-k, top-p, temperature, seeded draw; or greedy)."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int):
+    DRY_BREAKERS = (b"\n", b":", b'"', b"*")  # llama.cpp's defaults: a repeat restarts at these
+
+    def __init__(self, params: SamplingParams, n_vocab: int, vocab=None):
+        """vocab: the model's llama_vocab, which the DRY sampler needs (DRY stays off without it)."""
         self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = lambda s: llama_cpp.llama_sampler_chain_add(self.ptr, s)  # noqa: E731 - the chain owns s
         if params.repeat_penalty != 1.0 and params.repeat_last_n != 0:
             # this llama.cpp's signature still takes n_vocab first (see its llama.h)
             add(llama_cpp.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        if params.dry_multiplier > 0 and vocab is not None:
+            breakers = (ctypes.c_char_p * len(self.DRY_BREAKERS))(*self.DRY_BREAKERS)
+            add(
+                llama_cpp.llama_sampler_init_dry(
+                    vocab,
+                    params.dry_multiplier,
+                    params.dry_base,
+                    params.dry_allowed_length,
+                    params.dry_last_n,
+                    breakers,
+                    len(self.DRY_BREAKERS),
+                )
+            )
         if params.temperature <= 0:
             add(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -92,7 +118,10 @@ class Session(Handle):
         type_k: int = llama_cpp.GGML_TYPE_F16,
         type_v: int = llama_cpp.GGML_TYPE_F16,
         n_threads: int = 0,
+        raw_window: int | None = None,
     ):
+        """raw_window: R, the most raw tokens kept before the oldest segment of them is compressed
+        (None: the segment length, the training view)."""
         from uio_gguf.native.bindings import probe
 
         self.runtime = runtime
@@ -120,6 +149,20 @@ class Session(Handle):
         self.raw: list[int] = []  # tokens of the raw window, right after the recall
         self.compressed_segments = 0
         self.tokens_seen = 0  # tokens of text the conversation stands for (memory + raw)
+        self.raw_window = raw_window
+
+    @property
+    def raw_window(self) -> int:
+        return self._raw_window
+
+    @raw_window.setter
+    def raw_window(self, tokens: int | None) -> None:
+        tokens = self.segment if tokens is None else int(tokens)
+        if tokens < self.segment:
+            raise UIOError(f"the raw window must hold at least one segment ({self.segment} tokens), not {tokens}")
+        if len(self.raw) >= tokens:
+            raise RuntimeError(f"the raw window already holds {len(self.raw)} tokens, not fewer than {tokens}")
+        self._raw_window = tokens
 
     @property
     def n_past(self) -> int:
@@ -130,18 +173,18 @@ class Session(Handle):
     def add_memory(self, memory: SegmentMemory) -> None:
         """Appends the memory of whole segments (compressed elsewhere, e.g. read from a memory file)
         right after the existing memory. The raw window must be empty."""
+        if self.raw:
+            raise RuntimeError("memory can only be added at a segment boundary (raw window not empty)")
         self._write_memory(memory)
         self.tokens_seen += len(memory.k) * self.segment
 
     def _write_memory(self, memory: SegmentMemory) -> None:
-        if self.raw:
-            raise RuntimeError("memory can only be added at a segment boundary (raw window not empty)")
         n_seg = len(memory.k)
         if n_seg == 0:
             return
         self._check_room(n_seg * self.slots)
-        if self.recall:  # the recall moves up to make room right after the memory (K re-rotated at next decode)
-            self.ctx.seq_add(DECODER_SEQ, self.n_mem, self.n_mem + len(self.recall), n_seg * self.slots)
+        if self.recall or self.raw:  # they move up to make room right after the memory (K re-rotated at next decode)
+            self.ctx.seq_add(DECODER_SEQ, self.n_mem, -1, n_seg * self.slots)
         positions = np.arange(self.n_mem, self.n_mem + n_seg * self.slots, dtype=np.int32)
         n_layer = memory.k.shape[1]
         # (N, n_layer, k, w) -> (n_layer, N·k, w): cells in position order, per layer
@@ -162,10 +205,17 @@ class Session(Handle):
                 "start a new session or use a larger --n-ctx"
             )
 
-    def _compress_window(self) -> None:
-        memory = self.runtime.encoder.compress(np.asarray([self.raw], dtype=np.int32))
-        self.ctx.seq_rm(DECODER_SEQ, self.n_mem + len(self.recall), -1)  # the raw cells of the window
-        self.raw = []
+    def _compress_oldest(self) -> None:
+        """The raw window's oldest segment becomes k memory slots right after the memory; its raw cells
+        go and the later raw cells shift down (seq_rm + seq_add; K re-rotated at the next decode, once,
+        by the sum of the shifts). They keep the states they were decoded with."""
+        seg = self.segment
+        oldest, self.raw = self.raw[:seg], self.raw[seg:]
+        memory = self.runtime.encoder.compress(np.asarray([oldest], dtype=np.int32))
+        raw_at = self.n_mem + len(self.recall)
+        self.ctx.seq_rm(DECODER_SEQ, raw_at, raw_at + seg)
+        if self.raw:
+            self.ctx.seq_add(DECODER_SEQ, raw_at + seg, -1, -seg)
         self._write_memory(memory)
 
     # ----- recall -----------------------------------------------------------------------------
@@ -209,7 +259,7 @@ class Session(Handle):
         rows = []
         last = None
         while tokens:
-            take = min(self.segment - len(self.raw), self.batch.capacity, len(tokens))
+            take = min(self.raw_window - len(self.raw), self.batch.capacity, len(tokens))
             chunk, tokens = tokens[:take], tokens[take:]
             self._check_room(take)
             positions = np.arange(self.n_past, self.n_past + take)
@@ -220,8 +270,8 @@ class Session(Handle):
                 rows.extend(self.ctx.logits(i) for i in range(take))
             last = self.ctx.logits(take - 1) if not all_logits else rows[-1]
             self.raw.extend(chunk)
-            if len(self.raw) == self.segment:
-                self._compress_window()
+            if len(self.raw) == self.raw_window:
+                self._compress_oldest()
         self._last_logits = last
         if all_logits:
             return np.stack(rows) if rows else np.zeros((0, self.runtime.model.n_vocab), np.float32)
@@ -232,7 +282,7 @@ class Session(Handle):
         end-of-generation token, a stop string, max_tokens, or when should_stop() turns true."""
         if getattr(self, "_last_logits", None) is None:
             raise RuntimeError("feed a prompt before generating")
-        sampler = Sampler(params, self.runtime.model.n_vocab)
+        sampler = Sampler(params, self.runtime.model.n_vocab, self.runtime.model.vocab)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         model = self.runtime.model
         text = ""

@@ -30,6 +30,15 @@ Recall = Annotated[
         "0: the compressed memory alone.",
     ),
 ]
+RawWindow = Annotated[
+    int | None,
+    typer.Option(
+        "--raw-window",
+        help="The most recent tokens kept raw (the book's tail, the question, the recent turns); older ones are "
+        "compressed a segment at a time. Default: 4 segments, less where the book's memory leaves no room; "
+        "one segment: the training view.",
+    ),
+]
 RepeatPenalty = Annotated[
     float, typer.Option("--repeat-penalty", help="llama.cpp's repetition penalty over the last 64 tokens; 1: off.")
 ]
@@ -103,6 +112,7 @@ def chat(
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per answer."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     recall: Recall = DEFAULT_RECALL_TOKENS,
+    raw_window: RawWindow = None,
     repeat_penalty: RepeatPenalty = 1.0,
     flash_attn: FlashAttn = False,
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write memory files."),
@@ -131,7 +141,13 @@ def chat(
     runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text, n_ctx=n_ctx)
     bar, update = progress_bar("compressing")
     conversation = Conversation(
-        runtime, text, n_ctx=n_ctx, use_memory_files=not no_cache, progress=update, recall_tokens=recall
+        runtime,
+        text,
+        n_ctx=n_ctx,
+        use_memory_files=not no_cache,
+        progress=update,
+        recall_tokens=recall,
+        raw_window=raw_window,
     )
     bar.close()
     stats = conversation.stats
@@ -171,6 +187,7 @@ def demo(
     ratio: AutoRatio = None,
     n_gpu_layers: GpuLayers = 0,
     recall: Recall = DEFAULT_RECALL_TOKENS,
+    raw_window: RawWindow = None,
     repeat_penalty: RepeatPenalty = 1.0,
 ):
     """The main job on the embedded default: SmolLM2-135M reads a bundled 13K-token text (its own
@@ -193,6 +210,7 @@ def demo(
         max_tokens=64,
         stop=[],
         recall=recall,
+        raw_window=raw_window,
         repeat_penalty=repeat_penalty,
         flash_attn=False,
         no_cache=False,
