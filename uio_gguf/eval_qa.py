@@ -277,12 +277,12 @@ def _question_tokens(model, question: str) -> np.ndarray:
     return model.tokenize(first.split(BOOK_MARKER, 1)[1], add_special=False)
 
 
-def _plain_answer(runtime, tokens: np.ndarray, params, window: int) -> Answer:
-    """Greedy answer after `tokens` in a plain llama.cpp context of `window` cells with context shift."""
+def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: float) -> Answer:
+    """Greedy answer after `tokens` in a plain llama.cpp context of `window` cells with context shift;
+    the time to first token counts from `started`."""
     from uio_gguf.eval_ppl import MAX_BATCH, Decoder
     from uio_gguf.session import Sampler
 
-    started = time.perf_counter()
     decoder = Decoder(runtime, n_ctx=window, n_batch=min((window - SINK_TOKENS) // 2, MAX_BATCH))
     sampler = Sampler(params, runtime.model.n_vocab)
     model = runtime.model
@@ -355,8 +355,9 @@ def answer(cache: SegmentCache, doc: Document, question: str, method: str, param
     if method in ("uio", "uio+recall"):
         return _uio_answer(cache, doc, question, params, recall_tokens if method == "uio+recall" else 0)
     if method in ("window", "full-8k", "rag"):
+        started = time.perf_counter()  # rag's ranking counts, as uio+recall's does
         tokens = method_tokens(runtime, doc, question, method, recall_tokens)
-        return _plain_answer(runtime, tokens, params, runtime.model.n_ctx_train)
+        return _plain_answer(runtime, tokens, params, runtime.model.n_ctx_train, started)
     raise UIOError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
 
 

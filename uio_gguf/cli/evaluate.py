@@ -22,7 +22,7 @@ from uio_gguf.cli.options import (
 from uio_gguf.errors import UIOError
 
 eval_app = typer.Typer(
-    help="Measure the memory through the llama.cpp runtime: perplexity and pass-key retrieval.", no_args_is_help=True
+    help="Measure the memory through the llama.cpp runtime: perplexity, pass-key retrieval and long-context QA.", no_args_is_help=True
 )
 app.add_typer(eval_app, name="eval")
 
