@@ -35,7 +35,7 @@ def test_eval_ppl_prints_a_table_and_writes_json(tiny_bundle, text, cache_env, t
     assert "uio-r4" in result.stdout and "full-8k" in result.stdout
     report = json.loads(out.read_text())
     assert report["lengths"] == [32, 64]
-    assert report["methods"] == ["uio-r4", "window", "full-8k", "full"]
+    assert report["methods"] == ["uio-r4", "chat-r4", "window", "full-8k", "full"]
     assert {(r["method"], r["length"]) for r in report["results"]} == {
         (m, n) for m in report["methods"] for n in (32, 64)
     }
@@ -66,7 +66,8 @@ def test_eval_ppl_baselines_can_be_left_out(tiny_bundle, text, cache_env, tmp_pa
             check=True,
         )
         runs[chosen] = {(r["method"], r["length"]): r["ppl"] for r in json.loads(out.read_text())["results"]}
-    assert {m for m, _ in runs["none"]} == {"uio-r4"} and {m for m, _ in runs["window"]} == {"uio-r4", "window"}
+    assert {m for m, _ in runs["none"]} == {"uio-r4", "chat-r4"}
+    assert {m for m, _ in runs["window"]} == {"uio-r4", "chat-r4", "window"}
     for chosen in ("none", "window"):
         assert all(runs["window,sliding,full"][key] == ppl for key, ppl in runs[chosen].items())
     _one_line_error(

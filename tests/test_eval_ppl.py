@@ -34,7 +34,7 @@ def _nll(runtime, stream, full_window=None) -> dict[str, np.ndarray]:
 def test_every_method_agrees_on_one_segment(setup):
     runtime, _, stream = setup
     nll = _nll(runtime, stream[:SEGMENT])
-    assert list(nll) == ["uio-r4", "window", "full-8k", "full"]
+    assert list(nll) == ["uio-r4", "chat-r4", "window", "full-8k", "full"]
     for name, values in nll.items():
         assert np.abs(values - nll["full"]).max() < 1e-5, name
 
@@ -47,6 +47,11 @@ def test_baselines_agree_and_differ_where_they_must(setup):
     # memory: the first segment's targets are identical, every later window differs
     assert np.abs(nll["uio-r4"][:SEGMENT] - nll["window"][:SEGMENT]).max() < 1e-5
     assert np.abs(nll["uio-r4"][SEGMENT:] - nll["window"][SEGMENT:]).max() > 1e-3
+    # chat's raw window (4 segments): full attention until it first fills, then memory + raw, not uio's view
+    window = 4 * SEGMENT
+    assert np.abs(nll["chat-r4"][: window - 1] - nll["full"][: window - 1]).max() < 1e-5
+    assert np.abs(nll["chat-r4"][window:] - nll["full"][window:]).max() > 1e-3
+    assert np.abs(nll["chat-r4"][SEGMENT:] - nll["uio-r4"][SEGMENT:]).max() > 1e-3
 
     small = _nll(runtime, stream, full_window=64)
     assert "full-64" in small

@@ -162,7 +162,9 @@ def test_recall_zero_is_the_memory_alone(runtime, planted_book):
     from uio_gguf.chat import Conversation
 
     params = SamplingParams(max_tokens=8)
-    with Conversation(runtime, planted_book, n_ctx=2048, use_memory_files=False, recall_tokens=0) as chat:
+    with Conversation(
+        runtime, planted_book, n_ctx=2048, use_memory_files=False, recall_tokens=0, raw_window=SEGMENT
+    ) as chat:
         answer = "".join(chat.ask(QUESTION, params))
         assert chat.recall is None and chat.session.recall == []
         tokens = list(chat.book_tokens)
