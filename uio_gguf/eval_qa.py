@@ -404,6 +404,7 @@ def evaluate(
                 f"at ratio {runtime.bundle.ratio} the memory holds books of at most {limit} tokens "
                 f"(with the template and question), not {max(lengths)}: use shorter --lengths or --ratio 32"
             )
+    filler = "custom" if texts else DEFAULT_FILLER
     texts = texts or [default_filler()]
     params = SamplingParams(max_tokens=max_tokens)
     cache = SegmentCache(runtime)
@@ -456,7 +457,7 @@ def evaluate(
         "segment": runtime.segment,
         "recall_tokens": recall_tokens,
         "max_tokens": max_tokens,
-        "filler": "custom" if texts and texts != [default_filler()] else DEFAULT_FILLER,
+        "filler": filler,
         "results": summarize(samples, tasks, lengths, methods),
         "samples": samples,
     }
