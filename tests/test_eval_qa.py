@@ -152,7 +152,9 @@ def test_uio_answers_through_the_cache_as_from_scratch(runtime, base):
     eval_qa.load_base(cache, base, use_memory_files=False)
     for budget in (0, 64):
         got = eval_qa.answer(cache, doc, sample.question, "uio+recall" if budget else "uio", PARAMS, budget)
-        with Conversation(runtime, doc.book, use_memory_files=False, recall_tokens=budget) as conversation:
+        with Conversation(
+            runtime, doc.book, use_memory_files=False, recall_tokens=budget, raw_window=SEGMENT
+        ) as conversation:
             want = "".join(conversation.ask(sample.question, PARAMS))
         assert got.text == want
 

@@ -15,8 +15,10 @@ Methods (the book goes in the first user turn of the chat template, as `uio-gguf
               first 4 tokens stay, the older half of the others goes when full; as eval ppl's full-8k)
   rag         no memory: window plus the passages that recall (uio_gguf.recall) brings back for the
               question, with uio+recall's budget, between the opening and the remainder
-  uio         the memory alone (Conversation with recall 0, the training view)
-  uio+recall  the memory and recall (chat's default)
+  uio         the memory alone (Conversation with recall 0)
+  uio+recall  the memory and recall (chat's default budget)
+Both read the training view: the raw window is one segment (the remainder), which window and rag read
+too; chat's longer default raw window (uio_gguf.chat.DEFAULT_RAW_SEGMENTS) is not a column yet.
 Greedy answers of at most --max-tokens tokens. Per cell: accuracy, the share of answers that end by
 themselves (end of turn before the token limit), the share with a loop (a 4-gram of words repeated 3+
 times) and the median time to first token (for uio: the memory already made, as from a memory file).
@@ -320,7 +322,10 @@ def _uio_answer(cache: SegmentCache, doc: Document, question: str, params, recal
     from uio_gguf.chat import Conversation
 
     started = time.perf_counter()
-    conversation = Conversation(cache, doc.book, use_memory_files=False, recall_tokens=recall_tokens)
+    # the training view (raw window = one segment), whose raw part window and rag read too
+    conversation = Conversation(
+        cache, doc.book, use_memory_files=False, recall_tokens=recall_tokens, raw_window=cache.runtime.segment
+    )
     try:
         making = conversation.stats.seconds  # the memory's compression: a memory file's job in chat
         text, ttft = "", None
