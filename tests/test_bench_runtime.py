@@ -9,6 +9,18 @@ from tests.conftest import run_cli
 SEGMENT, RATIO, DECODE = 16, 4, 8  # the tiny bundle's segment and ratio; tokens decoded per side
 
 
+def assert_uio_cells(uio: dict, tokens_read: int, cell: int) -> None:
+    """The cells the bench counted in llama.cpp's cache are k per compressed segment plus one per raw
+    token, the raw tokens being what the segments leave of the tokens read (fewer than the raw window
+    R allows), and the bytes are those cells' bytes."""
+    slots = SEGMENT // RATIO
+    assert uio["memory_cells"] == uio["segments"] * slots
+    assert uio["segments"] * SEGMENT + uio["raw_cells"] == tokens_read
+    assert 0 < uio["raw_cells"] <= uio["raw_window"] and uio["raw_window"] % SEGMENT == 0
+    assert uio["kv_cells"] == uio["memory_cells"] + uio["raw_cells"]
+    assert uio["kv_bytes"] == uio["kv_cells"] * cell
+
+
 def test_bench_json_and_kv_cells(make_tiny_bundle, cache_env, tmp_path):
     bundle, uio_model, _ = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")
     out = tmp_path / "bench.json"
@@ -27,25 +39,19 @@ def test_bench_json_and_kv_cells(make_tiny_bundle, cache_env, tmp_path):
     head_dim = config.hidden_size // config.num_attention_heads
     cell = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
     assert report["model"]["kv_cell_bytes"] == cell
-    slots = SEGMENT // RATIO
     for row in report["rows"]:
         n = row["tokens"]
         assert abs(n - row["length"]) <= 4  # cut at a token boundary of the text, then re-tokenized
         plain, uio, limit = row["plain"], row["uio"], row["limit"]
         # plain full attention: every token of the document and every decoded token holds a cell
         assert plain["kv_cells"] == n + DECODE and plain["kv_bytes"] == (n + DECODE) * cell
-        # uio: k slots per full segment, then the raw window; each segment the decode fills is compressed
+        # uio: every token read is either in a compressed segment (k cells) or raw (one cell)
         assert uio["tokens"] == n
-        filled = (n % SEGMENT + DECODE) // SEGMENT
-        assert uio["decode_compressions"] == filled
-        assert uio["memory_cells"] == (n // SEGMENT + filled) * slots
-        assert uio["raw_cells"] == n % SEGMENT + DECODE - filled * SEGMENT
-        assert uio["kv_cells"] == uio["memory_cells"] + uio["raw_cells"]
-        assert uio["kv_bytes"] == uio["kv_cells"] * cell
+        assert_uio_cells(uio, n + DECODE, cell)
         assert uio["ttft_from_file"] is True  # the question's memory came from the file the ingest wrote
         assert row["ratios"]["kv"] == uio["kv_bytes"] / plain["kv_bytes"]
         assert row["ratios"]["decode"] == uio["decode_tok_s"] / plain["decode_tok_s"]
-        assert limit["ingest_limit_tok_s"] == limit["short_prefill_tok_s"] * SEGMENT / (SEGMENT + slots)
+        assert limit["ingest_limit_tok_s"] == limit["short_prefill_tok_s"] * SEGMENT / (SEGMENT + SEGMENT // RATIO)
         assert limit["ingest_share"] == uio["ingest_tok_s"] / limit["ingest_limit_tok_s"]
         assert limit["short_prefill_tokens"] == n // SEGMENT * SEGMENT
         assert row["beyond_trained_window"] is False
@@ -70,3 +76,22 @@ def test_bench_bad_lengths_give_one_line(tiny_bundle, cache_env):
         result = run_cli("bench", "-m", str(tiny_bundle), "--lengths", lengths, env=cache_env)
         assert result.returncode == 1
         assert result.stderr.startswith("uio-gguf: error:") and "Traceback" not in result.stderr
+
+
+def test_uio_decode_after_a_book_of_whole_segments(tiny_bundle):
+    """With a raw window of one segment, no raw token is left, hence no logits: decode still runs, and
+    the cells are the arithmetic's."""
+    from uio_gguf import bench
+    from uio_gguf.chat import document_tokens
+    from uio_gguf.runtime import UIORuntime
+
+    with UIORuntime(tiny_bundle, n_threads=1) as runtime:
+        text = bench.packaged_text()[:2000]
+        books = (bench.book_of_length(runtime.model, text, n)[0] for n in range(40, 120))
+        book = next(b for b in books if len(document_tokens(runtime.model, b)) % SEGMENT == 0)
+        n = len(document_tokens(runtime.model, book))
+        with bench.private_memory_files():
+            uio = bench.measure_uio(runtime, book, 3)
+    assert uio["tokens"] == n and uio["ttft_from_file"] is True
+    cell = runtime.model.n_layer * 2 * runtime.model.n_head_kv * runtime.model.head_dim * 2  # f16 K and V
+    assert_uio_cells(uio, n + 3, cell)

@@ -114,9 +114,8 @@ class Plain(Handle):
         self.ctx.close()
 
 
-def greedy_rate(step: Callable[[int], np.ndarray], logits: np.ndarray, n: int) -> float:
-    """Tokens/s of n greedy tokens, each decoded by step(token) -> its logits."""
-    token = int(np.argmax(logits))
+def greedy_rate(step: Callable[[int], np.ndarray], token: int, n: int) -> float:
+    """Tokens/s of n greedy tokens from `token` on, each decoded by step(token) -> its logits."""
     started = time.perf_counter()
     for _ in range(n):
         token = int(np.argmax(step(token)))
@@ -144,7 +143,7 @@ def measure_plain(runtime, tokens: np.ndarray, n_decode: int) -> dict:
         started = time.perf_counter()
         logits = plain.feed(tokens)
         prefill_s = time.perf_counter() - started
-        decode = greedy_rate(lambda t: plain.feed([t]), logits, n_decode)
+        decode = greedy_rate(lambda t: plain.feed([t]), int(np.argmax(logits)), n_decode)
         cells = plain.ctx.seq_pos_max(0) + 1
     return {
         "prefill_s": prefill_s,
@@ -163,7 +162,10 @@ def measure_uio(runtime, book: str, n_decode: int) -> dict:
         session = conv.session
         segments = session.compressed_segments
         tokens = len(conv.book_tokens)
-        decode = greedy_rate(lambda t: session.feed([t]), session.ctx.logits(-1), n_decode)
+        # A book of whole segments leaves no raw token, hence no logits: decoding then starts from its
+        # last token (what is decoded does not change the work a token costs).
+        first = int(np.argmax(session.ctx.logits(-1))) if session.raw else int(conv.book_tokens[-1])
+        decode = greedy_rate(lambda t: session.feed([t]), first, n_decode)
         cells = session.ctx.seq_pos_max(DECODER_SEQ) + 1
         report = {
             "tokens": tokens,
@@ -172,6 +174,8 @@ def measure_uio(runtime, book: str, n_decode: int) -> dict:
             "compress_s": conv.stats.seconds,  # the encoder passes and the memory file's write, inside ingest
             "decode_tok_s": decode,
             "decode_compressions": session.compressed_segments - segments,  # raw windows that filled in decode
+            "segments": session.compressed_segments,  # compressed into memory: the rest of the tokens are raw
+            "raw_window": getattr(session, "raw_window", runtime.segment),  # R (docs/design.md §6)
             "memory_cells": session.n_mem,
             "raw_cells": len(session.raw),
             "kv_cells": cells,
@@ -343,7 +347,9 @@ def format_table(report: dict) -> str:
         f"model {m['bundle']} (segment {m['segment']}, ratio {m['ratio']}: {m['slots']} slots per segment), "
         f"{m['kv_type']} KV cache ({m['kv_cell_bytes']:,} bytes a cell), trained window {m['n_ctx_train']:,} tokens; "
         f"{s['threads']} threads, {s['segments_per_batch']} segment(s) per encoder batch, "
-        f"{s['decode_tokens']} greedy tokens decoded per side",
+        f"{s['decode_tokens']} greedy tokens decoded per side; uio raw window "
+        + ", ".join(sorted({f"{r['uio'].get('raw_window', m['segment']):,}" for r in rows}))
+        + " tokens",
         f"text: {report['text']['name']} ({report['text']['chars']:,} characters"
         + (f", repeated up to {max(r['text_copies'] for r in rows)} times" if rows else "")
         + ")",
