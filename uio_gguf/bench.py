@@ -230,8 +230,10 @@ def run(
     n_decode: int = DECODE_TOKENS,
     plain: bool = True,
     log: Callable[[str], None] = lambda line: None,
+    on_row: Callable[[dict], None] = lambda report: None,
 ) -> dict:
-    """The bench on an open runtime (its threads and offload are both sides'). Returns the report."""
+    """The bench on an open runtime (its threads and offload are both sides'). Returns the report;
+    on_row(report) is called after each length (a long run that is stopped keeps its finished rows)."""
     if n_decode < 1:
         raise UIOError(f"--decode-tokens must be 1 or more, not {n_decode}")
     for length in lengths:
@@ -298,6 +300,7 @@ def run(
                     "kv": uio["kv_bytes"] / p["kv_bytes"],
                 }
             report["rows"].append(row)
+            on_row(report)
     report["load_average_after"] = os.getloadavg()
     return report
 

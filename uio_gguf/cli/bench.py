@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def bench(
     from uio_gguf.runtime import UIORuntime
 
     asked = parse_lengths(lengths)
+    extra = {"command": "uio-gguf " + " ".join(sys.argv[1:]), "n_gpu_layers": n_gpu_layers}
     if threads is None:
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if threads < 1:
@@ -81,8 +83,8 @@ def bench(
             n_decode=decode_tokens,
             plain=plain,
             log=lambda line: typer.echo(line, err=True),
+            on_row=lambda partial: json_out and json_out.write_text(json.dumps({**partial, **extra}, indent=2)),
         )
-    report["command"] = "uio-gguf " + " ".join(sys.argv[1:])
-    report["settings"]["n_gpu_layers"] = n_gpu_layers
+    report.update(extra)
     typer.echo(runner.format_table(report))
     write_json(json_out, report)
