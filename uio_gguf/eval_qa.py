@@ -388,8 +388,10 @@ def evaluate(
     max_tokens: int = ANSWER_TOKENS,
     use_memory_files: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    partial: Callable[[dict], None] | None = None,
 ) -> dict:
-    """The report that `uio-gguf eval qa` prints and writes as JSON."""
+    """The report that `uio-gguf eval qa` prints and writes as JSON. partial(report so far) is called
+    after every answer (a long run stopped midway keeps what it measured)."""
     from uio_gguf.recall import DEFAULT_RECALL_TOKENS
     from uio_gguf.session import SamplingParams
 
@@ -413,6 +415,24 @@ def evaluate(
     texts = texts or [default_filler()]
     params = SamplingParams(max_tokens=max_tokens)
     cache = SegmentCache(runtime)
+
+    def report(samples: list[dict]) -> dict:
+        return {
+            "lengths": lengths,
+            "depths": depths,
+            "trials": trials,
+            "tasks": list(tasks),
+            "methods": list(methods),
+            "seed": seed,
+            "ratio": runtime.bundle.ratio,
+            "segment": runtime.segment,
+            "recall_tokens": recall_tokens,
+            "max_tokens": max_tokens,
+            "filler": filler,
+            "results": summarize(samples, tasks, lengths, methods),
+            "samples": samples,
+        }
+
     total = len(lengths) * len(tasks) * len(depths) * trials * len(methods)
     done, samples = 0, []
     for length in lengths:
@@ -451,21 +471,10 @@ def evaluate(
                         done += 1
                         if progress:
                             progress(done, total)
-    return {
-        "lengths": lengths,
-        "depths": depths,
-        "trials": trials,
-        "tasks": list(tasks),
-        "methods": list(methods),
-        "seed": seed,
-        "ratio": runtime.bundle.ratio,
-        "segment": runtime.segment,
-        "recall_tokens": recall_tokens,
-        "max_tokens": max_tokens,
-        "filler": filler,
-        "results": summarize(samples, tasks, lengths, methods),
-        "samples": samples,
-    }
+                        if partial:
+                            partial(report(samples))
+
+    return report(samples)
 
 
 def summarize(samples: list[dict], tasks: list[str], lengths: list[int], methods: list[str]) -> list[dict]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -22,7 +23,8 @@ from uio_gguf.cli.options import (
 from uio_gguf.errors import UIOError
 
 eval_app = typer.Typer(
-    help="Measure the memory through the llama.cpp runtime: perplexity, pass-key retrieval and long-context QA.", no_args_is_help=True
+    help="Measure the memory through the llama.cpp runtime: perplexity, pass-key retrieval and long-context QA.",
+    no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
 
@@ -192,6 +194,7 @@ def eval_qa(
         max_tokens=max_tokens,
         use_memory_files=not no_cache,
         progress=update,
+        partial=(lambda r: json_out.write_text(json.dumps(r, indent=2) + "\n")) if json_out else None,
     )
     bar.close()
     typer.echo(qa.format_report(report))
