@@ -176,3 +176,22 @@ def test_a_raw_window_shorter_than_a_segment_is_refused(runtime):
         Conversation(runtime, "text", use_memory_files=False, raw_window=SEGMENT - 1)
     with runtime.new_session(n_ctx=256) as s, pytest.raises(UIOError, match="at least one segment"):
         s.raw_window = SEGMENT - 1
+
+
+def test_dry_reaches_llamas_sampler(runtime, stream):
+    """llama.cpp's DRY sampler (chat's --dry) keeps greedy decoding from repeating a sequence of its own
+    answer, where the plain greedy answer of this tiny random model loops."""
+    from collections import Counter
+
+    def answer(dry: float) -> list[int]:
+        with runtime.new_session(n_ctx=512) as s:
+            s.feed(stream[:40])
+            text = "".join(s.generate(SamplingParams(max_tokens=40, dry_multiplier=dry)))
+            return runtime.model.tokenize(text, add_special=False).tolist()
+
+    def most_repeated_4gram(tokens: list[int]) -> int:
+        return max(Counter(tuple(tokens[i : i + 4]) for i in range(len(tokens) - 3)).values())
+
+    plain, dry = answer(0.0), answer(100.0)
+    counts = most_repeated_4gram(plain), most_repeated_4gram(dry)
+    assert counts[0] >= 3 > counts[1], (counts, plain, dry)  # a loop (a 4-gram 3 times); DRY breaks it

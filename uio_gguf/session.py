@@ -58,7 +58,7 @@ class SamplingParams:
     dry_multiplier: float = 0.0
     dry_base: float = 1.75
     dry_allowed_length: int = 2
-    dry_last_n: int = -1  # -1: the whole context
+    dry_last_n: int = 0  # tokens looked back over; 0: the whole answer (DRY sees the answer's tokens only)
 
 
 class Sampler(Handle):
@@ -81,7 +81,7 @@ class Sampler(Handle):
                     params.dry_multiplier,
                     params.dry_base,
                     params.dry_allowed_length,
-                    params.dry_last_n,
+                    params.dry_last_n or max(params.max_tokens, 1),
                     breakers,
                     len(self.DRY_BREAKERS),
                 )

@@ -22,6 +22,8 @@ from uio_gguf.cli.options import (
 from uio_gguf.errors import UIOError
 from uio_gguf.recall import DEFAULT_RECALL_TOKENS
 
+DEFAULT_DRY = 0.0  # chat's DRY multiplier (see docs/evaluation.md for the answers measured with and without)
+
 Recall = Annotated[
     int,
     typer.Option(
@@ -37,6 +39,14 @@ RawWindow = Annotated[
         help="The most recent tokens kept raw (the book's tail, the question, the recent turns); older ones are "
         "compressed a segment at a time. Default: 4 segments, less where the book's memory leaves no room; "
         "one segment: the training view.",
+    ),
+]
+DryMultiplier = Annotated[
+    float,
+    typer.Option(
+        "--dry",
+        help="llama.cpp's DRY sampler: penalty multiplier for a token that extends a sequence the answer already "
+        "said (base 1.75, allowed length 2); 0: off.",
     ),
 ]
 RepeatPenalty = Annotated[
@@ -114,6 +124,7 @@ def chat(
     recall: Recall = DEFAULT_RECALL_TOKENS,
     raw_window: RawWindow = None,
     repeat_penalty: RepeatPenalty = 1.0,
+    dry: DryMultiplier = DEFAULT_DRY,
     flash_attn: FlashAttn = False,
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write memory files."),
     verbose: Verbose = False,
@@ -134,6 +145,7 @@ def chat(
         max_tokens=max_tokens,
         stop=stop,
         repeat_penalty=repeat_penalty,
+        dry_multiplier=dry,
     )
     if n_ctx is not None and n_ctx <= 0:
         raise UIOError(f"--n-ctx must be a positive number of tokens, not {n_ctx}")
@@ -189,6 +201,7 @@ def demo(
     recall: Recall = DEFAULT_RECALL_TOKENS,
     raw_window: RawWindow = None,
     repeat_penalty: RepeatPenalty = 1.0,
+    dry: DryMultiplier = DEFAULT_DRY,
 ):
     """The main job on the embedded default: SmolLM2-135M reads a bundled 13K-token text (its own
     8K window could not hold it) through UIO memory and answers one question about its first lines."""
@@ -212,6 +225,7 @@ def demo(
         recall=recall,
         raw_window=raw_window,
         repeat_penalty=repeat_penalty,
+        dry=dry,
         flash_attn=False,
         no_cache=False,
         verbose=False,
