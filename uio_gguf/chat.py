@@ -27,7 +27,16 @@ from uio_gguf.session import SamplingParams
 
 BOOK_MARKER = "\u2063UIO-BOOK\u2063"  # invisible separator: never in a real chat template
 FALLBACK_TEMPLATE = "chatml"  # llama.cpp's built-in name, for models that ship no template
-DEFAULT_RAW_SEGMENTS = 4  # chat's raw window in segments; see docs/evaluation.md for the measurements
+# Chat's raw window in segments. eval ppl, held-out libpng manual, r8 (uio-r8 = the training view, R = 128):
+# 4096 tokens: uio 18.943, R=256 25.417, R=512 19.870, R=1024 17.796, R=2048 15.706 (window 27.210);
+# 8192 tokens: uio 17.848, R=256 23.888, R=512 18.446, R=1024 16.723, R=2048 15.652 (window 25.722).
+# Shorter windows than 8 segments lose against R = l (their shifted cells were decoded over the
+# segment that left), so a window that cannot have MIN_RAW_SEGMENTS falls back to one segment.
+# But the demo (recall 1024) answers 7419 at R = 128 and 512, and not at 1024 ("rawio ...") or 2048
+# ("`False`"): a long raw window puts the recalled passage far from the question. Until the recall sits
+# next to the question, chat keeps the training view by default; --raw-window 1024/2048 is for gist.
+DEFAULT_RAW_SEGMENTS = 1
+MIN_RAW_SEGMENTS = 8
 ANSWER_ROOM = 1024  # cells the raw window leaves for the question and the answer (runtime.ANSWER_RESERVE)
 
 
@@ -114,13 +123,16 @@ class Conversation(Handle):
 
     def _fit_raw_window(self, asked: int | None, recall_tokens: int) -> int:
         """The raw window asked for (or the default), cut to whole segments that fit beside the book's
-        memory, the recall budget and ANSWER_ROOM cells."""
+        memory, the recall budget and ANSWER_ROOM cells; one segment where that cut leaves fewer than
+        MIN_RAW_SEGMENTS (measured worse than one)."""
         seg, s = self.runtime.segment, self.session
         if asked is not None and asked == seg:
             return seg
         memory = len(self.book_tokens) // seg * self.runtime.slots
         room = (s.ctx.n_ctx - memory - recall_tokens - ANSWER_ROOM) // seg * seg
-        return max(seg, min(DEFAULT_RAW_SEGMENTS * seg if asked is None else asked, room))
+        target = DEFAULT_RAW_SEGMENTS * seg if asked is None else asked
+        fit = min(target, room)
+        return seg if fit < min(target, MIN_RAW_SEGMENTS * seg) else fit
 
     # ----- the first turn ---------------------------------------------------------------------------
     def _first_turn(self, question: str) -> str:

@@ -37,7 +37,7 @@ RawWindow = Annotated[
     typer.Option(
         "--raw-window",
         help="The most recent tokens kept raw (the book's tail, the question, the recent turns); older ones are "
-        "compressed a segment at a time. Default: 4 segments, less where the book's memory leaves no room; "
+        "compressed a segment at a time. Default: one segment (the training view; 1024 or 2048 read better, see docs); less where the memory leaves no room; "
         "one segment: the training view.",
     ),
 ]
