@@ -186,7 +186,8 @@ def test_recall_budget_leaves_room_for_the_answer(runtime, prose):
         s = chat.session
         room = chat._recall_room(0, 100)
         "".join(chat.ask(question, SamplingParams(max_tokens=100)))
-        assert 0.8 * room < len(s.recall) <= room < 4096
+        # Segments scoring under half the best are left out, so the recall need not fill its room.
+        assert 0 < len(s.recall) <= room < 4096
         assert s.n_past <= n_ctx
 
 
