@@ -2,7 +2,7 @@
 length, in one process: one llama.cpp build, one model (the runtime's), one cache type, one thread count.
 
 For each length L (tokens of the chat document: the template's opening, then the book):
-  plain   a context of L + N cells (llama_api Context/Batch): the L tokens prefilled 512 per decode
+  plain   a context of L + N cells (eval_ppl's Decoder): the L tokens prefilled 512 per decode
           (only the last row's logits), then N greedy tokens decoded one at a time. Past the model's
           trained window llama.cpp runs, but what full attention computes there is not meaningful:
           measured for speed only, and the table says so.
@@ -36,8 +36,7 @@ import numpy as np
 
 from uio_gguf.chat import Conversation, document_tokens
 from uio_gguf.errors import UIOError
-from uio_gguf.handles import Handle
-from uio_gguf.llama_api import Batch, Context, ContextSettings
+from uio_gguf.eval_ppl import Decoder
 from uio_gguf.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.session import DECODER_SEQ, SamplingParams
 
@@ -66,54 +65,6 @@ def book_of_length(model, text: str, n_tokens: int) -> tuple[str, int]:
         copies += 1
 
 
-def kv_cell_bytes(runtime) -> int:
-    """Bytes one cell of the cache holds, K and V of every layer (as Conversation.kv_bytes counts)."""
-    m = runtime.model
-    return m.n_layer * 2 * m.n_head_kv * m.head_dim * (4 if runtime.kv_type == llama_cpp.GGML_TYPE_F32 else 2)
-
-
-class Plain(Handle):
-    """One sequence in a plain llama.cpp context: full attention, no memory; the runtime's model, cache
-    type, flash-attention setting and threads."""
-
-    def __init__(self, runtime, n_ctx: int, n_batch: int = PREFILL_BATCH):
-        n_batch = min(n_batch, n_ctx)
-        self.ctx = Context(
-            runtime.model,
-            ContextSettings(
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_ubatch=min(n_batch, PREFILL_BATCH),
-                flash_attn=runtime.flash_attn,
-                type_k=runtime.kv_type,
-                type_v=runtime.kv_type,
-                n_threads=runtime.n_threads,
-            ),
-        )
-        self.batch = Batch(n_batch)
-        self.n_past = 0
-
-    def feed(self, tokens) -> np.ndarray:
-        """Decodes tokens (batch by batch) after those already in; the last token's logits."""
-        for start in range(0, len(tokens), self.batch.capacity):
-            chunk = tokens[start : start + self.batch.capacity]
-            n = len(chunk)
-            self.batch.fill(
-                np.arange(self.n_past, self.n_past + n), [[0]] * n, [i == n - 1 for i in range(n)], tokens=chunk
-            )
-            self.ctx.decode(self.batch)
-            self.n_past += n
-        return self.ctx.logits(-1)
-
-    def clear(self) -> None:
-        self.ctx.clear()
-        self.n_past = 0
-
-    def close(self) -> None:
-        self.batch.close()
-        self.ctx.close()
-
-
 def greedy_rate(step: Callable[[int], np.ndarray], token: int, n: int) -> float:
     """Tokens/s of n greedy tokens from `token` on, each decoded by step(token) -> its logits."""
     started = time.perf_counter()
@@ -129,7 +80,7 @@ def short_prefill_rate(runtime, tokens: np.ndarray) -> tuple[float, int]:
     n = min(len(tokens), LIMIT_TOKENS) // seg * seg
     if n == 0:
         raise UIOError(f"a length must hold at least one segment ({seg} tokens)")
-    with Plain(runtime, n_ctx=seg, n_batch=seg) as plain:
+    with Decoder(runtime, n_ctx=seg, n_batch=seg) as plain:
         started = time.perf_counter()
         for chunk in np.asarray(tokens[:n]).reshape(-1, seg):
             plain.clear()
@@ -138,8 +89,9 @@ def short_prefill_rate(runtime, tokens: np.ndarray) -> tuple[float, int]:
 
 
 def measure_plain(runtime, tokens: np.ndarray, n_decode: int) -> dict:
-    cell = kv_cell_bytes(runtime)
-    with Plain(runtime, n_ctx=len(tokens) + n_decode) as plain:
+    cell = runtime.kv_cell_bytes
+    n_ctx = len(tokens) + n_decode
+    with Decoder(runtime, n_ctx=n_ctx, n_batch=min(PREFILL_BATCH, n_ctx)) as plain:
         started = time.perf_counter()
         logits = plain.feed(tokens)
         prefill_s = time.perf_counter() - started
@@ -155,7 +107,7 @@ def measure_plain(runtime, tokens: np.ndarray, n_decode: int) -> dict:
 
 
 def measure_uio(runtime, book: str, n_decode: int) -> dict:
-    cell = kv_cell_bytes(runtime)
+    cell = runtime.kv_cell_bytes
     started = time.perf_counter()
     with Conversation(runtime, book, use_memory_files=True, recall_tokens=0) as conv:
         ingest_s = time.perf_counter() - started
@@ -251,7 +203,7 @@ def run(
             "slots": runtime.slots,
             "n_ctx_train": model.n_ctx_train,
             "kv_type": "f32" if runtime.kv_type == llama_cpp.GGML_TYPE_F32 else "f16",
-            "kv_cell_bytes": kv_cell_bytes(runtime),
+            "kv_cell_bytes": runtime.kv_cell_bytes,
         },
         "settings": {
             "threads": runtime.n_threads,
@@ -266,7 +218,7 @@ def run(
     }
     seg, k = runtime.segment, runtime.slots
     with private_memory_files():
-        with Plain(runtime, n_ctx=seg, n_batch=seg) as warm:  # weights paged in before anything is timed
+        with Decoder(runtime, n_ctx=seg, n_batch=seg) as warm:  # weights paged in before anything is timed
             warm.feed(model.tokenize(text)[:seg])
         for length in lengths:
             book, copies = book_of_length(model, text, length)

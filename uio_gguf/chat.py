@@ -211,9 +211,6 @@ class Conversation(Handle):
 
     # ----- figures for the user ---------------------------------------------------------------------
     def kv_bytes(self) -> tuple[int, int]:
-        """(bytes the cache holds now, bytes full attention over the same text would hold), f16 cache."""
-        from llama_cpp import GGML_TYPE_F32
-
-        m = self.model
-        per_cell = m.n_layer * 2 * m.n_head_kv * m.head_dim * (4 if self.runtime.kv_type == GGML_TYPE_F32 else 2)
+        """(bytes the cache holds now, bytes full attention over the same text would hold)."""
+        per_cell = self.runtime.kv_cell_bytes
         return self.session.n_past * per_cell, self.session.tokens_seen * per_cell

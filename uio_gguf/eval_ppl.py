@@ -33,6 +33,7 @@ from functools import partial
 import numpy as np
 
 from uio_gguf.errors import UIOError
+from uio_gguf.handles import Handle
 from uio_gguf.llama_api import Batch, Context, ContextSettings
 
 MAX_BATCH = 512
@@ -53,7 +54,7 @@ class Method:
 
 
 # ----- the methods ------------------------------------------------------------------------------------
-class Decoder:
+class Decoder(Handle):
     """One sequence in a plain llama.cpp context (no memory), with the runtime's cache settings."""
 
     def __init__(self, runtime, n_ctx: int, n_batch: int):
@@ -71,6 +72,16 @@ class Decoder:
         )
         self.batch = Batch(n_batch)
         self.n_past = 0
+
+    def feed(self, tokens) -> np.ndarray:
+        """Decodes tokens batch by batch after those already in; only the last token's logits (prefill)."""
+        for chunk in _chunks(np.asarray(tokens), self.batch.capacity):
+            n = len(chunk)
+            outputs = [i == n - 1 for i in range(n)]
+            self.batch.fill(np.arange(self.n_past, self.n_past + n), [[0]] * n, outputs, tokens=chunk)
+            self.ctx.decode(self.batch)
+            self.n_past += n
+        return self.ctx.logits(-1)
 
     def decode(self, tokens) -> np.ndarray:
         n = len(tokens)

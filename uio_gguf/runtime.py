@@ -77,6 +77,12 @@ class UIORuntime(Handle):
     def slots(self) -> int:
         return self.bundle.slots
 
+    @property
+    def kv_cell_bytes(self) -> int:
+        """Bytes one cell of a decoder cache holds: K and V of every layer, in the cache's type."""
+        m = self.model
+        return m.n_layer * 2 * m.n_head_kv * m.head_dim * (4 if self.kv_type == GGML_TYPE_F32 else 2)
+
     def max_tokens(self, n_ctx: int | None = None) -> int:
         """How many tokens of text fit: memory of full segments + one raw window + the answer reserve
         must stay inside the decoder window (the model's trained context unless n_ctx says otherwise)."""
