@@ -14,20 +14,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
+from tests.test_recall import RATIO, SEGMENT, runtime  # noqa: F401  (the tiny f32 runtime of the recall tests)
 from uio_gguf import eval_qa
 from uio_gguf.session import SamplingParams
 
-SEGMENT, RATIO = 16, 4
 PARAMS = SamplingParams(max_tokens=12)
-
-
-@pytest.fixture(scope="module")
-def runtime(make_tiny_bundle):
-    from uio_gguf.runtime import UIORuntime
-
-    bundle = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")[0]
-    with UIORuntime(bundle, kv_type="f32") as rt:
-        yield rt
 
 
 @pytest.fixture(scope="module")

@@ -10,28 +10,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_recall import PLANTED, QUESTION, SEGMENT, SLOTS, _assert_contiguous
+# the tiny f32 runtime, its token stream and the planted book of the recall tests
+from tests.test_recall import (  # noqa: F401
+    PLANTED,
+    QUESTION,
+    SEGMENT,
+    SLOTS,
+    _assert_contiguous,
+    planted_book,
+    runtime,
+    stream,
+)
 from uio_gguf.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def runtime(make_tiny_bundle):
-    from uio_gguf.runtime import UIORuntime
-
-    bundle = make_tiny_bundle("llama", segment=SEGMENT, ratio=4, outtype="f32")[0]
-    with UIORuntime(bundle, kv_type="f32") as rt:
-        yield rt
-
-
-@pytest.fixture(scope="module")
-def stream(runtime, prose):
-    return runtime.model.tokenize(prose[:6000], add_special=False)
-
-
-@pytest.fixture(scope="module")
-def planted_book(prose):
-    cut = prose.index(" ", 1500)
-    return prose[:cut] + "\n" + PLANTED + "\n" + prose[cut : cut + 1500]
 
 
 def _close(got: np.ndarray, expected: np.ndarray) -> None:
