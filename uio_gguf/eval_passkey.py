@@ -68,6 +68,16 @@ def ask(runtime, book: str, question: str, recall_tokens: int = 0) -> str:
         conversation.session.close()
 
 
+def check_grid(lengths: list[int], depths: list[float], trials: int) -> None:
+    """The lengths, depths and trials of a needle evaluation (pass key, QA) make sense, or one error line."""
+    if trials < 1:
+        raise UIOError("--trials must be at least 1")
+    if not lengths or min(lengths) < 1:
+        raise UIOError("every length must be a positive number of tokens")
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise UIOError("every depth must lie between 0 and 1")
+
+
 def evaluate(
     runtime,
     lengths: list[int],
@@ -79,12 +89,7 @@ def evaluate(
     recall_tokens: int = 0,
 ) -> dict:
     """The report that `uio-gguf eval passkey` prints and writes as JSON."""
-    if trials < 1:
-        raise UIOError("--trials must be at least 1")
-    if not lengths or min(lengths) < 1:
-        raise UIOError("every length must be a positive number of tokens")
-    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
-        raise UIOError("every depth must lie between 0 and 1")
+    check_grid(lengths, depths, trials)
     results, done, total = [], 0, len(lengths) * len(depths) * trials
     for length in lengths:
         for depth in depths:

@@ -42,7 +42,7 @@ from importlib import resources
 import numpy as np
 
 from uio_gguf.errors import UIOError
-from uio_gguf.eval_passkey import filler_text
+from uio_gguf.eval_passkey import check_grid, filler_text
 from uio_gguf.synthetic import KEY_NAMES, PASSKEY_QUESTION, passkey_fact
 
 TASKS = ("passkey", "single", "multikey", "multivalue", "vt")
@@ -396,12 +396,7 @@ def evaluate(
     from uio_gguf.session import SamplingParams
 
     recall_tokens = DEFAULT_RECALL_TOKENS if recall_tokens is None else recall_tokens
-    if trials < 1:
-        raise UIOError("--trials must be at least 1")
-    if not lengths or min(lengths) < 1:
-        raise UIOError("every length must be a positive number of tokens")
-    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
-        raise UIOError("every depth must lie between 0 and 1")
+    check_grid(lengths, depths, trials)
     if recall_tokens < 0:
         raise UIOError(f"the recall budget must be 0 or more tokens, not {recall_tokens}")
     if any(m.startswith("uio") for m in methods):
