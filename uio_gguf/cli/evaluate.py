@@ -16,11 +16,11 @@ from uio_gguf.cli.options import (
     Verbose,
     app,
     open_runtime,
+    parse_depths,
     parse_lengths,
     progress_bar,
     write_json,
 )
-from uio_gguf.errors import UIOError
 
 eval_app = typer.Typer(
     help="Measure the memory through the llama.cpp runtime: perplexity, pass-key retrieval and long-context QA.",
@@ -114,10 +114,7 @@ def eval_passkey(
     from uio_gguf.book import read_book
 
     asked = parse_lengths(lengths)
-    try:
-        where = [float(d) for d in depths.split(",") if d.strip()]
-    except ValueError:
-        raise UIOError(f"--depths takes comma separated fractions between 0 and 1, not {depths!r}") from None
+    where = parse_depths(depths)
     texts = [read_book(path) for path in filler] or None
     runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
     bar, update = progress_bar("asking")
@@ -171,10 +168,7 @@ def eval_qa(
     from uio_gguf.book import read_book
 
     asked = parse_lengths(lengths)
-    try:
-        where = [float(d) for d in depths.split(",") if d.strip()]
-    except ValueError:
-        raise UIOError(f"--depths takes comma separated fractions between 0 and 1, not {depths!r}") from None
+    where = parse_depths(depths)
     chosen_tasks = qa.parse_names(tasks, qa.TASKS, "task")
     chosen_methods = qa.parse_names(methods, qa.METHODS, "method")
     texts = [read_book(path) for path in filler] or None

@@ -138,6 +138,14 @@ def parse_lengths(text: str, what: str = "--lengths") -> list[int]:
     return values
 
 
+def parse_depths(text: str) -> list[float]:
+    """--depths: where a needle sits, as fractions of the text (checked by the evaluation itself)."""
+    try:
+        return [float(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        raise UIOError(f"--depths takes comma separated fractions between 0 and 1, not {text!r}") from None
+
+
 def write_json(path: Path | None, report: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(report, indent=2) + "\n")
