@@ -112,6 +112,17 @@ def user(book: str, question: str) -> dict:
 
 
 @pytest.mark.slow
+def _wait_until_idle(base_url: str) -> dict:
+    """/health once no slot is busy (a worker notices a gone client at its next token); asserts it gets there."""
+    for _ in range(600):
+        state = httpx.get(f"{base_url}/health").json()
+        if state["slots"]["busy"] == 0:
+            break
+        time.sleep(0.05)
+    assert state["slots"]["busy"] == 0
+    return state
+
+
 def test_the_demo_book_through_the_server_gives_the_access_code():
     """The embedded SmolLM2 bundle, the bundled 13K-token demo book and its question, through the
     server and the openai client (recall brings the code's passage back; docs/design.md §6). First in the
@@ -311,12 +322,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_answer_and_frees_its_slot(ser
     )
     next(iter(stream))
     stream.close()
-    for _ in range(600):  # the worker notices at its next token
-        state = httpx.get(f"{server[0]}/health").json()
-        if state["slots"]["busy"] == 0:
-            break
-        time.sleep(0.05)
-    assert state["slots"]["busy"] == 0
+    state = _wait_until_idle(server[0])
     assert state["counters"]["cancelled"] == before["cancelled"] + 1
     assert ask(client, [{"role": "user", "content": "Hi"}], max_tokens=2).choices[0].finish_reason
 
@@ -355,12 +361,7 @@ def test_a_client_that_leaves_a_plain_request_stops_its_answer(server):
             headers=headers,
             timeout=0.5,
         )
-    for _ in range(600):
-        state = httpx.get(f"{server[0]}/health").json()
-        if state["slots"]["busy"] == 0:
-            break
-        time.sleep(0.05)
-    assert state["slots"]["busy"] == 0
+    state = _wait_until_idle(server[0])
     assert state["counters"]["cancelled"] == before["cancelled"] + 1
 
 
