@@ -76,6 +76,60 @@ def test_eval_ppl_baselines_can_be_left_out(tiny_bundle, text, cache_env, tmp_pa
     )
 
 
+def test_eval_ppl_reports_out_of_domain_text_in_a_table_of_its_own(tiny_bundle, text, cache_env, tmp_path):
+    out = tmp_path / "out.json"
+    book = tmp_path / "book.txt"
+    book.write_text(text.read_text()[::-1])  # another text of the same length
+    result = run_cli(
+        "eval",
+        "ppl",
+        str(text),
+        "--out-of-domain",
+        str(book),
+        "-m",
+        str(tiny_bundle),
+        "--lengths",
+        "32",
+        "--no-chat",
+        "--json",
+        str(out),
+        env=cache_env,
+        check=True,
+    )
+    report = json.loads(out.read_text())
+    assert report["domains"] == ["in", "out"] and "chat-r4" not in report["methods"]
+    assert [(t["name"], t["domain"]) for t in report["texts"]] == [("heldout.txt", "in"), ("book.txt", "out")]
+    assert {(r["domain"], r["method"]) for r in report["results"]} == {
+        (d, m) for d in ("in", "out") for m in ("uio-r4", "window", "full-8k", "full")
+    }
+    assert "in domain: heldout.txt" in result.stdout and "out of domain: book.txt" in result.stdout
+    assert "share of the gap closed" in result.stdout
+
+
+def test_eval_ppl_without_texts_reads_the_packaged_ones(tiny_bundle, cache_env, tmp_path):
+    out = tmp_path / "out.json"
+    run_cli(
+        "eval",
+        "ppl",
+        "-m",
+        str(tiny_bundle),
+        "--lengths",
+        "32",
+        "--baselines",
+        "none",
+        "--no-chat",
+        "--json",
+        str(out),
+        env=cache_env,
+        check=True,
+    )
+    report = json.loads(out.read_text())
+    assert [(t["name"], t["domain"]) for t in report["texts"]] == [
+        ("heldout_libpng_manual.txt", "in"),
+        ("heldout_kjv_genesis_exodus.txt", "out"),
+    ]
+
+
 def test_eval_passkey_prints_a_table_and_writes_json(tiny_bundle, cache_env, tmp_path):
     out = tmp_path / "out.json"
     result = run_cli(

