@@ -4,6 +4,7 @@ the parts it is built from (text cleaning, synthetic tasks, a source that is not
 import json
 import random
 import re
+import shutil
 
 import pytest
 
@@ -172,3 +173,80 @@ def test_text_cleaning():
     rst = ".. _label:\n\nTitle\n=====\n\n.. function:: open(file)\n\n   Opens :func:`io.open <io.open>` ``x``.\n   :noindex:\n"
     assert rst_to_text(rst) == "Title\n\nopen(file)\n\n   Opens io.open x."
     assert looks_english(_story(1)) and not looks_english("Le chat dort sur la table, puis il mange. " * 20)
+
+
+def _outside_source(fixture_dir):
+    """An out-of-domain prose source: the fixture's stories 0-3 under another name."""
+    from uio_gguf.train.corpus_sources import Document, Source
+
+    def read():
+        for i in range(4):
+            yield Document(_story(i).replace(f"doc{i}x", f"far{i}x"), "far-prose", "public domain", f"far:{i}")
+
+    return Source("far-prose", "prose training never sees", read, prose=True, out_of_domain=True)
+
+
+def test_an_out_of_domain_source_is_held_out_whole(fixture_dir, tmp_path, monkeypatch):
+    """Every document of an out-of-domain source goes to heldout_out_of_domain.jsonl: none reaches
+    train.jsonl (nor a synthetic task's filler) or the in-domain held-out file."""
+    from uio_gguf.train.dataset import format_report
+
+    monkeypatch.setitem(corpus_sources.SOURCES, "far-prose", _outside_source(fixture_dir))
+    args = DataArgs(
+        out=str(tmp_path),
+        sources=["far-prose"],
+        extra_dirs=[str(fixture_dir)],
+        heldout_share=0.2,
+        synthetic_share=0.2,
+        synthetic_max_chars=2000,
+    )
+    report = build(args, progress=False)
+    train, heldout = _records(tmp_path / "train.jsonl"), _records(tmp_path / "heldout.jsonl")
+    outside = _records(tmp_path / "heldout_out_of_domain.jsonl")
+    assert sorted(re.search(r"far\d+x", r["text"]).group() for r in outside) == [f"far{i}x" for i in range(4)]
+    assert {r["source"] for r in outside} == {"far-prose"} and {r["license"] for r in outside} == {"public domain"}
+    assert not any("far" in r["text"] for r in train + heldout)
+    assert len(heldout) == 2 and all(r["source"] == "extra" for r in heldout)  # the in-domain split is as before
+    summary = json.loads((tmp_path / "sources.json").read_text())
+    rows = {row["source"]: row for row in summary["sources"]}
+    assert rows["far-prose"]["out_of_domain"] and rows["far-prose"]["train_docs"] == 0
+    assert rows["far-prose"]["heldout_docs"] == 4 and not rows["extra"]["out_of_domain"]
+    assert summary["out_of_domain"]["docs"] == 4 and summary["heldout"]["docs"] == 2
+    assert summary["train"]["prose_share"] == 0  # the only prose source is out of domain
+    assert "out of domain (held out whole): 4 documents" in format_report(report)
+
+
+def test_bible_books_are_cut_at_each_books_first_chapter():
+    from uio_gguf.train.corpus_sources import bible_books
+
+    dump = (
+        "\nGenesis 1\n\n  1 In the beginning.\n\nGenesis 2\n\n  1 Thus the heavens.\n"
+        "\nExodus 1\n\n  1 Now these are the names.\n\n1 Kings 1\n\n  1 Now king David was old.\n"
+    )
+    books = dict(bible_books(dump))
+    assert list(books) == ["Genesis", "Exodus", "1 Kings"]
+    assert books["Genesis"].startswith("Genesis 1") and "Genesis 2" in books["Genesis"]
+    assert books["1 Kings"].endswith("Now king David was old.") and "Exodus" not in books["1 Kings"]
+
+
+def test_missing_prose_sources_say_how_to_install_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus_sources, "SHARE", tmp_path / "empty")
+    monkeypatch.setattr(corpus_sources, "AUSTEN_PACKAGE", tmp_path / "empty")
+    monkeypatch.setattr(corpus_sources.shutil, "which", lambda name: None)
+    for name, install in [
+        ("bible-kjv", "apt-get install bible-kjv"),
+        ("jane-austen", "apt-get install --no-install-recommends r-cran-janeaustenr"),
+        ("devils-dictionary", "apt-get install dict-devil"),
+    ]:
+        with pytest.raises(corpus_sources.SourceMissing, match=re.escape(install)):
+            next(corpus_sources.SOURCES[name].read())
+    assert corpus_sources.SOURCES["bible-kjv"].out_of_domain
+    assert not any(s.out_of_domain for n, s in corpus_sources.SOURCES.items() if n != "bible-kjv")
+
+
+@pytest.mark.skipif(shutil.which("bible") is None, reason="Debian's bible-kjv is not installed")
+def test_the_kjv_is_read_book_by_book():
+    books = list(corpus_sources.SOURCES["bible-kjv"].read())
+    assert len(books) == 66 and books[0].origin == "bible-kjv#Genesis" and books[-1].origin == "bible-kjv#Revelation"
+    assert "In the beginning God created the heaven and the earth." in books[0].text
+    assert all(b.license == corpus_sources.KJV_LICENSE for b in books)

@@ -3,6 +3,10 @@
 Each source yields Documents; a document is the unit of the train / held-out split (a book chapter, a
 documentation page, a module's docstrings). A source that is not installed raises SourceMissing with
 the command that installs it: the data command reports it and goes on without it.
+
+Most sources are manuals and documentation. The prose sources (literature, scripture: public-domain texts
+that Debian packages ship) broaden that; an out-of-domain source is kept whole out of training, so that
+its text measures the memory on a kind of text training never saw.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import ast
 import gzip
 import re
+import shutil
+import subprocess
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +44,8 @@ class Source:
     name: str
     description: str
     read: Callable[[], Iterator[Document]]
+    prose: bool = False  # literature or scripture, not documentation: its share of train is reported
+    out_of_domain: bool = False  # every document goes to the out-of-domain held-out file, none to training
 
 
 def _read_text(path: Path) -> str | None:
@@ -193,6 +201,58 @@ def pypi_descriptions() -> Iterator[Document]:
             yield Document(tidy(text), "pypi-descriptions", _pypi_license(dist.metadata), f"pypi:{name}")
 
 
+# ----- public-domain prose that Debian packages ship ---------------------------------------------------
+_BOOK_START = re.compile(r"^((?:[1-3] )?[A-Z][A-Za-z ]+) 1$", re.M)  # "Genesis 1", "1 Kings 1": a book's chapter 1
+KJV_LICENSE = "public domain (King James Version, 1611; copyright expired)"
+
+
+def bible_books(dump: str) -> Iterator[tuple[str, str]]:
+    """(book, text) of each book in what `bible` prints: each book opens with its chapter-1 heading."""
+    starts = list(_BOOK_START.finditer(dump))
+    for found, following in zip(starts, starts[1:] + [None]):
+        yield found.group(1), dump[found.start() : following.start() if following else len(dump)].strip()
+
+
+def bible_kjv() -> Iterator[Document]:
+    """The King James Bible, one document per book, as Debian's `bible` tool prints it (verse numbers
+    indented at each verse, chapter headings). Out of domain: kept whole out of training."""
+    if shutil.which("bible") is None:
+        raise SourceMissing("apt-get install bible-kjv")
+    dump = subprocess.run(["bible", "gen1:1-rev22:21"], capture_output=True, text=True, check=True).stdout
+    for book, text in bible_books(dump):
+        yield Document(text, "bible-kjv", KJV_LICENSE, f"bible-kjv#{book}")
+
+
+AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
+AUSTEN_PACKAGE = Path("/usr/lib/R/site-library/janeaustenr")
+
+
+def jane_austen() -> Iterator[Document]:
+    """Jane Austen's six novels (public domain), one document each, from the R package janeaustenr that
+    Debian ships as r-cran-janeaustenr (each novel a character vector of its lines; R prints them)."""
+    if not AUSTEN_PACKAGE.is_dir() or shutil.which("Rscript") is None:
+        raise SourceMissing("apt-get install --no-install-recommends r-cran-janeaustenr")
+    for novel in AUSTEN_NOVELS:
+        lines = subprocess.run(
+            ["Rscript", "-e", f"writeLines(janeaustenr::{novel})"], capture_output=True, text=True, check=True
+        ).stdout
+        yield Document(
+            tidy(lines), "jane-austen", "public domain (novels, 1811-1818); janeaustenr: MIT", f"janeaustenr::{novel}"
+        )
+
+
+def devils_dictionary() -> Iterator[Document]:
+    """Ambrose Bierce's The Devil's Dictionary (1911, public domain), one document, from the dictd
+    database of Debian's dict-devil (gzip-compatible); dictd's own header entries left out."""
+    path = SHARE / "dictd/devil.dict.dz"
+    if not path.is_file():
+        raise SourceMissing("apt-get install dict-devil")
+    text = gzip.open(path).read().decode("utf-8", errors="replace")
+    start = text.find("The Internet Wiretap")
+    text = text[max(start, 0) :].removesuffix("\n").removesuffix(" abcdefghijklmnopqrstuvwxyz")  # dictd's alphabet
+    yield Document(tidy(text), "devils-dictionary", "public domain (1911)", str(path))
+
+
 def extra_dir(directory: Path, license_: str) -> Iterator[Document]:
     """Text files the user brings (.txt, .md, .rst under a folder), one document each."""
     for path in sorted(Path(directory).rglob("*")):
@@ -214,5 +274,19 @@ SOURCES = {
         Source("licenses", "Licence texts in /usr/share/common-licenses", common_licenses),
         Source("python-stdlib", "Docstrings of the Python standard library", python_stdlib),
         Source("pypi-descriptions", "Long descriptions of the installed Python packages", pypi_descriptions),
+        Source("jane-austen", "Jane Austen's novels (Debian package r-cran-janeaustenr)", jane_austen, prose=True),
+        Source(
+            "devils-dictionary",
+            "Ambrose Bierce, The Devil's Dictionary (Debian package dict-devil)",
+            devils_dictionary,
+            prose=True,
+        ),
+        Source(
+            "bible-kjv",
+            "The King James Bible, out of domain (Debian package bible-kjv)",
+            bible_kjv,
+            prose=True,
+            out_of_domain=True,
+        ),
     )
 }

@@ -5,7 +5,11 @@ Documents are filtered (long enough, English), de-duplicated, split into train /
 synthetic long-range tasks (uio_gguf.synthetic) built from train text only, so held-out text never leaks
 into training.
 
-Writes train.jsonl and heldout.jsonl ({"text", "source", "license"} a line) and sources.json.
+The documents of an out-of-domain source (corpus_sources.Source.out_of_domain) are all held out, in a
+file of their own: text of a kind training never saw, to measure how far the memory generalizes.
+
+Writes train.jsonl, heldout.jsonl and heldout_out_of_domain.jsonl ({"text", "source", "license"} a line)
+and sources.json.
 """
 
 from __future__ import annotations
@@ -114,16 +118,22 @@ def _write_jsonl(path: Path, documents: list[Document]) -> None:
 
 
 def summary(
-    train: list[Document], heldout: list[Document], sources: list[Source], missing: list[dict], args: DataArgs
+    train: list[Document],
+    heldout: list[Document],
+    out_of_domain: list[Document],
+    sources: list[Source],
+    missing: list[dict],
+    args: DataArgs,
 ) -> dict:
     descriptions = {s.name: s.description for s in sources}
+    held = heldout + out_of_domain  # the rows count both as held out; the totals keep them apart
     # Rows in the order of the sources asked for (those that gave documents), then the synthetic tasks.
-    found = {d.source for d in train + heldout}
+    found = {d.source for d in train + held}
     names = [n for n in dict.fromkeys(s.name for s in sources) if n in found] + sorted(found - set(descriptions))
     rows = []
     for name in names:
         in_train = [d for d in train if d.source == name]
-        in_heldout = [d for d in heldout if d.source == name]
+        in_heldout = [d for d in held if d.source == name]
         rows.append(
             {
                 "source": name,
@@ -133,17 +143,32 @@ def summary(
                 "heldout_docs": len(in_heldout),
                 "chars": sum(len(d.text) for d in in_train + in_heldout),
                 "licenses": sorted({d.license for d in in_train + in_heldout}),
+                "out_of_domain": any(s.out_of_domain for s in sources if s.name == name),
             }
         )
-    train_chars = sum(len(d.text) for d in train)
-    synthetic_chars = sum(len(d.text) for d in train if d.source.startswith("synthetic-"))
+    synthetic = {d.source for d in train if d.source.startswith("synthetic-")}
     return {
         "args": {k: v for k, v in asdict(args).items() if k != "out"},
         "sources": rows,
         "missing": missing,
-        "train": {"docs": len(train), "chars": train_chars, "synthetic_share": synthetic_chars / max(1, train_chars)},
-        "heldout": {"docs": len(heldout), "chars": sum(len(d.text) for d in heldout)},
+        "train": {
+            "docs": len(train),
+            "chars": sum(len(d.text) for d in train),
+            "synthetic_share": _share(train, synthetic),
+            "prose_share": _share(train, {s.name for s in sources if s.prose}),
+        },
+        "heldout": _totals(heldout),
+        "out_of_domain": _totals(out_of_domain),
     }
+
+
+def _share(documents: list[Document], names: set[str]) -> float:
+    """The share of the documents' characters that come from the sources named."""
+    return sum(len(d.text) for d in documents if d.source in names) / max(1, sum(len(d.text) for d in documents))
+
+
+def _totals(documents: list[Document]) -> dict:
+    return {"docs": len(documents), "chars": sum(len(d.text) for d in documents)}
 
 
 def build(args: DataArgs, progress: bool = True) -> dict:
@@ -166,13 +191,16 @@ def build(args: DataArgs, progress: bool = True) -> dict:
     if args.max_docs is not None and len(documents) > args.max_docs:
         kept = sorted(rng.sample(range(len(documents)), args.max_docs))
         documents = [documents[i] for i in kept]
-    train, heldout = split_by_document(documents, args.heldout_share, rng)
+    outside = {s.name for s in sources if s.out_of_domain}
+    out_of_domain = [d for d in documents if d.source in outside]
+    train, heldout = split_by_document([d for d in documents if d.source not in outside], args.heldout_share, rng)
     train += synthetic_documents(train, args, rng)
     rng.shuffle(train)
 
     _write_jsonl(out / "train.jsonl", train)
     _write_jsonl(out / "heldout.jsonl", heldout)
-    report = summary(train, heldout, sources, missing, args)
+    _write_jsonl(out / "heldout_out_of_domain.jsonl", out_of_domain)
+    report = summary(train, heldout, out_of_domain, sources, missing, args)
     (out / "sources.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
@@ -184,10 +212,11 @@ def format_report(report: dict) -> str:
             row["licenses"][0] if len(row["licenses"]) == 1 else f"{len(row['licenses'])} licences (see sources.json)"
         )
         lines.append(f"{row['source']:<22} {row['docs']:>6} {row['heldout_docs']:>8} {row['chars']:>12,}  {licenses}")
-    t, h = report["train"], report["heldout"]
+    t, h, o = report["train"], report["heldout"], report["out_of_domain"]
     lines.append(
-        f"train: {t['docs']} documents, {t['chars']:,} characters ({t['synthetic_share']:.1%} synthetic); "
-        f"held-out: {h['docs']} documents, {h['chars']:,} characters"
+        f"train: {t['docs']} documents, {t['chars']:,} characters ({t['synthetic_share']:.1%} synthetic, "
+        f"{t['prose_share']:.1%} prose); held-out: {h['docs']} documents, {h['chars']:,} characters; "
+        f"out of domain (held out whole): {o['docs']} documents, {o['chars']:,} characters"
     )
     for m in report["missing"]:
         lines.append(f"not installed: {m['source']} ({m['description']}): {m['install']}")
