@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +218,23 @@ def test_eval_ppl_bad_input_gives_one_clear_line(case, message, tiny_bundle, tex
 def test_eval_passkey_bad_depth_gives_one_clear_line(tiny_bundle, cache_env):
     result = run_cli("eval", "passkey", "-m", str(tiny_bundle), "--lengths", "64", "--depths", "1.5", env=cache_env)
     _one_line_error(result, "between 0 and 1")
+
+
+def test_eval_qa_domain_out_reads_the_packaged_out_of_domain_text(tiny_bundle, cache_env, tmp_path):
+    """--domain out asks about the shipped KJV text: the same answers as --filler with that file."""
+    from uio_gguf.eval_ppl import PACKAGED_TEXTS
+
+    shipped = REPO / "uio_gguf" / "data" / PACKAGED_TEXTS["out"]
+    reports = {}
+    for name, args in [("domain", ["--domain", "out"]), ("file", ["--filler", str(shipped)])]:
+        out = tmp_path / f"{name}.json"
+        run_cli(
+            "eval", "qa", "-m", str(tiny_bundle), "--lengths", "200", "--depths", "0.5", "--trials", "1",
+            "--tasks", "passkey", "--methods", "window,uio", "-n", "4", "--no-cache", "--json", str(out), *args,
+            env=cache_env, check=True,
+        )  # fmt: skip
+        reports[name] = json.loads(out.read_text())
+    assert reports["domain"]["filler"] == PACKAGED_TEXTS["out"] and reports["file"]["filler"] == "custom"
+    untimed = {name: [{k: v for k, v in s.items() if k != "ttft"} for s in r["samples"]] for name, r in reports.items()}
+    assert untimed["domain"] == untimed["file"] and len(untimed["file"]) == 2
+    _one_line_error(run_cli("eval", "qa", "-m", str(tiny_bundle), "--domain", "sideways", env=cache_env), "--domain")

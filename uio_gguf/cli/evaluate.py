@@ -177,7 +177,14 @@ def eval_qa(
     filler: list[Path] = typer.Option(
         [],
         "--filler",
-        help="Text files to draw the filler from (repeatable). Default: a held-out text shipped with the package.",
+        help="Text files to draw the filler from (repeatable). Default: a held-out text shipped with the package "
+        "(see --domain).",
+    ),
+    domain: str = typer.Option(
+        "in",
+        "--domain",
+        help="Which shipped held-out text is the filler when no --filler is given: in (the libpng manual, a "
+        "manual like training's sources) or out (KJV Genesis and Exodus, a kind of text training never saw).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the needles and of the filler."),
     model: Model = None,
@@ -196,14 +203,26 @@ def eval_qa(
 ):
     """Long-context QA (RULER-style tasks, exact match): window, full-8k, rag, uio and uio+recall on the
     same texts, with the share of answers that end by themselves, loops and time to first token."""
+    from uio_gguf import eval_ppl
     from uio_gguf import eval_qa as qa
     from uio_gguf.book import read_book
+    from uio_gguf.errors import UIOError
 
     asked = parse_lengths(lengths)
     where = parse_depths(depths)
     chosen_tasks = qa.parse_names(tasks, qa.TASKS, "task")
     chosen_methods = qa.parse_names(methods, qa.METHODS, "method")
     texts = [read_book(path) for path in filler] or None
+    named = None  # the report's name of the filler when it is a shipped text other than eval_qa's default
+    if domain not in eval_ppl.DOMAINS:
+        raise UIOError(f"--domain is in or out, not {domain}")
+    if not texts and domain == "out":
+        named, text = eval_ppl.packaged_text("out")
+        texts = [text]
+
+    def name_filler(report: dict) -> dict:
+        return {**report, "filler": named} if named else report
+
     runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
     bar, update = progress_bar("asking")
     bar.unit = "answer"
@@ -220,8 +239,9 @@ def eval_qa(
         max_tokens=max_tokens,
         use_memory_files=not no_cache,
         progress=update,
-        partial=(lambda r: json_out.write_text(json.dumps(r, indent=2) + "\n")) if json_out else None,
+        partial=(lambda r: json_out.write_text(json.dumps(name_filler(r), indent=2) + "\n")) if json_out else None,
     )
     bar.close()
+    report = name_filler(report)
     typer.echo(qa.format_report(report))
     write_json(json_out, report)
