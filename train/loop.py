@@ -1,5 +1,6 @@
 """The training loop: random crops, an estimator's gradient, AdamW with warm-up + cosine, clipping,
-a JSONL log, held-out perplexity, atomic checkpoints and exact resume."""
+a JSONL log, held-out perplexity, atomic checkpoints and exact resume; on one process or, under torchrun,
+on several (train.distributed)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from uio_gguf.train import checkpoint as ckpt
 from uio_gguf.train.base import fingerprint, load_base, load_config
 from uio_gguf.train.chat_recall import ChatRecallCrops, ChatRecallPool
 from uio_gguf.train.data import TOKENS_FILE, prepare_tokens, read_run_text
+from uio_gguf.train.distributed import Ranks
 from uio_gguf.train.estimators import ESTIMATORS, Crop, estimate_gradient
 from uio_gguf.train.from_bundle import checkpoint_from_bundle, is_bundle
 from uio_gguf.train.model import UIOConfig, UIOModel
@@ -38,7 +40,7 @@ class TrainArgs:
     segment: int = 1024
     ratio: int = 32
     segments: int = 8  # T: segments per crop
-    batch: int = 1
+    batch: int = 1  # crops per step on each process (torchrun: N processes train on N x batch crops a step)
     steps: int = 1000
     estimator: str = "unbiased"
     window: int = 2  # S
@@ -159,47 +161,56 @@ def heldout_loss(model: UIOModel, crops: np.ndarray, segment: int, device) -> fl
 
 
 def train(args: TrainArgs, progress: bool = True) -> Path:
-    """Runs (or resumes) a training run in args.out. A run that fails before writing anything there
-    leaves no empty --out directory behind."""
+    """Runs (or resumes) a training run in args.out: one process, or each of torchrun's processes. A run
+    that fails before writing anything there leaves no empty --out directory behind."""
     out = Path(args.out)
     existed = out.exists()
+    ranks = Ranks.from_env()
     try:
-        return _train(args, progress)
+        return _train(args, ranks, progress)
     except BaseException:
-        if not existed and out.is_dir() and not any(out.iterdir()):
+        if ranks.main and not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+    finally:
+        ranks.stop()
 
 
-def _train(args: TrainArgs, progress: bool = True) -> Path:
+def pick_device(name: str, ranks: Ranks) -> torch.device:
+    """auto: CUDA when there is one, else the CPU. Under torchrun each process takes the GPU of its
+    local rank."""
+    device = torch.device(
+        "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+    )
+    return torch.device("cuda", ranks.local) if device.type == "cuda" and ranks.parallel else device
+
+
+def _train(args: TrainArgs, ranks: Ranks, progress: bool = True) -> Path:
     from tqdm import tqdm
 
-    args, init_dir = take_shape(args)
-    args.validate()
-    out = Path(args.out)
-    _check_writable(out)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = pick_device(args.device, ranks)
+    ranks.start(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    text = read_run_text(out, args.data, args.heldout)
-    base, tokenizer = load_base(args.base)  # float32 as stored: the fingerprint does not depend on the device
-    base_fingerprint = fingerprint(base)
-    stream = prepare_tokens(out, text, tokenizer, base_fingerprint, args.data + args.heldout)
-    crop_tokens = args.segments * args.segment + 1
-    retrieval = (
-        RetrievalCrops.for_run(out, tokenizer, base_fingerprint, args.segment, crop_tokens)
-        if args.retrieval_share > 0
-        else None
-    )  # before --prepare-only returns: the pool travels too
-    chat_recall = (
-        ChatRecallCrops(ChatRecallPool.for_run(out, tokenizer, base_fingerprint), args.segment, crop_tokens)
-        if args.chat_recall_share > 0
-        else None
-    )
+    out = Path(args.out)
+    with ranks.main_first():  # rank 0 writes tokens.npz and the task pools, the others read them back
+        args, init_dir = take_shape(args)
+        args.validate()
+        _check_writable(out)
+        text = read_run_text(out, args.data, args.heldout) if ranks.main else None
+        base, tokenizer = load_base(args.base)  # float32 as stored: the fingerprint does not depend on the device
+        base_fingerprint = fingerprint(base)
+        stream = prepare_tokens(out, text, tokenizer, base_fingerprint, args.data + args.heldout)
+        crop_tokens = args.segments * args.segment + 1
+        retrieval = (
+            RetrievalCrops.for_run(out, tokenizer, base_fingerprint, args.segment, crop_tokens)
+            if args.retrieval_share > 0
+            else None
+        )  # before --prepare-only returns: the pool travels too
+        chat_recall = (
+            ChatRecallCrops(ChatRecallPool.for_run(out, tokenizer, base_fingerprint), args.segment, crop_tokens)
+            if args.chat_recall_share > 0
+            else None
+        )
     if args.prepare_only:
         return out / TOKENS_FILE
     if device.type == "cuda":
@@ -214,12 +225,14 @@ def _train(args: TrainArgs, progress: bool = True) -> Path:
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=args.betas, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.steps, args.warmup))
+    # The same seeds on every rank: the ranks draw the same batches and reservoirs (train.distributed).
     data_rng = np.random.default_rng(args.seed)
     estimator_rng = random.Random(args.seed)
     step = 0
     meta = {
         "estimator": args.estimator,
         "window": args.window,
+        "world_size": ranks.world,
         "base": {
             "path": str(Path(args.base).resolve()),
             "model_type": base.config.model_type,
@@ -238,13 +251,19 @@ def _train(args: TrainArgs, progress: bool = True) -> Path:
         saved = ckpt.read_config(found)
         if saved["base"]["fingerprint"] != meta["base"]["fingerprint"]:
             raise UIOError(f"--resume: the checkpoint in {out} was trained on another base model")
+        if saved.get("world_size", 1) != ranks.world:
+            raise UIOError(
+                f"--resume: this run was trained on {saved.get('world_size', 1)} process(es), not {ranks.world}: "
+                "start it with the same torchrun --nproc_per_node"
+            )
         ckpt.load_weights(model, found)
         state = torch.load(found / ckpt.STATE_FILE, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        data_rng.bit_generator.state = state["data_rng"]
-        estimator_rng.setstate(state["estimator_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        rngs = state["rank_rngs"][ranks.rank] if "rank_rngs" in state else state  # one process: at the top
+        data_rng.bit_generator.state = rngs["data_rng"]
+        estimator_rng.setstate(rngs["estimator_rng"])
+        torch.set_rng_state(rngs["torch_rng"])
         step = state["step"]
     elif ckpt.find_checkpoint(checkpoint_dir) is not None:
         raise UIOError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose another --out")
@@ -252,32 +271,43 @@ def _train(args: TrainArgs, progress: bool = True) -> Path:
         if ckpt.read_config(init_dir)["base"]["fingerprint"] != meta["base"]["fingerprint"]:
             raise UIOError(f"--init: the checkpoint {init_dir} was trained on another base model")
         ckpt.load_weights(model, init_dir)
+    ranks.broadcast_parameters(params)
 
     def next_crop() -> Crop:
-        rows = stream.random_crops(data_rng, args.batch, crop_tokens)
+        """This rank's crops of the step: the batch of all ranks is drawn (and made into recall tasks)
+        on every rank, so that each rank's rng takes the draws one process would."""
+        rows = stream.random_crops(data_rng, args.batch * ranks.world, crop_tokens)
         if chat_recall is not None and data_rng.random() < args.chat_recall_share:  # a whole batch of recall
             rows, labels = chat_recall.batch(rows, data_rng)
-            return Crop(torch.as_tensor(rows, device=device), args.segment, torch.as_tensor(labels, device=device))
+            return Crop(
+                torch.as_tensor(ranks.own_rows(rows), device=device),
+                args.segment,
+                torch.as_tensor(ranks.own_rows(labels), device=device),
+            )
         if retrieval is not None:
             for i in range(len(rows)):
                 if data_rng.random() < args.retrieval_share:
                     rows[i] = retrieval.make(rows[i], data_rng)
-        return Crop(torch.as_tensor(rows, device=device), args.segment)
+        return Crop(torch.as_tensor(ranks.own_rows(rows), device=device), args.segment)
 
     def save() -> None:
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "data_rng": data_rng.bit_generator.state,
-            "estimator_rng": estimator_rng.getstate(),
-            "torch_rng": torch.get_rng_state(),
-        }
-        ckpt.save_checkpoint(model, checkpoint_dir, {**meta, "step": step}, state)
+        """Rank 0 writes the checkpoint, with every rank's rng states; the others wait until it is on disk."""
+        rngs = ranks.gather(
+            {
+                "data_rng": data_rng.bit_generator.state,
+                "estimator_rng": estimator_rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+            }
+        )
+        if ranks.main:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
+            state.update({"rank_rngs": rngs} if ranks.parallel else rngs[0])
+            ckpt.save_checkpoint(model, checkpoint_dir, {**meta, "step": step}, state)
+        ranks.barrier()
 
     deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
-    log = open(out / "log.jsonl", "a")
-    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", disable=not progress)
+    log = open(out / "log.jsonl", "a") if ranks.main else None
+    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step", disable=not (progress and ranks.main))
     try:
         while step < args.steps:
             started = time.perf_counter()
@@ -292,6 +322,8 @@ def _train(args: TrainArgs, progress: bool = True) -> Path:
                 windows_per_pass=args.windows_per_pass,
                 loss_windows=args.loss_windows,
             )
+            ranks.average_gradients(params)  # before clipping: every rank clips and steps the same gradient
+            loss = ranks.average(loss, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
             optimizer.step()
             scheduler.step()
@@ -301,31 +333,35 @@ def _train(args: TrainArgs, progress: bool = True) -> Path:
                 "loss": loss,
                 "grad_norm": grad_norm,
                 "lr": scheduler.get_last_lr()[0],
-                "tokens": step * args.batch * (crop_tokens - 1),
+                "tokens": step * args.batch * ranks.world * (crop_tokens - 1),
                 "seconds": time.perf_counter() - started,
             }
             if crop.labels is not None:
                 record["chat_recall"] = True  # the loss is the answer's alone
-            if heldout is not None and (step % args.eval_every == 0 or step == args.steps):
-                record["heldout_ppl"] = math.exp(heldout_loss(model, heldout, args.segment, device))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(
-                loss=f"{loss:.3f}", **({"ppl": f"{record['heldout_ppl']:.1f}"} if "heldout_ppl" in record else {})
-            )
-            bar.update(1)
-            out_of_time = deadline is not None and time.monotonic() > deadline
+            if ranks.main:  # the log and the held-out perplexity are rank 0's
+                if heldout is not None and (step % args.eval_every == 0 or step == args.steps):
+                    record["heldout_ppl"] = math.exp(heldout_loss(model, heldout, args.segment, device))
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", **({"ppl": f"{record['heldout_ppl']:.1f}"} if "heldout_ppl" in record else {})
+                )
+                bar.update(1)
+            # rank 0's clock decides for all, so that every rank saves and stops at the same step
+            out_of_time = deadline is not None and ranks.agree(time.monotonic() > deadline, device)
             if step % args.save_every == 0 or step == args.steps or out_of_time:
                 save()
             if out_of_time and step < args.steps:
-                bar.write(
-                    f"stopped at step {step} of {args.steps} (--max-minutes): --resume goes on from here",
-                    file=sys.stderr,
-                )
+                if ranks.main:
+                    bar.write(
+                        f"stopped at step {step} of {args.steps} (--max-minutes): --resume goes on from here",
+                        file=sys.stderr,
+                    )
                 break
             if args.kill_after is not None and step == args.kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     return checkpoint_dir

@@ -25,7 +25,9 @@ def train(
     segment: int = typer.Option(1024, help="Segment length l in tokens."),
     ratio: int = typer.Option(32, help="Compression ratio r: k = l / r memory slots per segment."),
     segments: int = typer.Option(8, help="Segments per training crop (T)."),
-    batch: int = typer.Option(1, help="Crops per step."),
+    batch: int = typer.Option(
+        1, help="Crops per step on each process (under torchrun: N processes train on N x this many a step)."
+    ),
     steps: int = typer.Option(1000, help="Optimizer steps."),
     estimator: str = typer.Option("unbiased", help="Gradient estimator: full, tbptt, incremental, unbiased."),
     window: int = typer.Option(2, help="S: TBPTT window / reservoir size."),
@@ -71,7 +73,8 @@ def train(
     ),
     kill_after: int | None = typer.Option(None, hidden=True),
 ):
-    """Train the UIO memory (encoder LoRA, transfer head, memory embedding) over a frozen base model."""
+    """Train the UIO memory (encoder LoRA, transfer head, memory embedding) over a frozen base model.
+    On several GPUs: `torchrun --nproc_per_node N --no-python uio-gguf train ...` (docs/training.md)."""
     require_training_stack()
     from uio_gguf.train.loop import TrainArgs
     from uio_gguf.train.loop import train as run_training
