@@ -31,6 +31,7 @@ SegmentCache recompresses only the segments whose tokens changed.
 
 from __future__ import annotations
 
+import codecs
 import random
 import re
 import string
@@ -43,6 +44,7 @@ import numpy as np
 
 from uio_gguf.errors import UIOError
 from uio_gguf.eval_passkey import check_grid, filler_text
+from uio_gguf.loop_guard import LoopGuard
 from uio_gguf.synthetic import KEY_NAMES, PASSKEY_QUESTION, passkey_fact
 
 TASKS = ("passkey", "single", "multikey", "multivalue", "vt")
@@ -269,6 +271,7 @@ class Answer:
     text: str
     ended: bool  # end of turn before the token limit
     ttft: float  # seconds to the first token of the answer
+    looped: bool = False  # cut by the loop guard where it began to repeat itself
 
 
 def _question_tokens(model, question: str) -> np.ndarray:
@@ -286,7 +289,7 @@ def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: flo
     from uio_gguf.session import Sampler
 
     decoder = Decoder(runtime, n_ctx=window, n_batch=min((window - SINK_TOKENS) // 2, MAX_BATCH))
-    sampler = Sampler(params, runtime.model.n_vocab)
+    sampler = Sampler(params, runtime.model.n_vocab, runtime.model.vocab)
     model = runtime.model
 
     def feed(ids) -> None:
@@ -302,17 +305,21 @@ def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: flo
 
     try:
         feed([int(t) for t in tokens])
-        out, ended, ttft = [], False, None
+        utf8, guard = codecs.getincrementaldecoder("utf-8")("replace"), LoopGuard(params.loop_guard)
+        text, ended, ttft = "", False, None
         for _ in range(params.max_tokens):
             token = int(sampler.sample(decoder.ctx, -1))
             ttft = ttft if ttft is not None else time.perf_counter() - started
             if model.is_eog(token):
                 ended = True
                 break
-            out.append(token)
             feed([token])
-        text = b"".join(model.piece(t) for t in out).decode("utf-8", "replace")
-        return Answer(text, ended, ttft if ttft is not None else time.perf_counter() - started)
+            shown, looped = guard.push(utf8.decode(model.piece(token)))
+            text += shown
+            if looped:
+                break
+        text += guard.flush()
+        return Answer(text, ended, ttft if ttft is not None else time.perf_counter() - started, guard.looped)
     finally:
         sampler.close()
         decoder.close()
@@ -332,8 +339,9 @@ def _uio_answer(cache: SegmentCache, doc: Document, question: str, params, recal
         for piece in conversation.ask(question, params):
             ttft = ttft if ttft is not None else time.perf_counter() - started - making
             text += piece
-        ended = conversation.session.finish_reason == "stop"
-        return Answer(text, ended, ttft if ttft is not None else time.perf_counter() - started - making)
+        session = conversation.session
+        ended = session.finish_reason == "stop" and not session.looped
+        return Answer(text, ended, ttft if ttft is not None else time.perf_counter() - started - making, session.looped)
     finally:
         conversation.close()
 
@@ -386,6 +394,7 @@ def evaluate(
     seed: int = 0,
     recall_tokens: int | None = None,
     max_tokens: int = ANSWER_TOKENS,
+    loop_guard: bool = True,
     use_memory_files: bool = True,
     progress: Callable[[int, int], None] | None = None,
     partial: Callable[[dict], None] | None = None,
@@ -408,7 +417,7 @@ def evaluate(
             )
     filler = "custom" if texts else DEFAULT_FILLER
     texts = texts or [default_filler()]
-    params = SamplingParams(max_tokens=max_tokens)
+    params = SamplingParams(max_tokens=max_tokens, loop_guard=loop_guard)
     cache = SegmentCache(runtime)
 
     def report(samples: list[dict]) -> dict:
@@ -423,6 +432,7 @@ def evaluate(
             "segment": runtime.segment,
             "recall_tokens": recall_tokens,
             "max_tokens": max_tokens,
+            "loop_guard": loop_guard,
             "filler": filler,
             "results": summarize(samples, tasks, lengths, methods),
             "samples": samples,
@@ -458,6 +468,7 @@ def evaluate(
                                 "hit": all(right),
                                 "share": sum(right) / len(right),
                                 "ended": got.ended,
+                                "cut": got.looped,
                                 "loop": has_loop(got.text),
                                 "ttft": round(got.ttft, 4),
                                 "recompressed": cache.compressed - before,
@@ -489,6 +500,7 @@ def summarize(samples: list[dict], tasks: list[str], lengths: list[int], methods
                         "hits": sum(s["hit"] for s in cell),
                         "accuracy": sum(s["hit"] for s in cell) / len(cell),
                         "ended": sum(s["ended"] for s in cell) / len(cell),
+                        "cut": sum(s.get("cut", False) for s in cell) / len(cell),
                         "loops": sum(s["loop"] for s in cell) / len(cell),
                         "ttft_median": float(np.median([s["ttft"] for s in cell])),
                         "by_depth": {
@@ -521,6 +533,8 @@ def format_report(report: dict) -> str:
         lambda r: f"{r['accuracy']:.0%} ({r['hits']}/{r['n']})",
     )
     lines += [""] + table("answers that end by themselves", lambda r: f"{r['ended']:.0%}")
+    if report.get("loop_guard"):
+        lines += [""] + table("answers the loop guard cut where they began to repeat", lambda r: f"{r['cut']:.0%}")
     lines += [""] + table("answers with a loop (a 4-gram 3+ times)", lambda r: f"{r['loops']:.0%}")
     lines += [""] + table("median seconds to the first token", lambda r: f"{r['ttft_median']:.2f}")
     return "\n".join(lines)

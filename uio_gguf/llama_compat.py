@@ -254,11 +254,14 @@ class UIOLlama(Handle):
         seed: int | None = None,
         model: str | None = None,
         should_stop: Callable[[], bool] | None = None,
+        loop_guard: bool = True,
         **_ignored,
     ):
         """llama_cpp.Llama.create_chat_completion's arguments (the sampling ones UIO has; the others are
         accepted and ignored) and return values. max_tokens None or <= 0: up to the runtime's answer reserve.
         should_stop (not in llama-cpp-python): polled per token; true ends the answer (finish_reason stop).
+        loop_guard (not in llama-cpp-python): stop where the answer starts to repeat itself (finish_reason
+        stop; uio_gguf.loop_guard).
 
         The book is read (or its memory file loaded) before this returns, also with stream=True, so a
         book that does not fit raises UIOError here rather than mid-stream."""
@@ -273,6 +276,7 @@ class UIOLlama(Handle):
             seed=random.randrange(2**31) if seed is None else int(seed),
             max_tokens=int(max_tokens) if max_tokens and max_tokens > 0 else ANSWER_RESERVE,
             stop=[stop] if isinstance(stop, str) else list(stop or []),
+            loop_guard=bool(loop_guard),
         )
         thread = self._prepare(msgs)
         answer = self._answer(thread, msgs[-1], params, should_stop or (lambda: False))

@@ -48,6 +48,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
     seed: int | None = None
+    loop_guard: bool = True  # UIO's own (extra_body): stop where the answer starts to repeat itself
 
 
 class APIError(Exception):
@@ -146,6 +147,7 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
             "max_tokens": body.max_completion_tokens or body.max_tokens,
             "stop": body.stop,
             "seed": body.seed,
+            "loop_guard": body.loop_guard,
             "model": model_id,
             "should_stop": stop.is_set,
         }

@@ -25,6 +25,7 @@ from uio_gguf.encoder import SegmentMemory
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.llama_api import Batch, Context, ContextSettings
+from uio_gguf.loop_guard import LoopGuard
 
 DECODER_SEQ, SCRATCH_SEQ = 0, 1
 
@@ -59,6 +60,8 @@ class SamplingParams:
     dry_base: float = 1.75
     dry_allowed_length: int = 2
     dry_last_n: int = 0  # tokens looked back over; 0: the whole answer (DRY sees the answer's tokens only)
+    # Stop where the answer starts to repeat itself (uio_gguf.loop_guard); chat and the server turn it on.
+    loop_guard: bool = False
 
 
 class Sampler(Handle):
@@ -284,10 +287,12 @@ class Session(Handle):
             raise RuntimeError("feed a prompt before generating")
         sampler = Sampler(params, self.runtime.model.n_vocab, self.runtime.model.vocab)
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        guard = LoopGuard(params.loop_guard)
         model = self.runtime.model
         text = ""
-        # What the last answer came to, for the OpenAI shapes (`usage`, finish_reason stop/length).
-        self.generated, self.finish_reason = 0, "length"
+        # What the last answer came to, for the OpenAI shapes (`usage`, finish_reason stop/length), and
+        # whether the loop guard cut it.
+        self.generated, self.finish_reason, self.looped = 0, "length", False
         try:
             for _ in range(params.max_tokens):
                 if should_stop():
@@ -302,15 +307,16 @@ class Session(Handle):
                 self.generated += 1
                 text += piece
                 hit = next((s for s in params.stop if s in text), None)
-                if hit:
-                    self.finish_reason = "stop"
-                    cut = text.index(hit)
-                    emitted = len(text) - len(piece)
-                    if cut > emitted:
-                        yield text[emitted:cut]
+                if hit:  # only the part of this piece before the stop string
+                    piece = text[len(text) - len(piece) : max(text.index(hit), len(text) - len(piece))]
+                shown, looped = guard.push(piece)
+                if shown:
+                    yield shown
+                if hit or looped:
+                    self.finish_reason, self.looped = "stop", looped
                     break
-                if piece:
-                    yield piece
+            if rest := guard.flush():
+                yield rest
         finally:
             sampler.close()
 

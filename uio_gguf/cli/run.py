@@ -49,6 +49,14 @@ DryMultiplier = Annotated[
         "said (base 1.75, allowed length 2); 0: off.",
     ),
 ]
+LoopGuardOption = Annotated[
+    bool,
+    typer.Option(
+        "--loop-guard/--no-loop-guard",
+        help="Stop an answer where it starts to repeat itself (a sentence it already said, or a short unit three "
+        "times in a row); the repeat is not shown. SmolLM2-135M rarely ends a turn after a long book.",
+    ),
+]
 RepeatPenalty = Annotated[
     float, typer.Option("--repeat-penalty", help="llama.cpp's repetition penalty over the last 64 tokens; 1: off.")
 ]
@@ -125,6 +133,7 @@ def chat(
     raw_window: RawWindow = None,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
+    loop_guard: LoopGuardOption = True,
     flash_attn: FlashAttn = False,
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write memory files."),
     verbose: Verbose = False,
@@ -146,6 +155,7 @@ def chat(
         stop=stop,
         repeat_penalty=repeat_penalty,
         dry_multiplier=dry,
+        loop_guard=loop_guard,
     )
     if n_ctx is not None and n_ctx <= 0:
         raise UIOError(f"--n-ctx must be a positive number of tokens, not {n_ctx}")
@@ -202,6 +212,7 @@ def demo(
     raw_window: RawWindow = None,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
+    loop_guard: LoopGuardOption = True,
 ):
     """The main job on the embedded default: SmolLM2-135M reads a bundled 13K-token text (its own
     8K window could not hold it) through UIO memory and answers one question about its first lines."""
@@ -226,6 +237,7 @@ def demo(
         raw_window=raw_window,
         repeat_penalty=repeat_penalty,
         dry=dry,
+        loop_guard=loop_guard,
         flash_attn=False,
         no_cache=False,
         verbose=False,
