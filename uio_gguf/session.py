@@ -129,7 +129,9 @@ class Session(Handle):
 
         self.runtime = runtime
         self.segment, self.slots = runtime.bundle.segment, runtime.bundle.slots
-        n_batch = min(self.segment, 512)
+        # feed never decodes past a segment boundary at once, but a recall is decoded 512 tokens at a time
+        # (llama.cpp's default batch; ~10% faster than 128 for a 1,024-token recall over a 16K book's memory)
+        n_batch = 512
         self.ctx = Context(
             runtime.model,
             ContextSettings(
