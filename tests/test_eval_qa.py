@@ -222,3 +222,23 @@ def test_eval_qa_bad_input_gives_one_clear_line(args, message, tiny_bundle, cach
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_loop_guard_cuts_an_answer_where_it_repeats_and_changes_nothing_before(runtime, base):
+    """Each method's answer with the guard is its answer without it, cut where it began to repeat; the
+    tiny random model loops, so some are cut (and a cut answer does not count as ended)."""
+    sample = eval_qa.make_sample("single", 0.5, random.Random(1))
+    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    cache = eval_qa.SegmentCache(runtime)
+    eval_qa.load_base(cache, base, use_memory_files=False)
+    cut = 0
+    for method in ("window", "rag", "uio+recall"):
+        free = eval_qa.answer(cache, doc, sample.question, method, SamplingParams(max_tokens=80), 64)
+        guarded = eval_qa.answer(
+            cache, doc, sample.question, method, SamplingParams(max_tokens=80, loop_guard=True), 64
+        )
+        assert free.text.startswith(guarded.text) and not free.looped, method
+        if guarded.looped:
+            cut += 1
+            assert len(guarded.text) < len(free.text) and not guarded.ended, method
+    assert cut > 0

@@ -19,9 +19,9 @@ import re
 # A sentence ends at . ! ? followed by white space, or at a line break; the white space after it is its own.
 SENTENCE_END = re.compile(r"(?:[.!?](?=\s)|\n)\s*")
 MIN_REPEAT_WORDS = 3  # shorter lines ("}", "Yes.", "1.") legitimately recur
-# A unit of 1-32 characters written at least 3 times in a row, spanning at least MIN_STUTTER_CHARS and
+# A unit of 1-80 characters written at least 3 times in a row, spanning at least MIN_STUTTER_CHARS and
 # holding a letter or digit (so "-----" rules and "...." stay).
-STUTTER = re.compile(r"(.{1,32}?)\1{2,}$", re.DOTALL)
+STUTTER = re.compile(r"(.{1,80}?)\1{2,}$", re.DOTALL)
 MIN_STUTTER_CHARS = 15
 MAX_HELD_CHARS = 400  # a sentence that never ends is released in parts this long
 

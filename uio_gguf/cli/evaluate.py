@@ -11,6 +11,7 @@ from uio_gguf.cli.options import (
     DEFAULT_RATIO,
     FlashAttn,
     GpuLayers,
+    LoopGuardOption,
     Model,
     Ratio,
     Verbose,
@@ -193,6 +194,7 @@ def eval_qa(
         None, "--recall", help="Recall budget in tokens for rag and uio+recall (default: chat's)."
     ),
     max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="Most tokens per answer (greedy)."),
+    loop_guard: LoopGuardOption = True,
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the fillers' memory files."),
     json_out: Path | None = typer.Option(
         None, "--json", help="Also write the results (with every answer) here as JSON."
@@ -237,6 +239,7 @@ def eval_qa(
         seed=seed,
         recall_tokens=recall,
         max_tokens=max_tokens,
+        loop_guard=loop_guard,
         use_memory_files=not no_cache,
         progress=update,
         partial=(lambda r: json_out.write_text(json.dumps(name_filler(r), indent=2) + "\n")) if json_out else None,

@@ -32,6 +32,15 @@ AutoRatio = Annotated[
     int | None,
     typer.Option("--ratio", help=RATIO_HELP + " Default: 8, or 32 for a book longer than ratio 8 holds."),
 ]
+# Chat's, the server's and eval qa's answers (uio_gguf.loop_guard).
+LoopGuardOption = Annotated[
+    bool,
+    typer.Option(
+        "--loop-guard/--no-loop-guard",
+        help="Stop an answer where it starts to repeat itself (a sentence it already said, or a short unit three "
+        "times in a row); the repeat is not shown. SmolLM2-135M rarely ends a turn after a long book.",
+    ),
+]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="Use flash attention.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log.")]

@@ -13,6 +13,7 @@ from uio_gguf.cli.options import (
     AutoRatio,
     FlashAttn,
     GpuLayers,
+    LoopGuardOption,
     Model,
     Verbose,
     app,
@@ -47,14 +48,6 @@ DryMultiplier = Annotated[
         "--dry",
         help="llama.cpp's DRY sampler: penalty multiplier for a token that extends a sequence the answer already "
         "said (base 1.75, allowed length 2); 0: off.",
-    ),
-]
-LoopGuardOption = Annotated[
-    bool,
-    typer.Option(
-        "--loop-guard/--no-loop-guard",
-        help="Stop an answer where it starts to repeat itself (a sentence it already said, or a short unit three "
-        "times in a row); the repeat is not shown. SmolLM2-135M rarely ends a turn after a long book.",
     ),
 ]
 RepeatPenalty = Annotated[
