@@ -500,7 +500,7 @@ def summarize(samples: list[dict], tasks: list[str], lengths: list[int], methods
                         "hits": sum(s["hit"] for s in cell),
                         "accuracy": sum(s["hit"] for s in cell) / len(cell),
                         "ended": sum(s["ended"] for s in cell) / len(cell),
-                        "cut": sum(s.get("cut", False) for s in cell) / len(cell),
+                        "cut": sum(s["cut"] for s in cell) / len(cell),
                         "loops": sum(s["loop"] for s in cell) / len(cell),
                         "ttft_median": float(np.median([s["ttft"] for s in cell])),
                         "by_depth": {

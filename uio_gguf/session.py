@@ -310,7 +310,8 @@ class Session(Handle):
                 text += piece
                 hit = next((s for s in params.stop if s in text), None)
                 if hit:  # only the part of this piece before the stop string
-                    piece = text[len(text) - len(piece) : max(text.index(hit), len(text) - len(piece))]
+                    start = len(text) - len(piece)
+                    piece = text[start : max(text.index(hit), start)]
                 shown, looped = guard.push(piece)
                 if shown:
                     yield shown
