@@ -60,6 +60,19 @@ def _decode_at(session, tokens, start: int) -> np.ndarray:
     return session.ctx.logits(n - 1)
 
 
+def _decode_alone_at(session, tokens, start: int) -> None:
+    """The recall as the reference computes it: decoded in the empty scratch sequence of the same
+    context (the unified cache masks the memory out, so it attends to itself only), then given to the
+    conversation's sequence. Session.set_recall instead decodes it in a context of its own and moves
+    the cells over as llama.cpp's sequence state."""
+    tokens = [int(t) for t in tokens]
+    n = len(tokens)
+    session.batch.fill(np.arange(start, start + n), [[SCRATCH_SEQ]] * n, [False] * n, tokens)
+    session.ctx.decode(session.batch)
+    session.ctx.seq_cp(SCRATCH_SEQ, DECODER_SEQ)
+    session.ctx.seq_rm(SCRATCH_SEQ)
+
+
 def test_recall_ranks_the_planted_sentence_first(runtime, planted_book):
     from uio_gguf.recall import Recall
 
@@ -74,6 +87,24 @@ def test_recall_ranks_the_planted_sentence_first(runtime, planted_book):
     cost = sum(s.end - s.start for s in many) + (len(many) - 1) * len(recall.separator)
     assert 0 < cost <= 400
     assert all(a.end != b.start for a, b in zip(many, many[1:]))  # neighbours were merged
+
+
+def test_passages_holding_fewer_of_the_questions_words_are_left_out(runtime, prose):
+    """A passage that shares one word of the question many times can score over half the answer's
+    passage; read after it, nearer the question, it took the answer (pass keys at depth 0.1). Passages
+    holding fewer of the question's words than the best one are left out whatever they score."""
+    from uio_gguf.recall import Recall
+
+    question = "What is the pass key?"
+    decoy = "Each pass of the pass loop makes one more pass over the rows, pass after pass."
+    book = f"{prose[:1500]}\nThe pass key is 53207.\n{prose[1500:3000]}\n{decoy}\n{prose[3000:4500]}"
+    recall = Recall(runtime.model, runtime.model.tokenize(book, add_special=False), 32)
+    scores, coverage = recall.scores(question), recall.coverage(question)
+    decoys = [i for i, span in enumerate(recall.spans) if "rows, pass after" in recall.text(span)]
+    assert decoys and max(scores[decoys]) >= 0.5 * scores.max()  # the score floor alone would keep it
+    assert max(coverage[decoys]) < coverage.max() == 2
+    recalled = "".join(recall.text(span) for span in recall.select(question, 1000))
+    assert "53207" in recalled and "rows, pass after" not in recalled
 
 
 def test_conversation_recalls_the_planted_segment(runtime, planted_book):
@@ -109,7 +140,7 @@ def test_shifted_raw_window_equals_rotating_it_in_numpy(runtime, stream):
         moved = positions[cells] + len(recalled)
         k_moved = runtime.rope.rotate(k[:, cells], np.full(len(cells), len(recalled)))
         ref.add_memory(memory)
-        _decode_at(ref, recalled, n_mem)  # first: llama.cpp decodes only past a sequence's last position
+        _decode_alone_at(ref, recalled, n_mem)  # first: llama.cpp decodes only past a sequence's last position
         kv_write(runtime.plugin, ref.ctx.ptr, ref.layout, DECODER_SEQ, SCRATCH_SEQ, moved, k_moved, v[:, cells])
         expected = _decode_at(ref, question, n_mem + len(recalled) + len(raw))
     without_shift = np.abs(got - expected).max()
@@ -137,7 +168,7 @@ def test_three_questions_keep_memory_raw_and_the_current_recall_only(runtime, st
         ref.add_memory(runtime.compress(stream[: 4 * SEGMENT]))
         ref.add_memory(runtime.compress(np.concatenate([raw0, questions[0]])))
         ref.add_memory(runtime.compress(questions[1]))
-        _decode_at(ref, recalls[2], 6 * SLOTS)
+        _decode_alone_at(ref, recalls[2], 6 * SLOTS)
         expected = _decode_at(ref, questions[2], 6 * SLOTS + len(recalls[2]))
     err = np.abs(got - expected).max()
     assert err < 1e-4 * max(1.0, np.abs(expected).max()), err

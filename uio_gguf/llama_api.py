@@ -190,6 +190,20 @@ class Context(Handle):
         """Adds seq dst to the cells of seq src in [p0, p1) (a unified cache shares them, copying nothing)."""
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
 
+    def seq_state(self, seq: int) -> ctypes.Array:
+        """The cells of one sequence as llama.cpp saves them (positions, K and V of every layer)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ptr, seq)
+        state = (ctypes.c_uint8 * max(size, 1))()
+        if size and llama_cpp.llama_state_seq_get_data(self.ptr, state, size, seq) != size:
+            raise UIOError(f"llama.cpp could not save sequence {seq} ({size} bytes)")
+        return state
+
+    def set_seq_state(self, state: ctypes.Array, seq: int) -> None:
+        """Replaces sequence seq's cells with a saved state (from any context of the same model and
+        cache types); the cells keep the positions they were saved at."""
+        if llama_cpp.llama_state_seq_set_data(self.ptr, state, len(state), seq) != len(state):
+            raise UIOError(f"llama.cpp could not restore {len(state)} bytes into sequence {seq} (context full?)")
+
     def seq_pos_max(self, seq: int) -> int:
         return llama_cpp.llama_memory_seq_pos_max(self.memory, seq)
 

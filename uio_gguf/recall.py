@@ -2,8 +2,8 @@
 
 The memory carries the whole book's gist, but a 135M model cannot carry exact facts (a 5-digit pass
 key, an access code) through its compressed slots, while it reads them fine from raw text. So when a
-book is loaded its compressed segments are indexed with BM25 (bm25s), and for each question the
-best-ranked segments, up to a token budget, are decoded as raw tokens between the memory and the raw
+book is loaded its compressed part is indexed with BM25 (bm25s) in overlapping passages of one
+segment, and for each question the best-ranked passages, up to a token budget, are decoded as raw tokens between the memory and the raw
 window (Session.set_recall), where they replace the previous question's passages.
 """
 
@@ -15,8 +15,11 @@ import numpy as np
 
 DEFAULT_RECALL_TOKENS = 1024  # see README / docs/design.md §6 for the measurements behind it
 SEPARATOR = "\n[...]\n"  # between passages that are not neighbours in the book
-# Segments scoring under this share of the best one are left out: on the demo book, the weaker matches
+# Passages scoring under this share of the best one are left out: on the demo book, the weaker matches
 # that a larger budget let in (code examples sharing "code") turned the right answer (7419) into "None".
+# So are passages holding fewer of the question's words than the best one: a pass key at depth 0.1 of a
+# 16K book was answered from the libpng passage on interlace "passes" (2.08 against the needle's 4.06)
+# that sat after it, nearer the question (0 of 10 found; 10 of 10 with the cut).
 MIN_SCORE_SHARE = 0.5
 
 
@@ -35,10 +38,12 @@ def _words(texts: list[str]) -> list[list[str]]:
 
 
 class Recall:
-    """A BM25 index over the full segments of `tokens` (the book as the decoder reads it).
+    """A BM25 index over passages of the compressed part of `tokens` (the book as the decoder reads it).
 
-    skip: tokens at the start that are not the book's text (the chat template's opening); a recalled
-    first segment starts after them."""
+    A passage is one segment long and a new one starts every half segment, so a sentence shorter than
+    half a segment lies whole in some passage even where it straddles a segment boundary (the pass key
+    that recall missed at depth 0.9 of a 56K book did). skip: tokens at the start that are not the
+    book's text (the chat template's opening); the first passage starts after them."""
 
     def __init__(self, model, tokens, segment: int, skip: int = 0):
         import bm25s
@@ -46,50 +51,66 @@ class Recall:
         self.model = model
         self.tokens = np.asarray(tokens, dtype=np.int32)
         self.segment = segment
-        n_segments = len(self.tokens) // segment
+        end = len(self.tokens) // segment * segment  # the compressed part
+        stride = max(1, segment // 2)
         self.spans = [
-            Span(max(i * segment, min(skip, (i + 1) * segment)), (i + 1) * segment) for i in range(n_segments)
+            Span(max(at, min(skip, at + segment)), at + segment) for at in range(0, end - segment + 1, stride)
         ]
         self.separator = model.tokenize(SEPARATOR, add_special=False)
         self.index = None
-        if n_segments:
+        words = _words([self.text(s) for s in self.spans]) if self.spans else []
+        self.vocabularies = [set(w) for w in words]  # each passage's words, for the coverage cut
+        if self.spans:
             self.index = bm25s.BM25()
-            self.index.index(_words([self.text(s) for s in self.spans]), show_progress=False)
+            self.index.index(words, show_progress=False)
 
     def text(self, span: Span) -> str:
         return b"".join(self.model.piece(t) for t in self.tokens[span.start : span.end]).decode("utf-8", "replace")
 
+    def _question_words(self, question: str) -> list[str]:
+        return [w for w in _words([question])[0] if self.index is not None and w in self.index.vocab_dict]
+
     def scores(self, question: str) -> np.ndarray:
-        """BM25 score of every segment for the question (0 where no word is shared)."""
+        """BM25 score of every passage for the question (0 where no word is shared)."""
         if self.index is None:
             return np.zeros(0)
-        words = [w for w in _words([question])[0] if w in self.index.vocab_dict]
+        words = self._question_words(question)
         if not words:
             return np.zeros(len(self.spans))
         return np.asarray(self.index.get_scores(words), dtype=np.float64)
 
+    def coverage(self, question: str) -> np.ndarray:
+        """How many of the question's distinct words each passage holds."""
+        words = set(self._question_words(question))
+        return np.asarray([len(words & v) for v in self.vocabularies], dtype=np.int64)
+
     def select(self, question: str, budget: int) -> list[Span]:
-        """The best-ranked segments, each followed by its next and previous neighbour (a sentence may
-        straddle a segment boundary), while they fit in `budget` tokens (separators included); spans
-        merged where they meet, in book order. Segments that share no word with the question or score
-        under MIN_SCORE_SHARE of the best, and their neighbours, are left out."""
+        """The best-ranked passages while they fit in `budget` tokens (separators included), merged
+        where they overlap or meet, in book order. Passages that share no word with the question or
+        score under MIN_SCORE_SHARE of the best, or hold fewer of the question's words than the best
+        one does, are left out."""
         scores = self.scores(question)
+        if not len(scores) or scores.max() <= 0:
+            return []
         chosen: set[int] = set()
-        floor = MIN_SCORE_SHARE * scores.max() if len(scores) else 0.0
-        for best in np.argsort(-scores, kind="stable"):
+        floor = MIN_SCORE_SHARE * scores.max()
+        coverage = self.coverage(question)
+        order = np.argsort(-scores, kind="stable")
+        for best in order:
             if scores[best] <= 0 or scores[best] < floor:
                 break
-            for i in (int(best), int(best) + 1, int(best) - 1):
-                if 0 <= i < len(self.spans) and i not in chosen and self._cost(chosen | {i}) <= budget:
-                    chosen.add(i)
+            if coverage[best] < coverage[order[0]]:
+                continue
+            if self._cost(chosen | {int(best)}) <= budget:
+                chosen.add(int(best))
         return self._merge(chosen)
 
     def _merge(self, chosen: set[int]) -> list[Span]:
         spans: list[Span] = []
         for i in sorted(chosen):
             span = self.spans[i]
-            if spans and spans[-1].end == span.start:
-                spans[-1] = Span(spans[-1].start, span.end)
+            if spans and spans[-1].end >= span.start:
+                spans[-1] = Span(spans[-1].start, max(spans[-1].end, span.end))
             else:
                 spans.append(span)
         return spans
