@@ -41,7 +41,11 @@ def memory_key(bundle, tokens: np.ndarray, dtype=MEMORY_DTYPE) -> str:
 
 
 def _checksum(k: np.ndarray, v: np.ndarray) -> str:
-    return hashlib.sha256(k.tobytes() + v.tobytes()).hexdigest()
+    """SHA-256 of K's bytes then V's (C order), read in place: no copy of a memory that may be 160 MB."""
+    digest = hashlib.sha256()
+    for array in (k, v):
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()
 
 
 def save(path: Path, key: str, memory: SegmentMemory, dtype=MEMORY_DTYPE) -> Path:

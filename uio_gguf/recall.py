@@ -57,6 +57,8 @@ class Recall:
             Span(max(at, min(skip, at + segment)), at + segment) for at in range(0, end - segment + 1, stride)
         ]
         self.separator = model.tokenize(SEPARATOR, add_special=False)
+        # each distinct token's bytes, asked of llama.cpp once (passages overlap, and a book repeats its words)
+        self._pieces = {int(t): model.piece(int(t)) for t in np.unique(self.tokens)}
         self.index = None
         words = _words([self.text(s) for s in self.spans]) if self.spans else []
         self.vocabularies = [set(w) for w in words]  # each passage's words, for the coverage cut
@@ -65,7 +67,8 @@ class Recall:
             self.index.index(words, show_progress=False)
 
     def text(self, span: Span) -> str:
-        return b"".join(self.model.piece(t) for t in self.tokens[span.start : span.end]).decode("utf-8", "replace")
+        pieces = self._pieces
+        return b"".join(pieces[t] for t in self.tokens[span.start : span.end].tolist()).decode("utf-8", "replace")
 
     def _question_words(self, question: str) -> list[str]:
         return [w for w in _words([question])[0] if self.index is not None and w in self.index.vocab_dict]

@@ -46,8 +46,14 @@ class Rope:
         Each rotated pair (a, b) is the complex number a + ib times e^(i theta): one complex64 multiply
         per pair (a 56K-token book's memory is 40M values; float64 arithmetic took seconds). The angles
         are computed in float64; the product rounds like the float32 cache row it becomes."""
+        return self.rotate_in_place(np.array(k, dtype=np.float32, order="C"), positions)
+
+    def rotate_in_place(self, k: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """rotate() on a C-contiguous float32 array that it overwrites (no copy of a large memory)."""
+        if k.dtype != np.float32 or not k.flags.c_contiguous:
+            raise ValueError("rotate_in_place needs a C-contiguous float32 array")
         shape = k.shape
-        x = np.array(k, dtype=np.float32).reshape(*shape[:-1], shape[-1] // self.head_dim, self.head_dim)
+        x = k.reshape(*shape[:-1], shape[-1] // self.head_dim, self.head_dim)
         half = self.n_rot // 2
         inv_freq = self.base ** (-np.arange(half, dtype=np.float64) * 2.0 / self.n_rot)
         theta = np.asarray(positions, dtype=np.float64)[:, None] * self.freq_scale * inv_freq  # (n, half)
