@@ -60,15 +60,17 @@ def _decode_at(session, tokens, start: int) -> np.ndarray:
     return session.ctx.logits(n - 1)
 
 
-def _decode_alone_at(session, tokens, start: int) -> None:
-    """The recall as the reference computes it: decoded in the empty scratch sequence of the same
-    context (the unified cache masks the memory out, so it attends to itself only), then given to the
-    conversation's sequence. Session.set_recall instead decodes it in a context of its own and moves
-    the cells over as llama.cpp's sequence state."""
-    tokens = [int(t) for t in tokens]
-    n = len(tokens)
-    session.batch.fill(np.arange(start, start + n), [[SCRATCH_SEQ]] * n, [False] * n, tokens)
+def _decode_alone_at(session, tokens, start: int, lead=()) -> None:
+    """The recall as the reference computes it: decoded (after its lead tokens) in the empty scratch
+    sequence of the same context (the unified cache masks the memory out, so it attends to itself
+    only), the lead's cells dropped, the rest given to the conversation's sequence. Session.set_recall
+    instead decodes it in a context of its own and moves the cells over as llama.cpp's sequence state."""
+    tokens = [int(t) for t in lead] + [int(t) for t in tokens]
+    n, first = len(tokens), start - len(lead)
+    session.batch.fill(np.arange(first, first + n), [[SCRATCH_SEQ]] * n, [False] * n, tokens)
     session.ctx.decode(session.batch)
+    if len(lead):
+        session.ctx.seq_rm(SCRATCH_SEQ, first, start)
     session.ctx.seq_cp(SCRATCH_SEQ, DECODER_SEQ)
     session.ctx.seq_rm(SCRATCH_SEQ)
 
@@ -145,6 +147,30 @@ def test_shifted_raw_window_equals_rotating_it_in_numpy(runtime, stream):
         expected = _decode_at(ref, question, n_mem + len(recalled) + len(raw))
     without_shift = np.abs(got - expected).max()
     assert without_shift < 1e-4 * max(1.0, np.abs(expected).max()), without_shift
+
+
+def test_the_lead_token_goes_before_the_passages_and_stays_out(runtime, stream):
+    """set_recall(lead=...): the passages are decoded after the lead token, whose cell stays out of the
+    conversation; the question's logits equal the reference's, and differ from a recall without it."""
+    memory = runtime.compress(stream[: 4 * SEGMENT])
+    recalled, question, lead = stream[200:223], stream[300:305], stream[:1]
+    n_mem = 4 * SLOTS
+
+    def asked(lead_tokens) -> np.ndarray:
+        with runtime.new_session(n_ctx=256) as s:
+            s.add_memory(memory)
+            s.set_recall(recalled, lead=lead_tokens)
+            _assert_contiguous(runtime, s)
+            return s.feed(question)
+
+    got, without = asked(lead), asked(())
+    with runtime.new_session(n_ctx=256) as ref:
+        ref.add_memory(memory)
+        _decode_alone_at(ref, recalled, n_mem, lead)
+        expected = _decode_at(ref, question, n_mem + len(recalled))
+    err = np.abs(got - expected).max()
+    assert err < 1e-4 * max(1.0, np.abs(expected).max()), err
+    assert np.abs(without - expected).max() > 100 * err + 1e-3
 
 
 def test_three_questions_keep_memory_raw_and_the_current_recall_only(runtime, stream):

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import llama_cpp
 
-from uio_gguf import memory_file
+from uio_gguf import memory_file, start_state
 from uio_gguf.encoder import SegmentMemory
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.recall import DEFAULT_RECALL_TOKENS, Recall
-from uio_gguf.session import SamplingParams
+from uio_gguf.session import DECODER_SEQ, SamplingParams
 
 BOOK_MARKER = "\u2063UIO-BOOK\u2063"  # invisible separator: never in a real chat template
 FALLBACK_TEMPLATE = "chatml"  # llama.cpp's built-in name, for models that ship no template
@@ -75,6 +75,7 @@ class CompressionStats:
     tokens: int = 0
     seconds: float = 0.0
     from_file: bool = False
+    from_start_state: bool = False  # the whole start cache came from its file (uio_gguf.start_state)
 
     @property
     def tokens_per_second(self) -> float:
@@ -146,6 +147,18 @@ class Conversation(Handle):
         key = memory_file.memory_key(self.runtime.bundle, compressed, dtype)
         path = memory_file.cache_dir() / f"{key}.npz"
         started = time.perf_counter()
+        self.memory_path = path
+        # the segments the raw window holds are read as text (their memory stays in the file for later)
+        n_raw_window = len(self.book_tokens) - self.session.raw_window  # as feed would leave it: < R raw
+        n_mem = min(n_full, n_raw_window // seg + 1) if n_raw_window >= 0 else 0
+        remainder = self.book_tokens[n_mem * seg :]
+        start_key = start_state.state_key(key, remainder, self.session.raw_window, self.session.ctx.settings)
+        start_path = start_state.path_for(path, start_key)
+        if use_memory_files and path.is_file() and (saved := start_state.load(start_path, start_key)) is not None:
+            if self.session.restore(saved, n_mem, remainder):
+                self.stats.from_file = self.stats.from_start_state = True
+                self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
+                return
         memory = memory_file.load(path, key) if use_memory_files else None
         self.stats.from_file = memory is not None
         if memory is None:
@@ -161,12 +174,10 @@ class Conversation(Handle):
             if use_memory_files and n_full:
                 memory_file.save(path, key, memory, dtype)
         self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
-        self.memory_path = path
-        # the segments the raw window holds are read as text (their memory stays in the file for later)
-        n_raw_window = len(self.book_tokens) - self.session.raw_window  # as feed would leave it: < R raw
-        n_mem = min(n_full, n_raw_window // seg + 1) if n_raw_window >= 0 else 0
         self.session.add_memory(SegmentMemory(memory.k[:n_mem], memory.v[:n_mem]))
-        self.session.feed(self.book_tokens[n_mem * seg :])
+        self.session.feed(remainder)
+        if use_memory_files and n_full:  # the next opening of this book restores this cache at once
+            start_state.save(start_path, start_key, self.session.ctx.seq_state(DECODER_SEQ))
 
     # ----- turns ------------------------------------------------------------------------------------
     def ask(
@@ -188,7 +199,8 @@ class Conversation(Handle):
         tokens = self.model.tokenize(delta, add_special=False)
         if self.recall is not None:
             budget = min(self.recall_tokens, self._recall_room(len(tokens), params.max_tokens))
-            self.session.set_recall(self.recall.recall_tokens(question, budget))
+            # the document's first token leads the passages where they are decoded (an attention sink)
+            self.session.set_recall(self.recall.recall_tokens(question, budget), lead=self.book_tokens[:1])
         self.session.feed(tokens)
         self.seen_text += delta
         answer = ""

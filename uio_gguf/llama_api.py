@@ -198,11 +198,16 @@ class Context(Handle):
             raise UIOError(f"llama.cpp could not save sequence {seq} ({size} bytes)")
         return state
 
-    def set_seq_state(self, state: ctypes.Array, seq: int) -> None:
+    def set_seq_state(self, state: ctypes.Array | np.ndarray, seq: int) -> None:
         """Replaces sequence seq's cells with a saved state (from any context of the same model and
-        cache types); the cells keep the positions they were saved at."""
-        if llama_cpp.llama_state_seq_set_data(self.ptr, state, len(state), seq) != len(state):
-            raise UIOError(f"llama.cpp could not restore {len(state)} bytes into sequence {seq} (context full?)")
+        cache types; a ctypes byte array or a uint8 numpy array); the cells keep their saved positions."""
+        if isinstance(state, np.ndarray):
+            state = np.ascontiguousarray(state, dtype=np.uint8)
+            size, data = state.nbytes, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        else:
+            size, data = len(state), state
+        if llama_cpp.llama_state_seq_set_data(self.ptr, data, size, seq) != size:
+            raise UIOError(f"llama.cpp could not restore {size} bytes into sequence {seq} (context full?)")
 
     def seq_pos_max(self, seq: int) -> int:
         return llama_cpp.llama_memory_seq_pos_max(self.memory, seq)

@@ -208,6 +208,27 @@ class Session(Handle):
         self.n_mem += n_seg * self.slots
         self.compressed_segments += n_seg
 
+    def restore(self, state, segments: int, raw) -> bool:
+        """Takes an empty conversation to a saved start state (uio_gguf.start_state): the memory of
+        `segments` segments, then the raw tokens `raw`. False, with the conversation left empty, when
+        the state does not hold exactly those cells."""
+        if self.n_past:
+            raise RuntimeError("a start state is restored into an empty conversation only")
+        try:
+            self.ctx.set_seq_state(state, DECODER_SEQ)
+        except UIOError:
+            self.ctx.seq_rm(DECODER_SEQ)
+            return False
+        cells = segments * self.slots + len(raw)
+        if self.ctx.seq_pos_max(DECODER_SEQ) != cells - 1 or len(raw) >= self.raw_window:
+            self.ctx.seq_rm(DECODER_SEQ)
+            return False
+        self.n_mem, self.compressed_segments = segments * self.slots, segments
+        self.raw = [int(t) for t in raw]
+        self.tokens_seen = segments * self.segment + len(self.raw)
+        self._last_logits = None  # nothing to sample from before the next feed
+        return True
+
     def _check_room(self, cells: int) -> None:
         if self.n_past + cells > self.ctx.n_ctx:
             raise UIOError(
@@ -230,7 +251,7 @@ class Session(Handle):
         self._write_memory(memory)
 
     # ----- recall -----------------------------------------------------------------------------
-    def set_recall(self, tokens) -> None:
+    def set_recall(self, tokens, lead=()) -> None:
         """Replaces the recalled passages with `tokens`, as raw cells right after the memory and before
         the raw window (docs/design.md §6). The previous recall's cells are removed and the raw window's
         cells shift (llama.cpp seq_rm + seq_add; K is re-rotated at the next decode), so the cache stays
@@ -239,9 +260,15 @@ class Session(Handle):
         The passages are decoded in a small context of their own, at their final positions, and their
         cells moved in (llama.cpp's sequence state): they attend over each other only, as a plain prompt
         of those passages would. Decoded here, every token would attend (masked) over every cell of the
-        unified cache: at 56K tokens 7,000 memory cells made a 900-token recall take 16 s instead of 2 s."""
+        unified cache: at 56K tokens 7,000 memory cells made a 900-token recall take 16 s instead of 2 s.
+
+        lead: tokens decoded right before the passages in that context and left out of the conversation:
+        the document's first token, on which the model's attention leans (an attention sink). Passages
+        decoded without it lean on their own first token instead; at 56K the answer then drifted from
+        the recalled pass key (docs/design.md §6)."""
         tokens = [int(t) for t in tokens]
         start, old = self.n_mem, len(self.recall)
+        lead = [int(t) for t in lead] if len(lead) <= start else []  # it needs positions before the passages
         self._check_room(len(tokens) - old)
         raw_at = start + old
         if old:
@@ -251,13 +278,14 @@ class Session(Handle):
         self.recall = []
         self._last_logits = None  # what follows must be fed before sampling
         if tokens:
-            self.ctx.set_seq_state(self._decode_alone(tokens, start), SCRATCH_SEQ)
+            self.ctx.set_seq_state(self._decode_alone(lead + tokens, start - len(lead), keep_from=start), SCRATCH_SEQ)
             self.ctx.seq_cp(SCRATCH_SEQ, DECODER_SEQ)  # shares the cells: nothing is copied
             self.ctx.seq_rm(SCRATCH_SEQ)
         self.recall = tokens
 
-    def _decode_alone(self, tokens: list[int], start: int):
-        """The cells of `tokens` decoded by themselves at positions start.., as a llama.cpp sequence state."""
+    def _decode_alone(self, tokens: list[int], start: int, keep_from: int):
+        """The cells at positions >= keep_from of `tokens` decoded by themselves at positions start.., as a
+        llama.cpp sequence state."""
         need = -(-len(tokens) // 256) * 256  # llama.cpp pads a context to 256 cells anyway
         if self._recall_ctx is None or self._recall_ctx.n_ctx < need:
             if self._recall_ctx is not None:
@@ -282,6 +310,8 @@ class Session(Handle):
             positions = np.arange(start + at, start + at + len(chunk))
             self.batch.fill(positions, [[0]] * len(chunk), [False] * len(chunk), tokens=chunk)
             ctx.decode(self.batch)
+        if keep_from > start:
+            ctx.seq_rm(0, start, keep_from)
         state = ctx.seq_state(0)
         ctx.clear()
         return state

@@ -1,0 +1,76 @@
+"""Start states: a book's decoder cache as the first question finds it, saved beside its memory file.
+
+Opening a book from its memory file still writes every memory cell (K rotated to its position) and
+decodes the raw remainder over all of them: 2-3 s for a 56K-token book's 7,056 cells on a 2-core CPU.
+The start state is that finished cache (memory cells and remainder) as llama.cpp saves one sequence
+(llama_state_seq_get_data), so reopening the book is a file read. Its key hashes the memory file's key
+and everything else the cells depend on: the remainder's tokens, the raw window, the cache's types,
+flash attention (it changes V's layout) and the llama-cpp-python version (the state format's owner).
+A checksum guards the bytes; a damaged or foreign file is ignored and the cache rebuilt the usual way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from uio_gguf.files import atomic_file
+
+FORMAT = "uio-start-state/1"
+
+
+def state_key(memory_key: str, remainder, raw_window: int, settings) -> str:
+    """settings: the decoder context's ContextSettings."""
+    import llama_cpp
+
+    digest = hashlib.sha256()
+    parts = (
+        FORMAT,
+        memory_key,
+        raw_window,
+        settings.type_k,
+        settings.type_v,
+        settings.flash_attn,
+        llama_cpp.__version__,
+    )
+    for part in parts:
+        digest.update(str(part).encode() + b"\0")
+    digest.update(np.asarray(remainder, dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
+def path_for(memory_path: Path, key: str) -> Path:
+    return Path(memory_path).with_name(f"{key}.start.npz")
+
+
+def save(path: Path, key: str, state) -> None:
+    """state: the bytes of llama_state_seq_get_data (any buffer)."""
+    blob = np.frombuffer(state, dtype=np.uint8)
+    meta = json.dumps({"format": FORMAT, "key": key, "checksum": hashlib.sha256(blob).hexdigest()})
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez(tmp, state=blob, meta=np.array(meta))
+
+
+def load(path: Path, key: str) -> np.ndarray | None:
+    """The saved state's bytes if the file is intact and made for `key`; None otherwise (a warning if damaged)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            blob = data["state"]
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"unknown format {meta.get('format')!r}")
+        if meta.get("key") != key:
+            return None
+        if blob.dtype != np.uint8 or meta.get("checksum") != hashlib.sha256(blob).hexdigest():
+            raise ValueError("checksum mismatch")
+    except Exception as err:  # truncated zip, bad JSON, wrong arrays
+        warnings.warn(f"start state {path} is damaged ({err}); rebuilding it", stacklevel=2)
+        return None
+    return blob
