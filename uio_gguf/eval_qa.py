@@ -515,14 +515,14 @@ def summarize(samples: list[dict], tasks: list[str], lengths: list[int], methods
 def format_report(report: dict) -> str:
     methods = report["methods"]
     cell = {(r["task"], r["length"], r["method"]): r for r in report["results"]}
-    width = max(12, *(len(m) + 2 for m in methods))
+    width = max(16, *(len(m) + 2 for m in methods))  # "100% (30/30)" and a gap
 
     def table(title: str, value: Callable[[dict], str]) -> list[str]:
-        lines = [title, f"{'task':<12}{'tokens':>8}" + "".join(f"{m:>{width}}" for m in methods)]
+        lines = [title, f"{'task':<12}{'tokens':>9}" + "".join(f"{m:>{width}}" for m in methods)]
         for task in report["tasks"]:
             for n in report["lengths"]:
                 lines.append(
-                    f"{task:<12}{n:>8,}"
+                    f"{task:<12}{n:>9,}"
                     + "".join(f"{value(cell[(task, n, m)]) if (task, n, m) in cell else '-':>{width}}" for m in methods)
                 )
         return lines

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DEFAULT_RECALL_TOKENS = 1024  # see README / docs/design.md §6 for the measurements behind it
+DEFAULT_RECALL_TOKENS = 1024  # see docs/design.md §6 for the measurements behind it
 SEPARATOR = "\n[...]\n"  # between passages that are not neighbours in the book
 # Passages scoring under this share of the best one are left out: on the demo book, the weaker matches
 # that a larger budget let in (code examples sharing "code") turned the right answer (7419) into "None".

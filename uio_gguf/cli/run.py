@@ -128,7 +128,9 @@ def chat(
     dry: DryMultiplier = DEFAULT_DRY,
     loop_guard: LoopGuardOption = True,
     flash_attn: FlashAttn = False,
-    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write memory files."),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Do not read or write memory files (nor the start caches beside them)."
+    ),
     verbose: Verbose = False,
 ):
     """Chat about a book of any length: it is compressed into memory slots in llama.cpp's KV cache.
