@@ -152,9 +152,8 @@ class Conversation(Handle):
         n_raw_window = len(self.book_tokens) - self.session.raw_window  # as feed would leave it: < R raw
         n_mem = min(n_full, n_raw_window // seg + 1) if n_raw_window >= 0 else 0
         remainder = self.book_tokens[n_mem * seg :]
-        start_key = start_state.state_key(key, remainder, self.session.raw_window, self.session.ctx.settings)
-        start_path = start_state.path_for(path, start_key)
-        if use_memory_files and path.is_file() and (saved := start_state.load(start_path, start_key)) is not None:
+        start = self._start_state(path, key, remainder) if use_memory_files else None
+        if start and (saved := start_state.load(*start)) is not None:
             if self.session.restore(saved, n_mem, remainder):
                 self.stats.from_file = self.stats.from_start_state = True
                 self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
@@ -176,8 +175,19 @@ class Conversation(Handle):
         self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
         self.session.add_memory(SegmentMemory(memory.k[:n_mem], memory.v[:n_mem]))
         self.session.feed(remainder)
-        if use_memory_files and n_full:  # the next opening of this book restores this cache at once
-            start_state.save(start_path, start_key, self.session.ctx.seq_state(DECODER_SEQ))
+        if use_memory_files and n_full and (start := self._start_state(path, key, remainder)):
+            start_state.save(*start, self.session.ctx.seq_state(DECODER_SEQ))  # the next opening restores it
+
+    def _start_state(self, memory_path, key: str, remainder) -> tuple | None:
+        """(path, key) of the start state that belongs to this memory file's content (named by its
+        checksum, so a damaged or rewritten memory file is noticed without reading its arrays); None
+        without a readable memory file."""
+        checksum = memory_file.stored_checksum(memory_path, key)
+        if checksum is None:
+            return None
+        s = self.session
+        start_key = start_state.state_key(f"{key}:{checksum}", remainder, s.raw_window, s.ctx.settings)
+        return start_state.path_for(memory_path, start_key), start_key
 
     # ----- turns ------------------------------------------------------------------------------------
     def ask(

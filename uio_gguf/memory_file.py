@@ -62,6 +62,19 @@ def save(path: Path, key: str, memory: SegmentMemory, dtype=MEMORY_DTYPE) -> Pat
     return path
 
 
+def stored_checksum(path: Path, key: str) -> str | None:
+    """The checksum a memory file records, read without its arrays (a start state names the memory it
+    was made from by it); None if the file is missing, unreadable or made for another key."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+    except Exception:  # missing, truncated, not a zip: load() says which when it reads the file
+        return None
+    if meta.get("format") != FORMAT or meta.get("key") != key:
+        return None
+    return meta.get("checksum")
+
+
 def load(path: Path, key: str) -> SegmentMemory | None:
     """The memory in `path` if it is intact and made for `key`; None (with a warning if damaged) otherwise."""
     path = Path(path)
