@@ -9,16 +9,15 @@ Files are written atomically (temporary file, then rename).
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from uio_gguf import keyed_file
 from uio_gguf.cache import cache_root
 from uio_gguf.encoder import SegmentMemory
 from uio_gguf.errors import UIOError
-from uio_gguf.files import atomic_file
 from uio_gguf.transfer import MEMORY_DTYPE
 
 FORMAT = "uio-memory/1"
@@ -55,10 +54,7 @@ def save(path: Path, key: str, memory: SegmentMemory, dtype=MEMORY_DTYPE) -> Pat
     k, v = memory.k.astype(dtype), memory.v.astype(dtype)
     if not (np.isfinite(k).all() and np.isfinite(v).all()):
         raise UIOError("refusing to save a memory with non-finite values (the UIO head is damaged?)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps({"format": FORMAT, "key": key, "checksum": _checksum(k, v)})
-    with atomic_file(path, suffix=".npz") as tmp:
-        np.savez(tmp, k=k, v=v, meta=np.array(meta))
+    keyed_file.save(path, FORMAT, key, _checksum(k, v), k=k, v=v)
     return path
 
 
@@ -66,8 +62,7 @@ def stored_checksum(path: Path, key: str) -> str | None:
     """The checksum a memory file records, read without its arrays (a start state names the memory it
     was made from by it); None if the file is missing, unreadable or made for another key."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
+        meta = keyed_file.read_meta(path)
     except Exception:  # missing, truncated, not a zip: load() says which when it reads the file
         return None
     if meta.get("format") != FORMAT or meta.get("key") != key:
@@ -81,14 +76,12 @@ def load(path: Path, key: str) -> SegmentMemory | None:
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            k, v = data["k"], data["v"]
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"unknown format {meta.get('format')!r}")
-        if meta.get("key") != key:
-            return None  # another document or bundle: not an error, just not ours
-        if meta.get("checksum") != _checksum(k, v):
+        found = keyed_file.load(path, FORMAT, key, ("k", "v"))
+        if found is None:
+            return None
+        checksum, arrays = found
+        k, v = arrays["k"], arrays["v"]
+        if checksum != _checksum(k, v):
             raise ValueError("checksum mismatch")
         if k.shape != v.shape or k.ndim != 4 or not (np.isfinite(k).all() and np.isfinite(v).all()):
             raise ValueError("K and V are not finite memory rows of one shape")

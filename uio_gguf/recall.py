@@ -96,11 +96,11 @@ class Recall:
         if not len(scores) or scores.max() <= 0:
             return []
         chosen: set[int] = set()
-        floor = MIN_SCORE_SHARE * scores.max()
+        floor = MIN_SCORE_SHARE * scores.max()  # > 0: passages sharing no word fall under it
         coverage = self.coverage(question)
         order = np.argsort(-scores, kind="stable")
         for best in order:
-            if scores[best] <= 0 or scores[best] < floor:
+            if scores[best] < floor:
                 break
             if coverage[best] < coverage[order[0]]:
                 continue

@@ -12,13 +12,12 @@ A checksum guards the bytes; a damaged or foreign file is ignored and the cache 
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from uio_gguf.files import atomic_file
+from uio_gguf import keyed_file
 
 FORMAT = "uio-start-state/1"
 
@@ -50,9 +49,7 @@ def path_for(memory_path: Path, key: str) -> Path:
 def save(path: Path, key: str, state) -> None:
     """state: the bytes of llama_state_seq_get_data (any buffer)."""
     blob = np.frombuffer(state, dtype=np.uint8)
-    meta = json.dumps({"format": FORMAT, "key": key, "checksum": hashlib.sha256(blob).hexdigest()})
-    with atomic_file(path, suffix=".npz") as tmp:
-        np.savez(tmp, state=blob, meta=np.array(meta))
+    keyed_file.save(path, FORMAT, key, hashlib.sha256(blob).hexdigest(), state=blob)
 
 
 def load(path: Path, key: str) -> np.ndarray | None:
@@ -61,14 +58,12 @@ def load(path: Path, key: str) -> np.ndarray | None:
     if not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            blob = data["state"]
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"unknown format {meta.get('format')!r}")
-        if meta.get("key") != key:
+        found = keyed_file.load(path, FORMAT, key, ("state",))
+        if found is None:
             return None
-        if blob.dtype != np.uint8 or meta.get("checksum") != hashlib.sha256(blob).hexdigest():
+        checksum, arrays = found
+        blob = arrays["state"]
+        if blob.dtype != np.uint8 or checksum != hashlib.sha256(blob).hexdigest():
             raise ValueError("checksum mismatch")
     except Exception as err:  # truncated zip, bad JSON, wrong arrays
         warnings.warn(f"start state {path} is damaged ({err}); rebuilding it", stacklevel=2)

@@ -1,0 +1,40 @@
+"""Keyed cache files: an .npz of arrays plus a meta record of what they are (format), what they were
+made for (key) and a checksum over them, written atomically.
+
+Memory files (uio_gguf.memory_file) and start states (uio_gguf.start_state) are both kept this way;
+each computes its own checksum, so the arrays are read back once and checked by their owner.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from uio_gguf.files import atomic_file
+
+
+def save(path: Path, format: str, key: str, checksum: str, **arrays: np.ndarray) -> None:
+    meta = json.dumps({"format": format, "key": key, "checksum": checksum})
+    with atomic_file(path, suffix=".npz") as tmp:
+        np.savez(tmp, meta=np.array(meta), **arrays)
+
+
+def read_meta(path: Path) -> dict:
+    """The meta record alone (the arrays stay on disk). Raises on a missing or unreadable file."""
+    with np.load(path, allow_pickle=False) as data:
+        return json.loads(str(data["meta"]))
+
+
+def load(path: Path, format: str, key: str, names: tuple[str, ...]) -> tuple[str, dict[str, np.ndarray]] | None:
+    """(the recorded checksum, the named arrays) of a file made for `key`; None for another key.
+    Raises on a damaged file (truncated zip, bad JSON, a missing array, another format)."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data["meta"]))
+        arrays = {name: data[name] for name in names}
+    if meta.get("format") != format:
+        raise ValueError(f"unknown format {meta.get('format')!r}")
+    if meta.get("key") != key:
+        return None  # another document or bundle: not an error, just not ours
+    return meta.get("checksum"), arrays
