@@ -38,6 +38,10 @@ FALLBACK_TEMPLATE = "chatml"  # llama.cpp's built-in name, for models that ship 
 DEFAULT_RAW_SEGMENTS = 1
 MIN_RAW_SEGMENTS = 8
 ANSWER_ROOM = 1024  # cells the raw window leaves for the question and the answer (runtime.ANSWER_RESERVE)
+# How recall ranks the book's passages for a question (docs/design.md §6): BM25 on the question's words, or
+# the question's own attention over each segment's memory slots (uio_gguf.attention_rank).
+RANKINGS = ("bm25", "attention")
+QUERY_ROWS = 64  # the question's last tokens whose attention ranks the segments
 
 
 def render(template: str | None, messages: list[tuple[str, str]], add_generation_prompt: bool) -> str:
@@ -92,11 +96,15 @@ class Conversation(Handle):
         progress: Callable[[int, int], None] | None = None,
         recall_tokens: int = DEFAULT_RECALL_TOKENS,
         raw_window: int | None = None,
+        recall_ranking: str = "bm25",
     ):
         """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
         alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
         segments; the segment length: the training view). Where the book's memory leaves no room for R
-        beside the recall budget and an answer, R shrinks (to one segment at the least)."""
+        beside the recall budget and an answer, R shrinks (to one segment at the least).
+        recall_ranking: one of RANKINGS."""
+        if recall_ranking not in RANKINGS:
+            raise UIOError(f"unknown recall ranking {recall_ranking!r} (choose from {', '.join(RANKINGS)})")
         if recall_tokens < 0:
             raise UIOError(f"the recall budget must be 0 or more tokens, not {recall_tokens}")
         if raw_window is not None and raw_window < runtime.segment:
@@ -111,7 +119,9 @@ class Conversation(Handle):
         self.seen_text = ""  # everything the model has read, as text (to append later turns)
         self.book_tokens = document_tokens(self.model, book)
         runtime.check_length(len(self.book_tokens), n_ctx)
-        self.session = runtime.new_session(n_ctx)
+        self.recall_ranking = recall_ranking
+        by_attention = recall_tokens > 0 and recall_ranking == "attention"
+        self.session = runtime.new_session(n_ctx, query_rows=QUERY_ROWS if by_attention else 0)
         self.session.raw_window = self._fit_raw_window(raw_window, recall_tokens)
         self.stats = CompressionStats()
         self.recall_tokens = recall_tokens
@@ -154,7 +164,7 @@ class Conversation(Handle):
         remainder = self.book_tokens[n_mem * seg :]
         start = self._start_state(path, key, remainder) if use_memory_files else None
         if start and (saved := start_state.load(*start)) is not None:
-            if self.session.restore(saved, n_mem, remainder):
+            if self.session.restore(saved, n_mem, remainder) and self._keys_after_restore(path, key, n_mem):
                 self.stats.from_file = self.stats.from_start_state = True
                 self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
                 return
@@ -177,6 +187,19 @@ class Conversation(Handle):
         self.session.feed(remainder)
         if use_memory_files and n_full and (start := self._start_state(path, key, remainder)):
             start_state.save(*start, self.session.ctx.seq_state(DECODER_SEQ))  # the next opening restores it
+
+    def _keys_after_restore(self, path, key: str, n_mem: int) -> bool:
+        """A restored session ranking recall by attention needs its memory's K, which the start state does
+        not hold: read from the memory file. False (and the conversation emptied, to be loaded the long
+        way) if that file cannot be read."""
+        if self.session._capture is None:
+            return True
+        memory = memory_file.load(path, key)
+        if memory is None:
+            self.session.reset()
+            return False
+        self.session.remember_keys(SegmentMemory(memory.k[:n_mem], memory.v[:n_mem]))
+        return True
 
     def _start_state(self, memory_path, key: str, remainder) -> tuple | None:
         """(path, key) of the start state that belongs to this memory file's content (named by its
@@ -209,8 +232,14 @@ class Conversation(Handle):
         tokens = self.model.tokenize(delta, add_special=False)
         if self.recall is not None:
             budget = min(self.recall_tokens, self._recall_room(len(tokens), params.max_tokens))
+            if self.recall_ranking == "attention":
+                self.session.set_recall([])  # the question attends over the memory and raw window alone
+                scores = self.session.memory_attention(tokens, self.runtime.query_projection())
+                recalled = self.recall.tokens_for(self.recall.segment_spans(scores, budget))
+            else:
+                recalled = self.recall.recall_tokens(question, budget)
             # the document's first token leads the passages where they are decoded (an attention sink)
-            self.session.set_recall(self.recall.recall_tokens(question, budget), lead=self.book_tokens[:1])
+            self.session.set_recall(recalled, lead=self.book_tokens[:1])
         self.session.feed(tokens)
         self.seen_text += delta
         answer = ""

@@ -16,7 +16,9 @@ Methods (the book goes in the first user turn of the chat template, as `uio-gguf
   rag         no memory: window plus the passages that recall (uio_gguf.recall) brings back for the
               question, with uio+recall's budget, between the opening and the remainder
   uio         the memory alone (Conversation with recall 0)
-  uio+recall  the memory and recall (chat's default budget)
+  uio+recall  the memory and recall (chat's default budget), passages ranked by BM25
+  uio+attn    the same, segments ranked by the question's attention over their memory slots
+              (uio_gguf.attention_rank)
 Both read the training view: the raw window is one segment (the remainder), which window and rag read
 too; chat's longer default raw window (uio_gguf.chat.DEFAULT_RAW_SEGMENTS) is not a column yet.
 Greedy answers of at most --max-tokens tokens. Per cell: accuracy, the share of answers that end by
@@ -48,7 +50,8 @@ from uio_gguf.loop_guard import LoopGuard
 from uio_gguf.synthetic import KEY_NAMES, PASSKEY_QUESTION, passkey_fact
 
 TASKS = ("passkey", "single", "multikey", "multivalue", "vt")
-METHODS = ("window", "full-8k", "rag", "uio", "uio+recall")
+METHODS = ("window", "full-8k", "rag", "uio", "uio+recall", "uio+attn")
+RANKING = {"uio": "bm25", "uio+recall": "bm25", "uio+attn": "attention"}  # how each uio method ranks recall
 DEFAULT_LENGTHS = "4096,16384,32768,56000"
 # Held out of training (docs/evaluation.md: the libpng manual is a held-out document of `uio-gguf data`).
 DEFAULT_FILLER = "heldout_libpng_manual.txt"
@@ -325,13 +328,20 @@ def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: flo
         decoder.close()
 
 
-def _uio_answer(cache: SegmentCache, doc: Document, question: str, params, recall_tokens: int) -> Answer:
+def _uio_answer(
+    cache: SegmentCache, doc: Document, question: str, params, recall_tokens: int, ranking: str = "bm25"
+) -> Answer:
     from uio_gguf.chat import Conversation
 
     started = time.perf_counter()
     # the training view (raw window = one segment), whose raw part window and rag read too
     conversation = Conversation(
-        cache, doc.book, use_memory_files=False, recall_tokens=recall_tokens, raw_window=cache.runtime.segment
+        cache,
+        doc.book,
+        use_memory_files=False,
+        recall_tokens=recall_tokens,
+        raw_window=cache.runtime.segment,
+        recall_ranking=ranking,
     )
     try:
         making = conversation.stats.seconds  # the memory's compression: a memory file's job in chat
@@ -365,8 +375,9 @@ def method_tokens(runtime, doc: Document, question: str, method: str, recall_tok
 
 def answer(cache: SegmentCache, doc: Document, question: str, method: str, params, recall_tokens: int) -> Answer:
     runtime = cache.runtime
-    if method in ("uio", "uio+recall"):
-        return _uio_answer(cache, doc, question, params, recall_tokens if method == "uio+recall" else 0)
+    if method in RANKING:
+        budget = recall_tokens if method != "uio" else 0
+        return _uio_answer(cache, doc, question, params, budget, RANKING[method])
     if method in ("window", "full-8k", "rag"):
         started = time.perf_counter()  # rag's ranking counts, as uio+recall's does
         tokens = method_tokens(runtime, doc, question, method, recall_tokens)

@@ -50,8 +50,9 @@ class Recall:
 
         self.model = model
         self.tokens = np.asarray(tokens, dtype=np.int32)
-        self.segment = segment
-        end = len(self.tokens) // segment * segment  # the compressed part
+        self.segment, self.skip = segment, skip
+        self.n_segments = len(self.tokens) // segment
+        end = self.n_segments * segment  # the compressed part
         stride = max(1, segment // 2)
         self.spans = [
             Span(max(at, min(skip, at + segment)), at + segment) for at in range(0, end - segment + 1, stride)
@@ -95,7 +96,7 @@ class Recall:
         scores = self.scores(question)
         if not len(scores) or scores.max() <= 0:
             return []
-        chosen: set[int] = set()
+        chosen: list[Span] = []
         floor = MIN_SCORE_SHARE * scores.max()  # > 0: passages sharing no word fall under it
         coverage = self.coverage(question)
         order = np.argsort(-scores, kind="stable")
@@ -104,29 +105,52 @@ class Recall:
                 break
             if coverage[best] < coverage[order[0]]:
                 continue
-            if self._cost(chosen | {int(best)}) <= budget:
-                chosen.add(int(best))
-        return self._merge(chosen)
+            if self._cost([*chosen, self.spans[best]]) <= budget:
+                chosen.append(self.spans[best])
+        return _merge(chosen)
 
-    def _merge(self, chosen: set[int]) -> list[Span]:
-        spans: list[Span] = []
-        for i in sorted(chosen):
-            span = self.spans[i]
-            if spans and spans[-1].end >= span.start:
-                spans[-1] = Span(spans[-1].start, max(spans[-1].end, span.end))
-            else:
-                spans.append(span)
-        return spans
+    def segment_spans(self, scores: np.ndarray, budget: int) -> list[Span]:
+        """Whole segments, best `scores` (one per segment of the compressed part, e.g. the question's
+        attention over their memory: uio_gguf.attention_rank) first, while they fit in `budget` tokens;
+        those under MIN_SCORE_SHARE of the best are left out. Merged where they meet, in book order."""
+        scores = np.asarray(scores, dtype=np.float64)[: self.n_segments]
+        if not len(scores) or scores.max() <= 0:
+            return []
+        chosen: list[Span] = []
+        for i in np.argsort(-scores, kind="stable"):
+            if scores[i] < MIN_SCORE_SHARE * scores.max():
+                break
+            span = Span(
+                max(int(i) * self.segment, min(self.skip, (int(i) + 1) * self.segment)), (int(i) + 1) * self.segment
+            )
+            if self._cost([*chosen, span]) <= budget:
+                chosen.append(span)
+        return _merge(chosen)
 
-    def _cost(self, chosen: set[int]) -> int:
-        spans = self._merge(chosen)
-        return sum(s.end - s.start for s in spans) + max(0, len(spans) - 1) * len(self.separator)
+    def _cost(self, spans: list[Span]) -> int:
+        merged = _merge(spans)
+        return sum(s.end - s.start for s in merged) + max(0, len(merged) - 1) * len(self.separator)
 
     def recall_tokens(self, question: str, budget: int) -> np.ndarray:
         """The tokens to decode for the question: the selected spans joined by the separator."""
+        return self.tokens_for(self.select(question, budget))
+
+    def tokens_for(self, spans: list[Span]) -> np.ndarray:
+        """The spans' tokens joined by the separator."""
         parts = []
-        for span in self.select(question, budget):
+        for span in spans:
             if parts:
                 parts.append(self.separator)
             parts.append(self.tokens[span.start : span.end])
         return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
+
+
+def _merge(spans: list[Span]) -> list[Span]:
+    """Spans in book order, those that overlap or meet joined into one."""
+    merged: list[Span] = []
+    for span in sorted(spans, key=lambda s: s.start):
+        if merged and merged[-1].end >= span.start:
+            merged[-1] = Span(merged[-1].start, max(merged[-1].end, span.end))
+        else:
+            merged.append(span)
+    return merged

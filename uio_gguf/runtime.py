@@ -105,7 +105,8 @@ class UIORuntime(Handle):
         n_full = len(tokens) // self.segment
         return self.encoder.compress(tokens[: n_full * self.segment].reshape(n_full, self.segment), progress=progress)
 
-    def new_session(self, n_ctx: int | None = None) -> Session:
+    def new_session(self, n_ctx: int | None = None, query_rows: int = 0) -> Session:
+        """query_rows: see Session (recall ranked by the question's attention over the memory)."""
         n_ctx = n_ctx or self.model.n_ctx_train
         return Session(
             self,
@@ -114,7 +115,16 @@ class UIORuntime(Handle):
             type_k=self.kv_type,
             type_v=self.kv_type,
             n_threads=self.n_threads,
+            query_rows=query_rows,
         )
+
+    def query_projection(self):
+        """The decoder's W_q and RoPE (uio_gguf.attention_rank), read from the model file once."""
+        if getattr(self, "_query_projection", None) is None:
+            from uio_gguf.attention_rank import Projection
+
+            self._query_projection = Projection(self.bundle.model_path, self.model.n_layer, self.rope)
+        return self._query_projection
 
     def close(self) -> None:
         """Frees the encoder and the model; sessions made by this runtime must be closed first."""

@@ -122,16 +122,22 @@ class Session(Handle):
         type_v: int = llama_cpp.GGML_TYPE_F16,
         n_threads: int = 0,
         raw_window: int | None = None,
+        query_rows: int = 0,
     ):
         """raw_window: R, the most raw tokens kept before the oldest segment of them is compressed
-        (None: the segment length, the training view)."""
-        from uio_gguf.native.bindings import probe
+        (None: the segment length, the training view). query_rows: with more than 0, the context captures
+        the attention input of up to that many tokens of a question (memory_attention: recall ranked by
+        the model's attention), and the session keeps the memory's K to score them against."""
+        from uio_gguf.native.bindings import Capture, probe
 
         self.runtime = runtime
         self.segment, self.slots = runtime.bundle.segment, runtime.bundle.slots
         # feed never decodes past a segment boundary at once, but a recall is decoded 512 tokens at a time
         # (llama.cpp's default batch; ~10% faster than 128 for a 1,024-token recall over a 16K book's memory)
         n_batch = 512
+        model = runtime.model
+        dk = model.n_head_kv * model.head_dim
+        self._capture = Capture(runtime.plugin, model.n_layer, model.n_embd, dk, dk, query_rows) if query_rows else None
         self.ctx = Context(
             runtime.model,
             ContextSettings(
@@ -143,6 +149,8 @@ class Session(Handle):
                 type_k=type_k,
                 type_v=type_v,
                 n_threads=n_threads,
+                cb_eval=self._capture.callback if self._capture else None,
+                cb_eval_user_data=self._capture.user_data if self._capture else None,
             ),
         )
         self.layout = probe(runtime.plugin, self.ctx.ptr, SCRATCH_SEQ)  # checks llama.cpp's state format
@@ -156,6 +164,8 @@ class Session(Handle):
         self.tokens_seen = 0  # tokens of text the conversation stands for (memory + raw)
         self.raw_window = raw_window
         self._recall_ctx: Context | None = None  # made at the first recall (set_recall)
+        # the memory's K before RoPE, float16, per write: (n_layer, cells, n_embd_k_gqa)
+        self._keys: list[np.ndarray] | None = [] if query_rows else None
 
     @property
     def raw_window(self) -> int:
@@ -201,6 +211,8 @@ class Session(Handle):
         v = np.ascontiguousarray(memory.v.transpose(1, 0, 2, 3), dtype=np.float32).reshape(
             n_layer, n_seg * self.slots, -1
         )
+        if self._keys is not None:
+            self._keys.append(k.astype(np.float16))  # before RoPE: ranking scores content, not distance
         k = self.runtime.rope.rotate_in_place(k, positions)
         from uio_gguf.native.bindings import kv_write
 
@@ -224,10 +236,20 @@ class Session(Handle):
             self.ctx.seq_rm(DECODER_SEQ)
             return False
         self.n_mem, self.compressed_segments = segments * self.slots, segments
+        if self._keys is not None:
+            self._keys = None  # the state holds no K to score against: remember_keys() gives it
         self.raw = [int(t) for t in raw]
         self.tokens_seen = segments * self.segment + len(self.raw)
         self._last_logits = None  # nothing to sample from before the next feed
         return True
+
+    def reset(self) -> None:
+        """Empties the conversation: no memory, recall or raw tokens."""
+        self.ctx.seq_rm(DECODER_SEQ)
+        self.n_mem = self.compressed_segments = self.tokens_seen = 0
+        self.recall, self.raw = [], []
+        self._keys = [] if self._capture is not None else None
+        self._last_logits = None
 
     def _check_room(self, cells: int) -> None:
         if self.n_past + cells > self.ctx.n_ctx:
@@ -249,6 +271,65 @@ class Session(Handle):
         if self.raw:
             self.ctx.seq_add(DECODER_SEQ, raw_at + seg, -1, -seg)
         self._write_memory(memory)
+
+    # ----- the question's attention over the memory (recall ranking) -------------------------------
+    def remember_keys(self, memory: SegmentMemory) -> None:
+        """Gives a session restored from a start state the K of its memory (the same segments, as made),
+        for memory_attention."""
+        if self._capture is None:
+            raise RuntimeError("this session was made without query_rows")
+        n = len(memory.k)
+        if n * self.slots != self.n_mem:
+            raise RuntimeError(f"the memory has {n * self.slots} cells, the conversation {self.n_mem}")
+        n_layer = memory.k.shape[1]
+        self._keys = [
+            np.ascontiguousarray(memory.k.transpose(1, 0, 2, 3), dtype=np.float16).reshape(n_layer, self.n_mem, -1)
+        ]
+
+    def memory_attention(self, tokens, projection) -> np.ndarray:
+        """How much `tokens` (a question) attend to each memory segment (uio_gguf.attention_rank): they are
+        decoded after the conversation as it stands, their attention inputs captured (the last
+        query_rows of them), and their cells removed again. -> (compressed_segments,), summing to 1."""
+        from uio_gguf.attention_rank import segment_scores
+        from uio_gguf.native.bindings import CaptureKind
+
+        if self._capture is None or self._keys is None:
+            raise RuntimeError("memory_attention needs a session made with query_rows (and its memory's K)")
+        tokens = [int(t) for t in tokens]
+        if not tokens or not self.n_mem:
+            return np.zeros(self.compressed_segments)
+        self._check_room(len(tokens))
+        at, cap = self.n_past, self.batch.capacity
+        rows = min(len(tokens), self._capture.max_rows, cap)
+        head, tail = tokens[:-rows], tokens[-rows:]
+        self._last_logits = None  # what follows must be fed before sampling
+        try:
+            for start in range(0, len(head), cap):
+                chunk = head[start : start + cap]
+                self.batch.fill(
+                    np.arange(at + start, at + start + len(chunk)),
+                    [[DECODER_SEQ]] * len(chunk),
+                    [False] * len(chunk),
+                    tokens=chunk,
+                )
+                self.ctx.decode(self.batch)
+            positions = np.arange(at + len(head), at + len(tokens))
+            self.batch.fill(positions, [[DECODER_SEQ]] * rows, [i == rows - 1 for i in range(rows)], tokens=tail)
+            self._capture.arm(rows)
+            try:
+                self.ctx.decode(self.batch)
+                self._capture.check()
+            finally:
+                self._capture.disarm()
+            h = np.stack([self._capture.rows(CaptureKind.ATTN_NORM, L) for L in range(self._capture.n_layer)])
+        finally:
+            self.ctx.seq_rm(DECODER_SEQ, at, -1)
+        if len(self._keys) > 1:
+            self._keys = [np.concatenate(self._keys, axis=1)]
+        model = self.runtime.model
+        # No RoPE on either side: with it, the 135M model's attention leans on the latest segments whatever the
+        # question (the demo's access-code segment ranked 70th of 105; 3rd by content alone)
+        return segment_scores(projection(h), self._keys[0], model.n_head_kv, model.head_dim, self.slots)
 
     # ----- recall -----------------------------------------------------------------------------
     def set_recall(self, tokens, lead=()) -> None:
@@ -394,4 +475,7 @@ class Session(Handle):
     def close(self) -> None:
         if getattr(self, "_recall_ctx", None) is not None:
             self._recall_ctx.close()
-        self.ctx.close()
+        if hasattr(self, "ctx"):
+            self.ctx.close()  # before the capture its eval callback points into
+        if getattr(self, "_capture", None) is not None:
+            self._capture.close()

@@ -50,17 +50,17 @@ def bench(
     """Speed you can reproduce: per length, on the same text, model and threads, plain llama.cpp (prefill,
     decode) against UIO memory (ingest, decode over the memory and the raw window), KV bytes of each, the time to
     a first token when the memory comes from its memory file, and ingest against its limit."""
-    import os
 
     from uio_gguf import bench as runner
     from uio_gguf.book import read_book
     from uio_gguf.default_bundle import default_bundle_path
+    from uio_gguf.llama_api import usable_cpus
     from uio_gguf.runtime import UIORuntime
 
     asked = parse_lengths(lengths)
     extra = {"command": "uio-gguf " + " ".join(sys.argv[1:]), "n_gpu_layers": n_gpu_layers}
     if threads is None:
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = usable_cpus()
     if threads < 1:
         raise UIOError(f"--threads must be 1 or more, not {threads}")
     if segments_per_batch < 0:

@@ -171,9 +171,10 @@ def eval_qa(
         "passkey,single,multikey,multivalue,vt", "--tasks", help="Tasks, comma separated (see docs/evaluation.md)."
     ),
     methods: str = typer.Option(
-        "window,full-8k,rag,uio,uio+recall",
+        "window,full-8k,rag,uio,uio+recall,uio+attn",
         "--methods",
-        help="Methods side by side on the same texts, comma separated.",
+        help="Methods side by side on the same texts, comma separated (uio+attn: recall ranked by the question's "
+        "attention over the memory instead of BM25).",
     ),
     filler: list[Path] = typer.Option(
         [],
@@ -191,7 +192,7 @@ def eval_qa(
     model: Model = None,
     ratio: Ratio = DEFAULT_RATIO,
     recall: int | None = typer.Option(
-        None, "--recall", help="Recall budget in tokens for rag and uio+recall (default: chat's)."
+        None, "--recall", help="Recall budget in tokens for rag, uio+recall and uio+attn (default: chat's)."
     ),
     max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="Most tokens per answer (greedy)."),
     loop_guard: LoopGuardOption = True,
@@ -203,8 +204,8 @@ def eval_qa(
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
 ):
-    """Long-context QA (RULER-style tasks, exact match): window, full-8k, rag, uio and uio+recall on the
-    same texts, with the share of answers that end by themselves, loops and time to first token."""
+    """Long-context QA (RULER-style tasks, exact match): window, full-8k, rag, uio, uio+recall and uio+attn on
+    the same texts, with the share of answers that end by themselves, loops and time to first token."""
     from uio_gguf import eval_ppl
     from uio_gguf import eval_qa as qa
     from uio_gguf.book import read_book

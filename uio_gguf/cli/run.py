@@ -33,6 +33,14 @@ Recall = Annotated[
         "0: the compressed memory alone.",
     ),
 ]
+RecallRanking = Annotated[
+    str,
+    typer.Option(
+        "--recall-ranking",
+        help="How recall ranks the book's passages: bm25 (the question's words) or attention (the question's "
+        "attention over each segment's memory slots; see docs/evaluation.md for both measured).",
+    ),
+]
 RawWindow = Annotated[
     int | None,
     typer.Option(
@@ -123,6 +131,7 @@ def chat(
     max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per answer."),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
     recall: Recall = DEFAULT_RECALL_TOKENS,
+    recall_ranking: RecallRanking = "bm25",
     raw_window: RawWindow = None,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
@@ -137,7 +146,7 @@ def chat(
 
     Ctrl-C stops the current answer; a second Ctrl-C (or Ctrl-D at the prompt) exits."""
     from uio_gguf.book import read_book
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat import RANKINGS, Conversation
     from uio_gguf.session import SamplingParams
 
     # Bad settings get their line before the book is compressed.
@@ -154,6 +163,8 @@ def chat(
     )
     if n_ctx is not None and n_ctx <= 0:
         raise UIOError(f"--n-ctx must be a positive number of tokens, not {n_ctx}")
+    if recall_ranking not in RANKINGS:
+        raise UIOError(f"--recall-ranking must be one of {', '.join(RANKINGS)}, not {recall_ranking!r}")
     text = read_book(book)
     runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text, n_ctx=n_ctx)
     bar, update = progress_bar("compressing")
@@ -165,6 +176,7 @@ def chat(
         progress=update,
         recall_tokens=recall,
         raw_window=raw_window,
+        recall_ranking=recall_ranking,
     )
     bar.close()
     stats = conversation.stats
@@ -229,6 +241,7 @@ def demo(
         max_tokens=64,
         stop=[],
         recall=recall,
+        recall_ranking="bm25",
         raw_window=raw_window,
         repeat_penalty=repeat_penalty,
         dry=dry,
