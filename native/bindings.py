@@ -187,6 +187,20 @@ class Capture(Handle):
         if self.status() != 0:
             raise UIOError(f"activation capture failed: {self.error_message()}")
 
+    def decode(self, ctx, batch, n_rows: int) -> None:
+        """ctx.decode(batch) with the capture armed for its n_rows tokens; UIOError unless every layer was
+        captured. The capture is disarmed again whatever happens."""
+        self.arm(n_rows)
+        try:
+            ctx.decode(batch)
+            self.check()
+        finally:
+            self.disarm()
+
+    def layers(self, kind: int) -> np.ndarray:
+        """The captured rows of every layer, (n_layer, n_rows, width), float32."""
+        return np.stack([self.rows(kind, layer) for layer in range(self.n_layer)])
+
     @property
     def n_rows(self) -> int:
         return self._lib.uio_capture_n_rows(self.ptr)

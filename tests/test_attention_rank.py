@@ -41,14 +41,8 @@ def _captured_inputs(session, tokens) -> tuple[np.ndarray, np.ndarray]:
     n, at = len(tokens), session.n_past
     positions = np.arange(at, at + n)
     session.batch.fill(positions, [[DECODER_SEQ]] * n, [i == n - 1 for i in range(n)], tokens)
-    capture = session._capture
-    capture.arm(n)
-    try:
-        session.ctx.decode(session.batch)
-        capture.check()
-    finally:
-        capture.disarm()
-    return np.stack([capture.rows(CaptureKind.ATTN_NORM, L) for L in range(capture.n_layer)]), positions
+    session._capture.decode(session.ctx, session.batch, n)
+    return session._capture.layers(CaptureKind.ATTN_NORM), positions
 
 
 def _reference_scores(queries, keys, n_head_kv, head_dim, slots) -> np.ndarray:

@@ -192,7 +192,7 @@ class Conversation(Handle):
         """A restored session ranking recall by attention needs its memory's K, which the start state does
         not hold: read from the memory file. False (and the conversation emptied, to be loaded the long
         way) if that file cannot be read."""
-        if self.session._capture is None:
+        if not self.session.ranks_by_attention:
             return True
         memory = memory_file.load(path, key)
         if memory is None:

@@ -140,16 +140,11 @@ class Encoder(Handle):
         self.slot_batch.fill(
             np.concatenate(slot_pos), slot_seqs, [i == n_slot - 1 for i in range(n_slot)], embeddings=embeddings
         )
-        self.capture.arm(n_slot)
-        try:
-            self.ctx.decode(self.slot_batch)
-            self.capture.check()
-        finally:
-            self.capture.disarm()
+        self.capture.decode(self.ctx, self.slot_batch, n_slot)
         n_layer = self.model.n_layer
         from uio_gguf.native.bindings import CaptureKind
 
-        rows = lambda kind: np.stack([self.capture.rows(kind, L) for L in range(n_layer)])  # (n_layer, n_slot, w)
+        rows = self.capture.layers  # (n_layer, n_slot, w)
         h, kcur, vcur = rows(CaptureKind.ATTN_NORM), rows(CaptureKind.KCUR), rows(CaptureKind.VCUR)
         kmem, vmem = self.head.apply(h, kcur, vcur)
 

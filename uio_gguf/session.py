@@ -273,6 +273,11 @@ class Session(Handle):
         self._write_memory(memory)
 
     # ----- the question's attention over the memory (recall ranking) -------------------------------
+    @property
+    def ranks_by_attention(self) -> bool:
+        """Made with query_rows: the context captures the question's attention inputs."""
+        return self._capture is not None
+
     def remember_keys(self, memory: SegmentMemory) -> None:
         """Gives a session restored from a start state the K of its memory (the same segments, as made),
         for memory_attention."""
@@ -315,13 +320,8 @@ class Session(Handle):
                 self.ctx.decode(self.batch)
             positions = np.arange(at + len(head), at + len(tokens))
             self.batch.fill(positions, [[DECODER_SEQ]] * rows, [i == rows - 1 for i in range(rows)], tokens=tail)
-            self._capture.arm(rows)
-            try:
-                self.ctx.decode(self.batch)
-                self._capture.check()
-            finally:
-                self._capture.disarm()
-            h = np.stack([self._capture.rows(CaptureKind.ATTN_NORM, L) for L in range(self._capture.n_layer)])
+            self._capture.decode(self.ctx, self.batch, rows)
+            h = self._capture.layers(CaptureKind.ATTN_NORM)
         finally:
             self.ctx.seq_rm(DECODER_SEQ, at, -1)
         if len(self._keys) > 1:
