@@ -11,25 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.test_recall import QUESTION, SEGMENT, SLOTS, runtime, stream  # noqa: F401  (their tiny f32 runtime)
 from uio_gguf.session import DECODER_SEQ, SamplingParams
-
-SEGMENT, RATIO = 16, 4
-SLOTS = SEGMENT // RATIO
-QUESTION = "What is the access code of the archive?"
-
-
-@pytest.fixture(scope="module")
-def runtime(make_tiny_bundle):
-    from uio_gguf.runtime import UIORuntime
-
-    bundle = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")[0]
-    with UIORuntime(bundle, kv_type="f32") as rt:
-        yield rt
-
-
-@pytest.fixture(scope="module")
-def stream(runtime, prose):
-    return runtime.model.tokenize(prose[:6000], add_special=False)
 
 
 def _captured_inputs(session, tokens) -> tuple[np.ndarray, np.ndarray]:

@@ -141,10 +141,10 @@ def test_uio_answers_through_the_cache_as_from_scratch(runtime, base):
     doc = eval_qa.splice(runtime.model, base, sample.needles)
     cache = eval_qa.SegmentCache(runtime)
     eval_qa.load_base(cache, base, use_memory_files=False)
-    for budget in (0, 64):
-        got = eval_qa.answer(cache, doc, sample.question, "uio+recall" if budget else "uio", PARAMS, budget)
+    for method, budget, ranking in [("uio", 0, "bm25"), ("uio+recall", 64, "bm25"), ("uio+attn", 64, "attention")]:
+        got = eval_qa.answer(cache, doc, sample.question, method, PARAMS, budget)
         with Conversation(
-            runtime, doc.book, use_memory_files=False, recall_tokens=budget, raw_window=SEGMENT
+            runtime, doc.book, use_memory_files=False, recall_tokens=budget, raw_window=SEGMENT, recall_ranking=ranking
         ) as conversation:
             want = "".join(conversation.ask(sample.question, PARAMS))
         assert got.text == want
@@ -201,9 +201,10 @@ def test_eval_qa_prints_a_table_and_writes_json(tiny_bundle, prose, cache_env, t
     assert result.returncode == 0, result.stderr
     assert "accuracy" in result.stdout and "uio+recall" in result.stdout and "vt" in result.stdout
     report = json.loads(out.read_text())
-    assert report["methods"] == list(eval_qa.METHODS) and report["recall_tokens"] == 32
-    assert len(report["samples"]) == 2 * len(eval_qa.METHODS)
-    assert {r["method"] for r in report["results"]} == set(eval_qa.METHODS)
+    assert report["methods"] == list(eval_qa.DEFAULT_METHODS) and report["recall_tokens"] == 32
+    assert report["max_tokens"] == {"passkey": 6, "vt": 6}  # -n overrides every task's default
+    assert len(report["samples"]) == 2 * len(eval_qa.DEFAULT_METHODS)
+    assert {r["method"] for r in report["results"]} == set(eval_qa.DEFAULT_METHODS)
     for r in report["results"]:
         assert r["n"] == 1 and 0 <= r["accuracy"] <= 1 and r["ttft_median"] > 0
 
@@ -215,6 +216,7 @@ def test_eval_qa_prints_a_table_and_writes_json(tiny_bundle, prose, cache_env, t
         (["--methods", "uio,bm25"], "unknown method bm25"),
         (["--lengths", "100000"], "--ratio 32"),
         (["--depths", "2"], "between 0 and 1"),
+        (["-n", "0"], "at least 1 token"),
     ],
 )
 def test_eval_qa_bad_input_gives_one_clear_line(args, message, tiny_bundle, cache_env):

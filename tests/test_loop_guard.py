@@ -1,12 +1,15 @@
 """The loop guard (uio_gguf.loop_guard): an answer stops where it starts to repeat itself, and the
-repeat is never shown; answers without a repeat come out unchanged, however they are cut into pieces."""
+repeat is never shown, nor kept in the conversation's cache; answers without a repeat come out unchanged,
+however they are cut into pieces."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
+from tests.test_recall import runtime  # noqa: F401  (the tiny f32 runtime of the recall tests)
 from uio_gguf.loop_guard import LoopGuard
 from uio_gguf.session import SamplingParams
 
@@ -72,15 +75,6 @@ def test_a_disabled_guard_shows_every_piece_as_it_comes():
     assert guard.flush() == ""
 
 
-@pytest.fixture(scope="module")
-def runtime(make_tiny_bundle):
-    from uio_gguf.runtime import UIORuntime
-
-    bundle = make_tiny_bundle("llama", segment=16, ratio=4, outtype="f32")[0]
-    with UIORuntime(bundle, kv_type="f32") as rt:
-        yield rt
-
-
 def test_a_looping_answer_stops_where_the_loop_starts(runtime, prose):
     """The tiny random model loops under greedy decoding; with the guard its answer is the same answer cut
     before the repeat, and the session says so (finish_reason stop, looped)."""
@@ -95,3 +89,36 @@ def test_a_looping_answer_stops_where_the_loop_starts(runtime, prose):
     assert answers[True, "state"] == ("stop", True)
     assert len(answers[True]) < len(answers[False]) and answers[False].startswith(answers[True])
     assert _guarded([answers[True]]) == (answers[True], False)  # what is shown holds no repeat itself
+
+
+def test_text_that_was_not_shown_leaves_the_cache(runtime, prose):
+    """Tokens decoded but never shown (a repeat the guard cut, or what follows a stop string: the same
+    code) are taken back out of the conversation: the cache then holds the prompt and the shown answer's
+    tokens (the one that straddles its end included), and the next turn reads what a session fed exactly
+    those tokens reads."""
+    model = runtime.model
+    prompt = [int(t) for t in model.tokenize(prose[:400], add_special=False)]
+    follow = [int(t) for t in model.tokenize(" And then?", add_special=False)]
+
+    def session():
+        s = runtime.new_session(n_ctx=512)
+        s.raw_window = 400  # nothing is compressed: the raw window shows every cached token
+        return s
+
+    with session() as free:
+        free.feed(prompt)
+        whole = "".join(free.generate(SamplingParams(max_tokens=40)))
+    at = next(i for i in range(len(whole) // 2, len(whole)) if whole.find(whole[i : i + 4]) == i)
+    with session() as cut:
+        cut.feed(prompt)
+        shown = "".join(cut.generate(SamplingParams(max_tokens=40, stop=[whole[at : at + 4]])))
+        assert shown == whole[:at] and cut.finish_reason == "stop"
+        kept = cut.raw[len(prompt) :]
+        assert cut.generated == len(kept) < 40 and cut.n_past == cut.tokens_seen == len(prompt) + len(kept)
+        text = b"".join(model.piece(t) for t in kept).decode("utf-8", "replace")
+        but_last = b"".join(model.piece(t) for t in kept[:-1]).decode("utf-8", "replace")
+        assert whole.startswith(text) and len(but_last) < len(shown) <= len(text)
+        got = cut.feed(follow)
+    with session() as reference:
+        want = reference.feed(prompt + kept + follow)
+    np.testing.assert_allclose(got, want, atol=1e-4)

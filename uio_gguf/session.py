@@ -30,6 +30,11 @@ from uio_gguf.loop_guard import LoopGuard
 DECODER_SEQ, SCRATCH_SEQ = 0, 1
 
 
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """How many of text's last characters could be the start of a stop string (held until it is told)."""
+    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 0.0  # 0: greedy
@@ -435,7 +440,8 @@ class Session(Handle):
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         guard = LoopGuard(params.loop_guard)
         model = self.runtime.model
-        text = ""
+        text, shown_chars, released, hit = "", 0, 0, -1  # released: how much of text the guard has had
+        ends: list[int] = []  # where each generated token's text ends in `text`
         # What the last answer came to, for the OpenAI shapes (`usage`, finish_reason stop/length), and
         # whether the loop guard cut it.
         self.generated, self.finish_reason, self.looped = 0, "length", False
@@ -452,20 +458,46 @@ class Session(Handle):
                 self.feed([token])
                 self.generated += 1
                 text += piece
-                hit = next((s for s in params.stop if s in text), None)
-                if hit:  # only the part of this piece before the stop string
-                    start = len(text) - len(piece)
-                    piece = text[start : max(text.index(hit), start)]
-                shown, looped = guard.push(piece)
+                ends.append(len(text))
+                hit = min((text.find(s) for s in params.stop if s in text), default=-1)
+                # text before a stop string goes on; the start of one that may still complete is held
+                upto = hit if hit >= 0 else len(text) - _stop_prefix(text, params.stop)
+                shown, looped = guard.push(text[released:upto] if upto > released else "")
+                released = max(released, upto)
                 if shown:
+                    shown_chars += len(shown)
                     yield shown
-                if hit or looped:
+                if hit >= 0 or looped:
                     self.finish_reason, self.looped = "stop", looped
                     break
-            if rest := guard.flush():
+            rest = ""
+            if hit < 0 and not self.looped:  # a held start of a stop string that never completed
+                rest, looped = guard.push(text[released:])
+                if looped:
+                    self.finish_reason, self.looped = "stop", True
+            if rest := rest + guard.flush():
+                shown_chars += len(rest)
                 yield rest
+            if ends:
+                # The repeat the guard cut (or the text after a stop string) was decoded but never shown:
+                # the cache keeps what the user saw, not what the next turn should not build on.
+                # (a token whose text starts within what was shown stays)
+                starts = [0, *ends[:-1]]
+                self.generated -= self.take_back(sum(1 for start in starts if start >= shown_chars))
         finally:
             sampler.close()
+
+    def take_back(self, n: int) -> int:
+        """Removes the last n tokens fed from the raw window (those a compression has already taken into
+        the memory stay); returns how many it removed. The next feed decodes after what is left."""
+        n = min(n, len(self.raw))
+        if n <= 0:
+            return 0
+        self.ctx.seq_rm(DECODER_SEQ, self.n_past - n, -1)
+        self.raw = self.raw[:-n]
+        self.tokens_seen -= n
+        self._last_logits = None  # the logits llama.cpp holds are the removed token's
+        return n
 
     def _sample(self, sampler: Sampler) -> int:
         """Samples from the last decoded token's logits, which llama.cpp still holds: a compression in

@@ -171,10 +171,10 @@ def eval_qa(
         "passkey,single,multikey,multivalue,vt", "--tasks", help="Tasks, comma separated (see docs/evaluation.md)."
     ),
     methods: str = typer.Option(
-        "window,full-8k,rag,uio,uio+recall,uio+attn",
+        "window,full-8k,rag,uio,uio+recall",
         "--methods",
-        help="Methods side by side on the same texts, comma separated (uio+attn: recall ranked by the question's "
-        "attention over the memory instead of BM25).",
+        help="Methods side by side on the same texts, comma separated (also uio+attn: recall ranked by the "
+        "question's attention over the memory instead of BM25).",
     ),
     filler: list[Path] = typer.Option(
         [],
@@ -194,7 +194,12 @@ def eval_qa(
     recall: int | None = typer.Option(
         None, "--recall", help="Recall budget in tokens for rag, uio+recall and uio+attn (default: chat's)."
     ),
-    max_tokens: int = typer.Option(48, "--max-tokens", "-n", help="Most tokens per answer (greedy)."),
+    max_tokens: int | None = typer.Option(
+        None,
+        "--max-tokens",
+        "-n",
+        help="Most tokens per answer (greedy). Default: 128 for multivalue (three numbers), 48 for the others.",
+    ),
     loop_guard: LoopGuardOption = True,
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the fillers' memory files."),
     json_out: Path | None = typer.Option(
