@@ -69,7 +69,7 @@ def eval_ppl(
         help="Baselines to compute, comma separated: window (no memory), sliding (full attention in the trained window), full; 'none' for the uio columns alone (each method is deterministic: baselines measured once need not be rerun).",
     ),
     chat: bool = typer.Option(
-        True, "--chat/--no-chat", help="Also the chat-rR columns: the memory with chat's longer raw window."
+        True, "--chat/--no-chat", help="Also the chat-rR columns: the memory with chat's default raw window."
     ),
     json_out: Path | None = typer.Option(
         None,
