@@ -441,7 +441,7 @@ class Session(Handle):
         guard = LoopGuard(params.loop_guard)
         model = self.runtime.model
         text, shown_chars, released, hit = "", 0, 0, -1  # released: how much of text the guard has had
-        ends: list[int] = []  # where each generated token's text ends in `text`
+        starts: list[int] = []  # where each generated token's text starts in `text`
         # What the last answer came to, for the OpenAI shapes (`usage`, finish_reason stop/length), and
         # whether the loop guard cut it.
         self.generated, self.finish_reason, self.looped = 0, "length", False
@@ -457,33 +457,31 @@ class Session(Handle):
                 piece = decoder.decode(model.piece(token))
                 self.feed([token])
                 self.generated += 1
+                starts.append(len(text))
                 text += piece
-                ends.append(len(text))
                 hit = min((text.find(s) for s in params.stop if s in text), default=-1)
                 # text before a stop string goes on; the start of one that may still complete is held
                 upto = hit if hit >= 0 else len(text) - _stop_prefix(text, params.stop)
-                shown, looped = guard.push(text[released:upto] if upto > released else "")
-                released = max(released, upto)
+                shown, looped = guard.push(text[released:upto])  # upto never falls: a held start only grows
+                released = upto
                 if shown:
                     shown_chars += len(shown)
                     yield shown
                 if hit >= 0 or looped:
                     self.finish_reason, self.looped = "stop", looped
                     break
-            rest = ""
+            tail = ""
             if hit < 0 and not self.looped:  # a held start of a stop string that never completed
-                rest, looped = guard.push(text[released:])
+                tail, looped = guard.push(text[released:])
                 if looped:
                     self.finish_reason, self.looped = "stop", True
-            if rest := rest + guard.flush():
-                shown_chars += len(rest)
-                yield rest
-            if ends:
-                # The repeat the guard cut (or the text after a stop string) was decoded but never shown:
-                # the cache keeps what the user saw, not what the next turn should not build on.
-                # (a token whose text starts within what was shown stays)
-                starts = [0, *ends[:-1]]
-                self.generated -= self.take_back(sum(1 for start in starts if start >= shown_chars))
+            if tail := tail + guard.flush():
+                shown_chars += len(tail)
+                yield tail
+            # The repeat the guard cut (or the text after a stop string) was decoded but never shown: the
+            # cache keeps what the user saw, not what the next turn should not build on (a token whose
+            # text starts within what was shown stays).
+            self.generated -= self.take_back(sum(1 for start in starts if start >= shown_chars))
         finally:
             sampler.close()
 
