@@ -22,6 +22,10 @@ DATA=${DATA:-$RUNS/data}     # under runs/, which git ignores
 MINUTES=${MINUTES:-6}      # per head; both heads share the GPU, so this is also the wall time
 DEVICE=${DEVICE:-cuda}
 BASE=$(python -c 'from uio_gguf.embedded import default_model_path as p; print(p())')
+# The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in batch,
+# length and device.
+RECIPE=(--segments 128 --loss-windows 16 --chat-recall-share 0.25 --estimator unbiased --window 4
+        --lr 2e-4 --eval-every 1000 --eval-crops 1 --seed 11)
 
 case "${1:-}" in
 prepare)
@@ -36,9 +40,7 @@ prepare)
 train)
     for R in 8 32; do
         uio-gguf train --base "$BASE" --out "$RUNS/r$R" --init "uio_gguf/bundles/smollm2-135m-l128-r$R" \
-            --segments 128 --batch 4 --loss-windows 16 --chat-recall-share 0.25 \
-            --estimator unbiased --window 4 --lr 2e-4 --steps 400 --max-minutes "$MINUTES" \
-            --eval-every 1000 --eval-crops 1 --save-every 10 --seed 11 --device "$DEVICE" \
+            "${RECIPE[@]}" --batch 4 --steps 400 --max-minutes "$MINUTES" --save-every 10 --device "$DEVICE" \
             > "$RUNS/r$R.log" 2>&1 &
     done
     wait
@@ -51,9 +53,7 @@ cpu)
     R=${R:-8}
     mkdir -p "$RUNS/cpu-r$R" && cp "$RUNS/r8/tokens.npz" "$RUNS/cpu-r$R/tokens.npz"
     uio-gguf train --base "$BASE" --out "$RUNS/cpu-r$R" --init "uio_gguf/bundles/smollm2-135m-l128-r$R" \
-        --segments 128 --batch 1 --loss-windows 16 --chat-recall-share 0.25 \
-        --estimator unbiased --window 4 --lr 2e-4 --steps "${STEPS:-60}" --max-minutes "${CPU_MINUTES:-60}" \
-        --eval-every 1000 --eval-crops 1 --save-every 5 --seed 11 --device cpu
+        "${RECIPE[@]}" --batch 1 --steps "${STEPS:-60}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
     uio-gguf convert "$RUNS/cpu-r$R/checkpoint" -o "$RUNS/bundle-cpu-r$R" --base-gguf "$BASE" --force
     uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-cpu-r$R" --baselines none --no-chat \
         --json "$RUNS/cpu-r$R.ppl.json"
