@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The next training run of the shipped heads (docs/training-log.md#the-next-run), in three steps:
+# The next training run of the shipped heads (docs/training-log.md#the-next-run), in three steps and a CPU probe:
 #
 #   bash train/next_run.sh prepare   # CPU, here: training text with prose, tokenized (tokens.npz, ~10 MB)
 #   bash train/next_run.sh train     # one GPU: both heads side by side, each stopped after $MINUTES
-#   bash train/next_run.sh check     # CPU, here: convert, then perplexity in and out of domain
+#   bash train/next_run.sh check     # CPU, here: convert, then perplexity in and out of domain, and pass keys
 #   bash train/next_run.sh cpu       # without a GPU: one bounded CPU run of one head ($CPU_MINUTES, 60)
 #
 # GPU time is short, so `prepare` tokenizes here and `train` only reads $RUNS/rR/tokens.npz (bring the
