@@ -26,7 +26,7 @@ BASE=$(python -c 'from uio_gguf.embedded import default_model_path as p; print(p
 # The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in batch,
 # length and device.
 RECIPE=(--segments 128 --loss-windows 16 --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
-        --lr 2e-4 --eval-every 1000 --eval-crops 1 --seed 11)
+        --lr 2e-4 --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
 
 # A head must also keep what the answers rest on: pass keys at 16K through chat's path with recall
 # (30 keys; the shipped heads find 29-30). The perplexity tables do not see it (docs/training-log.md#the-next-run).
@@ -57,14 +57,18 @@ cpu)
     # No GPU lent: one bounded run on this CPU (one at a time, at most an hour), the recipe of `train`
     # at batch 1 for the head R (default 8, the one furthest from the aim). Tens of steps, not hundreds:
     # it shows which way the recipe moves a head, then `eval ppl` at 8K in and out of domain.
+    # A later run continues an earlier one with INIT (its checkpoint: a fresh schedule, since the first
+    # ended at lr 0), a NAME of its own and another SEED (other crops).
     R=${R:-8}
-    mkdir -p "$RUNS/cpu-r$R" && cp "$RUNS/r8/tokens.npz" "$RUNS/cpu-r$R/tokens.npz"
-    uio-gguf train --base "$BASE" --out "$RUNS/cpu-r$R" --init "uio_gguf/bundles/smollm2-135m-l128-r$R" \
+    NAME=cpu-r$R${NAME_SUFFIX:-}
+    INIT=${INIT:-uio_gguf/bundles/smollm2-135m-l128-r$R}
+    mkdir -p "$RUNS/$NAME" && cp "$RUNS/r8/tokens.npz" "$RUNS/$NAME/tokens.npz"
+    uio-gguf train --base "$BASE" --out "$RUNS/$NAME" --init "$INIT" \
         "${RECIPE[@]}" --batch 1 --steps "${STEPS:-60}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
-    uio-gguf convert "$RUNS/cpu-r$R/checkpoint" -o "$RUNS/bundle-cpu-r$R" --base-gguf "$BASE" --force
-    uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-cpu-r$R" --baselines none --no-chat \
-        --json "$RUNS/cpu-r$R.ppl.json"
-    passkeys "$RUNS/bundle-cpu-r$R" "$RUNS/cpu-r$R.passkey.json"
+    uio-gguf convert "$RUNS/$NAME/checkpoint" -o "$RUNS/bundle-$NAME" --base-gguf "$BASE" --force
+    uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-$NAME" --baselines none --no-chat \
+        --json "$RUNS/$NAME.ppl.json"
+    passkeys "$RUNS/bundle-$NAME" "$RUNS/$NAME.passkey.json"
     ;;
 check)
     for R in 8 32; do
@@ -77,7 +81,7 @@ check)
     for R in 8 32; do passkeys "$RUNS/bundle-r$R" "$RUNS/r$R.passkey.json"; done
     ;;
 *)
-    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (RUNS=$RUNS DATA=$DATA MINUTES=$MINUTES)" >&2
+    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED)" >&2
     exit 2
     ;;
 esac

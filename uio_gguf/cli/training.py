@@ -56,7 +56,7 @@ def train(
     ),
     chat_recall_share: float = typer.Option(
         0.0,
-        help="Share of steps whose crops are pass-key chat turns (the book in the user turn, the question, the assistant's answer), scored on the answer's tokens alone: recall training in `uio-gguf eval passkey`'s format.",
+        help="Share of steps whose crops are pass-key chat turns (the book in the user turn, the question, the assistant's answer), scored on the answer's tokens alone: recall training in `uio-gguf eval passkey`'s format. A large share can teach the memory an answer of its own that overrides recall: check pass keys with recall after it (docs/training.md).",
     ),
     init: Path | None = typer.Option(
         None,
