@@ -8,7 +8,7 @@
 #
 # GPU time is short, so `prepare` tokenizes here and `train` only reads $RUNS/rR/tokens.npz (bring the
 # $RUNS folder). What the run changes against the heads shipped now, and why:
-#   - it starts from the shipped stage-three heads, the best of every stage out of domain
+#   - it starts from the shipped heads (uio_gguf/bundles: stage four since session 16, the best of every stage out of domain)
 #     (docs/evaluation.md#in-domain-and-out-of-domain);
 #   - the text includes prose (jane-austen, devils-dictionary: a tenth of it); the Bible stays out whole,
 #     so that the out-of-domain table still measures text of a kind training never saw;
