@@ -14,7 +14,7 @@
 #     so that the out-of-domain table still measures text of a kind training never saw;
 #   - no recall steps in chat's format by default (CHAT_RECALL=0): in a 42-step CPU run of r32 they were
 #     36% of the steps and taught the memory an answer of its own ("The pass key is 10102."), which then
-#     overrode the recalled passage (pass keys at 16K with recall: 6/30 against the shipped head's 29/30);
+#     overrode the recalled passage (pass keys at 16K with recall: 6/30 against the stage-three head's 29/30);
 #   - crops are long (128 segments, 16K tokens), so that the memory is read at the lengths it serves.
 set -euo pipefail
 
@@ -29,7 +29,7 @@ RECIPE=(--segments 128 --loss-windows 16 --chat-recall-share "${CHAT_RECALL:-0}"
         --lr 2e-4 --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
 
 # A head must also keep what the answers rest on: pass keys at 16K through chat's path with recall
-# (30 keys; the shipped heads find 29-30). The perplexity tables do not see it (docs/training-log.md#the-next-run).
+# (30 keys; the shipped heads find 30/30). The perplexity tables do not see it (docs/training-log.md#the-next-run).
 passkeys() {
     uio-gguf eval qa -m "$1" --tasks passkey --lengths 16384 --trials 10 --methods uio+recall -n 32 --json "$2"
 }
@@ -55,10 +55,10 @@ train)
     ;;
 cpu)
     # No GPU lent: one bounded run on this CPU (one at a time, at most an hour), the recipe of `train`
-    # at batch 1 for the head R (default 8, the one furthest from the aim). Tens of steps, not hundreds:
+    # at batch 1 for the head R (default 8). Tens of steps, not hundreds:
     # it shows which way the recipe moves a head, then `eval ppl` at 8K in and out of domain.
-    # A later run continues an earlier one with INIT (its checkpoint: a fresh schedule, since the first
-    # ended at lr 0), a NAME of its own and another SEED (other crops).
+    # A later run continues an earlier one with INIT (its checkpoint, with a fresh schedule: a run that
+    # ends on its steps ends at lr 0), a NAME_SUFFIX of its own and another SEED (other crops).
     R=${R:-8}
     NAME=cpu-r$R${NAME_SUFFIX:-}
     INIT=${INIT:-uio_gguf/bundles/smollm2-135m-l128-r$R}
