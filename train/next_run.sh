@@ -26,7 +26,7 @@ BASE=$(python -c 'from uio_gguf.embedded import default_model_path as p; print(p
 # The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in batch,
 # length and device.
 RECIPE=(--segments 128 --loss-windows 16 --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
-        --lr 2e-4 --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
+        --lr "${LR:-2e-4}" --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
 
 # A head must also keep what the answers rest on: pass keys at 16K through chat's path with recall
 # (30 keys; the shipped heads find 30/30). The perplexity tables do not see it (docs/training-log.md#the-next-run).
@@ -39,6 +39,11 @@ prepare)
     # 5% synthetic documents (the data default; stage one had 20%, whose sentence shape leaks into
     # answers as a prior), prose included, bible-kjv held out whole.
     uio-gguf data --out "$DATA" --synthetic-share 0.05
+    # `data` skips a source whose Debian package is missing; the recipe needs them all (prose, and the
+    # Bible held out), so stop here rather than train on text without them.
+    python -c 'import json, sys; m = json.load(open(sys.argv[1]))["missing"]; sys.exit(
+        m and "prepare: not installed: " + "; ".join(x["source"] + " (" + x["install"] + ")" for x in m))' \
+        "$DATA/sources.json"
     # the tokens depend on the base model's tokenizer alone, so both heads read the same file
     uio-gguf train --base "$BASE" --data "$DATA/train.jsonl" --heldout "$DATA/heldout.jsonl" \
         --out "$RUNS/r8" --segment 128 --ratio 8 --prepare-only
@@ -62,6 +67,7 @@ cpu)
     R=${R:-8}
     NAME=cpu-r$R${NAME_SUFFIX:-}
     INIT=${INIT:-uio_gguf/bundles/smollm2-135m-l128-r$R}
+    [[ -f $RUNS/r8/tokens.npz ]] || { echo "cpu: no $RUNS/r8/tokens.npz: run \`bash train/next_run.sh prepare\` first" >&2; exit 1; }
     mkdir -p "$RUNS/$NAME" && cp "$RUNS/r8/tokens.npz" "$RUNS/$NAME/tokens.npz"
     uio-gguf train --base "$BASE" --out "$RUNS/$NAME" --init "$INIT" \
         "${RECIPE[@]}" --batch 1 --steps "${STEPS:-60}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
@@ -81,7 +87,7 @@ check)
     for R in 8 32; do passkeys "$RUNS/bundle-r$R" "$RUNS/r$R.passkey.json"; done
     ;;
 *)
-    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED)" >&2
+    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR)" >&2
     exit 2
     ;;
 esac
