@@ -42,7 +42,7 @@ prepare)
     # `data` skips a source whose Debian package is missing; the recipe needs them all (prose, and the
     # Bible held out), so stop here rather than train on text without them.
     python -c 'import json, sys; m = json.load(open(sys.argv[1]))["missing"]; sys.exit(
-        m and "prepare: not installed: " + "; ".join(x["source"] + " (" + x["install"] + ")" for x in m))' \
+        "prepare: not installed: " + "; ".join(x["source"] + " (" + x["install"] + ")" for x in m) if m else None)' \
         "$DATA/sources.json"
     # the tokens depend on the base model's tokenizer alone, so both heads read the same file
     uio-gguf train --base "$BASE" --data "$DATA/train.jsonl" --heldout "$DATA/heldout.jsonl" \
