@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import run_cli
 from uio_gguf import synthetic
+from uio_gguf.errors import UIOError
 from uio_gguf.train import corpus_sources
 from uio_gguf.train.dataset import DataArgs, build
 from uio_gguf.train.text_clean import html_to_text, looks_english, rst_to_text
@@ -135,6 +136,17 @@ def test_a_missing_source_says_how_to_install_it(fixture_dir, tmp_path, monkeypa
         "debian-handbook": "apt-get install debian-handbook",
     }
     assert [row["source"] for row in report["sources"]][0] == "extra"
+    with pytest.raises(UIOError, match=r"not installed: debian-reference \(apt-get install debian-reference-en\)"):
+        build(
+            DataArgs(
+                out=str(tmp_path / "strict"),
+                sources=["debian-reference"],
+                extra_dirs=[str(fixture_dir)],
+                require_all=True,
+            ),
+            progress=False,
+        )
+    assert not (tmp_path / "strict" / "train.jsonl").exists()
 
 
 def test_bad_arguments_give_one_clear_line(tmp_path):

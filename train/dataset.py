@@ -39,6 +39,7 @@ class DataArgs:
     synthetic_share: float = 0.05  # of the train characters
     synthetic_max_chars: int = 32_000  # synthetic documents are 1/4 to 1 times this long
     seed: int = 0
+    require_all: bool = False  # stop if a selected source is not installed, instead of going on without it
 
 
 def selected_sources(args: DataArgs) -> list[Source]:
@@ -183,6 +184,8 @@ def build(args: DataArgs, progress: bool = True) -> dict:
 
     rng = random.Random(args.seed)
     documents, missing = collect(sources, args.min_chars, progress)
+    if missing and args.require_all:
+        raise UIOError("not installed: " + "; ".join(f"{m['source']} ({m['install']})" for m in missing))
     if not documents:
         raise UIOError(
             f"no documents of at least {args.min_chars} English characters were found"

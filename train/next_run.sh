@@ -38,12 +38,9 @@ case "${1:-}" in
 prepare)
     # 5% synthetic documents (the data default; stage one had 20%, whose sentence shape leaks into
     # answers as a prior), prose included, bible-kjv held out whole.
-    uio-gguf data --out "$DATA" --synthetic-share 0.05
-    # `data` skips a source whose Debian package is missing; the recipe needs them all (prose, and the
-    # Bible held out), so stop here rather than train on text without them.
-    python -c 'import json, sys; m = json.load(open(sys.argv[1]))["missing"]; sys.exit(
-        "prepare: not installed: " + "; ".join(x["source"] + " (" + x["install"] + ")" for x in m) if m else None)' \
-        "$DATA/sources.json"
+    # --require-all: the recipe needs every source (prose, and the Bible held out), so stop rather than
+    # train on text without one whose Debian package is missing.
+    uio-gguf data --out "$DATA" --synthetic-share 0.05 --require-all
     # the tokens depend on the base model's tokenizer alone, so both heads read the same file
     uio-gguf train --base "$BASE" --data "$DATA/train.jsonl" --heldout "$DATA/heldout.jsonl" \
         --out "$RUNS/r8" --segment 128 --ratio 8 --prepare-only

@@ -154,6 +154,9 @@ def data(
     ),
     synthetic_max_chars: int = typer.Option(32_000, help="Length of the longest synthetic document, in characters."),
     seed: int = typer.Option(0, help="Seed of the sample, the split and the synthetic tasks."),
+    require_all: bool = typer.Option(
+        False, "--require-all", help="Stop if a chosen source is not installed (default: go on without it)."
+    ),
 ):
     """Training text that needs no network: books and manuals from Debian and PyPI packages, split into
     train / held-out by document, with synthetic long-range recall tasks mixed in."""
@@ -171,6 +174,7 @@ def data(
         synthetic_share=synthetic_share,
         synthetic_max_chars=synthetic_max_chars,
         seed=seed,
+        require_all=require_all,
     )
     typer.echo(format_report(build(args)))
 
