@@ -21,7 +21,7 @@ def _guarded(pieces: list[str]) -> tuple[str, bool]:
         shown += out
         if looped:
             return shown, True
-    return shown + guard.flush(), False
+    return shown + guard.flush(), guard.looped
 
 
 def _cuts(text: str) -> list[list[str]]:
@@ -34,6 +34,11 @@ def _cuts(text: str) -> list[list[str]]:
     [
         ("The pass key is 11059.\n\nThe pass key is 11059.\n\nThe pass key is 1", "The pass key is 11059."),
         ("The code is written in Python. The code is written in Python. The", "The code is written in Python."),
+        # the answer ends on the repeat, with no white space after it (seen on a 182K-token book)
+        (
+            "The father of Isaac is Abraham.\n\nThe text is from Genesis, chapter 27.\n\nThe text is from Genesis, chapter 27.",
+            "The father of Isaac is Abraham.\n\nThe text is from Genesis, chapter 27.",
+        ),
     ],
 )
 def test_a_repeated_sentence_is_cut_before_it_is_shown(text, expected):

@@ -325,7 +325,8 @@ def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: flo
             text += shown
             if looped:
                 break
-        text += guard.flush()
+        text += guard.flush()  # an answer that ended on a repeat was cut by the guard, not ended by itself
+        ended = ended and not guard.looped
         return Answer(text, ended, ttft if ttft is not None else time.perf_counter() - started, guard.looped)
     finally:
         sampler.close()

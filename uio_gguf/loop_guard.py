@@ -83,7 +83,14 @@ class LoopGuard:
         return out, True
 
     def flush(self) -> str:
-        """What is still held when the answer ends (the held start of its last sentence)."""
-        rest = self._show(self.current[self.shown :])
+        """What is still held when the answer ends (the held start of its last sentence). A last
+        sentence that repeats an earlier one word for word is a repeat too, though no white space
+        followed it (the answer ended on it): it is dropped, and the answer counts as looped."""
+        held = self.current
+        key = _same(held)
+        if self.enabled and not self.shown and len(key.split()) >= MIN_REPEAT_WORDS and key in self.said:
+            self._stop("")
+            return ""
+        rest = self._show(held[self.shown :])
         self.current, self.shown, self.space = "", 0, ""
         return rest

@@ -478,6 +478,8 @@ class Session(Handle):
             if tail := tail + guard.flush():
                 shown_chars += len(tail)
                 yield tail
+            if guard.looped and not self.looped:  # the answer ended on a repeat, which flush() dropped
+                self.finish_reason, self.looped = "stop", True
             # The repeat the guard cut (or the text after a stop string) was decoded but never shown: the
             # cache keeps what the user saw, not what the next turn should not build on (a token whose
             # text starts within what was shown stays).
