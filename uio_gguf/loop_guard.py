@@ -9,7 +9,7 @@ sentence of the answer word for word, or a short unit written three times in a r
 
 Text streams as it comes, except a sentence that could still turn into one already said: it is held
 until it ends (a repeat, never shown) or departs from every earlier sentence (shown). A stutter shows
-at most two units. Answers that end by themselves, and answers that never repeat, come out unchanged.
+at most two units. Answers that never repeat come out unchanged (one that ends on a repeat loses it).
 """
 
 from __future__ import annotations
