@@ -53,7 +53,7 @@ class LoopGuard:
             if not key:  # a blank line: part of the space between sentences
                 self.space += sentence
                 continue
-            if len(key.split()) >= MIN_REPEAT_WORDS and key in self.said:
+            if self._said_before(key):
                 return self._stop(out)
             self.said.add(key)
             out += self._show(body[self.shown :])
@@ -66,6 +66,10 @@ class LoopGuard:
             out += self._show(self.current[self.shown :])
             self.shown = len(self.current)
         return out, False
+
+    def _said_before(self, key: str) -> bool:
+        """Whether the normalised sentence `key` repeats one the answer already said (3+ words)."""
+        return len(key.split()) >= MIN_REPEAT_WORDS and key in self.said
 
     def _may_repeat(self, text: str) -> bool:
         """Whether the sentence being written could still turn into one already said (then it is held)."""
@@ -86,11 +90,9 @@ class LoopGuard:
         """What is still held when the answer ends (the held start of its last sentence). A last
         sentence that repeats an earlier one word for word is a repeat too, though no white space
         followed it (the answer ended on it): it is dropped, and the answer counts as looped."""
-        held = self.current
-        key = _same(held)
-        if self.enabled and not self.shown and len(key.split()) >= MIN_REPEAT_WORDS and key in self.said:
+        if self.enabled and not self.shown and self._said_before(_same(self.current)):
             self._stop("")
             return ""
-        rest = self._show(held[self.shown :])
+        rest = self._show(self.current[self.shown :])
         self.current, self.shown, self.space = "", 0, ""
         return rest

@@ -472,13 +472,11 @@ class Session(Handle):
                     break
             tail = ""
             if hit < 0 and not self.looped:  # a held start of a stop string that never completed
-                tail, looped = guard.push(text[released:])
-                if looped:
-                    self.finish_reason, self.looped = "stop", True
+                tail, _ = guard.push(text[released:])
             if tail := tail + guard.flush():
                 shown_chars += len(tail)
                 yield tail
-            if guard.looped and not self.looped:  # the answer ended on a repeat, which flush() dropped
+            if guard.looped:  # cut after the last token: by that push, or by flush() (the answer ended on a repeat)
                 self.finish_reason, self.looped = "stop", True
             # The repeat the guard cut (or the text after a stop string) was decoded but never shown: the
             # cache keeps what the user saw, not what the next turn should not build on (a token whose
