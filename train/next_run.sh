@@ -58,7 +58,7 @@ train)
     ;;
 cpu)
     # No GPU lent: one bounded run on this CPU (one at a time, at most an hour), the recipe of `train`
-    # at batch 1 for the head R (default 8). Tens of steps, not hundreds:
+    # at batch 1 (BATCH) for the head R (default 8). Tens of steps, not hundreds:
     # it shows which way the recipe moves a head, then `eval ppl` at 8K in and out of domain.
     # A later run continues an earlier one with INIT (its checkpoint, with a fresh schedule: a run that
     # ends on its steps ends at lr 0), a NAME_SUFFIX of its own and another SEED (other crops).
@@ -68,7 +68,7 @@ cpu)
     [[ -f $RUNS/r8/tokens.npz ]] || { echo "cpu: no $RUNS/r8/tokens.npz: run \`bash train/next_run.sh prepare\` first" >&2; exit 1; }
     mkdir -p "$RUNS/$NAME" && cp "$RUNS/r8/tokens.npz" "$RUNS/$NAME/tokens.npz"
     uio-gguf train --base "$BASE" --out "$RUNS/$NAME" --init "$INIT" \
-        "${RECIPE[@]}" --batch 1 --steps "${STEPS:-60}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
+        "${RECIPE[@]}" --batch "${BATCH:-1}" --steps "${STEPS:-60}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
     uio-gguf convert "$RUNS/$NAME/checkpoint" -o "$RUNS/bundle-$NAME" --base-gguf "$BASE" --force
     uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-$NAME" --baselines none --no-chat \
         --json "$RUNS/$NAME.ppl.json"
@@ -85,7 +85,7 @@ check)
     for R in 8 32; do passkeys "$RUNS/bundle-r$R" "$RUNS/r$R.passkey.json"; done
     ;;
 *)
-    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR)" >&2
+    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR)" >&2
     exit 2
     ;;
 esac
