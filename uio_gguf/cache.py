@@ -1,11 +1,20 @@
 """Where uio-gguf keeps what it builds or computes once: $UIO_GGUF_CACHE, else $XDG_CACHE_HOME/uio-gguf,
 else ~/.cache/uio-gguf. Subfolders: native/ (the compiled plugin), bundles/ (default bundles put
-together), memory/ (memory files of compressed books)."""
+together), memory/ (memory files of compressed books, and their start states).
+
+memory/ grows with every book opened (a 56K-token book's memory is 160 MB at ratio 8), so it is kept
+under a size limit, $UIO_GGUF_MEMORY_CACHE_GB in GiB (default 4; 0 keeps everything): after each write the
+least recently used files go first. A file that is gone is only recomputed the next time.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+
+MEMORY_LIMIT_ENV = "UIO_GGUF_MEMORY_CACHE_GB"
+DEFAULT_MEMORY_LIMIT_GB = 4.0
 
 
 def cache_root() -> Path:
@@ -14,3 +23,61 @@ def cache_root() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]) / "uio-gguf"
     return Path.home() / ".cache" / "uio-gguf"
+
+
+def memory_dir() -> Path:
+    return cache_root() / "memory"
+
+
+def memory_limit_bytes() -> int | None:
+    """The size memory/ is kept under; None for no limit. A value that is not a size warns and keeps
+    the default: it is read after a book was compressed, which an error would throw away."""
+    text = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    try:
+        gb = float(text) if text else DEFAULT_MEMORY_LIMIT_GB
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0 or gb == float("inf"):
+        warnings.warn(
+            f"{MEMORY_LIMIT_ENV}={text!r} is not a size in GB (0: no limit); keeping {DEFAULT_MEMORY_LIMIT_GB:g} GB",
+            stacklevel=2,
+        )
+        gb = DEFAULT_MEMORY_LIMIT_GB
+    return None if gb == 0 else int(gb * 2**30)
+
+
+def mark_used(path: Path) -> None:
+    """A cached file was read: it becomes the most recently used (its mtime, which trim_memory_dir orders by)."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache still serves; it is only trimmed in another order
+        pass
+
+
+def trim_memory_dir(keep: Path) -> list[Path]:
+    """After `keep` was written: removes the least recently used files of memory/ until the folder is
+    under the limit (never `keep`, which may alone exceed it). Files elsewhere are left alone. Returns
+    what was removed."""
+    keep = Path(keep)
+    limit = memory_limit_bytes()
+    folder = memory_dir()
+    if limit is None or keep.parent.resolve() != folder.resolve():
+        return []
+    files = []
+    for path in folder.glob("*.npz"):  # memory files and start states; temporaries start with "."
+        try:
+            stat = path.stat()
+        except OSError:  # removed meanwhile by another process
+            continue
+        files.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in files)
+    removed = []
+    for _, size, path in sorted(files):  # oldest first
+        if total <= limit:
+            break
+        if path == keep or path.resolve() == keep.resolve():
+            continue
+        path.unlink(missing_ok=True)
+        total -= size
+        removed.append(path)
+    return removed

@@ -1,0 +1,65 @@
+"""The memory cache (memory files and start states) stays under $UIO_GGUF_MEMORY_CACHE_GB, least
+recently used first out, and never loses the file just written."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from uio_gguf import cache, memory_file, start_state
+from uio_gguf.encoder import SegmentMemory
+
+
+@pytest.fixture
+def memory_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(cache.MEMORY_LIMIT_ENV, raising=False)
+    return tmp_path / "cache" / "memory"
+
+
+def _save(name: str, seed: int, when: float):
+    """A real memory file of ~33 KB in the cache, its mtime set to `when` (seconds ago)."""
+    k = np.random.default_rng(seed).standard_normal((4, 2, 16, 64)).astype(np.float32)
+    path = memory_file.save(memory_file.cache_dir() / f"{name}.npz", name, SegmentMemory(k, -k))
+    stamp = path.stat().st_mtime - when
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_the_least_recently_used_files_go_first(memory_cache, monkeypatch):
+    a, b, c = _save("a", 0, 300), _save("b", 1, 200), _save("c", 2, 100)
+    size = a.stat().st_size
+    assert memory_file.load(a, "a") is not None  # reading a makes it the most recently used
+    monkeypatch.setenv(cache.MEMORY_LIMIT_ENV, str(3.5 * size / 2**30))  # room for three files
+    state = memory_cache / "s.start.npz"
+    start_state.save(state, "s", np.arange(size // 2, dtype=np.uint8) % 251)
+    assert not b.exists()  # b was the least recently used: a was read after it
+    assert sorted(p.name for p in memory_cache.glob("*.npz")) == ["a.npz", "c.npz", "s.start.npz"]
+    d = _save("d", 3, 0)  # written now: c (read least recently) goes, then nothing more
+    assert not c.exists() and a.exists() and d.exists() and state.exists()
+    assert memory_file.load(d, "d") is not None and start_state.load(state, "s") is not None
+
+
+def test_the_file_just_written_stays_even_alone_over_the_limit(memory_cache, monkeypatch):
+    old = _save("old", 0, 100)
+    monkeypatch.setenv(cache.MEMORY_LIMIT_ENV, str(old.stat().st_size / 2 / 2**30))
+    new = _save("new", 1, 0)
+    assert new.exists() and not old.exists()
+
+
+def test_files_outside_the_cache_and_a_limit_of_0_are_left_alone(memory_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.MEMORY_LIMIT_ENV, "0")
+    kept = [_save(name, seed, 100 - seed) for seed, name in enumerate("abc")]
+    monkeypatch.setenv(cache.MEMORY_LIMIT_ENV, "1e-9")
+    k = np.ones((1, 2, 4, 8), np.float32)
+    memory_file.save(tmp_path / "elsewhere.npz", "x", SegmentMemory(k, k))
+    assert all(path.exists() for path in kept)
+
+
+@pytest.mark.parametrize("value", ["lots", "-1", "inf", "nan"])
+def test_a_limit_that_is_not_a_size_warns_and_keeps_the_default(monkeypatch, value):
+    monkeypatch.setenv(cache.MEMORY_LIMIT_ENV, value)
+    with pytest.warns(UserWarning, match=cache.MEMORY_LIMIT_ENV):
+        assert cache.memory_limit_bytes() == int(cache.DEFAULT_MEMORY_LIMIT_GB * 2**30)
