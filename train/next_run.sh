@@ -3,7 +3,7 @@
 #
 #   bash train/next_run.sh prepare   # CPU, here: training text with prose, tokenized (tokens.npz, ~10 MB)
 #   bash train/next_run.sh train     # one GPU: both heads side by side, each stopped after $MINUTES
-#   bash train/next_run.sh check     # CPU, here: convert, then perplexity in and out of domain, and pass keys
+#   bash train/next_run.sh check     # CPU, here: convert (each run and its midpoint), then perplexity in and out of domain, and pass keys
 #   bash train/next_run.sh cpu       # without a GPU: one bounded CPU run of one head ($CPU_MINUTES, 60)
 #
 # GPU time is short, so `prepare` tokenizes here and `train` only reads $RUNS/rR/tokens.npz (bring the
@@ -75,14 +75,18 @@ cpu)
     passkeys "$RUNS/bundle-$NAME" "$RUNS/$NAME.passkey.json"
     ;;
 check)
+    # Each run's head, and its midpoint with the head it started from (in session 20 the midpoint of a
+    # CPU run beat both ends in domain up to 16K: docs/training-log.md#the-next-run).
     for R in 8 32; do
         uio-gguf convert "$RUNS/r$R/checkpoint" -o "$RUNS/bundle-r$R" --base-gguf "$BASE" --force
+        python -m uio_gguf.train.blend "$RUNS/r$R/init-checkpoint" "$RUNS/r$R/checkpoint" "$RUNS/r$R/midpoint"
+        uio-gguf convert "$RUNS/r$R/midpoint" -o "$RUNS/bundle-r$R-mid" --base-gguf "$BASE" --force
     done
     # The same run as the shipped heads' tables (docs/evaluation.md): ship a head only if it closes
     # more of the out-of-domain gap at 8K without closing less in domain at any length, and keeps its pass keys.
-    uio-gguf eval ppl --lengths 4096,8192,16384,32768 -m "$RUNS/bundle-r8" -m "$RUNS/bundle-r32" \
-        --baselines none --no-chat --json "$RUNS/ppl.json"
-    for R in 8 32; do passkeys "$RUNS/bundle-r$R" "$RUNS/r$R.passkey.json"; done
+    uio-gguf eval ppl --lengths 4096,8192,16384,32768 -m "$RUNS/bundle-r8" -m "$RUNS/bundle-r8-mid" \
+        -m "$RUNS/bundle-r32" -m "$RUNS/bundle-r32-mid" --baselines none --no-chat --json "$RUNS/ppl.json"
+    for HEAD in r8 r8-mid r32 r32-mid; do passkeys "$RUNS/bundle-$HEAD" "$RUNS/$HEAD.passkey.json"; done
     ;;
 *)
     echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR)" >&2
