@@ -39,7 +39,7 @@ def memory_limit_bytes() -> int | None:
         gb = -1.0
     if not gb >= 0 or gb == float("inf"):
         warnings.warn(
-            f"{MEMORY_LIMIT_ENV}={text!r} is not a size in GB (0: no limit); keeping {DEFAULT_MEMORY_LIMIT_GB:g} GB",
+            f"{MEMORY_LIMIT_ENV}={text!r} is not a size in GiB (0: no limit); keeping {DEFAULT_MEMORY_LIMIT_GB:g} GiB",
             stacklevel=2,
         )
         gb = DEFAULT_MEMORY_LIMIT_GB
@@ -77,7 +77,10 @@ def trim_memory_dir(keep: Path) -> list[Path]:
             break
         if path == keep or path.resolve() == keep.resolve():
             continue
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # not ours to remove (permissions): trimming never fails the write it follows
+            continue
         total -= size
         removed.append(path)
     return removed
