@@ -18,24 +18,13 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from uio_gguf.errors import UIOError
-from uio_gguf.train.checkpoint import ADAPTER_WEIGHTS, MEMORY_FILE, read_config, write_checkpoint
+from uio_gguf.train.checkpoint import read_config, read_head_tensors, write_checkpoint
 from uio_gguf.train.model import ENCODER, TRANSFER
 
 # What two checkpoints must share for their difference to mean anything.
 SAME = ("segment", "ratio", "rank", "alpha")
-
-
-def _tensors(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{ENCODER: ..., TRANSFER: ..., "memory": ...}, each name -> tensor."""
-    try:
-        parts = {adapter: load_file(str(directory / adapter / ADAPTER_WEIGHTS)) for adapter in (ENCODER, TRANSFER)}
-        parts["memory"] = load_file(str(directory / MEMORY_FILE))
-    except Exception as err:  # missing file, safetensors' own error on a damaged one
-        raise UIOError(f"incomplete or damaged checkpoint {directory}: {err}") from None
-    return parts
 
 
 def blend_checkpoints(start: Path, end: Path, out: Path, share: float) -> Path:
@@ -50,7 +39,9 @@ def blend_checkpoints(start: Path, end: Path, out: Path, share: float) -> Path:
             raise UIOError(f"{start} and {end} differ in {key} ({first.get(key)} against {last.get(key)})")
     if first.get("base", {}).get("fingerprint") != last.get("base", {}).get("fingerprint"):
         raise UIOError(f"{start} and {end} were trained on different base models (fingerprints differ)")
-    a, b = _tensors(start), _tensors(end)
+    (adapters_a, memory_a), (adapters_b, memory_b) = read_head_tensors(start), read_head_tensors(end)
+    a = {**adapters_a, "memory": {"memory_embedding": memory_a}}
+    b = {**adapters_b, "memory": {"memory_embedding": memory_b}}
     moved = {}
     for part in a:
         if a[part].keys() != b[part].keys() or any(a[part][n].shape != b[part][n].shape for n in a[part]):

@@ -156,17 +156,23 @@ def uio_config_from(config: dict) -> UIOConfig:
     return UIOConfig(**{k: v for k, v in config.items() if k in fields})
 
 
+def read_head_tensors(directory: Path) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+    """({ENCODER: PEFT state dict, TRANSFER: ...}, the memory embedding) as the files hold them."""
+    directory = Path(directory)
+    try:
+        adapters = {adapter: load_file(str(directory / adapter / ADAPTER_WEIGHTS)) for adapter in (ENCODER, TRANSFER)}
+        memory = load_file(str(directory / MEMORY_FILE))["memory_embedding"]
+    except Exception as err:  # OSError, KeyError, safetensors' own error on a damaged file
+        raise UIOError(f"incomplete or damaged checkpoint {directory}: {err}") from None
+    return adapters, memory
+
+
 def load_weights(model: UIOModel, directory: Path) -> None:
     directory = Path(directory)
     verify_files(directory)
-    try:
-        for adapter in (ENCODER, TRANSFER):
-            _load_adapter(model, adapter, load_file(str(directory / adapter / ADAPTER_WEIGHTS)))
-        memory = load_file(str(directory / MEMORY_FILE))["memory_embedding"]
-    except UIOError:
-        raise
-    except Exception as err:  # OSError, KeyError, safetensors' own error on a damaged file
-        raise UIOError(f"incomplete or damaged checkpoint {directory}: {err}") from None
+    adapters, memory = read_head_tensors(directory)
+    for adapter, tensors in adapters.items():
+        _load_adapter(model, adapter, tensors)
     if memory.shape != model.memory_embedding.shape:
         raise UIOError(f"memory embedding {tuple(memory.shape)} does not fit this base model")
     with torch.no_grad():

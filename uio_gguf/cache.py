@@ -75,7 +75,7 @@ def trim_memory_dir(keep: Path) -> list[Path]:
     for _, size, path in sorted(files):  # oldest first
         if total <= limit:
             break
-        if path == keep or path.resolve() == keep.resolve():
+        if path.name == keep.name:  # the folder is keep's (checked above)
             continue
         try:
             path.unlink(missing_ok=True)

@@ -2,7 +2,9 @@
 made for (key) and a checksum over them, written atomically.
 
 Memory files (uio_gguf.memory_file) and start states (uio_gguf.start_state) are both kept this way;
-each computes its own checksum, so the arrays are read back once and checked by their owner.
+each computes its own checksum, so the arrays are read back once and checked by their owner. A file
+written into the memory cache keeps that folder under its size limit; a file read is marked used
+(uio_gguf/cache.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from uio_gguf.cache import mark_used, trim_memory_dir
 from uio_gguf.files import atomic_file
 
 
@@ -19,6 +22,7 @@ def save(path: Path, format: str, key: str, checksum: str, **arrays: np.ndarray)
     meta = json.dumps({"format": format, "key": key, "checksum": checksum})
     with atomic_file(path, suffix=".npz") as tmp:
         np.savez(tmp, meta=np.array(meta), **arrays)
+    trim_memory_dir(keep=path)
 
 
 def read_meta(path: Path) -> dict:
@@ -37,4 +41,5 @@ def load(path: Path, format: str, key: str, names: tuple[str, ...]) -> tuple[str
         raise ValueError(f"unknown format {meta.get('format')!r}")
     if meta.get("key") != key:
         return None  # another document or bundle: not an error, just not ours
+    mark_used(path)
     return meta.get("checksum"), arrays

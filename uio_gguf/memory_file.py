@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from uio_gguf import keyed_file
-from uio_gguf.cache import mark_used, memory_dir, trim_memory_dir
+from uio_gguf.cache import memory_dir
 from uio_gguf.encoder import SegmentMemory
 from uio_gguf.errors import UIOError
 from uio_gguf.transfer import MEMORY_DTYPE
@@ -55,7 +55,6 @@ def save(path: Path, key: str, memory: SegmentMemory, dtype=MEMORY_DTYPE) -> Pat
     if not (np.isfinite(k).all() and np.isfinite(v).all()):
         raise UIOError("refusing to save a memory with non-finite values (the UIO head is damaged?)")
     keyed_file.save(path, FORMAT, key, _checksum(k, v), k=k, v=v)
-    trim_memory_dir(keep=path)  # the cache's size limit (uio_gguf/cache.py)
     return path
 
 
@@ -89,5 +88,4 @@ def load(path: Path, key: str) -> SegmentMemory | None:
     except Exception as err:  # any damage: truncated zip, bad JSON, wrong arrays
         warnings.warn(f"memory file {path} is damaged ({err}); recomputing", stacklevel=2)
         return None
-    mark_used(path)
     return SegmentMemory(k.astype(np.float32), v.astype(np.float32))

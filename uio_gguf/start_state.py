@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from uio_gguf import keyed_file
-from uio_gguf.cache import mark_used, trim_memory_dir
 
 FORMAT = "uio-start-state/1"
 
@@ -51,7 +50,6 @@ def save(path: Path, key: str, state) -> None:
     """state: the bytes of llama_state_seq_get_data (any buffer)."""
     blob = np.frombuffer(state, dtype=np.uint8)
     keyed_file.save(path, FORMAT, key, hashlib.sha256(blob).hexdigest(), state=blob)
-    trim_memory_dir(keep=path)
 
 
 def load(path: Path, key: str) -> np.ndarray | None:
@@ -70,5 +68,4 @@ def load(path: Path, key: str) -> np.ndarray | None:
     except Exception as err:  # truncated zip, bad JSON, wrong arrays
         warnings.warn(f"start state {path} is damaged ({err}); rebuilding it", stacklevel=2)
         return None
-    mark_used(path)
     return blob
