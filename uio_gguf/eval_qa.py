@@ -33,7 +33,6 @@ SegmentCache recompresses only the segments whose tokens changed.
 
 from __future__ import annotations
 
-import codecs
 import random
 import re
 import string
@@ -46,7 +45,6 @@ import numpy as np
 
 from uio_gguf.errors import UIOError
 from uio_gguf.eval_passkey import check_grid, filler_text
-from uio_gguf.loop_guard import LoopGuard
 from uio_gguf.synthetic import KEY_NAMES, PASSKEY_QUESTION, passkey_fact
 
 TASKS = ("passkey", "single", "multikey", "multivalue", "vt")
@@ -257,12 +255,13 @@ class SegmentCache:
 def load_base(cache: SegmentCache, doc: Document, use_memory_files: bool) -> None:
     """The filler's memory into the cache: from its memory file, or compressed (and saved) once."""
     from uio_gguf import memory_file
+    from uio_gguf.cache import memory_dir
 
     runtime = cache.runtime
     compressed = doc.tokens[: len(doc.tokens) // runtime.segment * runtime.segment]
     dtype = runtime.encoder.head.memory_dtype
     key = memory_file.memory_key(runtime.bundle, compressed, dtype)
-    path = memory_file.cache_dir() / f"{key}.npz"
+    path = memory_dir() / f"{key}.npz"
     memory = memory_file.load(path, key) if use_memory_files else None
     if memory is None:
         memory = cache.compress(compressed)
@@ -293,11 +292,10 @@ def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: flo
     """Greedy answer after `tokens` in a plain llama.cpp context of `window` cells with context shift;
     the time to first token counts from `started`."""
     from uio_gguf.eval_ppl import MAX_BATCH, Decoder
-    from uio_gguf.session import Sampler
+    from uio_gguf.session import AnswerOutcome, Sampler, stream_answer
 
     decoder = Decoder(runtime, n_ctx=window, n_batch=min((window - SINK_TOKENS) // 2, MAX_BATCH))
     sampler = Sampler(params, runtime.model.n_vocab, runtime.model.vocab)
-    model = runtime.model
 
     def feed(ids) -> None:
         for at in range(0, len(ids), decoder.batch.capacity):
@@ -312,22 +310,11 @@ def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: flo
 
     try:
         feed([int(t) for t in tokens])
-        utf8, guard = codecs.getincrementaldecoder("utf-8")("replace"), LoopGuard(params.loop_guard)
-        text, ended, ttft = "", False, None
-        for _ in range(params.max_tokens):
-            token = int(sampler.sample(decoder.ctx, -1))
-            ttft = ttft if ttft is not None else time.perf_counter() - started
-            if model.is_eog(token):
-                ended = True
-                break
-            feed([token])
-            shown, looped = guard.push(utf8.decode(model.piece(token)))
-            text += shown
-            if looped:
-                break
-        text += guard.flush()  # an answer that ended on a repeat was cut by the guard, not ended by itself
-        ended = ended and not guard.looped
-        return Answer(text, ended, ttft if ttft is not None else time.perf_counter() - started, guard.looped)
+        outcome = AnswerOutcome()
+        pieces = stream_answer(lambda: int(sampler.sample(decoder.ctx, -1)), feed, runtime.model, params, outcome)
+        text = "".join(pieces)
+        ended = outcome.finish_reason == "stop" and not outcome.looped
+        return Answer(text, ended, (outcome.first_token_at or time.perf_counter()) - started, outcome.looped)
     finally:
         sampler.close()
         decoder.close()

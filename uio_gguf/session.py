@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -113,6 +114,70 @@ class Sampler(Handle):
             self.ptr = None
 
     __del__ = close
+
+
+@dataclass
+class AnswerOutcome:
+    """What stream_answer's answer came to, for the OpenAI shapes (`usage`, finish_reason stop/length)."""
+
+    generated: int = 0  # tokens sampled and fed (not the end-of-generation token)
+    finish_reason: str = "length"  # "stop": an end of turn, a stop string, should_stop() or the loop guard
+    looped: bool = False  # cut by the loop guard where it began to repeat itself
+    unshown: int = 0  # the last tokens fed whose text the user never saw (a cut repeat, a stop string)
+    first_token_at: float | None = None  # time.perf_counter() at the first sampled token
+
+
+def stream_answer(
+    sample: Callable[[], int],
+    feed: Callable[[list[int]], None],
+    model,
+    params: SamplingParams,
+    outcome: AnswerOutcome,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Iterator[str]:
+    """Samples, feeds and streams one answer's text: stops at an end-of-generation token, a stop string,
+    max_tokens, when should_stop() turns true, or where the loop guard sees a repeat. The one loop of
+    chat's sessions and eval qa's plain-context baselines; `outcome` is filled as it goes."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    guard = LoopGuard(params.loop_guard)
+    text, shown_chars, released, hit = "", 0, 0, -1  # released: how much of text the guard has had
+    starts: list[int] = []  # where each generated token's text starts in `text`
+    for _ in range(params.max_tokens):
+        if should_stop():
+            outcome.finish_reason = "stop"
+            break
+        token = sample()
+        if outcome.first_token_at is None:
+            outcome.first_token_at = time.perf_counter()
+        if model.is_eog(token):
+            outcome.finish_reason = "stop"
+            break
+        piece = decoder.decode(model.piece(token))
+        feed([token])
+        outcome.generated += 1
+        starts.append(len(text))
+        text += piece
+        hit = min((text.find(s) for s in params.stop if s in text), default=-1)
+        # text before a stop string goes on; the start of one that may still complete is held
+        upto = hit if hit >= 0 else len(text) - _stop_prefix(text, params.stop)
+        shown, looped = guard.push(text[released:upto])  # upto never falls: a held start only grows
+        released = upto
+        if shown:
+            shown_chars += len(shown)
+            yield shown
+        if hit >= 0 or looped:
+            outcome.finish_reason, outcome.looped = "stop", looped
+            break
+    tail = ""
+    if hit < 0 and not outcome.looped:  # a held start of a stop string that never completed
+        tail, _ = guard.push(text[released:])
+    if tail := tail + guard.flush():
+        shown_chars += len(tail)
+        yield tail
+    if guard.looped:  # cut after the last token: by that push, or by flush() (the answer ended on a repeat)
+        outcome.finish_reason, outcome.looped = "stop", True
+    # A token whose text starts within what was shown stays; the rest was decoded but never shown.
+    outcome.unshown = sum(1 for start in starts if start >= shown_chars)
 
 
 class Session(Handle):
@@ -437,52 +502,18 @@ class Session(Handle):
         if getattr(self, "_last_logits", None) is None:
             raise RuntimeError("feed a prompt before generating")
         sampler = Sampler(params, self.runtime.model.n_vocab, self.runtime.model.vocab)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        guard = LoopGuard(params.loop_guard)
-        model = self.runtime.model
-        text, shown_chars, released, hit = "", 0, 0, -1  # released: how much of text the guard has had
-        starts: list[int] = []  # where each generated token's text starts in `text`
-        # What the last answer came to, for the OpenAI shapes (`usage`, finish_reason stop/length), and
-        # whether the loop guard cut it.
-        self.generated, self.finish_reason, self.looped = 0, "length", False
+        outcome = AnswerOutcome()
         try:
-            for _ in range(params.max_tokens):
-                if should_stop():
-                    self.finish_reason = "stop"
-                    break
-                token = self._sample(sampler)
-                if model.is_eog(token):
-                    self.finish_reason = "stop"
-                    break
-                piece = decoder.decode(model.piece(token))
-                self.feed([token])
-                self.generated += 1
-                starts.append(len(text))
-                text += piece
-                hit = min((text.find(s) for s in params.stop if s in text), default=-1)
-                # text before a stop string goes on; the start of one that may still complete is held
-                upto = hit if hit >= 0 else len(text) - _stop_prefix(text, params.stop)
-                shown, looped = guard.push(text[released:upto])  # upto never falls: a held start only grows
-                released = upto
-                if shown:
-                    shown_chars += len(shown)
-                    yield shown
-                if hit >= 0 or looped:
-                    self.finish_reason, self.looped = "stop", looped
-                    break
-            tail = ""
-            if hit < 0 and not self.looped:  # a held start of a stop string that never completed
-                tail, _ = guard.push(text[released:])
-            if tail := tail + guard.flush():
-                shown_chars += len(tail)
-                yield tail
-            if guard.looped:  # cut after the last token: by that push, or by flush() (the answer ended on a repeat)
-                self.finish_reason, self.looped = "stop", True
+            yield from stream_answer(
+                lambda: self._sample(sampler), self.feed, self.runtime.model, params, outcome, should_stop
+            )
             # The repeat the guard cut (or the text after a stop string) was decoded but never shown: the
-            # cache keeps what the user saw, not what the next turn should not build on (a token whose
-            # text starts within what was shown stays).
-            self.generated -= self.take_back(sum(1 for start in starts if start >= shown_chars))
+            # cache keeps what the user saw, not what the next turn should not build on.
+            outcome.generated -= self.take_back(outcome.unshown)
         finally:
+            # What the last answer came to, for the OpenAI shapes (`usage`, finish_reason stop/length),
+            # and whether the loop guard cut it (also for an answer its consumer left early).
+            self.generated, self.finish_reason, self.looped = outcome.generated, outcome.finish_reason, outcome.looped
             sampler.close()
 
     def take_back(self, n: int) -> int:
