@@ -16,6 +16,8 @@
 #     36% of the steps and taught the memory an answer of its own ("The pass key is 10102."), which then
 #     overrode the recalled passage (pass keys at 16K with recall: 6/30 against the stage-three head's 29/30);
 #   - crops are long (128 segments, 16K tokens), so that the memory is read at the lengths it serves.
+#     (In session 21's CPU runs 16K crops gained in domain at 4K-8K and lost at 16K-32K; 32K crops,
+#     SEGMENTS=256 LOSS_WINDOWS=32 at half the batch, did the reverse: docs/training-log.md#the-next-run.)
 set -euo pipefail
 
 RUNS=${RUNS:-runs/next}
@@ -24,8 +26,8 @@ MINUTES=${MINUTES:-6}      # per head; both heads share the GPU, so this is also
 DEVICE=${DEVICE:-cuda}
 BASE=$(python -c 'from uio_gguf.embedded import default_model_path as p; print(p())')
 # The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in batch,
-# length and device.
-RECIPE=(--segments 128 --loss-windows 16 --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
+# length and device; SEGMENTS and LOSS_WINDOWS change the crop.
+RECIPE=(--segments "${SEGMENTS:-128}" --loss-windows "${LOSS_WINDOWS:-16}" --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
         --lr "${LR:-2e-4}" --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
 
 # A head must also keep what the answers rest on: pass keys at 16K through chat's path with recall
@@ -89,7 +91,7 @@ check)
     for HEAD in r8 r8-mid r32 r32-mid; do passkeys "$RUNS/bundle-$HEAD" "$RUNS/$HEAD.passkey.json"; done
     ;;
 *)
-    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR)" >&2
+    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR SEGMENTS LOSS_WINDOWS)" >&2
     exit 2
     ;;
 esac
