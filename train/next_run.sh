@@ -16,8 +16,8 @@
 #     36% of the steps and taught the memory an answer of its own ("The pass key is 10102."), which then
 #     overrode the recalled passage (pass keys at 16K with recall: 6/30 against the stage-three head's 29/30);
 #   - crops are long (128 segments, 16K tokens), so that the memory is read at the lengths it serves.
-#     (In session 21's CPU runs 16K crops gained in domain at 4K-8K and lost at 16K-32K; 32K crops,
-#     SEGMENTS=256 LOSS_WINDOWS=32 at half the batch, did the reverse: docs/training-log.md#the-next-run.)
+#     (In the CPU runs of sessions 19 and 21, 16K crops gained in domain at 4K-8K and lost at 16K-32K;
+#     32K crops, SEGMENTS=256 LOSS_WINDOWS=32 at half the batch, gained only at 32K: docs/training-log.md#the-next-run.)
 set -euo pipefail
 
 RUNS=${RUNS:-runs/next}
