@@ -22,7 +22,7 @@ def memory_cache(tmp_path, monkeypatch):
 def _save(name: str, seed: int, when: float):
     """A real memory file of ~33 KB in the cache, its mtime set to `when` (seconds ago)."""
     k = np.random.default_rng(seed).standard_normal((4, 2, 16, 64)).astype(np.float32)
-    path = memory_file.save(cache.memory_dir() / f"{name}.npz", name, SegmentMemory(k, -k))
+    path = memory_file.save(memory_file.path_for(name), name, SegmentMemory(k, -k))
     stamp = path.stat().st_mtime - when
     os.utime(path, (stamp, stamp))
     return path

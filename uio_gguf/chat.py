@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import llama_cpp
 
 from uio_gguf import memory_file, start_state
-from uio_gguf.cache import memory_dir
 from uio_gguf.encoder import SegmentMemory
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
@@ -156,7 +155,7 @@ class Conversation(Handle):
         compressed = self.book_tokens[: n_full * seg]
         dtype = self.runtime.encoder.head.memory_dtype  # memory is stored as it was made: bit-identical reuse
         key = memory_file.memory_key(self.runtime.bundle, compressed, dtype)
-        path = memory_dir() / f"{key}.npz"
+        path = memory_file.path_for(key)
         started = time.perf_counter()
         self.memory_path = path
         # the segments the raw window holds are read as text (their memory stays in the file for later)

@@ -255,13 +255,12 @@ class SegmentCache:
 def load_base(cache: SegmentCache, doc: Document, use_memory_files: bool) -> None:
     """The filler's memory into the cache: from its memory file, or compressed (and saved) once."""
     from uio_gguf import memory_file
-    from uio_gguf.cache import memory_dir
 
     runtime = cache.runtime
     compressed = doc.tokens[: len(doc.tokens) // runtime.segment * runtime.segment]
     dtype = runtime.encoder.head.memory_dtype
     key = memory_file.memory_key(runtime.bundle, compressed, dtype)
-    path = memory_dir() / f"{key}.npz"
+    path = memory_file.path_for(key)
     memory = memory_file.load(path, key) if use_memory_files else None
     if memory is None:
         memory = cache.compress(compressed)

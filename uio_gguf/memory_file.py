@@ -15,11 +15,17 @@ from pathlib import Path
 import numpy as np
 
 from uio_gguf import keyed_file
+from uio_gguf.cache import memory_dir
 from uio_gguf.encoder import SegmentMemory
 from uio_gguf.errors import UIOError
 from uio_gguf.transfer import MEMORY_DTYPE
 
 FORMAT = "uio-memory/1"
+
+
+def path_for(key: str) -> Path:
+    """Where the memory file of `key` lives: in the memory cache (its start states beside it)."""
+    return memory_dir() / f"{key}.npz"
 
 
 def memory_key(bundle, tokens: np.ndarray, dtype=MEMORY_DTYPE) -> str:
