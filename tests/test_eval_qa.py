@@ -150,6 +150,35 @@ def test_uio_answers_through_the_cache_as_from_scratch(runtime, base):
         assert got.text == want
 
 
+def test_fillers_take_turns_and_each_answer_is_as_from_scratch(runtime, prose):
+    """With --fillers 2 the trials alternate between two fillers (the first the one drawn before there
+    were several); both are compressed up front, and each answer is the one its own text gives. `window`
+    reads the filler's tail alone (the needle is at mid-book), so its answers tell the fillers apart."""
+    from uio_gguf.chat import Conversation
+
+    params = SamplingParams(max_tokens=8, loop_guard=True)  # what evaluate asks with
+    report = eval_qa.evaluate(
+        runtime, [600], [0.5], 3, tasks=["passkey"], methods=["window", "uio+recall"], texts=[prose],
+        recall_tokens=64, max_tokens=8, use_memory_files=False, fillers=2,
+    )  # fmt: skip
+    got = {(s["trial"], s["method"]): s for s in report["samples"]}
+    assert report["fillers"] == 2 and [got[t, "window"]["filler"] for t in range(3)] == [0, 1, 0]
+    bases = [eval_qa.base_document(runtime.model, 600, [prose], eval_qa.filler_rng(0, 600, i)) for i in range(2)]
+    assert eval_qa.filler_rng(0, 600, 0).random() == random.Random("0:filler:600").random()
+    n_segments = len(bases[0].tokens) // SEGMENT
+    for trial in range(3):
+        sample = eval_qa.make_sample("passkey", 0.5, random.Random(f"0:passkey:600:0.5:{trial}"))
+        doc = eval_qa.splice(runtime.model, bases[trial % 2], sample.needles)
+        window = eval_qa.answer(eval_qa.SegmentCache(runtime), doc, sample.question, "window", params, 64)
+        assert got[trial, "window"]["answer"] == window.text
+        with Conversation(
+            runtime, doc.book, use_memory_files=False, recall_tokens=64, raw_window=SEGMENT
+        ) as conversation:
+            assert got[trial, "uio+recall"]["answer"] == "".join(conversation.ask(sample.question, params))
+        assert got[trial, "uio+recall"]["recompressed"] < n_segments  # its filler was compressed up front
+    assert got[0, "window"]["answer"] != got[1, "window"]["answer"]  # the two fillers' tails read differently
+
+
 def test_rag_with_no_budget_equals_window(runtime, base):
     sample = eval_qa.make_sample("passkey", 0.3, random.Random(2))
     doc = eval_qa.splice(runtime.model, base, sample.needles)
@@ -217,6 +246,7 @@ def test_eval_qa_prints_a_table_and_writes_json(tiny_bundle, prose, cache_env, t
         (["--lengths", "100000"], "--ratio 32"),
         (["--depths", "2"], "between 0 and 1"),
         (["-n", "0"], "at least 1 token"),
+        (["--trials", "2", "--fillers", "3"], "--fillers must be from 1 to --trials"),
     ],
 )
 def test_eval_qa_bad_input_gives_one_clear_line(args, message, tiny_bundle, cache_env):

@@ -26,9 +26,10 @@ themselves (end of turn before the token limit), the share with a loop (a 4-gram
 times) and the median time to first token (for uio: the memory already made, as from a memory file).
 
 Fast by construction (docs/design.md §1, §6): a segment's memory depends on that segment's tokens
-alone. Each length has one filler, compressed once (or read from its memory file); a document is the
-filler's tokens with each needle's tokens written over as many filler tokens (nothing shifts), and
-SegmentCache recompresses only the segments whose tokens changed.
+alone. Each length has one filler (or --fillers of them, which the trials take in turn), compressed
+once (or read from its memory file); a document is the filler's tokens with each needle's tokens written
+over as many filler tokens (nothing shifts), and SegmentCache recompresses only the segments whose
+tokens changed.
 """
 
 from __future__ import annotations
@@ -162,6 +163,11 @@ def base_document(model, length: int, texts: list[str], rng: random.Random) -> D
     if not np.array_equal(tokens[: len(head)], head):
         raise UIOError("the filler's first token merges with the chat template's opening")
     return Document(tokens, book, len(head))
+
+
+def filler_rng(seed: int, length: int, index: int) -> random.Random:
+    """Where filler `index` of a length is drawn from (the first one as before there were several)."""
+    return random.Random(f"{seed}:filler:{length}" + (f":{index}" if index else ""))
 
 
 def needle_ids(model, sentence: str) -> np.ndarray:
@@ -400,14 +406,19 @@ def evaluate(
     use_memory_files: bool = True,
     progress: Callable[[int, int], None] | None = None,
     partial: Callable[[dict], None] | None = None,
+    fillers: int = 1,
 ) -> dict:
     """The report that `uio-gguf eval qa` prints and writes as JSON. partial(report so far) is called
-    after every answer (a long run stopped midway keeps what it measured)."""
+    after every answer (a long run stopped midway keeps what it measured). fillers: texts drawn per
+    length, trial t reading filler t % fillers; with one, every trial of a depth hides its needle in the
+    same passage, so the trials sample keys, not contexts (docs/evaluation.md, session 22)."""
     from uio_gguf.recall import DEFAULT_RECALL_TOKENS
     from uio_gguf.session import SamplingParams
 
     recall_tokens = DEFAULT_RECALL_TOKENS if recall_tokens is None else recall_tokens
     check_grid(lengths, depths, trials)
+    if not 1 <= fillers <= trials:
+        raise UIOError(f"--fillers must be from 1 to --trials ({trials}), not {fillers}")
     if recall_tokens < 0:
         raise UIOError(f"the recall budget must be 0 or more tokens, not {recall_tokens}")
     if any(m.startswith("uio") for m in methods):
@@ -439,6 +450,7 @@ def evaluate(
             "max_tokens": budgets,
             "loop_guard": loop_guard,
             "filler": filler,
+            "fillers": fillers,
             "results": summarize(samples, tasks, lengths, methods),
             "samples": samples,
         }
@@ -447,15 +459,16 @@ def evaluate(
     done, samples = 0, []
     for length in lengths:
         cache.clear()
-        base = base_document(runtime.model, length, texts, random.Random(f"{seed}:filler:{length}"))
+        bases = [base_document(runtime.model, length, texts, filler_rng(seed, length, i)) for i in range(fillers)]
         if any(m.startswith("uio") for m in methods):
-            load_base(cache, base, use_memory_files)
+            for base in bases:  # the cache keeps every filler's segments: trials switch fillers for free
+                load_base(cache, base, use_memory_files)
         for task in tasks:
             for depth in depths:
                 for trial in range(trials):
                     rng = random.Random(f"{seed}:{task}:{length}:{depth}:{trial}")
                     sample = make_sample(task, depth, rng)
-                    doc = splice(runtime.model, base, sample.needles)
+                    doc = splice(runtime.model, bases[trial % fillers], sample.needles)
                     for method in methods:
                         before = cache.compressed
                         got = answer(cache, doc, sample.question, method, params[task], recall_tokens)
@@ -466,6 +479,7 @@ def evaluate(
                                 "length": length,
                                 "depth": depth,
                                 "trial": trial,
+                                "filler": trial % fillers,
                                 "method": method,
                                 "question": sample.question,
                                 "expected": sample.answers,

@@ -167,6 +167,13 @@ def eval_qa(
         "0.1,0.5,0.9", "--depths", help="Where the (asked) needle sits (0: start, 1: end), comma separated."
     ),
     trials: int = typer.Option(2, "--trials", help="Questions per task, length and depth."),
+    fillers: int = typer.Option(
+        1,
+        "--fillers",
+        help="Fillers drawn per length, which the trials take in turn (at most --trials). With one, the trials of "
+        "a depth hide their needles in the same passage: more fillers sample contexts, not only needles "
+        "(each costs one compression of the book).",
+    ),
     # None: eval_qa's own defaults, so the list lives in one place (and eval_qa is imported only when run)
     tasks: str | None = typer.Option(
         None,
@@ -254,6 +261,7 @@ def eval_qa(
         max_tokens=max_tokens,
         loop_guard=loop_guard,
         use_memory_files=not no_cache,
+        fillers=fillers,
         progress=update,
         partial=(lambda r: json_out.write_text(json.dumps(name_filler(r), indent=2) + "\n")) if json_out else None,
     )
