@@ -17,8 +17,9 @@
 #     overrode the recalled passage (pass keys at 16K with recall: 6/30 against the stage-three head's 29/30);
 #   - crops are long (128 segments, 16K tokens), so that the memory is read at the lengths it serves.
 #     (In the CPU runs of sessions 19 and 21, 16K crops gained in domain at 4K-8K and lost at 16K-32K;
-#     32K crops, SEGMENTS=256 LOSS_WINDOWS=32 at half the batch, gained only at 32K; halfway along each run
-#     lost in domain only at 32K and only at 4K, respectively (sessions 20, 23): docs/training-log.md#the-next-run.)
+#     32K crops, SEGMENTS=256 LOSS_WINDOWS=32 at half the batch, gained only at 32K; the head halfway from
+#     stage four to each run lost in domain only at 32K and only at 4K, respectively (sessions 20, 23):
+#     docs/training-log.md#the-next-run.)
 set -euo pipefail
 
 RUNS=${RUNS:-runs/next}
