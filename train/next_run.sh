@@ -36,8 +36,9 @@ RECIPE=(--segments "${SEGMENTS:-128}" --loss-windows "${LOSS_WINDOWS:-16}" --cha
 # (30 keys at depths 0.1, 0.5 and 0.9, each filler holding one key a depth). The perplexity tables do
 # not see it (docs/training-log.md#the-next-run). Until session 22 the 10 keys of a depth shared one
 # filler, so the gate read three passages, not 30; 10 fillers (~12 min a head on the CPU) read ten.
-# The r8 stage-four head finds 29 of these 30 (session 22), the r32 one 28 (session 23): a head passes with at least
-# as many as the head it starts from. --no-cache: no memory files for ten fillers a head (same results).
+# The r8 stage-four head finds 29 of these 30 (session 22), the r32 one 28 (session 23): a head passes
+# with at least as many as the head it starts from. --no-cache: no memory files for ten fillers a head
+# (same results).
 passkeys() {
     uio-gguf eval qa -m "$1" --tasks passkey --lengths 16384 --trials 10 --fillers 10 --methods uio+recall -n 32 \
         --no-cache --json "$2"
