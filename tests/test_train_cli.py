@@ -289,3 +289,47 @@ def test_loss_windows_scores_random_windows_and_resumes_exactly(make_tiny_model_
     assert losses["one"] == losses["killed"] and losses["one"][0] != losses["all"][0]
     bad = _train(model_dir, book, tmp_path / "bad", "--steps", "1", "--loss-windows", "0", check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith("--loss-windows must be at least 1")
+
+
+def test_long_segments_trains_every_second_step_on_longer_crops(make_tiny_model_dir, book, tmp_path):
+    """--segments 4 --long-segments 8 at --batch 2: steps 1 and 3 train on two crops of 4 segments, step 2
+    on one crop of 8 (as many tokens), the next draw of the data stream. Step 2's logged loss is that
+    crop's mean window loss under the weights after step 1, recomputed here from the checkpoint a run
+    killed after step 1 left; the resumed run takes the long turn at step 2."""
+    import numpy as np
+
+    from uio_gguf.train import checkpoint as ckpt
+    from uio_gguf.train.base import load_base
+    from uio_gguf.train.data import TOKENS_FILE, TokenStream
+    from uio_gguf.train.loop import heldout_loss
+    from uio_gguf.train.model import UIOConfig, UIOModel
+
+    model_dir = make_tiny_model_dir("llama")
+    run = tmp_path / "run"
+    long = ("--steps", "3", "--long-segments", "8")
+    assert _train(model_dir, book, run, *long, "--kill-after", "1", check=False).returncode != 0
+    after_step1 = ckpt.find_checkpoint(run / "checkpoint")
+    state = torch.load(after_step1 / ckpt.STATE_FILE, weights_only=False)
+    assert state["step"] == 1
+    base, _ = load_base(str(model_dir))
+    model = UIOModel(base, UIOConfig(segment=16, ratio=4, rank=4, alpha=8))
+    ckpt.load_weights(model, after_step1)
+    config = ckpt.read_config(after_step1)
+    stream = TokenStream.load(run / TOKENS_FILE, config["base"]["fingerprint"])
+    data_rng = np.random.default_rng()
+    data_rng.bit_generator.state = state["data_rng"]
+    expected = heldout_loss(model, stream.random_crops(data_rng, 1, 8 * 16 + 1), 16, "cpu")
+
+    _train(model_dir, None, run, *long, "--resume")
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["segments"]) for r in log] == [(1, 4), (2, 8), (3, 4)]
+    assert [r["tokens"] for r in log] == [128, 256, 384]  # 2 × 4 × 16 = 1 × 8 × 16 a step
+    assert log[1]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert config["train_args"]["long_segments"] == 8
+
+    for value, message in [
+        ("4", "--long-segments must exceed --segments (4)"),
+        ("6", "to be a multiple of it: a long step holds as many tokens as a short one, in fewer crops"),
+    ]:
+        bad = _train(model_dir, book, tmp_path / "bad", "--steps", "1", "--long-segments", value, check=False)
+        assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(message)

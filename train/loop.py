@@ -46,6 +46,7 @@ class TrainArgs:
     window: int = 2  # S
     windows_per_pass: int = 1  # decoder windows per call (train.estimators: >1 batches the crop, for GPUs)
     loss_windows: int | None = None  # score this many random windows of each crop (None: all of them)
+    long_segments: int | None = None  # every second step: fewer crops of this many segments (crop_shapes)
     rank: int = 32
     alpha: float = 128.0
     lr: float = 1e-4
@@ -85,6 +86,53 @@ class TrainArgs:
         for name in ("retrieval_share", "chat_recall_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UIOError(f"--{name.replace('_', '-')} must lie between 0 and 1")
+        if self.long_segments is not None:
+            self._validate_long_segments()
+
+    def _validate_long_segments(self) -> None:
+        long = self.long_segments
+        if long <= self.segments:
+            raise UIOError(f"--long-segments must exceed --segments ({self.segments})")
+        if self.batch * self.segments % long:
+            raise UIOError(
+                f"--long-segments {long} needs --batch × --segments ({self.batch} × {self.segments}) to be a "
+                "multiple of it: a long step holds as many tokens as a short one, in fewer crops"
+            )
+        if self.loss_windows is not None and self.loss_windows * long % self.segments:
+            raise UIOError(
+                f"--long-segments {long} needs --loss-windows × {long} to be a multiple of --segments "
+                f"({self.segments}): a long crop scores the same share of its windows"
+            )
+        if self.retrieval_share > 0 or self.chat_recall_share > 0:
+            raise UIOError(
+                "--long-segments does not combine with --retrieval-share or --chat-recall-share "
+                "(their tasks are built for crops of --segments)"
+            )
+
+
+@dataclass(frozen=True)
+class CropShape:
+    """The crops of one step (on each process): how many, of how many segments, with how many scored windows."""
+
+    segments: int
+    batch: int
+    loss_windows: int | None
+
+
+def crop_shapes(args: TrainArgs) -> list[CropShape]:
+    """The shapes the steps take in turn: crops of --segments, and with --long-segments every second step
+    (the 2nd, 4th, ...) crops that long, fewer of them so that the step holds the same tokens, each
+    scoring the same share of its windows. One run then reads the memory at both lengths."""
+    shapes = [CropShape(args.segments, args.batch, args.loss_windows)]
+    if args.long_segments is not None:
+        shapes.append(
+            CropShape(
+                args.long_segments,
+                args.batch * args.segments // args.long_segments,
+                None if args.loss_windows is None else args.loss_windows * args.long_segments // args.segments,
+            )
+        )
+    return shapes
 
 
 def take_shape(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
@@ -216,7 +264,8 @@ def _train(args: TrainArgs, ranks: Ranks, progress: bool = True) -> Path:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the float32 adapters' matmuls (the base is bf16)
     base.to(device=device, dtype=dtype)
-    stream.check_length(crop_tokens)
+    shapes = crop_shapes(args)
+    stream.check_length(shapes[-1].segments * args.segment + 1)  # the longest crop
     heldout = stream.heldout_crops(args.eval_crops, crop_tokens)
 
     torch.manual_seed(args.seed)
@@ -273,10 +322,10 @@ def _train(args: TrainArgs, ranks: Ranks, progress: bool = True) -> Path:
         ckpt.load_weights(model, init_dir)
     ranks.broadcast_parameters(params)
 
-    def next_crop() -> Crop:
+    def next_crop(shape: CropShape) -> Crop:
         """This rank's crops of the step: the batch of all ranks is drawn (and made into recall tasks)
         on every rank, so that each rank's rng takes the draws one process would."""
-        rows = stream.random_crops(data_rng, args.batch * ranks.world, crop_tokens)
+        rows = stream.random_crops(data_rng, shape.batch * ranks.world, shape.segments * args.segment + 1)
         if chat_recall is not None and data_rng.random() < args.chat_recall_share:  # a whole batch of recall
             rows, labels = chat_recall.batch(rows, data_rng)
             return Crop(
@@ -312,7 +361,8 @@ def _train(args: TrainArgs, ranks: Ranks, progress: bool = True) -> Path:
         while step < args.steps:
             started = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            crop = next_crop()
+            shape = shapes[step % len(shapes)]  # from the step count, so that --resume takes the same turn
+            crop = next_crop(shape)
             loss = estimate_gradient(
                 model,
                 crop,
@@ -320,7 +370,7 @@ def _train(args: TrainArgs, ranks: Ranks, progress: bool = True) -> Path:
                 args.window,
                 estimator_rng,
                 windows_per_pass=args.windows_per_pass,
-                loss_windows=args.loss_windows,
+                loss_windows=shape.loss_windows,
             )
             ranks.average_gradients(params)  # before clipping: every rank clips and steps the same gradient
             loss = ranks.average(loss, device)
@@ -333,11 +383,13 @@ def _train(args: TrainArgs, ranks: Ranks, progress: bool = True) -> Path:
                 "loss": loss,
                 "grad_norm": grad_norm,
                 "lr": scheduler.get_last_lr()[0],
-                "tokens": step * args.batch * ranks.world * (crop_tokens - 1),
+                "tokens": step * args.batch * ranks.world * (crop_tokens - 1),  # every shape holds as many
                 "seconds": time.perf_counter() - started,
             }
             if crop.labels is not None:
                 record["chat_recall"] = True  # the loss is the answer's alone
+            if len(shapes) > 1:
+                record["segments"] = shape.segments
             if ranks.main:  # the log and the held-out perplexity are rank 0's
                 if heldout is not None and (step % args.eval_every == 0 or step == args.steps):
                     record["heldout_ppl"] = math.exp(heldout_loss(model, heldout, args.segment, device))

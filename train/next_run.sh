@@ -28,8 +28,8 @@ MINUTES=${MINUTES:-6}      # per head; both heads share the GPU, so this is also
 DEVICE=${DEVICE:-cuda}
 BASE=$(python -c 'from uio_gguf.embedded import default_model_path as p; print(p())')
 # The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in batch,
-# length and device; SEGMENTS and LOSS_WINDOWS change the crop.
-RECIPE=(--segments "${SEGMENTS:-128}" --loss-windows "${LOSS_WINDOWS:-16}" --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
+# length and device; SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes every second crop longer.
+RECIPE=(--segments "${SEGMENTS:-128}" ${LONG_SEGMENTS:+--long-segments "$LONG_SEGMENTS"} --loss-windows "${LOSS_WINDOWS:-16}" --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
         --lr "${LR:-2e-4}" --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
 
 # A head must also keep what the answers rest on: pass keys at 16K through chat's path with recall
@@ -99,7 +99,7 @@ check)
     for HEAD in r8 r8-mid r32 r32-mid; do passkeys "$RUNS/bundle-$HEAD" "$RUNS/$HEAD.passkey.json"; done
     ;;
 *)
-    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR SEGMENTS LOSS_WINDOWS)" >&2
+    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR SEGMENTS LONG_SEGMENTS LOSS_WINDOWS)" >&2
     exit 2
     ;;
 esac

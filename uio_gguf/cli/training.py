@@ -39,6 +39,10 @@ def train(
         None,
         help="Score only this many windows of each crop, drawn at random (an unbiased estimate of the crop's loss): long crops, and so long memories, for the cost of their encoder passes and a few decoder windows. Default: every window.",
     ),
+    long_segments: int | None = typer.Option(
+        None,
+        help="Every second step trains on crops of this many segments instead of --segments: fewer crops, so that the step holds as many tokens (--batch × --segments / N), each scoring the same share of its windows. One run then reads the memory at two lengths.",
+    ),
     rank: int = typer.Option(32, help="LoRA rank of the encoder and transfer adapters."),
     alpha: float = typer.Option(128.0, help="LoRA alpha."),
     lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, 1% warm-up, cosine)."),
@@ -93,6 +97,7 @@ def train(
         window=window,
         windows_per_pass=windows_per_pass,
         loss_windows=loss_windows,
+        long_segments=long_segments,
         rank=rank,
         alpha=alpha,
         lr=lr,
