@@ -327,9 +327,30 @@ def test_long_segments_trains_every_second_step_on_longer_crops(make_tiny_model_
     assert log[1]["loss"] == pytest.approx(expected, rel=1e-5)
     assert config["train_args"]["long_segments"] == 8
 
-    for value, message in [
-        ("4", "--long-segments must exceed --segments (4)"),
-        ("6", "to be a multiple of it: a long step holds as many tokens as a short one, in fewer crops"),
+    changed = _train(model_dir, None, run, "--steps", "4", "--resume", check=False)
+    assert changed.returncode != 0
+    assert changed.stderr.strip().splitlines()[-1].endswith("trained with --long-segments 8; pass the same")
+
+    for extra, message in [
+        (("--long-segments", "4"), "--long-segments must exceed --segments (4)"),
+        (
+            ("--long-segments", "6"),
+            "to be a multiple of it: a long step holds as many tokens as a short one, in fewer crops",
+        ),
+        (
+            ("--batch", "3", "--long-segments", "6", "--loss-windows", "1"),
+            "a long crop scores the same share of its windows",
+        ),
+        (("--long-segments", "8", "--chat-recall-share", "0.5"), "(their tasks are built for crops of --segments)"),
     ]:
-        bad = _train(model_dir, book, tmp_path / "bad", "--steps", "1", "--long-segments", value, check=False)
+        bad = _train(model_dir, book, tmp_path / "bad", "--steps", "1", *extra, check=False)
         assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(message)
+
+
+def test_crop_shapes_keep_tokens_and_scored_windows_per_step():
+    """A long step: half the crops at twice the length, twice the scored windows each."""
+    from uio_gguf.train.loop import CropShape, TrainArgs, crop_shapes
+
+    args = TrainArgs(base="", data=[], out="", segments=4, long_segments=8, batch=2, loss_windows=2)
+    assert crop_shapes(args) == [CropShape(4, 2, 2), CropShape(8, 1, 4)]
+    assert crop_shapes(TrainArgs(base="", data=[], out="", segments=4, batch=2)) == [CropShape(4, 2, None)]

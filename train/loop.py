@@ -159,10 +159,13 @@ def take_shape(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
     if saved.distinct_slots:
         raise UIOError(f"{source} has distinct slot embeddings, which training does not offer")
     if args.resume:
-        for name in ("retrieval_share", "chat_recall_share"):  # they decide which crops come next
-            share = config.get("train_args", {}).get(name, 0.0)
-            if share != getattr(args, name):
-                raise UIOError(f"--resume: this run was trained with --{name.replace('_', '-')} {share}; pass the same")
+        # they decide which crops come next
+        for name, default in (("retrieval_share", 0.0), ("chat_recall_share", 0.0), ("long_segments", None)):
+            value = config.get("train_args", {}).get(name, default)
+            if value != getattr(args, name):
+                option = f"--{name.replace('_', '-')}"
+                trained = f"without {option}" if value is None else f"with {option} {value}"
+                raise UIOError(f"--resume: this run was trained {trained}; pass the same")
     shape = {"segment": saved.segment, "ratio": saved.ratio, "rank": saved.rank, "alpha": saved.alpha}
     if any(getattr(args, k) != v for k, v in shape.items()):
         print(

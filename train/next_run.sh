@@ -28,7 +28,8 @@ MINUTES=${MINUTES:-6}      # per head; both heads share the GPU, so this is also
 DEVICE=${DEVICE:-cuda}
 BASE=$(python -c 'from uio_gguf.embedded import default_model_path as p; print(p())')
 # The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in batch,
-# length and device; SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes every second crop longer.
+# length and device; SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes every second step's
+# crops longer and fewer (BATCH × SEGMENTS must be a multiple of it: BATCH=4 for 128 and 256).
 RECIPE=(--segments "${SEGMENTS:-128}" ${LONG_SEGMENTS:+--long-segments "$LONG_SEGMENTS"} --loss-windows "${LOSS_WINDOWS:-16}" --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
         --lr "${LR:-2e-4}" --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
 

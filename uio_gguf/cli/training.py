@@ -41,7 +41,7 @@ def train(
     ),
     long_segments: int | None = typer.Option(
         None,
-        help="Every second step trains on crops of this many segments instead of --segments: fewer crops, so that the step holds as many tokens (--batch × --segments / N), each scoring the same share of its windows. One run then reads the memory at two lengths.",
+        help="Every second step trains on crops of this many segments instead of --segments: fewer crops, so that the step holds as many tokens (--batch × --segments / N), each scoring --loss-windows × N / --segments windows. One run then reads the memory at two lengths. --batch × --segments must be a multiple of N; not with the recall shares.",
     ),
     rank: int = typer.Option(32, help="LoRA rank of the encoder and transfer adapters."),
     alpha: float = typer.Option(128.0, help="LoRA alpha."),
