@@ -311,7 +311,7 @@ def test_prose_share_repeats_whole_train_prose_documents(fixture_dir, tmp_path, 
     assert len(prose) - len(distinct) == report["train"]["repeated_docs"] > 0
     rows = {row["source"]: row for row in report["sources"]}
     assert rows["near-prose"]["docs"] == 3 and rows["near-prose"]["train_docs"] == 2  # documents, not copies
-    assert f"{report['train']['repeated_docs']} prose documents repeated" in format_report(report)
+    assert f"{report['train']['repeated_docs']} copies of prose documents" in format_report(report)
     with pytest.raises(UIOError, match=r"--prose-share 0.01 is below the prose sources' own share"):
         make(tmp_path / "less", 0.01)
     with pytest.raises(UIOError, match=r"--prose-share must be above 0 and below 1 - --synthetic-share"):

@@ -2,8 +2,8 @@
 
 Documents are filtered (long enough, English), de-duplicated, split into train / held-out by document
 (each source gives the same share to held-out, across its range of lengths), and the train side gets
-synthetic long-range tasks (uio_gguf.synthetic) built from train text only, so held-out text never leaks
-into training.
+copies of its prose documents if asked (--prose-share) and synthetic long-range tasks (uio_gguf.synthetic)
+built from train text only, so held-out text never leaks into training.
 
 The documents of an out-of-domain source (corpus_sources.Source.out_of_domain) are all held out, in a
 file of their own: text of a kind training never saw, to measure how far the memory generalizes.
@@ -96,8 +96,9 @@ def split_by_document(documents: list[Document], share: float, rng: random.Rando
 
 def repeated_prose(train: list[Document], sources: list[Source], args: DataArgs, rng: random.Random) -> list[Document]:
     """Copies of train's prose documents until prose makes up `prose_share` of the train characters,
-    the synthetic tasks added afterwards included. Whole documents, so the share overshoots by at most
-    one; prose is only ever repeated, never dropped."""
+    the synthetic tasks added afterwards included. Whole documents, so prose passes the share by less than
+    one document (and the synthetic tasks, which pass theirs by less than one task, pull it back a little);
+    prose is only ever repeated, never dropped."""
     if args.prose_share is None:
         return []
     names = {s.name for s in sources if s.prose}
@@ -109,7 +110,7 @@ def repeated_prose(train: list[Document], sources: list[Source], args: DataArgs,
     if have > want * real:
         raise UIOError(
             f"--prose-share {args.prose_share} is below the prose sources' own share "
-            f"({have / real * (1 - args.synthetic_share):.1%}): prose is repeated, never dropped"
+            f"({have / real * (1 - args.synthetic_share):.2%}): prose is repeated, never dropped"
         )
     missing = (want * real - have) / (1 - want)  # characters x with (have + x) / (real + x) = want
     copies, added = [], 0
@@ -162,7 +163,7 @@ def summary(
     names = [n for n in dict.fromkeys(s.name for s in sources) if n in found] + sorted(found - set(descriptions))
     rows = []
     for name in names:
-        in_train = list({d.origin: d for d in train if d.source == name}.values())  # each document once
+        in_train = list(dict.fromkeys(d for d in train if d.source == name))  # each document once, not its copies
         in_heldout = [d for d in held if d.source == name]
         rows.append(
             {
@@ -186,7 +187,7 @@ def summary(
             "chars": sum(len(d.text) for d in train),
             "synthetic_share": _share(train, synthetic),
             "prose_share": _share(train, {s.name for s in sources if s.prose}),
-            "repeated_docs": len(train) - len({d.origin for d in train}),  # prose copies (--prose-share)
+            "repeated_docs": len(train) - len(set(train)),  # the copies of prose documents (--prose-share)
         },
         "heldout": _totals(heldout),
         "out_of_domain": _totals(out_of_domain),
@@ -207,7 +208,10 @@ def build(args: DataArgs, progress: bool = True) -> dict:
     if not 0 <= args.heldout_share < 1 or not 0 <= args.synthetic_share < 1:
         raise UIOError("--heldout-share and --synthetic-share must be in [0, 1)")
     if args.prose_share is not None and not 0 < args.prose_share < 1 - args.synthetic_share:
-        raise UIOError("--prose-share must be above 0 and below 1 - --synthetic-share")
+        raise UIOError(
+            f"--prose-share must be above 0 and below 1 - --synthetic-share ({1 - args.synthetic_share:g}), "
+            f"not {args.prose_share}"
+        )
     sources = selected_sources(args)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +256,7 @@ def format_report(report: dict) -> str:
     lines.append(
         f"train: {t['docs']} documents, {t['chars']:,} characters ({t['synthetic_share']:.1%} synthetic, "
         f"{t['prose_share']:.1%} prose"
-        + (f", {t['repeated_docs']} prose documents repeated" if t["repeated_docs"] else "")
+        + (f", {t['repeated_docs']} copies of prose documents" if t["repeated_docs"] else "")
         + f"); held-out: {h['docs']} documents, {h['chars']:,} characters; "
         f"out of domain (held out whole): {o['docs']} documents, {o['chars']:,} characters"
     )

@@ -51,7 +51,8 @@ prepare)
     # whole. (The synthetic answer shape that leaked into answers came with stage two's recall crops:
     # docs/evaluation.md, "Where the synthetic prior came from".)
     # --require-all: the recipe needs every source (prose, and the Bible held out), so stop rather than
-    # train on text without one whose Debian package is missing.
+    # train on text without one whose Debian package is missing. PROSE_SHARE=S repeats train's prose
+    # documents until prose is the share S of train (`uio-gguf data --prose-share`; unset: its own, a tenth).
     uio-gguf data --out "$DATA" --synthetic-share 0.05 ${PROSE_SHARE:+--prose-share "$PROSE_SHARE"} --require-all
     # the tokens depend on the base model's tokenizer alone, so both heads read the same file
     uio-gguf train --base "$BASE" --data "$DATA/train.jsonl" --heldout "$DATA/heldout.jsonl" \
