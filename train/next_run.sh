@@ -8,18 +8,21 @@
 #
 # GPU time is short, so `prepare` tokenizes here and `train` only reads $RUNS/rR/tokens.npz (bring the
 # $RUNS folder). What the run changes against the heads shipped now, and why:
-#   - it starts from the shipped heads (uio_gguf/bundles: stage four since session 16, the best of every stage out of domain)
-#     (docs/evaluation.md#in-domain-and-out-of-domain);
-#   - the text includes prose (jane-austen, devils-dictionary: a tenth of it); the Bible stays out whole,
-#     so that the out-of-domain table still measures text of a kind training never saw;
+#   - it starts from the shipped heads (uio_gguf/bundles: r8 stage five since session 25, r32 stage four
+#     since session 16, the best of every stage out of domain) (docs/evaluation.md#in-domain-and-out-of-domain);
+#   - the text is a fifth prose (jane-austen, devils-dictionary; PROSE_SHARE=0.2 repeats whole prose
+#     documents, which are a tenth of the sources): in the CPU runs of sessions 19-24 out-of-domain gain
+#     followed the prose the crops drew, and at a fifth the r8 head gained in both domains at every length
+#     (session 25); the Bible stays out whole, so that the out-of-domain table still measures text of a
+#     kind training never saw;
 #   - no recall steps in chat's format by default (CHAT_RECALL=0): in a 42-step CPU run of r32 they were
 #     36% of the steps and taught the memory an answer of its own ("The pass key is 10102."), which then
 #     overrode the recalled passage (pass keys at 16K with recall: 6/30 against the stage-three head's 29/30);
-#   - crops are long (128 segments, 16K tokens), so that the memory is read at the lengths it serves.
-#     (In the CPU runs of sessions 19 and 21, 16K crops gained in domain at 4K-8K and lost at 16K-32K;
-#     32K crops, SEGMENTS=256 LOSS_WINDOWS=32 at half the batch, gained only at 32K; the head halfway from
-#     stage four to each run lost in domain only at 32K and only at 4K, respectively (sessions 20, 23):
-#     docs/training-log.md#the-next-run.)
+#   - crops are long, 16K tokens (128 segments) and 32K (LONG_SEGMENTS=256: every second step, half as
+#     many), so that the memory is read at the lengths it serves. (In the CPU runs of sessions 19 and 21,
+#     16K crops alone gained in domain at 4K-8K and lost at 16K-32K; 32K crops alone gained only at 32K;
+#     the two in turn, halfway, gained in domain at every length (sessions 24 and 25):
+#     docs/training-log.md#the-next-run. LONG_SEGMENTS= turns them off.)
 set -euo pipefail
 
 RUNS=${RUNS:-runs/next}
@@ -30,6 +33,7 @@ BASE=$(python -c 'from uio_gguf.embedded import default_model_path as p; print(p
 # The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in batch,
 # length and device; SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes every second step's
 # crops longer and fewer (BATCH × SEGMENTS must be a multiple of it: BATCH=4 for 128 and 256).
+LONG_SEGMENTS=${LONG_SEGMENTS-256}
 RECIPE=(--segments "${SEGMENTS:-128}" ${LONG_SEGMENTS:+--long-segments "$LONG_SEGMENTS"} --loss-windows "${LOSS_WINDOWS:-16}" --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
         --lr "${LR:-2e-4}" --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
 
@@ -37,8 +41,8 @@ RECIPE=(--segments "${SEGMENTS:-128}" ${LONG_SEGMENTS:+--long-segments "$LONG_SE
 # (30 keys at depths 0.1, 0.5 and 0.9, each filler holding one key a depth). The perplexity tables do
 # not see it (docs/training-log.md#the-next-run). Until session 22 the 10 keys of a depth shared one
 # filler, so the gate read three passages, not 30; 10 fillers (~12 min a head on the CPU) read ten.
-# The r8 stage-four head finds 29 of these 30 (session 22), the r32 one 28 (session 23): a head passes
-# with at least as many as the head it starts from. --no-cache: no memory files for ten fillers a head
+# The r8 stage-five head finds all 30 (session 25; stage four 29), the r32 stage-four one 28 (session 23):
+# a head passes with at least as many as the head it starts from. --no-cache: no memory files for ten fillers a head
 # (same results).
 passkeys() {
     uio-gguf eval qa -m "$1" --tasks passkey --lengths 16384 --trials 10 --fillers 10 --methods uio+recall -n 32 \
@@ -52,7 +56,8 @@ prepare)
     # docs/evaluation.md, "Where the synthetic prior came from".)
     # --require-all: the recipe needs every source (prose, and the Bible held out), so stop rather than
     # train on text without one whose Debian package is missing. PROSE_SHARE=S repeats train's prose
-    # documents until prose is the share S of train (`uio-gguf data --prose-share`; unset: its own, a tenth).
+    # documents until prose is the share S of train (`uio-gguf data --prose-share`; PROSE_SHARE=: its own, a tenth).
+    PROSE_SHARE=${PROSE_SHARE-0.2}
     uio-gguf data --out "$DATA" --synthetic-share 0.05 ${PROSE_SHARE:+--prose-share "$PROSE_SHARE"} --require-all
     # the tokens depend on the base model's tokenizer alone, so both heads read the same file
     uio-gguf train --base "$BASE" --data "$DATA/train.jsonl" --heldout "$DATA/heldout.jsonl" \
@@ -70,7 +75,7 @@ train)
     ;;
 cpu)
     # No GPU lent: one bounded run on this CPU (one at a time, at most an hour), the recipe of `train`
-    # at batch 1 (BATCH) for the head R (default 8). Tens of steps, not hundreds:
+    # at batch 4 (BATCH) for the head R (default 8), 12 steps (STEPS; ~50-60 min). Tens of steps, not hundreds:
     # it shows which way the recipe moves a head, then `eval ppl` at 8K in and out of domain.
     # A later run continues an earlier one with INIT (its checkpoint, with a fresh schedule: a run that
     # ends on its steps ends at lr 0), a NAME_SUFFIX of its own and another SEED (other crops).
@@ -80,7 +85,7 @@ cpu)
     [[ -f $RUNS/r8/tokens.npz ]] || { echo "cpu: no $RUNS/r8/tokens.npz: run \`bash train/next_run.sh prepare\` first" >&2; exit 1; }
     mkdir -p "$RUNS/$NAME" && cp "$RUNS/r8/tokens.npz" "$RUNS/$NAME/tokens.npz"
     uio-gguf train --base "$BASE" --out "$RUNS/$NAME" --init "$INIT" \
-        "${RECIPE[@]}" --batch "${BATCH:-1}" --steps "${STEPS:-60}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
+        "${RECIPE[@]}" --batch "${BATCH:-4}" --steps "${STEPS:-12}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
     uio-gguf convert "$RUNS/$NAME/checkpoint" -o "$RUNS/bundle-$NAME" --base-gguf "$BASE" --force
     uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-$NAME" --baselines none --no-chat \
         --json "$RUNS/$NAME.ppl.json"
@@ -101,7 +106,7 @@ check)
     for HEAD in r8 r8-mid r32 r32-mid; do passkeys "$RUNS/bundle-$HEAD" "$RUNS/$HEAD.passkey.json"; done
     ;;
 *)
-    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR SEGMENTS LONG_SEGMENTS LOSS_WINDOWS)" >&2
+    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR SEGMENTS LONG_SEGMENTS LOSS_WINDOWS; prepare: PROSE_SHARE)" >&2
     exit 2
     ;;
 esac
