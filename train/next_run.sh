@@ -11,13 +11,14 @@
 #   - it starts from the shipped heads (uio_gguf/bundles: r8 stage five since session 25, r32 stage four
 #     since session 16, the best of every stage out of domain) (docs/evaluation.md#in-domain-and-out-of-domain);
 #   - the text is a fifth prose (jane-austen, devils-dictionary; PROSE_SHARE=0.2 repeats whole prose
-#     documents, which are a tenth of the sources): in the CPU runs of sessions 19-24 out-of-domain gain
-#     followed the prose the crops drew, and at a fifth the r8 head gained in both domains at every length
-#     (session 25); the Bible stays out whole, so that the out-of-domain table still measures text of a
-#     kind training never saw;
-#   - no recall steps in chat's format by default (CHAT_RECALL=0): in a 42-step CPU run of r32 they were
-#     36% of the steps and taught the memory an answer of its own ("The pass key is 10102."), which then
-#     overrode the recalled passage (pass keys at 16K with recall: 6/30 against the stage-three head's 29/30);
+#     documents, otherwise about a tenth of the characters): in the CPU runs of sessions 19-24
+#     out-of-domain gain followed the prose the crops drew, and at a fifth the r8 head gained in both
+#     domains at every length (session 25); the Bible stays out whole, so that the out-of-domain table
+#     still measures text of a kind training never saw;
+#   - no recall steps in chat's format by default (CHAT_RECALL=0; above 0 it needs LONG_SEGMENTS=): in a
+#     42-step CPU run of r32 they were 36% of the steps and taught the memory an answer of its own ("The
+#     pass key is 10102."), which then overrode the recalled passage (pass keys at 16K with recall: 6/30
+#     against the stage-three head's 29/30);
 #   - crops are long, 16K tokens (128 segments) and 32K (LONG_SEGMENTS=256: every second step, half as
 #     many), so that the memory is read at the lengths it serves. (In the CPU runs of sessions 19 and 21,
 #     16K crops alone gained in domain at 4K-8K and lost at 16K-32K; 32K crops alone gained only at 32K;
@@ -30,9 +31,10 @@ DATA=${DATA:-$RUNS/data}     # under runs/, which git ignores
 MINUTES=${MINUTES:-6}      # per head; both heads share the GPU, so this is also the wall time
 DEVICE=${DEVICE:-cuda}
 BASE=$(python -c 'from uio_gguf.embedded import default_model_path as p; print(p())')
-# The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in batch,
-# length and device; SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes every second step's
-# crops longer and fewer (BATCH × SEGMENTS must be a multiple of it: BATCH=4 for 128 and 256).
+# The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in length and
+# device (and in batch where BATCH is set); SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes
+# every second step's crops longer and fewer (BATCH × SEGMENTS must be a multiple of it: an even BATCH for
+# 128 and 256; LONG_SEGMENTS= for crops of one length, as CHAT_RECALL above 0 and SEGMENTS=256 need).
 LONG_SEGMENTS=${LONG_SEGMENTS-256}
 RECIPE=(--segments "${SEGMENTS:-128}" ${LONG_SEGMENTS:+--long-segments "$LONG_SEGMENTS"} --loss-windows "${LOSS_WINDOWS:-16}" --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
         --lr "${LR:-2e-4}" --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
