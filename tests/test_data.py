@@ -5,6 +5,7 @@ import json
 import random
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 
@@ -187,15 +188,26 @@ def test_text_cleaning():
     assert looks_english(_story(1)) and not looks_english("Le chat dort sur la table, puis il mange. " * 20)
 
 
-def _outside_source(fixture_dir):
-    """An out-of-domain prose source: the fixture's stories 0-3 under another name."""
+def _prose_stories(tag: str, count: int, description: str, **flags):
+    """A prose source `{tag}-prose` of the fixture's first `count` stories, retagged `{tag}Nx` so that
+    any piece of them is traceable to it."""
     from uio_gguf.train.corpus_sources import Document, Source
 
-    def read():
-        for i in range(4):
-            yield Document(_story(i).replace(f"doc{i}x", f"far{i}x"), "far-prose", "public domain", f"far:{i}")
+    name = f"{tag}-prose"
 
-    return Source("far-prose", "prose training never sees", read, prose=True, out_of_domain=True)
+    def read():
+        for i in range(count):
+            yield Document(_story(i).replace(f"doc{i}x", f"{tag}{i}x"), name, "public domain", f"{tag}:{i}")
+
+    return Source(name, description, read, prose=True, **flags)
+
+
+def _build(out, source, fixture_dir, **options):
+    """`uio-gguf data` on the fixture folder and one registered source, 20% held out."""
+    args = DataArgs(
+        out=str(out), sources=[source], extra_dirs=[str(fixture_dir)], heldout_share=0.2, synthetic_max_chars=2000
+    )
+    return build(replace(args, **options), progress=False)
 
 
 def test_an_out_of_domain_source_is_held_out_whole(fixture_dir, tmp_path, monkeypatch):
@@ -203,16 +215,10 @@ def test_an_out_of_domain_source_is_held_out_whole(fixture_dir, tmp_path, monkey
     train.jsonl (nor a synthetic task's filler) or the in-domain held-out file."""
     from uio_gguf.train.dataset import format_report
 
-    monkeypatch.setitem(corpus_sources.SOURCES, "far-prose", _outside_source(fixture_dir))
-    args = DataArgs(
-        out=str(tmp_path),
-        sources=["far-prose"],
-        extra_dirs=[str(fixture_dir)],
-        heldout_share=0.2,
-        synthetic_share=0.2,
-        synthetic_max_chars=2000,
+    monkeypatch.setitem(
+        corpus_sources.SOURCES, "far-prose", _prose_stories("far", 4, "prose training never sees", out_of_domain=True)
     )
-    report = build(args, progress=False)
+    report = _build(tmp_path, "far-prose", fixture_dir, synthetic_share=0.2)
     train, heldout = _records(tmp_path / "train.jsonl"), _records(tmp_path / "heldout.jsonl")
     outside = _records(tmp_path / "heldout_out_of_domain.jsonl")
     assert sorted(re.search(r"far\d+x", r["text"]).group() for r in outside) == [f"far{i}x" for i in range(4)]
@@ -264,35 +270,15 @@ def test_the_kjv_is_read_book_by_book():
     assert all(b.license == corpus_sources.KJV_LICENSE for b in books)
 
 
-def _prose_source():
-    """An in-domain prose source: three stories of their own, tagged `nearNx`."""
-    from uio_gguf.train.corpus_sources import Document, Source
-
-    def read():
-        for i in range(3):
-            yield Document(_story(i).replace(f"doc{i}x", f"near{i}x"), "near-prose", "public domain", f"near:{i}")
-
-    return Source("near-prose", "prose that training reads", read, prose=True)
-
-
 def test_prose_share_repeats_whole_train_prose_documents(fixture_dir, tmp_path, monkeypatch):
     """--prose-share repeats prose documents of train (never held-out ones) until prose makes up the
     share asked of all train characters, synthetic tasks included; the split is what it was without it."""
     from uio_gguf.train.dataset import format_report
 
-    monkeypatch.setitem(corpus_sources.SOURCES, "near-prose", _prose_source())
+    monkeypatch.setitem(corpus_sources.SOURCES, "near-prose", _prose_stories("near", 3, "prose that training reads"))
 
     def make(out, prose_share):
-        args = DataArgs(
-            out=str(out),
-            sources=["near-prose"],
-            extra_dirs=[str(fixture_dir)],
-            heldout_share=0.2,
-            synthetic_share=0.1,
-            synthetic_max_chars=2000,
-            prose_share=prose_share,
-        )
-        return build(args, progress=False)
+        return _build(out, "near-prose", fixture_dir, synthetic_share=0.1, prose_share=prose_share)
 
     plain = make(tmp_path / "plain", None)
     assert 0.05 < plain["train"]["prose_share"] < 0.4 and plain["train"]["repeated_docs"] == 0
