@@ -105,14 +105,15 @@ def repeated_prose(train: list[Document], sources: list[Source], args: DataArgs,
     prose = [d for d in train if d.source in names]
     if not prose:
         raise UIOError("--prose-share needs a prose source in train (jane-austen, devils-dictionary)")
-    real, have = sum(len(d.text) for d in train), sum(len(d.text) for d in prose)
+    have = _share(train, names)
     want = args.prose_share / (1 - args.synthetic_share)  # of the real text: synthetic tasks come on top
-    if have > want * real:
+    if have > want:
         raise UIOError(
             f"--prose-share {args.prose_share} is below the prose sources' own share "
-            f"({have / real * (1 - args.synthetic_share):.2%}): prose is repeated, never dropped"
+            f"({have * (1 - args.synthetic_share):.2%}): prose is repeated, never dropped"
         )
-    missing = (want * real - have) / (1 - want)  # characters x with (have + x) / (real + x) = want
+    real = sum(len(d.text) for d in train)
+    missing = (want - have) * real / (1 - want)  # characters x with (have · real + x) / (real + x) = want
     copies, added = [], 0
     while added < missing:
         for doc in rng.sample(prose, len(prose)):  # each round repeats every prose document once
