@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -249,3 +253,47 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subproc
     if check and result.returncode != 0:
         raise AssertionError(f"uio-gguf {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@contextmanager
+def serving(app):
+    """Runs the ASGI app in a uvicorn server on a free port of 127.0.0.1, in a thread of this process;
+    yields its base URL once /health answers."""
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"no server at {base}")
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextmanager
+def cache_at(path):
+    """Points the memory-file cache at `path` while the block runs."""
+    before = os.environ.get("UIO_GGUF_CACHE")
+    os.environ["UIO_GGUF_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["UIO_GGUF_CACHE"]
+        else:
+            os.environ["UIO_GGUF_CACHE"] = before

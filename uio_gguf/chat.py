@@ -15,6 +15,7 @@ import ctypes
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import llama_cpp
 
@@ -74,6 +75,38 @@ def document_tokens(model, book: str):
     return model.tokenize(opening(model.chat_template()) + book, add_special=True)
 
 
+def memory_place(runtime, book_tokens) -> tuple[Path, str]:
+    """(path, key) of the memory file of the book's full segments (`book_tokens`: document_tokens)."""
+    n_full = len(book_tokens) // runtime.segment
+    dtype = runtime.encoder.head.memory_dtype  # memory is stored as it was made: bit-identical reuse
+    key = memory_file.memory_key(runtime.bundle, book_tokens[: n_full * runtime.segment], dtype)
+    return memory_file.path_for(key), key
+
+
+def book_memory(runtime, book_tokens, use_memory_files: bool = True, progress=None) -> tuple[SegmentMemory, bool]:
+    """(the memory of the book's full segments, whether it was read from its memory file): read when the
+    file is there, else compressed and saved. progress(tokens done, tokens to compress) after each batch;
+    an exception it raises stops the compression (nothing is saved)."""
+    path, key = memory_place(runtime, book_tokens)
+    memory = memory_file.load(path, key) if use_memory_files else None
+    if memory is not None:
+        return memory, True
+    seg = runtime.segment
+    n_full = len(book_tokens) // seg
+    done = 0
+
+    def step(n):
+        nonlocal done
+        done += n
+        if progress:
+            progress(done * seg, n_full * seg)
+
+    memory = runtime.compress(book_tokens[: n_full * seg], progress=step)
+    if use_memory_files and n_full:
+        memory_file.save(path, key, memory, runtime.encoder.head.memory_dtype)
+    return memory, False
+
+
 @dataclass
 class CompressionStats:
     tokens: int = 0
@@ -127,6 +160,7 @@ class Conversation(Handle):
         self.recall_tokens = recall_tokens
         self._load_book(use_memory_files, progress)
         self.recall = None
+        self.recalled: list = []  # the passages (recall.Span) brought back for the last question
         if recall_tokens:
             n_mem = self.session.compressed_segments  # the raw window is in view anyway
             skip = len(self.model.tokenize(opening(self.template), add_special=True))
@@ -153,9 +187,7 @@ class Conversation(Handle):
         seg = self.runtime.segment
         n_full = len(self.book_tokens) // seg
         compressed = self.book_tokens[: n_full * seg]
-        dtype = self.runtime.encoder.head.memory_dtype  # memory is stored as it was made: bit-identical reuse
-        key = memory_file.memory_key(self.runtime.bundle, compressed, dtype)
-        path = memory_file.path_for(key)
+        path, key = memory_place(self.runtime, self.book_tokens)
         started = time.perf_counter()
         self.memory_path = path
         # the segments the raw window holds are read as text (their memory stays in the file for later)
@@ -168,20 +200,7 @@ class Conversation(Handle):
                 self.stats.from_file = self.stats.from_start_state = True
                 self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
                 return
-        memory = memory_file.load(path, key) if use_memory_files else None
-        self.stats.from_file = memory is not None
-        if memory is None:
-            done = 0
-
-            def step(n):
-                nonlocal done
-                done += n
-                if progress:
-                    progress(done * seg, n_full * seg)
-
-            memory = self.runtime.compress(compressed, progress=step)
-            if use_memory_files and n_full:
-                memory_file.save(path, key, memory, dtype)
+        memory, self.stats.from_file = book_memory(self.runtime, self.book_tokens, use_memory_files, progress)
         self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
         self.session.add_memory(SegmentMemory(memory.k[:n_mem], memory.v[:n_mem]))
         self.session.feed(remainder)
@@ -235,11 +254,11 @@ class Conversation(Handle):
             if self.recall_ranking == "attention":
                 self.session.set_recall([])  # the question attends over the memory and raw window alone
                 scores = self.session.memory_attention(tokens, self.runtime.query_projection())
-                recalled = self.recall.tokens_for(self.recall.segment_spans(scores, budget))
+                self.recalled = self.recall.segment_spans(scores, budget)
             else:
-                recalled = self.recall.recall_tokens(question, budget)
+                self.recalled = self.recall.select(question, budget)
             # the document's first token leads the passages where they are decoded (an attention sink)
-            self.session.set_recall(recalled, lead=self.book_tokens[:1])
+            self.session.set_recall(self.recall.tokens_for(self.recalled), lead=self.book_tokens[:1])
         self.session.feed(tokens)
         self.seen_text += delta
         answer = ""

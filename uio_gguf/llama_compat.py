@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
+from uio_gguf import sources
 from uio_gguf.chat import BOOK_MARKER, Conversation, render
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
@@ -255,13 +256,15 @@ class UIOLlama(Handle):
         model: str | None = None,
         should_stop: Callable[[], bool] | None = None,
         loop_guard: bool = True,
+        report: bool = False,
         **_ignored,
     ):
         """llama_cpp.Llama.create_chat_completion's arguments (the sampling ones UIO has; the others are
         accepted and ignored) and return values. max_tokens None or <= 0: up to the runtime's answer reserve.
         should_stop (not in llama-cpp-python): polled per token; true ends the answer (finish_reason stop).
         loop_guard (not in llama-cpp-python): stop where the answer starts to repeat itself (finish_reason
-        stop; uio_gguf.loop_guard).
+        stop; uio_gguf.loop_guard). report (not in llama-cpp-python): the completion (or the last chunk)
+        also holds `uio`: the passages recall brought back and the memory figures (uio_gguf.sources).
 
         The book is read (or its memory file loaded) before this returns, also with stream=True, so a
         book that does not fit raises UIOError here rather than mid-stream."""
@@ -279,21 +282,22 @@ class UIOLlama(Handle):
             loop_guard=bool(loop_guard),
         )
         thread = self._prepare(msgs)
-        answer = self._answer(thread, msgs[-1], params, should_stop or (lambda: False))
+        answer = self._answer(thread, msgs[-1], params, should_stop or (lambda: False), report)
         meta = {"id": _chat_id(), "created": int(time.time()), "model": model or self.model_path}
         return self._chunks(thread, answer, meta) if stream else self._completion(thread, answer, meta)
 
-    def _answer(self, thread: _Thread, message, params, should_stop) -> Iterator[str]:
-        """Streams the answer; when it ends, thread.result holds (finish_reason, usage) and the
-        conversation is kept. A consumer that stops early closes the conversation."""
+    def _answer(self, thread: _Thread, message, params, should_stop, report: bool = False) -> Iterator[str]:
+        """Streams the answer; when it ends, thread.result holds (finish_reason, usage, the sources report
+        or None) and the conversation is kept. A consumer that stops early closes the conversation."""
         stopped = {"flag": False}
 
         def stop_now() -> bool:
             stopped["flag"] = stopped["flag"] or bool(should_stop())
             return stopped["flag"]
 
+        question = self._question(thread, message)
         try:
-            yield from thread.turn(message, self._question(thread, message), params, stop_now)
+            yield from thread.turn(message, question, params, stop_now)
         except BaseException:  # the consumer left (GeneratorExit) or decoding failed: not reusable
             thread.close()
             raise
@@ -302,6 +306,7 @@ class UIOLlama(Handle):
         thread.result = (
             session.finish_reason,
             {"prompt_tokens": prompt, "completion_tokens": session.generated, "total_tokens": session.tokens_seen},
+            sources.report(thread, question) if report else None,
         )
         if stopped["flag"]:
             with self._lock:
@@ -310,8 +315,8 @@ class UIOLlama(Handle):
 
     def _completion(self, thread: _Thread, answer: Iterator[str], meta: dict) -> dict:
         text = "".join(answer)
-        finish, usage = thread.result
-        return {
+        finish, usage, extra = thread.result
+        completion = {
             "id": meta["id"],
             "object": "chat.completion",
             "created": meta["created"],
@@ -326,6 +331,9 @@ class UIOLlama(Handle):
             ],
             "usage": usage,
         }
+        if extra is not None:
+            completion["uio"] = extra
+        return completion
 
     def _chunks(self, thread: _Thread, answer: Iterator[str], meta: dict) -> Iterator[dict]:
         def chunk(delta: dict, finish: str | None) -> dict:
@@ -343,7 +351,10 @@ class UIOLlama(Handle):
                 yield chunk({"content": piece}, None)
         finally:
             answer.close()  # a consumer that leaves early closes the conversation (see _answer)
-        yield chunk({}, thread.result[0])
+        last = chunk({}, thread.result[0])
+        if thread.result[2] is not None:
+            last["uio"] = thread.result[2]
+        yield last
 
     def close(self) -> None:
         with self._lock:
