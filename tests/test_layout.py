@@ -23,7 +23,7 @@ FOLDERS = {
 STAGES = ["common", "native", "core", "train", "convert", "app"]
 COMMON = {"uio_gguf.errors", "uio_gguf.cache", "uio_gguf.files", "uio_gguf.handles"}
 # The app: the package's public names, the command line, the evaluations, benchmarks and the server.
-APP = {"uio_gguf", "uio_gguf.cli", "uio_gguf.server"}
+APP = {"uio_gguf", "uio_gguf.cli", "uio_gguf.server", "uio_gguf.web"}
 APP_PREFIXES = ("uio_gguf.cli.", "uio_gguf.eval_", "uio_gguf.bench")
 # Stages that run without the `train` extra: none of them may import these at module level.
 RUNTIME = {"common", "native", "core", "app"}
