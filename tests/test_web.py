@@ -1,4 +1,4 @@
-"""The book API behind the web page (uio_gguf/web.py, uio_gguf/library.py), over a tiny bundle: uploads
+"""The book API behind the web page (uio_gguf/serve/web.py, uio_gguf/serve/library.py), over a tiny bundle: uploads
 compress in a job whose progress streams, the memory file it writes is the one a conversation computes,
 a chat naming a book by id answers as the same book sent inline and reports what a Conversation run in
 this process recalls. The page itself is driven in a real browser in tests/test_web_page.py."""
@@ -26,8 +26,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def served(make_tiny_bundle, tmp_path_factory):
     """(base url, UIOLlama, Library) over a tiny bundle, with a memory cache of this module's own."""
-    from uio_gguf.llama_compat import UIOLlama
-    from uio_gguf.server import create_app
+    from uio_gguf.serve.app import create_app
+    from uio_gguf.serve.engine import UIOLlama
 
     bundle = make_tiny_bundle("llama", segment=SEGMENT, ratio=4, outtype="f32")[0]
     with cache_at(tmp_path_factory.mktemp("web-cache")), UIOLlama(bundle, n_ctx=N_CTX) as llm:
@@ -76,8 +76,8 @@ class Gate:
 
 
 def test_an_upload_compresses_with_progress_into_the_memory_file_a_conversation_reads(served, prose):
-    from uio_gguf import memory_file
-    from uio_gguf.chat import document_tokens, memory_place
+    from uio_gguf.chat.conversation import document_tokens, memory_place
+    from uio_gguf.store import memory_file
 
     base, llm, _ = served
     text = prose[:6000]
@@ -104,7 +104,7 @@ def test_an_upload_compresses_with_progress_into_the_memory_file_a_conversation_
 
 
 def test_a_second_upload_joins_the_running_job_and_a_cancel_stops_it(served, prose):
-    from uio_gguf import memory_file
+    from uio_gguf.store import memory_file
 
     base, llm, library = served
     text = prose[6000:10000]
@@ -132,8 +132,8 @@ def job_key(library, book_id: str) -> str:
 
 
 def test_a_chat_naming_a_book_answers_as_the_book_sent_inline_and_shows_its_sources(served, prose):
-    from uio_gguf.chat import Conversation
-    from uio_gguf.session import SamplingParams
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.memory.session import SamplingParams
 
     base, llm, _ = served
     text = prose[10000:16000]
@@ -192,9 +192,9 @@ def test_a_bad_upload_gets_one_line_naming_what_is_wrong_and_the_server_goes_on(
 
 
 def test_a_book_longer_than_the_model_holds_gets_the_cli_message(served, prose):
-    from uio_gguf.book import book_text
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
     from uio_gguf.errors import UIOError
+    from uio_gguf.text.book import book_text
 
     base, llm, _ = served
     text = prose[:40000]

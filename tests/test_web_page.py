@@ -43,8 +43,8 @@ COMPRESS_S = 1_800_000  # ms for the demo book's compression there
 def site(tmp_path_factory):
     """(base url, UIOLlama, Library): the embedded bundle served with a key and a small upload limit,
     over a memory cache of its own (the demo book is compressed here, in front of the page)."""
-    from uio_gguf.llama_compat import UIOLlama
-    from uio_gguf.server import create_app
+    from uio_gguf.serve.app import create_app
+    from uio_gguf.serve.engine import UIOLlama
 
     with cache_at(tmp_path_factory.mktemp("page-cache")), UIOLlama() as llm:
         app = create_app(llm, "smollm2", api_key=KEY, max_upload_mb=LIMIT_MB)

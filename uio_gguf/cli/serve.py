@@ -1,12 +1,12 @@
-"""The `serve` command: an OpenAI-compatible server with book memory (uio_gguf/server.py, docs/serving.md)."""
+"""The `serve` command: an OpenAI-compatible server with book memory (uio_gguf/serve/app.py, docs/serving.md)."""
 
 from __future__ import annotations
 
 import typer
 
-from uio_gguf.book import DEFAULT_MAX_UPLOAD_MB
 from uio_gguf.cli.options import DEFAULT_RATIO, FlashAttn, GpuLayers, Model, Ratio, Verbose, app, open_runtime
 from uio_gguf.errors import UIOError
+from uio_gguf.text.book import DEFAULT_MAX_UPLOAD_MB
 
 SERVE_EXTRA_HINT = "the serve extra is not installed: pip install 'uio-gguf[serve]'"
 
@@ -44,13 +44,13 @@ def serve(
     """Serve the web page and the OpenAI chat-completions API: a long user message (the book) goes into memory,
     once per book."""
     require_serve_stack()
-    from uio_gguf.llama_compat import UIOLlama
-    from uio_gguf.server import create_app, run
+    from uio_gguf.serve.app import create_app, run
+    from uio_gguf.serve.engine import UIOLlama
 
     runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
     llm = UIOLlama(runtime=runtime, n_ctx=n_ctx, keep=keep)
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
-        from uio_gguf.default_bundle import shipped_bundles
+        from uio_gguf.format.shipped import shipped_bundles
 
         alias = shipped_bundles()[ratio].name
     model_id = alias or runtime.bundle.path.name

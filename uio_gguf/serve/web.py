@@ -1,6 +1,6 @@
 """The web page and its book API, on the server's app (docs/serving.md).
 
-GET / is the page (static files in uio_gguf/page/, written by hand: no build step, nothing from a CDN).
+GET / is the page (static files in uio_gguf/serve/page/, written by hand: no build step, nothing from a CDN).
 The page uses only public endpoints:
 - POST /v1/books: the body is the book's bytes (`?name=` its file name); the book (id, state, progress).
   Compression starts unless the book's memory file is there; a second upload of it joins the job.
@@ -8,7 +8,7 @@ The page uses only public endpoints:
 - GET /v1/books/{id}/events: server-sent events `progress` (the book) until it is ready, cancelled or failed.
 - POST /v1/books/{id}/open: compresses a listed book again where its memory file left the cache.
 - POST /v1/books/{id}/cancel: stops its compression.
-- POST /v1/chat/completions with `"book": id` (server.py): the book is the first user message's text.
+- POST /v1/chat/completions with `"book": id` (app.py): the book is the first user message's text.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from fastapi.staticfiles import StaticFiles
 from sse_starlette.sse import EventSourceResponse
 
 from uio_gguf.errors import UIOError
-from uio_gguf.library import Library, UnknownBook
+from uio_gguf.serve.library import Library, UnknownBook
 
-PAGE = files("uio_gguf") / "page"
+PAGE = files("uio_gguf.serve") / "page"
 # The page runs only its own script and styles: a book's text can never become code (it is set as text, too).
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "

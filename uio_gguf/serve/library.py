@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from uio_gguf import files, memory_file
-from uio_gguf.book import DEFAULT_MAX_UPLOAD_MB, book_text
+from uio_gguf import atomic
 from uio_gguf.cache import memory_dir
-from uio_gguf.chat import book_memory, document_tokens, memory_place
+from uio_gguf.chat.conversation import book_memory, document_tokens, memory_place
 from uio_gguf.errors import UIOError
+from uio_gguf.store import memory_file
+from uio_gguf.text.book import DEFAULT_MAX_UPLOAD_MB, book_text
 
 FIRST_LINE_CHARS = 120  # of a book's first line, what the listing shows
 
@@ -207,7 +208,7 @@ class Library:
 
 
 def _write(path: Path, text: str) -> None:
-    with files.atomic_file(path) as tmp:
+    with atomic.atomic_file(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 

@@ -1,8 +1,8 @@
 """`uio-gguf serve`: the OpenAI chat-completions protocol over UIOLlama (docs/design.md §7, docs/serving.md).
 
 POST /v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`, or not), GET /v1/models,
-GET /health; the web page at / and its book API (uio_gguf/web.py). `parallel` requests run at once, each in a worker thread with a decoder context of its own;
-up to `queue` more wait, past that the answer is 503. An answer whose client leaves stops at its next
+GET /health; the web page at / and its book API (uio_gguf/serve/web.py). `parallel` requests run at once,
+each in a worker thread with a decoder context of its own; up to `queue` more wait, past that the answer is 503. An answer whose client leaves stops at its next
 token (a non-streamed one is checked every quarter of a second). Errors have the OpenAI shape
 {"error": {"message", "type", "param", "code"}}.
 
@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from uio_gguf.book import DEFAULT_MAX_UPLOAD_MB
 from uio_gguf.errors import UIOError
+from uio_gguf.text.book import DEFAULT_MAX_UPLOAD_MB
 
 
 class Message(BaseModel):
@@ -101,10 +101,10 @@ def create_app(
     api_key: str | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
 ) -> FastAPI:
-    """The app over a UIOLlama (uio_gguf/llama_compat.py); `model_id` is the one id /v1/models lists;
+    """The app over a UIOLlama (uio_gguf/serve/engine.py); `model_id` is the one id /v1/models lists;
     max_upload_mb: the largest book the page's API takes."""
-    from uio_gguf.library import Library
-    from uio_gguf.web import add_page
+    from uio_gguf.serve.library import Library
+    from uio_gguf.serve.web import add_page
 
     app = FastAPI(title="uio-gguf", version="1")
     slots = Slots(parallel, queue)
@@ -199,7 +199,7 @@ def _with_book(library, book_id: str, messages: list[dict]) -> list[dict]:
     """The messages with the book's text before the first user message's (the question): the document
     turn the server reads (docs/serving.md). The question's blank lines become line breaks, so the book
     ends at the last one."""
-    from uio_gguf.library import UnknownBook
+    from uio_gguf.serve.library import UnknownBook
 
     try:
         text = library.text(book_id)
