@@ -117,7 +117,8 @@ def test_conversation_of_one_segment_window_is_the_old_chat_path(runtime, plante
 
 
 def test_conversation_keeps_the_books_tail_raw_and_recalls_only_the_memory(runtime, planted_book):
-    from uio_gguf.chat.conversation import ANSWER_ROOM, Conversation
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.memory.runtime import ANSWER_RESERVE
 
     window = 5 * SEGMENT
     with Conversation(
@@ -134,7 +135,7 @@ def test_conversation_keeps_the_books_tail_raw_and_recalls_only_the_memory(runti
     ) as c:
         memory = len(c.book_tokens) // SEGMENT * SLOTS
         n_ctx = c.session.ctx.n_ctx  # llama.cpp pads the 1400 asked for
-        assert c.session.raw_window == (n_ctx - memory - 40 - ANSWER_ROOM) // SEGMENT * SEGMENT >= SEGMENT
+        assert c.session.raw_window == (n_ctx - memory - 40 - ANSWER_RESERVE) // SEGMENT * SEGMENT >= SEGMENT
 
 
 def test_recall_stays_contiguous_with_a_longer_raw_window(runtime, planted_book):

@@ -38,6 +38,7 @@ from uio_gguf.chat.conversation import Conversation, document_tokens
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.errors import UIOError
 from uio_gguf.evals.ppl import Decoder
+from uio_gguf.llamacpp.api import usable_cpus
 from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
 
 DECODE_TOKENS = 64
@@ -168,7 +169,7 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     return {
         "cpu": cpu,
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus": usable_cpus(),
         "platform": platform.platform(),
         "llama_cpp_python": llama_cpp.__version__,
     }

@@ -22,6 +22,7 @@ from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS, Recall
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.memory.encoder import SegmentMemory
+from uio_gguf.memory.runtime import ANSWER_RESERVE
 from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
 from uio_gguf.store import memory_file, start_state
 
@@ -37,7 +38,6 @@ FALLBACK_TEMPLATE = "chatml"  # llama.cpp's built-in name, for models that ship 
 # next to the question, chat keeps the training view by default; --raw-window 1024/2048 is for gist.
 DEFAULT_RAW_SEGMENTS = 1
 MIN_RAW_SEGMENTS = 8
-ANSWER_ROOM = 1024  # cells the raw window leaves for the question and the answer (runtime.ANSWER_RESERVE)
 # How recall ranks the book's passages for a question (docs/design.md §6): BM25 on the question's words, or
 # the question's own attention over each segment's memory slots (uio_gguf.memory.attention_rank).
 RANKINGS = ("bm25", "attention")
@@ -134,13 +134,13 @@ class Conversation(Handle):
 
     def _fit_raw_window(self, asked: int | None, recall_tokens: int) -> int:
         """The raw window asked for (or the default), cut to whole segments that fit beside the book's
-        memory, the recall budget and ANSWER_ROOM cells; one segment where that cut leaves fewer than
-        MIN_RAW_SEGMENTS (measured worse than one)."""
+        memory, the recall budget and ANSWER_RESERVE cells (the question and the answer); one segment
+        where that cut leaves fewer than MIN_RAW_SEGMENTS (measured worse than one)."""
         seg, s = self.runtime.segment, self.session
         if asked is not None and asked == seg:
             return seg
         memory = len(self.book_tokens) // seg * self.runtime.slots
-        room = (s.ctx.n_ctx - memory - recall_tokens - ANSWER_ROOM) // seg * seg
+        room = (s.ctx.n_ctx - memory - recall_tokens - ANSWER_RESERVE) // seg * seg
         target = DEFAULT_RAW_SEGMENTS * seg if asked is None else asked
         fit = min(target, room)
         return seg if fit < min(target, MIN_RAW_SEGMENTS * seg) else fit

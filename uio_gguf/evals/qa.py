@@ -53,7 +53,6 @@ METHODS = ("window", "full-8k", "rag", "uio", "uio+recall", "uio+attn")
 # uio+attn lost to BM25 (docs/evaluation.md) and costs ~3x uio+recall a question: asked for by name only
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "uio+attn")
 RANKING = {"uio": "bm25", "uio+recall": "bm25", "uio+attn": "attention"}  # how each uio method ranks recall
-DEFAULT_LENGTHS = "4096,16384,32768,56000"
 # Held out of training (docs/evaluation.md: the libpng manual is a held-out document of `uio-gguf data`).
 DEFAULT_FILLER = "heldout_libpng_manual.txt"
 # Most tokens an answer may take, per task: three 7-digit numbers, each said in the needle's sentence
