@@ -2,7 +2,7 @@
 length, in one process: one llama.cpp build, one model (the runtime's), one cache type, one thread count.
 
 For each length L (tokens of the chat document: the template's opening, then the book):
-  plain   a context of L + N cells (eval_ppl's Decoder): the L tokens prefilled 512 per decode
+  plain   a context of L + N cells (a PlainContext): the L tokens prefilled 512 per decode
           (only the last row's logits), then N greedy tokens decoded one at a time. Past the model's
           trained window llama.cpp runs, but what full attention computes there is not meaningful:
           measured for speed only, and the table says so.
@@ -37,8 +37,8 @@ import numpy as np
 from uio_gguf.chat.conversation import Conversation, document_tokens
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.errors import UIOError
-from uio_gguf.evals.ppl import Decoder
 from uio_gguf.llamacpp.api import usable_cpus
+from uio_gguf.llamacpp.plain import PlainContext
 from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
 
 DECODE_TOKENS = 64
@@ -81,7 +81,7 @@ def short_prefill_rate(runtime, tokens: np.ndarray) -> tuple[float, int]:
     n = min(len(tokens), LIMIT_TOKENS) // seg * seg
     if n == 0:
         raise UIOError(f"a length must hold at least one segment ({seg} tokens)")
-    with Decoder(runtime, n_ctx=seg, n_batch=seg) as plain:
+    with PlainContext(runtime, n_ctx=seg, n_batch=seg) as plain:
         started = time.perf_counter()
         for chunk in np.asarray(tokens[:n]).reshape(-1, seg):
             plain.clear()
@@ -92,7 +92,7 @@ def short_prefill_rate(runtime, tokens: np.ndarray) -> tuple[float, int]:
 def measure_plain(runtime, tokens: np.ndarray, n_decode: int) -> dict:
     cell = runtime.kv_cell_bytes
     n_ctx = len(tokens) + n_decode
-    with Decoder(runtime, n_ctx=n_ctx, n_batch=min(PREFILL_BATCH, n_ctx)) as plain:
+    with PlainContext(runtime, n_ctx=n_ctx, n_batch=min(PREFILL_BATCH, n_ctx)) as plain:
         started = time.perf_counter()
         logits = plain.feed(tokens)
         prefill_s = time.perf_counter() - started
@@ -219,7 +219,7 @@ def run(
     }
     seg, k = runtime.segment, runtime.slots
     with private_memory_files():
-        with Decoder(runtime, n_ctx=seg, n_batch=seg) as warm:  # weights paged in before anything is timed
+        with PlainContext(runtime, n_ctx=seg, n_batch=seg) as warm:  # weights paged in before anything is timed
             warm.feed(model.tokenize(text)[:seg])
         for length in lengths:
             book, copies = book_of_length(model, text, length)

@@ -59,7 +59,6 @@ DEFAULT_FILLER = "heldout_libpng_manual.txt"
 # (~15 tokens), do not fit in 48 (RULER gives its needle tasks 128 and variable tracking 30).
 ANSWER_TOKENS = {"passkey": 48, "single": 48, "multikey": 48, "multivalue": 128, "vt": 48}
 LOOP_NGRAM, LOOP_REPEATS = 4, 3
-SINK_TOKENS = 4  # as eval ppl's full-8k
 SPLICE_TRIES = 16  # shifts tried until the whole spliced text reads back as its tokens
 
 
@@ -295,33 +294,26 @@ def _question_tokens(model, question: str) -> np.ndarray:
 def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: float) -> Answer:
     """Greedy answer after `tokens` in a plain llama.cpp context of `window` cells with context shift;
     the time to first token counts from `started`."""
-    from uio_gguf.evals.ppl import MAX_BATCH, Decoder
+    from uio_gguf.llamacpp.plain import PlainContext, chunks
     from uio_gguf.memory.session import AnswerOutcome, Sampler, stream_answer
 
-    decoder = Decoder(runtime, n_ctx=window, n_batch=min((window - SINK_TOKENS) // 2, MAX_BATCH))
+    plain = PlainContext.shifting(runtime, window)
     sampler = Sampler(params, runtime.model.n_vocab, runtime.model.vocab)
 
     def feed(ids) -> None:
-        for at in range(0, len(ids), decoder.batch.capacity):
-            chunk = ids[at : at + decoder.batch.capacity]
-            if decoder.n_past + len(chunk) > window:
-                decoder.drop(SINK_TOKENS, (decoder.n_past - SINK_TOKENS) // 2)
-            n = len(chunk)
-            positions = np.arange(decoder.n_past, decoder.n_past + n)
-            decoder.batch.fill(positions, [[0]] * n, [i == n - 1 for i in range(n)], tokens=chunk)
-            decoder.ctx.decode(decoder.batch)
-            decoder.n_past += n
+        for chunk in chunks(ids, plain.batch.capacity):
+            plain.decode(chunk, all_logits=False)
 
     try:
         feed([int(t) for t in tokens])
         outcome = AnswerOutcome()
-        pieces = stream_answer(lambda: int(sampler.sample(decoder.ctx, -1)), feed, runtime.model, params, outcome)
+        pieces = stream_answer(lambda: int(sampler.sample(plain.ctx, -1)), feed, runtime.model, params, outcome)
         text = "".join(pieces)
         ended = outcome.finish_reason == "stop" and not outcome.looped
         return Answer(text, ended, (outcome.first_token_at or time.perf_counter()) - started, outcome.looped)
     finally:
         sampler.close()
-        decoder.close()
+        plain.close()
 
 
 def _uio_answer(
