@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.test_recall import QUESTION, SEGMENT, SLOTS, runtime, stream  # noqa: F401  (their tiny f32 runtime)
+from uio_gguf.llamacpp.template import first_turn
 from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
 
 
@@ -90,7 +91,7 @@ def test_question_attention_ranks_recall_and_leaves_the_cache_as_it_was(runtime,
         runtime, prose[:3000], n_ctx=2048, use_memory_files=False, recall_tokens=budget, recall_ranking="attention"
     ) as chat:
         s = chat.session
-        delta = chat._first_turn(QUESTION).split("\u2063UIO-BOOK\u2063", 1)[1]
+        delta = first_turn(chat.template, QUESTION)[1]
         tokens = runtime.model.tokenize(delta, add_special=False)
         n_past = s.n_past
         scores = s.memory_attention(tokens, runtime.query_projection())

@@ -10,8 +10,8 @@ import torch
 
 # the crop shape and the fixtures (tokenizer, filler crops, book) of the retrieval crops' tests
 from tests.test_retrieval import SEGMENT, T, _train, _weights, book, filler_crops, tokenizer  # noqa: F401
-from uio_gguf.chat.conversation import BOOK_MARKER, render
 from uio_gguf.errors import UIOError
+from uio_gguf.llamacpp.template import first_turn
 from uio_gguf.train import synthetic
 from uio_gguf.train.chat_recall import POOL_FILE, ChatRecallCrops, ChatRecallPool
 from uio_gguf.train.model import IGNORE
@@ -26,8 +26,7 @@ def test_a_crop_is_what_the_runtime_feeds_and_scores_the_answer_alone(tokenizer,
     from uio_gguf.llamacpp.api import Model
 
     vocab = Model(embedded_gguf, vocab_only=True)
-    asked = render(tokenizer.chat_template, [("user", f"{BOOK_MARKER}\n\n{synthetic.PASSKEY_QUESTION}")], True)
-    before, after = asked.split(BOOK_MARKER, 1)
+    before, after = first_turn(tokenizer.chat_template, synthetic.PASSKEY_QUESTION)
     maker = ChatRecallCrops(pool, SEGMENT, T * SEGMENT + 1)
     rng = np.random.default_rng(0)
     for i in range(16):

@@ -59,7 +59,7 @@ def test_each_task_puts_its_needles_where_asked(task, depth, runtime, long_base)
     assert np.array_equal(doc.tokens[~touched], base.tokens[~touched])
     # every expected answer is in the text, and the text tokenizes back to exactly the spliced tokens
     assert all(a in text for a in sample.answers)
-    from uio_gguf.chat.conversation import document_tokens
+    from uio_gguf.llamacpp.template import document_tokens
 
     assert np.array_equal(document_tokens(runtime.model, doc.book), doc.tokens)
 

@@ -21,6 +21,7 @@ from tests.test_recall import (  # noqa: F401
     runtime,
     stream,
 )
+from uio_gguf.llamacpp.template import first_turn
 from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
 
 
@@ -107,7 +108,7 @@ def test_conversation_of_one_segment_window_is_the_old_chat_path(runtime, plante
     ) as c:
         answer = "".join(c.ask(QUESTION, params))
         tokens = list(c.book_tokens)
-        first = c._first_turn(QUESTION).split("\u2063UIO-BOOK\u2063", 1)[1]
+        first = first_turn(c.template, QUESTION)[1]
     n_full = len(tokens) // SEGMENT
     with runtime.new_session(2048) as s:
         s.add_memory(runtime.compress(tokens))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from uio_gguf.llamacpp.template import first_turn
 from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
 
 SEGMENT, RATIO = 16, 4
@@ -225,7 +226,7 @@ def test_recall_zero_is_the_memory_alone(runtime, planted_book):
         answer = "".join(chat.ask(QUESTION, params))
         assert chat.recall is None and chat.session.recall == []
         tokens = list(chat.book_tokens)
-    first = chat._first_turn(QUESTION).split("\u2063UIO-BOOK\u2063", 1)[1]
+    first = first_turn(chat.template, QUESTION)[1]
     n_full = len(tokens) // SEGMENT
     with runtime.new_session(2048) as s:
         s.add_memory(runtime.compress(tokens))

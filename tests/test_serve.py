@@ -206,7 +206,8 @@ def test_a_longer_conversation_continues_its_session(server, client, books):
 def test_a_history_the_server_did_not_write_is_read_in_as_sent(server, books):
     """An assistant turn the app did not get from us (another model's, say) is read as text, not
     generated (recall off, so the raw text is all that differs between the turns)."""
-    from uio_gguf.chat.conversation import BOOK_MARKER, Conversation
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.llamacpp.template import first_turn
     from uio_gguf.memory.session import SamplingParams
     from uio_gguf.serve.engine import UIOLlama
 
@@ -219,7 +220,7 @@ def test_a_history_the_server_did_not_write_is_read_in_as_sent(server, books):
 
     # By hand: the book is read, then the rest of the first turn and the given answer as raw text.
     with Conversation(server[1].runtime, books[0], n_ctx=N_CTX, use_memory_files=False, recall_tokens=0) as conv:
-        before, after = conv._first_turn(q1).split(BOOK_MARKER, 1)
+        before, after = first_turn(conv.template, q1)
         conv.session.feed(conv.model.tokenize(after + "A river."))
         conv.seen_text = before + books[0] + after + "A river."
         conv.messages = [("user", f"{books[0]}\n\n{q1}"), ("assistant", "A river.")]

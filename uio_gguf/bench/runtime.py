@@ -34,11 +34,12 @@ from importlib.resources import files
 import llama_cpp
 import numpy as np
 
-from uio_gguf.chat.conversation import Conversation, document_tokens
+from uio_gguf.chat.conversation import Conversation
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.errors import UIOError
 from uio_gguf.llamacpp.api import usable_cpus
 from uio_gguf.llamacpp.plain import PlainContext
+from uio_gguf.llamacpp.template import document_tokens
 from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
 
 DECODE_TOKENS = 64

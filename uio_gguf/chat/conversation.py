@@ -11,23 +11,19 @@ segment: the book's tail, the question and the recent turns are read as text (do
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import llama_cpp
-
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS, Recall
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
+from uio_gguf.llamacpp.template import document_tokens, first_turn, opening, render
 from uio_gguf.memory.encoder import SegmentMemory
 from uio_gguf.memory.runtime import ANSWER_RESERVE
 from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
 from uio_gguf.store import memory_file, start_state
 
-BOOK_MARKER = "\u2063UIO-BOOK\u2063"  # invisible separator: never in a real chat template
-FALLBACK_TEMPLATE = "chatml"  # llama.cpp's built-in name, for models that ship no template
 # Chat's raw window in segments. eval ppl, held-out libpng manual, r8 (uio-r8 = the training view, R = 128):
 # 4096 tokens: uio 18.943, R=256 25.417, R=512 19.870, R=1024 17.796, R=2048 15.706 (window 27.210);
 # 8192 tokens: uio 17.848, R=256 23.888, R=512 18.446, R=1024 16.723, R=2048 15.652 (window 25.722).
@@ -42,36 +38,6 @@ MIN_RAW_SEGMENTS = 8
 # the question's own attention over each segment's memory slots (uio_gguf.memory.attention_rank).
 RANKINGS = ("bm25", "attention")
 QUERY_ROWS = 64  # the question's last tokens whose attention ranks the segments
-
-
-def render(template: str | None, messages: list[tuple[str, str]], add_generation_prompt: bool) -> str:
-    """The chat template applied by llama.cpp's own renderer (llama_chat_apply_template)."""
-    array = (llama_cpp.llama_chat_message * len(messages))()
-    keep = []
-    for i, (role, content) in enumerate(messages):
-        keep.append((role.encode(), content.encode()))
-        array[i].role, array[i].content = keep[-1]
-    tmpl = (template or FALLBACK_TEMPLATE).encode()
-    size = sum(len(c) for _, c in keep) * 2 + 4096
-    for _ in range(2):
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_chat_apply_template(tmpl, array, len(messages), add_generation_prompt, buf, size)
-        if n < 0:
-            raise UIOError("llama.cpp does not know this model's chat template")
-        if n <= size:
-            return buf.raw[:n].decode("utf-8", "replace")
-        size = n + 1
-    raise UIOError("chat template rendering failed")
-
-
-def opening(template: str | None) -> str:
-    """What the chat template puts before the book in the first user turn."""
-    return render(template, [("user", f"{BOOK_MARKER}\n\n?")], True).split(BOOK_MARKER, 1)[0]
-
-
-def document_tokens(model, book: str):
-    """The tokens the conversation reads before the first question: the template's opening and the book."""
-    return model.tokenize(opening(model.chat_template()) + book, add_special=True)
 
 
 @dataclass
@@ -145,10 +111,6 @@ class Conversation(Handle):
         fit = min(target, room)
         return seg if fit < min(target, MIN_RAW_SEGMENTS * seg) else fit
 
-    # ----- the first turn ---------------------------------------------------------------------------
-    def _first_turn(self, question: str) -> str:
-        return render(self.template, [("user", f"{BOOK_MARKER}\n\n{question}")], True)
-
     def _load_book(self, use_memory_files: bool, progress) -> None:
         seg = self.runtime.segment
         n_full = len(self.book_tokens) // seg
@@ -218,9 +180,7 @@ class Conversation(Handle):
     ) -> Iterator[str]:
         """Streams the answer to `question` and keeps it in the conversation."""
         if not self.messages:
-            first = self._first_turn(question)
-            before, after = first.split(BOOK_MARKER, 1)
-            delta = after
+            before, delta = first_turn(self.template, question)
             self.seen_text = before + self.book
             self.messages.append(("user", f"{self.book}\n\n{question}"))
         else:

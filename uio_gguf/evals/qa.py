@@ -153,7 +153,7 @@ def _token_texts(model, tokens) -> list[bytes]:
 
 def base_document(model, length: int, texts: list[str], rng: random.Random) -> Document:
     """The template's opening and `length` tokens of filler."""
-    from uio_gguf.chat.conversation import document_tokens, opening
+    from uio_gguf.llamacpp.template import document_tokens, opening
 
     head = model.tokenize(opening(model.chat_template()), add_special=True)
     book = filler_text(model, length, rng, texts).lstrip()  # no merge with the opening's last newline
@@ -185,7 +185,7 @@ def splice(model, base: Document, needles: list[tuple[str, float]]) -> Document:
     """Each needle, "\nsentence\n", written over as many of the base's tokens as it has, at the first
     token at or after its depth of the book where the result reads back as the same tokens (no merge
     across the seams). Nothing moves, so only the segments a needle touches change."""
-    from uio_gguf.chat.conversation import document_tokens
+    from uio_gguf.llamacpp.template import document_tokens
 
     needle_tokens = [needle_ids(model, s) for s, _ in needles]
     n_book = len(base.tokens) - base.skip
@@ -285,10 +285,9 @@ class Answer:
 
 def _question_tokens(model, question: str) -> np.ndarray:
     """What the chat template puts after the book in the first turn: the question and the assistant's start."""
-    from uio_gguf.chat.conversation import BOOK_MARKER, render
+    from uio_gguf.llamacpp.template import first_turn
 
-    first = render(model.chat_template(), [("user", f"{BOOK_MARKER}\n\n{question}")], True)  # as Conversation.ask
-    return model.tokenize(first.split(BOOK_MARKER, 1)[1], add_special=False)
+    return model.tokenize(first_turn(model.chat_template(), question)[1], add_special=False)
 
 
 def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: float) -> Answer:

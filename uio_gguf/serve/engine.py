@@ -30,9 +30,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from uio_gguf.chat.conversation import BOOK_MARKER, Conversation, render
+from uio_gguf.chat.conversation import Conversation
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
+from uio_gguf.llamacpp.template import BOOK_MARKER, render
 from uio_gguf.memory.runtime import ANSWER_RESERVE
 from uio_gguf.memory.session import SamplingParams
 
