@@ -63,12 +63,18 @@ class Conversation(Handle):
         recall_tokens: int = DEFAULT_RECALL_TOKENS,
         raw_window: int | None = None,
         recall_ranking: str = "bm25",
+        preamble: list[tuple[str, str]] = (),
+        sep: str = "\n\n",
+        compress: Callable | None = None,
     ):
         """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
         alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
         segments; the segment length: the training view). Where the book's memory leaves no room for R
         beside the recall budget and an answer, R shrinks (to one segment at the least).
-        recall_ranking: one of RANKINGS."""
+        recall_ranking: one of RANKINGS. preamble: (role, text) messages rendered before the first user
+        turn (the server's system messages): part of the document, with the book. sep: what stands between
+        the book and the first question in that turn. compress: how the book's segments become memory
+        when no memory file has it (default runtime.compress; eval qa passes a cache of segments)."""
         if recall_ranking not in RANKINGS:
             raise UIOError(f"unknown recall ranking {recall_ranking!r} (choose from {', '.join(RANKINGS)})")
         if recall_tokens < 0:
@@ -81,9 +87,10 @@ class Conversation(Handle):
         self.model = runtime.model
         self.template = self.model.chat_template()
         self.book = book
-        self.messages: list[tuple[str, str]] = []
+        self.preamble, self.sep = list(preamble), sep
+        self.messages: list[tuple[str, str]] = list(self.preamble)
         self.seen_text = ""  # everything the model has read, as text (to append later turns)
-        self.book_tokens = document_tokens(self.model, book)
+        self.book_tokens = document_tokens(self.model, book, self.preamble)
         runtime.check_length(len(self.book_tokens), n_ctx)
         self.recall_ranking = recall_ranking
         by_attention = recall_tokens > 0 and recall_ranking == "attention"
@@ -91,11 +98,11 @@ class Conversation(Handle):
         self.session.raw_window = self._fit_raw_window(raw_window, recall_tokens)
         self.stats = CompressionStats()
         self.recall_tokens = recall_tokens
-        self._load_book(use_memory_files, progress)
+        self._load_book(use_memory_files, progress, compress)
         self.recall = None
         if recall_tokens:
             n_mem = self.session.compressed_segments  # the raw window is in view anyway
-            skip = len(self.model.tokenize(opening(self.template), add_special=True))
+            skip = len(self.model.tokenize(opening(self.template, self.preamble), add_special=True))
             self.recall = Recall(self.model, self.book_tokens[: n_mem * runtime.segment], runtime.segment, skip)
 
     def _fit_raw_window(self, asked: int | None, recall_tokens: int) -> int:
@@ -111,13 +118,11 @@ class Conversation(Handle):
         fit = min(target, room)
         return seg if fit < min(target, MIN_RAW_SEGMENTS * seg) else fit
 
-    def _load_book(self, use_memory_files: bool, progress) -> None:
+    def _load_book(self, use_memory_files: bool, progress, compress) -> None:
         seg = self.runtime.segment
         n_full = len(self.book_tokens) // seg
         compressed = self.book_tokens[: n_full * seg]
-        dtype = self.runtime.encoder.head.memory_dtype  # memory is stored as it was made: bit-identical reuse
-        key = memory_file.memory_key(self.runtime.bundle, compressed, dtype)
-        path = memory_file.path_for(key)
+        key, path = memory_file.locate(self.runtime, compressed)  # memory is stored as made: bit-identical reuse
         started = time.perf_counter()
         self.memory_path = path
         # the segments the raw window holds are read as text (their memory stays in the file for later)
@@ -130,20 +135,17 @@ class Conversation(Handle):
                 self.stats.from_file = self.stats.from_start_state = True
                 self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
                 return
-        memory = memory_file.load(path, key) if use_memory_files else None
-        self.stats.from_file = memory is not None
-        if memory is None:
-            done = 0
+        done = 0
 
-            def step(n):
-                nonlocal done
-                done += n
-                if progress:
-                    progress(done * seg, n_full * seg)
+        def step(n):
+            nonlocal done
+            done += n
+            if progress:
+                progress(done * seg, n_full * seg)
 
-            memory = self.runtime.compress(compressed, progress=step)
-            if use_memory_files and n_full:
-                memory_file.save(path, key, memory, dtype)
+        memory, self.stats.from_file = memory_file.load_or_compress(
+            self.runtime, compressed, use_memory_files, compress, progress=step
+        )
         self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
         self.session.add_memory(SegmentMemory(memory.k[:n_mem], memory.v[:n_mem]))
         self.session.feed(remainder)
@@ -175,14 +177,19 @@ class Conversation(Handle):
         return start_state.path_for(memory_path, start_key), start_key
 
     # ----- turns ------------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        """Whether the first question has been asked (the turn that holds the book)."""
+        return len(self.messages) > len(self.preamble)
+
     def ask(
         self, question: str, params: SamplingParams, should_stop: Callable[[], bool] = lambda: False
     ) -> Iterator[str]:
         """Streams the answer to `question` and keeps it in the conversation."""
-        if not self.messages:
-            before, delta = first_turn(self.template, question)
+        if not self.started:  # the first turn: the book, then the question
+            before, delta = first_turn(self.template, question, self.preamble, self.sep)
             self.seen_text = before + self.book
-            self.messages.append(("user", f"{self.book}\n\n{question}"))
+            self.messages.append(("user", f"{self.book}{self.sep}{question}"))
         else:
             self.messages.append(("user", question))
             full = render(self.template, self.messages, True)

@@ -213,16 +213,13 @@ def splice(model, base: Document, needles: list[tuple[str, float]]) -> Document:
 
 class SegmentCache:
     """Memory by segment: a segment's memory depends on its tokens alone, so a document that differs from
-    those seen before in a few segments costs the compression of those few. Stands in for the runtime
-    (Conversation calls its `compress`); everything else is the runtime's."""
+    those seen before in a few segments costs the compression of those few. Its `compress` is the
+    runtime's, for a Conversation's `compress`."""
 
     def __init__(self, runtime):
         self.runtime = runtime
         self.rows: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
         self.compressed = 0  # segments actually compressed
-
-    def __getattr__(self, name):
-        return getattr(self.runtime, name)
 
     def add(self, tokens, memory) -> None:
         """Memory made elsewhere (a memory file) for the full segments of `tokens`."""
@@ -260,17 +257,10 @@ def load_base(cache: SegmentCache, doc: Document, use_memory_files: bool) -> Non
     """The filler's memory into the cache: from its memory file, or compressed (and saved) once."""
     from uio_gguf.store import memory_file
 
-    runtime = cache.runtime
-    compressed = doc.tokens[: len(doc.tokens) // runtime.segment * runtime.segment]
-    dtype = runtime.encoder.head.memory_dtype
-    key = memory_file.memory_key(runtime.bundle, compressed, dtype)
-    path = memory_file.path_for(key)
-    memory = memory_file.load(path, key) if use_memory_files else None
-    if memory is None:
-        memory = cache.compress(compressed)
-        if use_memory_files and len(memory.k):
-            memory_file.save(path, key, memory, dtype)
-    else:
+    seg = cache.runtime.segment
+    compressed = doc.tokens[: len(doc.tokens) // seg * seg]
+    memory, from_file = memory_file.load_or_compress(cache.runtime, compressed, use_memory_files, cache.compress)
+    if from_file:
         cache.add(compressed, memory)
 
 
@@ -323,12 +313,13 @@ def _uio_answer(
     started = time.perf_counter()
     # the training view (raw window = one segment), whose raw part window and rag read too
     conversation = Conversation(
-        cache,
+        cache.runtime,
         doc.book,
         use_memory_files=False,
         recall_tokens=recall_tokens,
         raw_window=cache.runtime.segment,
         recall_ranking=ranking,
+        compress=cache.compress,
     )
     try:
         making = conversation.stats.seconds  # the memory's compression: a memory file's job in chat
