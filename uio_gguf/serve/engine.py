@@ -110,20 +110,6 @@ def normalize(messages) -> list[tuple[str, str]]:
     return out
 
 
-def _serialize_encoder(encoder) -> None:
-    """Conversations run in threads of their own, but share the runtime's one encoder context (a book's
-    segments, and each raw window that fills up): its compressions take turns."""
-    if getattr(encoder, "serialized", False):
-        return
-    inner, lock = encoder.compress, threading.Lock()
-
-    def compress(*args, **kwargs):
-        with lock:
-            return inner(*args, **kwargs)
-
-    encoder.compress, encoder.serialized = compress, True
-
-
 def _chat_id() -> str:
     return f"chatcmpl-{uuid.uuid4()}"
 
@@ -159,7 +145,6 @@ class UIOLlama(Handle):
         else:
             self._owns_runtime = False
         self.runtime = runtime
-        _serialize_encoder(runtime.encoder)
         self.n_ctx = n_ctx
         self.keep = keep
         self.options = {"use_memory_files": use_memory_files}  # passed on to each Conversation
