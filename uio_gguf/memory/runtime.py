@@ -68,6 +68,7 @@ class UIORuntime(Handle):
         self.encoder = Encoder(
             self.model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads, kv_type=self.kv_type
         )
+        self._query_projection = None  # read at the first recall ranked by attention
 
     @property
     def segment(self) -> int:
@@ -120,7 +121,7 @@ class UIORuntime(Handle):
 
     def query_projection(self):
         """The decoder's W_q and RoPE (uio_gguf.memory.attention_rank), read from the model file once."""
-        if getattr(self, "_query_projection", None) is None:
+        if self._query_projection is None:
             from uio_gguf.memory.attention_rank import Projection
 
             self._query_projection = Projection(self.bundle.model_path, self.model.n_layer, self.rope)

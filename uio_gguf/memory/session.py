@@ -236,6 +236,10 @@ class Session(Handle):
         self._recall_ctx: Context | None = None  # made at the first recall (set_recall)
         # the memory's K before RoPE, float16, per write: (n_layer, cells, n_embd_k_gqa)
         self._keys: list[np.ndarray] | None = [] if query_rows else None
+        self._last_logits: np.ndarray | None = None  # the last token fed (None: nothing to sample from)
+        # What the last answer came to, for the OpenAI shapes (`usage`, finish_reason stop/length), and
+        # whether the loop guard cut it (set by generate, also for an answer its consumer left early).
+        self.generated, self.finish_reason, self.looped = 0, None, False
 
     @property
     def raw_window(self) -> int:
@@ -499,7 +503,7 @@ class Session(Handle):
     def generate(self, params: SamplingParams, should_stop: Callable[[], bool] = lambda: False) -> Iterator[str]:
         """Streams the answer's text. The context must have been fed at least one token. Stops at an
         end-of-generation token, a stop string, max_tokens, or when should_stop() turns true."""
-        if getattr(self, "_last_logits", None) is None:
+        if self._last_logits is None:
             raise RuntimeError("feed a prompt before generating")
         sampler = Sampler(params, self.runtime.model.n_vocab, self.runtime.model.vocab)
         outcome = AnswerOutcome()
@@ -511,8 +515,6 @@ class Session(Handle):
             # cache keeps what the user saw, not what the next turn should not build on.
             outcome.generated -= self.take_back(outcome.unshown)
         finally:
-            # What the last answer came to, for the OpenAI shapes (`usage`, finish_reason stop/length),
-            # and whether the loop guard cut it (also for an answer its consumer left early).
             self.generated, self.finish_reason, self.looped = outcome.generated, outcome.finish_reason, outcome.looped
             sampler.close()
 
