@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from tests.test_recall import QUESTION, SEGMENT, SLOTS, runtime, stream  # noqa: F401  (their tiny f32 runtime)
+from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import first_turn
-from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ
 
 
 def _captured_inputs(session, tokens) -> tuple[np.ndarray, np.ndarray]:

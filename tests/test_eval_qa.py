@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import run_cli
 from tests.test_recall import RATIO, SEGMENT, runtime  # noqa: F401  (the tiny f32 runtime of the recall tests)
 from uio_gguf.evals import qa as eval_qa
-from uio_gguf.memory.session import SamplingParams
+from uio_gguf.llamacpp.sampling import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=12)
 

@@ -21,8 +21,9 @@ from tests.test_recall import (  # noqa: F401
     runtime,
     stream,
 )
+from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import first_turn
-from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ
 
 
 def _close(got: np.ndarray, expected: np.ndarray) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import first_turn
-from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ
 
 SEGMENT, RATIO = 16, 4
 SLOTS = SEGMENT // RATIO

@@ -97,7 +97,7 @@ def counters(server) -> dict:
 def reference(llm, book: str, questions: list[str], max_tokens: int) -> list[str]:
     """The answers of a Conversation in this process, greedy: what the server must send."""
     from uio_gguf.chat.conversation import Conversation
-    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.llamacpp.sampling import SamplingParams
 
     with Conversation(llm.runtime, book, n_ctx=N_CTX, use_memory_files=False) as conv:
         return ["".join(conv.ask(q, SamplingParams(max_tokens=max_tokens))) for q in questions]
@@ -207,8 +207,8 @@ def test_a_history_the_server_did_not_write_is_read_in_as_sent(server, books):
     """An assistant turn the app did not get from us (another model's, say) is read as text, not
     generated (recall off, so the raw text is all that differs between the turns)."""
     from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.llamacpp.sampling import SamplingParams
     from uio_gguf.llamacpp.template import first_turn
-    from uio_gguf.memory.session import SamplingParams
     from uio_gguf.serve.engine import UIOLlama
 
     q1, q2 = "Name one thing in it.", "And another?"

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from tests.test_recall import QUESTION, planted_book, runtime  # noqa: F401  (the tiny f32 runtime)
-from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
+from uio_gguf.llamacpp.sampling import SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ
 
 
 def _open(runtime, book):  # noqa: F811

@@ -39,8 +39,9 @@ from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.errors import UIOError
 from uio_gguf.llamacpp.api import usable_cpus
 from uio_gguf.llamacpp.plain import PlainContext
+from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import document_tokens
-from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ
 
 DECODE_TOKENS = 64
 PREFILL_BATCH = 512  # llama.cpp's default micro-batch

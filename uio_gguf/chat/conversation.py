@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS, Recall
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
+from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import document_tokens, first_turn, opening, render
 from uio_gguf.memory.encoder import SegmentMemory
 from uio_gguf.memory.runtime import ANSWER_RESERVE
-from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ
 from uio_gguf.store import memory_file, start_state
 
 # Chat's raw window in segments. eval ppl, held-out libpng manual, r8 (uio-r8 = the training view, R = 128):

@@ -146,7 +146,7 @@ def chat(
 
     Ctrl-C stops the current answer; a second Ctrl-C (or Ctrl-D at the prompt) exits."""
     from uio_gguf.chat.conversation import RANKINGS, Conversation
-    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.llamacpp.sampling import SamplingParams
     from uio_gguf.text.book import read_book
 
     # Bad settings get their line before the book is compressed.

@@ -284,7 +284,7 @@ def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: flo
     """Greedy answer after `tokens` in a plain llama.cpp context of `window` cells with context shift;
     the time to first token counts from `started`."""
     from uio_gguf.llamacpp.plain import PlainContext, chunks
-    from uio_gguf.memory.session import AnswerOutcome, Sampler, stream_answer
+    from uio_gguf.llamacpp.sampling import AnswerOutcome, Sampler, stream_answer
 
     plain = PlainContext.shifting(runtime, window)
     sampler = Sampler(params, runtime.model.n_vocab, runtime.model.vocab)
@@ -394,7 +394,7 @@ def evaluate(
     length, trial t reading filler t % fillers; with one, every trial of a depth hides its needle in the
     same passage, so the trials sample keys, not contexts (docs/evaluation.md, session 22)."""
     from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
-    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.llamacpp.sampling import SamplingParams
 
     recall_tokens = DEFAULT_RECALL_TOKENS if recall_tokens is None else recall_tokens
     check_grid(lengths, depths, trials)

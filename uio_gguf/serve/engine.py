@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 from uio_gguf.chat.conversation import Conversation
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
+from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.memory.runtime import ANSWER_RESERVE
-from uio_gguf.memory.session import SamplingParams
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
