@@ -128,15 +128,13 @@ def test_the_demo_book_through_the_server_gives_the_access_code():
     server and the openai client (recall brings the code's passage back; docs/design.md §6). First in the
     file, so it runs before the other tests point the memory-file cache at a folder of their own (a
     memory file of the demo book from `make demo` is then reused)."""
-    from importlib.resources import files
-
     import uvicorn
 
-    from uio_gguf.cli.run import DEMO_QUESTION
     from uio_gguf.serve.app import create_app
     from uio_gguf.serve.engine import UIOLlama
+    from uio_gguf.text.packaged import DEMO_BOOK, DEMO_QUESTION, read
 
-    book = (files("uio_gguf") / "data" / "demo_book.txt").read_text(encoding="utf-8")
+    book = read(DEMO_BOOK)
     with UIOLlama() as llm:
         port = free_port()
         uv = uvicorn.Server(

@@ -29,7 +29,6 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from importlib.resources import files
 
 import llama_cpp
 import numpy as np
@@ -42,17 +41,12 @@ from uio_gguf.llamacpp.plain import PlainContext
 from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import document_tokens
 from uio_gguf.memory.session import DECODER_SEQ
+from uio_gguf.text.packaged import DEMO_QUESTION
 
 DECODE_TOKENS = 64
 PREFILL_BATCH = 512  # llama.cpp's default micro-batch
 LIMIT_TOKENS = 2048  # the short-context prefill is timed over at most this many tokens per length
-QUESTION = "What is the access code of the archive?"  # the demo's question, about the packaged text
 TEXT_SEPARATOR = "\n\n"  # between copies of a text repeated to reach a length
-
-
-def packaged_text() -> str:
-    """The demo book shipped in uio_gguf/data (about 13.5K SmolLM2 tokens)."""
-    return (files("uio_gguf") / "data" / "demo_book.txt").read_text(encoding="utf-8")
 
 
 def book_of_length(model, text: str, n_tokens: int) -> tuple[str, int]:
@@ -140,7 +134,7 @@ def measure_uio(runtime, book: str, n_decode: int) -> dict:
     for name, recall in (("ttft_s", 0), ("ttft_recall_s", DEFAULT_RECALL_TOKENS)):
         started = time.perf_counter()
         with Conversation(runtime, book, use_memory_files=True, recall_tokens=recall) as again:
-            for _ in again.ask(QUESTION, SamplingParams(max_tokens=1)):
+            for _ in again.ask(DEMO_QUESTION, SamplingParams(max_tokens=1)):
                 pass
             report[name] = time.perf_counter() - started
             from_file.append(again.stats.from_file)
@@ -214,7 +208,7 @@ def run(
             "flash_attn": runtime.flash_attn,
             "decode_tokens": n_decode,
             "plain": plain,
-            "question": QUESTION,
+            "question": DEMO_QUESTION,
         },
         "text": {"name": text_name, "chars": len(text)},
         "rows": [],

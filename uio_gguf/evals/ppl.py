@@ -33,19 +33,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from importlib import resources
 
 import numpy as np
 
 from uio_gguf.errors import UIOError
 from uio_gguf.llamacpp.plain import MAX_BATCH, SINK_TOKENS, PlainContext, chunks
+from uio_gguf.text import packaged
 
 BASELINES = ("window", "sliding", "full")  # the baselines' names for --baselines (sliding: full-8k)
 DOMAINS = {"in": "in domain", "out": "out of domain"}
-# The held-out texts shipped in uio_gguf/data, one a domain, each with its licence notice at the top:
-# the libpng manual is a held-out document of `uio-gguf data` (a manual, as training's sources are);
-# KJV Genesis and Exodus come from the bible-kjv source, which `uio-gguf data` keeps whole out of training.
-PACKAGED_TEXTS = {"in": "heldout_libpng_manual.txt", "out": "heldout_kjv_genesis_exodus.txt"}
 
 
 @dataclass
@@ -57,8 +53,8 @@ class Text:
 
 def packaged_text(domain: str) -> tuple[str, str]:
     """(file name, text) of the held-out text the package ships for a domain ("in" or "out")."""
-    name = PACKAGED_TEXTS[domain]
-    return name, resources.files("uio_gguf").joinpath("data", name).read_text(encoding="utf-8")
+    name = packaged.HELDOUT[domain]
+    return name, packaged.read(name)
 
 
 @dataclass

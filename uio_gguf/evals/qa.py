@@ -32,27 +32,22 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 
 from uio_gguf.errors import UIOError
 from uio_gguf.evals.needles import TASKS, Document, base_document, filler_rng, found, has_loop, make_sample, splice
 from uio_gguf.evals.passkey import check_grid
+from uio_gguf.text import packaged
 
 METHODS = ("window", "full-8k", "rag", "uio", "uio+recall", "uio+attn")
 # uio+attn lost to BM25 (docs/evaluation.md) and costs ~3x uio+recall a question: asked for by name only
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "uio+attn")
 RANKING = {"uio": "bm25", "uio+recall": "bm25", "uio+attn": "attention"}  # how each uio method ranks recall
-# Held out of training (docs/evaluation.md: the libpng manual is a held-out document of `uio-gguf data`).
-DEFAULT_FILLER = "heldout_libpng_manual.txt"
+DEFAULT_FILLER = packaged.HELDOUT["in"]  # held out of training (the libpng manual)
 # Most tokens an answer may take, per task: three 7-digit numbers, each said in the needle's sentence
 # (~15 tokens), do not fit in 48 (RULER gives its needle tasks 128 and variable tracking 30).
 ANSWER_TOKENS = {"passkey": 48, "single": 48, "multikey": 48, "multivalue": 128, "vt": 48}
-
-
-def default_filler() -> str:
-    return resources.files("uio_gguf").joinpath("data", DEFAULT_FILLER).read_text(encoding="utf-8")
 
 
 class SegmentCache:
@@ -254,7 +249,7 @@ def evaluate(
                 f"(with the template and question), not {max(lengths)}: use shorter --lengths or --ratio 32"
             )
     filler = "custom" if texts else DEFAULT_FILLER
-    texts = texts or [default_filler()]
+    texts = texts or [packaged.read(DEFAULT_FILLER)]
     if max_tokens is not None and max_tokens < 1:
         raise UIOError(f"an answer needs at least 1 token, not {max_tokens}")
     budgets = {task: max_tokens or ANSWER_TOKENS[task] for task in tasks}
