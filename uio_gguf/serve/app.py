@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from uio_gguf.errors import UIOError
+from uio_gguf.errors import ContextLengthError, UIOError
 
 
 class Message(BaseModel):
@@ -157,7 +157,7 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
             result = await anyio.to_thread.run_sync(lambda: llm.create_chat_completion(**kwargs))
         except UIOError as err:
             slots.release()
-            code = "context_length_exceeded" if "holds at most" in str(err) else None
+            code = "context_length_exceeded" if isinstance(err, ContextLengthError) else None
             raise APIError(400, str(err), "invalid_request_error", code, "messages") from None
         except BaseException:
             slots.release()
