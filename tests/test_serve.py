@@ -329,21 +329,21 @@ def test_a_client_that_leaves_mid_stream_stops_its_answer_and_frees_its_slot(ser
 def test_past_the_queue_a_request_gets_503():
     import asyncio
 
-    from uio_gguf.serve.app import APIError, Slots
+    from uio_gguf.serve.app import APIError, RequestLimit
 
     async def scenario():
-        slots = Slots(parallel=1, queue=1)
-        await slots.acquire()  # the one slot
-        waiter = asyncio.create_task(slots.acquire())
+        limit = RequestLimit(parallel=1, queue=1)
+        await limit.acquire()  # the one answer at once
+        waiter = asyncio.create_task(limit.acquire())
         await asyncio.sleep(0)
-        assert slots.state()["waiting"] == 1
+        assert limit.state()["waiting"] == 1
         try:
-            await slots.acquire()
+            await limit.acquire()
         except APIError as err:
             refused = err.status
-        slots.release()
+        limit.release()
         await waiter  # the queued request gets the slot
-        return refused, slots.state()
+        return refused, limit.state()
 
     refused, state = asyncio.run(scenario())
     assert refused == 503 and (state["busy"], state["waiting"]) == (1, 0)
