@@ -231,7 +231,7 @@ def evaluate(
     """The report that `uio-gguf eval qa` prints and writes as JSON. partial(report so far) is called
     after every answer (a long run stopped midway keeps what it measured). fillers: texts drawn per
     length, trial t reading filler t % fillers; with one, every trial of a depth hides its needle in the
-    same passage, so the trials sample keys, not contexts (docs/evaluation.md, session 22)."""
+    same passage, so the trials sample keys, not contexts (docs/evaluation.md)."""
     from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
     from uio_gguf.llamacpp.sampling import SamplingParams
 
