@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_recall import QUESTION, SEGMENT, SLOTS, runtime, stream  # noqa: F401  (their tiny f32 runtime)
+from tests.helpers import QUESTION, SEGMENT, SLOTS
 from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import first_turn
 from uio_gguf.memory.session import DECODER_SEQ

@@ -4,7 +4,7 @@ docs/benchmarks.md)."""
 
 import json
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 SEGMENT, RATIO, DECODE = 16, 4, 8  # the tiny bundle's segment and ratio; tokens decoded per side
 

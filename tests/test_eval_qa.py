@@ -13,8 +13,7 @@ import random
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
-from tests.test_recall import RATIO, SEGMENT, runtime  # noqa: F401  (the tiny f32 runtime of the recall tests)
+from tests.helpers import SEGMENT, run_cli
 from uio_gguf.evals import needles
 from uio_gguf.evals import qa as eval_qa
 from uio_gguf.llamacpp.sampling import SamplingParams

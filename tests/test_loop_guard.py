@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 
-from tests.test_recall import runtime  # noqa: F401  (the tiny f32 runtime of the recall tests)
 from uio_gguf.llamacpp.loop_guard import LoopGuard
 from uio_gguf.llamacpp.sampling import SamplingParams
 

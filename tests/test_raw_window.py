@@ -10,17 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-# the tiny f32 runtime, its token stream and the planted book of the recall tests
-from tests.test_recall import (  # noqa: F401
-    PLANTED,
-    QUESTION,
-    SEGMENT,
-    SLOTS,
-    _assert_contiguous,
-    planted_book,
-    runtime,
-    stream,
-)
+from tests.helpers import QUESTION, SEGMENT, SLOTS, assert_contiguous
 from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import first_turn
 from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ
@@ -48,9 +38,9 @@ def test_compressing_the_oldest_segment_equals_the_view_rebuilt(runtime, stream)
         s.set_recall(recalled)
         s.feed(raw)  # reaches R: the oldest segment is compressed
         assert s.compressed_segments == 5 and s.raw == [int(t) for t in raw[SEGMENT:]]
-        _assert_contiguous(runtime, s)
+        assert_contiguous(runtime, s)
         got = s.feed(question, all_logits=True)
-        _assert_contiguous(runtime, s)
+        assert_contiguous(runtime, s)
     with runtime.new_session(n_ctx=256) as twin, runtime.new_session(n_ctx=256) as ref:
         twin.raw_window = window + SEGMENT  # the same cells, before the compression
         twin.add_memory(memory)
@@ -157,7 +147,7 @@ def test_recall_stays_contiguous_with_a_longer_raw_window(runtime, planted_book)
             "".join(c.ask(question, params))
             assert 0 < len(s.recall) <= 40 and len(s.raw) < window
             assert s.n_past == s.n_mem + len(s.recall) + len(s.raw)
-            _assert_contiguous(runtime, s)
+            assert_contiguous(runtime, s)
         assert s.compressed_segments > before + 1
 
 

@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _one_line_error(result, message):

@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from tests.conftest import run_cli  # noqa: E402
+from tests.helpers import run_cli  # noqa: E402
 
 SEGMENT = 64  # a raw window that holds a short chat, for the llama.cpp comparison
 N_CTX = 1536  # books up to 1856 tokens: a small decoder context per conversation
@@ -399,7 +399,7 @@ def test_the_serve_command_serves_until_stopped(bundle, cache_env):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     port = free_port()
     proc = subprocess.Popen(
@@ -429,22 +429,9 @@ def test_serve_without_the_extra_says_so_in_one_line():
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1
     assert result.stderr.strip() == "uio-gguf: error: the serve extra is not installed: pip install 'uio-gguf[serve]'"
     assert "serve" in run_cli("--help").stdout
-
-
-def test_only_the_server_imports_the_serve_stack():
-    from tests.test_layout import imports, modules
-
-    table = modules()
-    at_top = {
-        module
-        for module, path in table.items()
-        for target, _, top in imports(path, set(table))
-        if top and target.split(".")[0] in {"fastapi", "uvicorn", "sse_starlette", "starlette"}
-    }
-    assert at_top == {"uio_gguf.serve.app"}
