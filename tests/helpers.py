@@ -101,9 +101,14 @@ def checkpoint_weights(checkpoint) -> dict:
     }
 
 
-def train_crops(model_dir, out, *extra, data=None, check=True):
-    """A tiny `uio-gguf train` run of the crops' shape (segment 128, ratio 32, 3 segments)."""
+def train_run(
+    model_dir, out, *extra, data=None, check=True, shape=(CROP_SEGMENT, 32, CROP_SEGMENTS), lr=None, eval_every=100
+):
+    """A tiny `uio-gguf train` run: shape (segment, ratio, segments a crop), by default the retrieval and
+    chat-recall crops'; data None leaves out --data (the run reads OUT/tokens.npz)."""
+    segment, ratio, segments = shape
     data_args = ("--data", str(data)) if data is not None else ()
+    lr_args = ("--lr", str(lr)) if lr is not None else ()
     return run_cli(
         "train",
         "--base",
@@ -112,19 +117,20 @@ def train_crops(model_dir, out, *extra, data=None, check=True):
         "--out",
         str(out),
         "--segment",
-        str(CROP_SEGMENT),
+        str(segment),
         "--ratio",
-        "32",
+        str(ratio),
         "--segments",
-        str(CROP_SEGMENTS),
+        str(segments),
         "--batch",
         "2",
         "--rank",
         "4",
         "--alpha",
         "8",
+        *lr_args,
         "--eval-every",
-        "100",
+        str(eval_every),
         "--save-every",
         "1",
         *extra,

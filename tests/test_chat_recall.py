@@ -9,7 +9,7 @@ import pytest
 import torch
 
 # the crop shape and the fixtures (tokenizer, filler crops, book) of the retrieval crops' tests
-from tests.helpers import CROP_SEGMENT, CROP_SEGMENTS, checkpoint_weights, train_crops
+from tests.helpers import CROP_SEGMENT, CROP_SEGMENTS, checkpoint_weights, train_run
 from uio_gguf.errors import UIOError
 from uio_gguf.llamacpp.template import first_turn
 from uio_gguf.train import synthetic
@@ -71,22 +71,22 @@ def test_chat_recall_run_scores_answers_and_resumes_exactly(make_tiny_model_dir,
     model_dir = make_tiny_model_dir("llama")
     straight, chunked, plain = tmp_path / "straight", tmp_path / "chunked", tmp_path / "plain"
     args = ("--steps", "4", "--lr", "1e-2", "--chat-recall-share", "0.5")
-    train_crops(model_dir, straight, *args, data=book)
-    train_crops(model_dir, chunked, *args, "--max-minutes", "0", data=book)
+    train_run(model_dir, straight, *args, data=book)
+    train_run(model_dir, chunked, *args, "--max-minutes", "0", data=book)
     assert (chunked / POOL_FILE).exists()
-    changed = train_crops(model_dir, chunked, "--steps", "4", "--resume", check=False)  # without the share
+    changed = train_run(model_dir, chunked, "--steps", "4", "--resume", check=False)  # without the share
     assert changed.returncode != 0 and "Traceback" not in changed.stderr
     assert "this run was trained with --chat-recall-share 0.5" in changed.stderr.strip().splitlines()[-1]
-    train_crops(model_dir, chunked, *args, "--resume")
+    train_run(model_dir, chunked, *args, "--resume")
     a, b = checkpoint_weights(straight / "checkpoint"), checkpoint_weights(chunked / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the recall steps come from the saved data rng
-    train_crops(model_dir, plain, "--steps", "4", "--lr", "1e-2", data=book)
+    train_run(model_dir, plain, "--steps", "4", "--lr", "1e-2", data=book)
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     plain_log = [json.loads(line) for line in (plain / "log.jsonl").read_text().splitlines()]
     recall_steps = [r["step"] for r in log if r.get("chat_recall")]
     assert 0 < len(recall_steps) < 4, recall_steps  # seed 0 draws both kinds of step
     assert all(r["loss"] != p["loss"] for r, p in zip(log, plain_log) if r.get("chat_recall"))
-    bad = train_crops(model_dir, tmp_path / "bad", "--steps", "1", "--chat-recall-share", "2", data=book, check=False)
+    bad = train_run(model_dir, tmp_path / "bad", "--steps", "1", "--chat-recall-share", "2", data=book, check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(
         "--chat-recall-share must lie between 0 and 1"
     )

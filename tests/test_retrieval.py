@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import CROP_SEGMENT, CROP_SEGMENTS, checkpoint_weights, run_cli, train_crops
+from tests.helpers import CROP_SEGMENT, CROP_SEGMENTS, checkpoint_weights, run_cli, train_run
 from uio_gguf.errors import UIOError
 from uio_gguf.train import synthetic
 from uio_gguf.train.retrieval import POOL_FILE, RetrievalCrops, build_pool, load_pool, save_pool
@@ -80,29 +80,29 @@ def test_segments_too_short_for_the_task_are_refused(pool):
 def test_retrieval_run_resumes_exactly_and_init_loads_its_weights(make_tiny_model_dir, book, tmp_path):
     model_dir = make_tiny_model_dir("llama")
     straight, chunked = tmp_path / "straight", tmp_path / "chunked"
-    train_crops(model_dir, straight, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", data=book)
-    train_crops(
+    train_run(model_dir, straight, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", data=book)
+    train_run(
         model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--max-minutes", "0", data=book
     )
     assert (chunked / POOL_FILE).exists()
-    changed = train_crops(model_dir, chunked, "--steps", "3", "--resume", check=False)  # without the share
+    changed = train_run(model_dir, chunked, "--steps", "3", "--resume", check=False)  # without the share
     assert changed.returncode != 0 and "Traceback" not in changed.stderr
     assert "this run was trained with --retrieval-share 0.5" in changed.stderr.strip().splitlines()[-1]
-    resumed = train_crops(
+    resumed = train_run(
         model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--resume", "--ratio", "16"
     )  # the run's own shape wins over a mistyped one
     assert "--resume: taking segment 128, ratio 32, rank 4, alpha 8.0" in resumed.stderr
     a, b = checkpoint_weights(straight / "checkpoint"), checkpoint_weights(chunked / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the retrieval crops come from the saved data rng
     plain = tmp_path / "plain"
-    train_crops(model_dir, plain, "--steps", "3", "--lr", "1e-2", data=book)
+    train_run(model_dir, plain, "--steps", "3", "--lr", "1e-2", data=book)
     first = lambda run: json.loads((run / "log.jsonl").read_text().splitlines()[0])["loss"]
     assert first(plain) != first(straight)  # retrieval crops are other crops
 
     # --init: at learning rate 0 the fine-tuned checkpoint is the one it started from; the checkpoint's
     # segment, ratio, rank and alpha replace the arguments' (here ratio 16 asked, 32 taken).
     tuned = tmp_path / "tuned"
-    result = train_crops(
+    result = train_run(
         model_dir, tuned, "--steps", "1", "--lr", "0", "--ratio", "16", "--init", str(straight), data=book
     )
     assert "--init: taking segment 128, ratio 32, rank 4, alpha 8.0" in result.stderr
@@ -113,13 +113,13 @@ def test_retrieval_run_resumes_exactly_and_init_loads_its_weights(make_tiny_mode
 
 
 def test_init_refuses_another_base_and_a_missing_checkpoint(make_tiny_model_dir, book, tmp_path):
-    train_crops(make_tiny_model_dir("llama"), tmp_path / "a", "--steps", "1", data=book)
+    train_run(make_tiny_model_dir("llama"), tmp_path / "a", "--steps", "1", data=book)
     other = make_tiny_model_dir("llama", seed=1)
     for init, message in (
         (tmp_path / "a", "was trained on another base model"),
         (tmp_path / "none", "no UIO checkpoint in"),
     ):
-        result = train_crops(other, tmp_path / "b", "--steps", "1", "--init", str(init), data=book, check=False)
+        result = train_run(other, tmp_path / "b", "--steps", "1", "--init", str(init), data=book, check=False)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert message in result.stderr.strip().splitlines()[-1], result.stderr
 
@@ -162,11 +162,11 @@ def test_init_from_a_bundle_starts_from_its_weights(
     bundle, _, _ = make_tiny_bundle("llama")
     base = json.loads((checkpoint / "uio_config.json").read_text())["base"]["path"]
     tuned = tmp_path / "tuned"
-    result = train_crops(base, tuned, "--steps", "1", "--lr", "0", "--init", str(bundle), data=book)
+    result = train_run(base, tuned, "--steps", "1", "--lr", "0", "--init", str(bundle), data=book)
     assert "--init: taking segment 16, ratio 4, rank 4, alpha 8.0" in result.stderr
     a, c = checkpoint_weights(checkpoint), checkpoint_weights(tuned / "checkpoint")
     assert all(torch.equal(a[k], c[k]) for k in a)
-    other = train_crops(
+    other = train_run(
         make_tiny_model_dir("llama", seed=1),
         tmp_path / "other",
         "--steps",

@@ -7,40 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import checkpoint_weights, run_cli
+from tests.helpers import checkpoint_weights, run_cli, train_run
 
 
 def _train(model_dir, book, out, *extra, check=True):
-    """A tiny training run; book=None leaves out --data (the run reads OUT/tokens.npz)."""
-    data = ("--data", str(book)) if book is not None else ()
-    return run_cli(
-        "train",
-        "--base",
-        str(model_dir),
-        *data,
-        "--out",
-        str(out),
-        "--segment",
-        "16",
-        "--ratio",
-        "4",
-        "--segments",
-        "4",
-        "--batch",
-        "2",
-        "--rank",
-        "4",
-        "--alpha",
-        "8",
-        "--lr",
-        "1e-2",
-        "--eval-every",
-        "2",
-        "--save-every",
-        "1",
-        *extra,
-        check=check,
-    )
+    """A tiny training run (segment 16, ratio 4, 4 segments); book=None leaves out --data."""
+    return train_run(model_dir, out, *extra, data=book, check=check, shape=(16, 4, 4), lr="1e-2", eval_every=2)
 
 
 def test_checkpoint_is_peft_format_and_resume_is_exact(make_tiny_model_dir, book, tmp_path):
