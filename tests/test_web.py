@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from tests.conftest import cache_at, serving  # noqa: E402
+from tests.helpers import cache_at, serving  # noqa: E402
 
 SEGMENT = 64
 N_CTX = 1536
@@ -76,8 +76,9 @@ class Gate:
 
 
 def test_an_upload_compresses_with_progress_into_the_memory_file_a_conversation_reads(served, prose):
-    from uio_gguf.chat.conversation import document_tokens, memory_place
+    from uio_gguf.llamacpp.template import document_tokens
     from uio_gguf.store import memory_file
+    from uio_gguf.store.memory_file import locate
 
     base, llm, _ = served
     text = prose[:6000]
@@ -89,7 +90,7 @@ def test_an_upload_compresses_with_progress_into_the_memory_file_a_conversation_
     assert done == sorted(done) and done[-1] == events[-1]["progress"]["total"]
     # the file the job wrote holds what the runtime computes for the book's full segments
     tokens = document_tokens(llm.runtime.model, text.rstrip())
-    path, key = memory_place(llm.runtime, tokens)
+    key, path = locate(llm.runtime, tokens[: len(tokens) // SEGMENT * SEGMENT])
     stored = memory_file.load(path, key)
     expected = llm.runtime.compress(tokens)
     assert len(stored.k) == len(tokens) // SEGMENT

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-from importlib.resources import files
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from tests.conftest import cache_at, serving  # noqa: E402
+from tests.helpers import cache_at, serving  # noqa: E402
+from uio_gguf.text import packaged  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +32,8 @@ ARGS = [
 ]
 KEY = "sk-page"
 LIMIT_MB = 0.5
-DEMO = Path(str(files("uio_gguf") / "data" / "demo_book.txt"))
-QUESTION = "What is the access code of the archive?"
+DEMO = packaged.path(packaged.DEMO_BOOK)
+QUESTION = packaged.DEMO_QUESTION
 ANSWER_S = 180_000  # ms an answer may take on a busy 2-core CI machine
 COMPRESS_S = 1_800_000  # ms for the demo book's compression there
 

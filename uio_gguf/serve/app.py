@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from uio_gguf.errors import UIOError
+from uio_gguf.errors import ContextLengthError, UIOError
 from uio_gguf.text.book import DEFAULT_MAX_UPLOAD_MB
 
 
@@ -65,8 +65,10 @@ def error_response(status: int, message: str, type_: str, code: str | None = Non
     return JSONResponse(body, status_code=status)
 
 
-class Slots:
-    """`parallel` answers at once, `queue` more waiting; past that, 503."""
+class RequestLimit:
+    """`parallel` answers at once, `queue` more waiting; past that, 503. llama.cpp's server calls the
+    places of the answers running at once slots, and /health keeps that word (UIO's memory slots are
+    another thing)."""
 
     def __init__(self, parallel: int, queue: int):
         self.parallel, self.queue = parallel, queue
@@ -107,7 +109,7 @@ def create_app(
     from uio_gguf.serve.web import add_page
 
     app = FastAPI(title="uio-gguf", version="1")
-    slots = Slots(parallel, queue)
+    limit = RequestLimit(parallel, queue)
     library = app.state.library = Library(llm.runtime, llm.n_ctx, max_upload_mb)
 
     def check_key(request: Request) -> None:
@@ -139,7 +141,7 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "slots": slots.state(), "counters": llm.stats()}
+        return {"status": "ok", "slots": limit.state(), "counters": llm.stats()}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
@@ -170,24 +172,24 @@ def create_app(
             "should_stop": stop.is_set,
             "report": body.book is not None,  # the page shows the sources under the answer
         }
-        await slots.acquire()
+        await limit.acquire()
         watcher = None if body.stream else asyncio.create_task(_watch(request, stop))
         try:
             result = await anyio.to_thread.run_sync(lambda: llm.create_chat_completion(**kwargs))
         except UIOError as err:
-            slots.release()
-            code = "context_length_exceeded" if "holds at most" in str(err) else None
+            limit.release()
+            code = "context_length_exceeded" if isinstance(err, ContextLengthError) else None
             raise APIError(400, str(err), "invalid_request_error", code, "messages") from None
         except BaseException:
-            slots.release()
+            limit.release()
             raise
         finally:
             if watcher is not None:
                 watcher.cancel()
         if not body.stream:
-            slots.release()
+            limit.release()
             return result
-        return EventSourceResponse(_events(_pump(result, slots), stop), sep="\n")
+        return EventSourceResponse(_events(_pump(result, limit), stop), sep="\n")
 
     add_page(
         app, library, check_key, lambda status, message, code: APIError(status, message, "invalid_request_error", code)
@@ -226,7 +228,7 @@ async def _watch(request: Request, stop: threading.Event) -> None:
     stop.set()
 
 
-def _pump(chunks, slots: Slots) -> asyncio.Queue:
+def _pump(chunks, limit: RequestLimit) -> asyncio.Queue:
     """Runs the chunk iterator in a worker thread that puts each chunk on the queue as it comes, then
     None; the slot frees when the worker is done (started here, so even a response never sent frees it)."""
     loop = asyncio.get_running_loop()
@@ -242,7 +244,7 @@ def _pump(chunks, slots: Slots) -> asyncio.Queue:
             chunks.close()
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    loop.run_in_executor(None, work).add_done_callback(lambda _: slots.release())
+    loop.run_in_executor(None, work).add_done_callback(lambda _: limit.release())
     return queue
 
 

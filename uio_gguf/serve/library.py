@@ -4,7 +4,7 @@ An uploaded book's text is kept in the cache, in memory/books/ beside the memory
 ID.json with what the listing shows), so a book can be picked again after a restart. Its compression runs
 as a job in a thread of its own; any number of clients watch the job's progress, and a second upload of
 the same book joins the job instead of starting another. The memory file it writes is the one a
-conversation about the book reads (chat.book_memory), so asking starts at once.
+conversation about the book reads (store.memory_file.load_or_compress), so asking starts at once.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from uio_gguf import atomic
 from uio_gguf.cache import memory_dir
-from uio_gguf.chat.conversation import book_memory, document_tokens, memory_place
 from uio_gguf.errors import UIOError
+from uio_gguf.llamacpp.template import document_tokens
 from uio_gguf.store import memory_file
 from uio_gguf.text.book import DEFAULT_MAX_UPLOAD_MB, book_text
 
@@ -88,7 +88,7 @@ class Library:
         folder = self.folder()
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / f"{book_id}.json").is_file():
-            _path, key = memory_place(self.runtime, tokens)
+            key, _path = memory_file.locate(self.runtime, self._compressed(tokens))
             first_line = next((line.strip() for line in text.splitlines() if line.strip()), "")
             meta = {
                 "id": book_id,
@@ -116,8 +116,8 @@ class Library:
         return self.describe(book_id)
 
     def _compress(self, book_id: str, job: Job) -> None:
-        def progress(done: int, total: int) -> None:
-            job.done, job.total = done, total
+        def progress(n_segments: int) -> None:  # after each batch the encoder compressed
+            job.done += n_segments * self.runtime.segment
             if job.cancel.is_set():
                 raise Cancelled
 
@@ -125,7 +125,8 @@ class Library:
             if job.cancel.is_set():
                 raise Cancelled
             job.started = time.perf_counter()
-            book_memory(self.runtime, document_tokens(self.runtime.model, self.text(book_id)), progress=progress)
+            tokens = self._compressed(document_tokens(self.runtime.model, self.text(book_id)))
+            memory_file.load_or_compress(self.runtime, tokens, progress=progress)
             job.state = "ready"
         except Cancelled:
             job.state, job.message = "cancelled", "the compression was cancelled"
@@ -153,6 +154,10 @@ class Library:
     def text(self, book_id: str) -> str:
         self.meta(book_id)
         return (self.folder() / f"{book_id}.txt").read_text(encoding="utf-8")
+
+    def _compressed(self, tokens):
+        """The book's full segments: what its memory file holds (the rest is read as text)."""
+        return tokens[: len(tokens) // self.runtime.segment * self.runtime.segment]
 
     def busy(self, book_id: str) -> Job | None:
         """The job compressing the book now, if any."""
