@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.cli.options import (
     AutoRatio,
     FlashAttn,
@@ -21,7 +22,6 @@ from uio_gguf.cli.options import (
     progress_bar,
 )
 from uio_gguf.errors import UIOError
-from uio_gguf.recall import DEFAULT_RECALL_TOKENS
 
 DEFAULT_DRY = 0.0  # chat's DRY multiplier (see docs/evaluation.md for the answers measured with and without)
 
@@ -69,7 +69,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the information as JSON."),
 ):
     """What a bundle holds: architecture, sizes, segment/ratio, types, fingerprints and whether they match."""
-    from uio_gguf.bundle import Bundle, format_info
+    from uio_gguf.format.bundle import Bundle, format_info
 
     opened = Bundle.open(bundle, check=False)
     details = opened.info()
@@ -91,8 +91,8 @@ def compress(
     """Compress a book into its memory file (cached: `chat` on the same book starts instantly)."""
     import shutil
 
-    from uio_gguf.book import read_book
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.text.book import read_book
 
     if out is not None:
         _check_output_file(out)  # before the work, not after it
@@ -145,9 +145,9 @@ def chat(
     """Chat about a book of any length: it is compressed into memory slots in llama.cpp's KV cache.
 
     Ctrl-C stops the current answer; a second Ctrl-C (or Ctrl-D at the prompt) exits."""
-    from uio_gguf.book import read_book
-    from uio_gguf.chat import RANKINGS, Conversation
-    from uio_gguf.session import SamplingParams
+    from uio_gguf.chat.conversation import RANKINGS, Conversation
+    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.text.book import read_book
 
     # Bad settings get their line before the book is compressed.
     params = SamplingParams(
