@@ -1,9 +1,9 @@
-"""Fuzzing the readers of what uio-gguf keeps on disk (issue 19): memory files, a bundle's uio.gguf and
-encoder.lora.gguf, training checkpoints. Each case damages one file in one way (a flipped bit in the
-header or in the data, truncation, a zeroed block, appended garbage, another file swapped in), with a
-fixed seed, and the reader must end in a clean UIOError (memory files: None, "recompute") or give back
-content equal to the original. Any other exception fails the test, and so does an accepted bundle or
-checkpoint whose weights or settings differ."""
+"""Fuzzing the readers of what uio-gguf keeps on disk, damaged as a hostile user or a failing disk would
+damage it: memory files, a bundle's uio.gguf and encoder.lora.gguf, training checkpoints. Each case
+damages one file in one way (a flipped bit in the header or in the data, truncation, a zeroed block,
+appended garbage, another file swapped in), with a fixed seed, and the reader must end in a clean
+UIOError (memory files: None, "recompute") or give back content equal to the original. Any other
+exception fails the test, and so does an accepted bundle or checkpoint whose weights or settings differ."""
 
 from __future__ import annotations
 
