@@ -104,7 +104,7 @@ def test_same_cell_baselines_are_plain_llama_cpp_windows(setup):
     """raw-R is the memory column's raw window without the memory, sliding-same:C a context-shifted plain
     window with C's cells at each length: both equal the HF model run the same way, and raw-l is the old
     window baseline exactly."""
-    from uio_gguf.eval_ppl import SINK_TOKENS, Text, evaluate, memory_cells
+    from uio_gguf.evals.ppl import SINK_TOKENS, Text, evaluate, memory_cells
 
     runtime, model, stream = setup
     lengths = [100, 200]
