@@ -125,6 +125,28 @@ def test_same_cell_baselines_are_plain_llama_cpp_windows(setup):
             assert ppl[(f"sliding-same:{column}", n)] == pytest.approx(expected, rel=1e-3), (column, n)
 
 
+def test_kept_tokens_in_front_of_the_memory_equal_pytorch(setup):
+    """Session(keep=4): when the first segment is compressed its first 4 tokens stay raw at positions 0..3
+    and the memory follows at 4..; with a one-segment raw window every later segment is decoded fresh
+    over [kept][memory], which the PyTorch diagnosis computes the same way (memory_diagnosis, sinks=4)."""
+    from uio_gguf.evals.ppl import Method, score, uio_logits
+    from uio_gguf.train.memory_diagnosis import Layout, compress, score_segment
+
+    runtime, model, stream = setup
+    ids = [int(t) for t in stream[: 6 * SEGMENT + 1]]
+    kept = Method("kept", lambda tokens: uio_logits(runtime, tokens, raw_window=SEGMENT, keep=4))
+    nll = score(kept, np.asarray(ids), [len(ids)], lambda n: None)[0]
+    plain = score(
+        Method("uio", lambda tokens: uio_logits(runtime, tokens)), np.asarray(ids), [len(ids)], lambda n: None
+    )[0]
+    memory = compress(model, ids)
+    for t in range(1, 6):
+        expected = score_segment(model, ids, memory, t, SEGMENT, Layout(sinks=4))[0]
+        got = nll[t * SEGMENT : (t + 1) * SEGMENT].sum()
+        assert got == pytest.approx(expected, rel=1e-4), t
+        assert abs(got - plain[t * SEGMENT : (t + 1) * SEGMENT].sum()) > 1e-3  # the kept tokens are read
+
+
 def _torch_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     logp = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), -1)
     return -logp[torch.arange(len(targets)), torch.as_tensor(targets, dtype=torch.long)].numpy()

@@ -74,6 +74,12 @@ def eval_ppl(
     chat: bool = typer.Option(
         True, "--chat/--no-chat", help="Also the chat-rR columns: the memory with chat's default raw window."
     ),
+    keep: int = typer.Option(
+        0,
+        "--keep",
+        help="Tokens the chat columns keep raw in front of their memory: the text's first tokens, as llama.cpp's "
+        "--keep (attention sinks; docs/memory-vs-window.md). 0: none, as chat does today.",
+    ),
     raw_windows: str | None = typer.Option(
         None,
         "--raw-windows",
@@ -119,6 +125,7 @@ def eval_ppl(
         progress=update,
         baselines=chosen,
         raw_windows=tuple(parse_lengths(raw_windows, "--raw-windows")) if raw_windows else (None if chat else ()),
+        chat_keep=keep,
         partial=(lambda r: json_out.write_text(json.dumps(r, indent=2) + "\n")) if json_out else None,
     )
     bar.close()

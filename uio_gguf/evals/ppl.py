@@ -74,11 +74,11 @@ class Method:
 
 
 # ----- the methods ------------------------------------------------------------------------------------
-def uio_logits(runtime, tokens: np.ndarray, raw_window: int | None = None) -> Iterator[np.ndarray]:
+def uio_logits(runtime, tokens: np.ndarray, raw_window: int | None = None, keep: int = 0) -> Iterator[np.ndarray]:
     raw_window = raw_window or runtime.segment
-    cells = len(tokens) // runtime.segment * runtime.slots + raw_window  # all memory + the raw window
+    cells = keep + len(tokens) // runtime.segment * runtime.slots + raw_window  # kept + all memory + raw window
     session = runtime.new_session(n_ctx=cells)
-    session.raw_window = raw_window
+    session.raw_window, session.keep = raw_window, keep
     try:
         for chunk in chunks(tokens, runtime.segment):
             yield session.feed(chunk, all_logits=True)
@@ -111,10 +111,10 @@ def shifted_logits(
         plain.close()
 
 
-def raw_logits(runtime, tokens: np.ndarray, raw_window: int) -> Iterator[np.ndarray]:
+def raw_logits(runtime, tokens: np.ndarray, raw_window: int, keep: int = 0) -> Iterator[np.ndarray]:
     """The raw window of Session.feed without its memory: batches of one segment, the oldest segment
-    dropped when the next one would pass `raw_window` tokens."""
-    return shifted_logits(runtime, tokens, window=raw_window, keep=0, drop=runtime.segment)
+    dropped when the next one would pass `raw_window` tokens (after the `keep` first ones, which stay)."""
+    return shifted_logits(runtime, tokens, window=raw_window + keep, keep=keep, drop=runtime.segment)
 
 
 def memory_cells(n_inputs: int, segment: int, slots: int, raw_window: int) -> int:
@@ -158,6 +158,7 @@ def methods(
     baselines: tuple[str, ...] = BASELINES,
     raw_windows: tuple[int, ...] | None = None,
     lengths: list[int] | None = None,
+    chat_keep: int = 0,
 ) -> list[Method]:
     """uio-r{ratio} for each runtime, then chat-r{ratio} (raw_windows: the raw windows R in tokens, one
     column each; None: chat's default; (): none), then the chosen baselines on the first runtime's model
@@ -184,14 +185,17 @@ def methods(
         from uio_gguf.chat.conversation import DEFAULT_RAW_SEGMENTS
 
         raw_windows = (DEFAULT_RAW_SEGMENTS * base.segment,)
+    if not 0 <= chat_keep < base.segment:
+        raise UIOError(f"--keep takes 0 to {base.segment - 1} tokens (fewer than a segment), not {chat_keep}")
     if any(r < base.segment for r in raw_windows):
         raise UIOError(f"a raw window holds at least one segment ({base.segment} tokens)")
-    chat, columns = [], [(n, rt, rt.segment) for n, rt in zip(names, runtimes)]
+    chat, columns = [], [(n, rt, rt.segment, 0) for n, rt in zip(names, runtimes)]
     for r in raw_windows:
         for n, rt in zip(names, runtimes):
             name = n.replace("uio-", "chat-", 1) + ("" if len(raw_windows) == 1 else f"-raw{r}")
-            chat.append(Method(name, partial(uio_logits, rt, raw_window=r)))
-            columns.append((name, rt, r))
+            name += f"+keep{chat_keep}" if chat_keep else ""
+            chat.append(Method(name, partial(uio_logits, rt, raw_window=r, keep=chat_keep)))
+            columns.append((name, rt, r, chat_keep))
     same = same_cell_methods(columns, lengths or [], full_keep) if "same" in baselines else []
     every = {
         "window": Method("window", partial(window_logits, base)),
@@ -207,14 +211,15 @@ def methods(
 
 
 def same_cell_methods(columns: list[tuple], lengths: list[int], keep: int = SINK_TOKENS) -> list[Method]:
-    """raw-R (once per raw window R) and, for each length, sliding-same:C of each column C: (name, runtime,
-    raw window R). The memory has to beat both: raw-R is what it adds to, sliding-same what its cells
-    would hold as plain tokens."""
+    """raw-R (once per raw window R and kept tokens) and, for each length, sliding-same:C of each column C:
+    (name, runtime, raw window R, tokens C keeps in front of its memory). The memory has to beat both:
+    raw-R is what it adds to, sliding-same what its cells would hold as plain tokens."""
     raw, same = {}, []
-    for name, rt, r in columns:
-        raw.setdefault(r, Method(f"raw-{r}", partial(raw_logits, rt, raw_window=r)))
+    for name, rt, r, kept in columns:
+        label = f"raw-{r}" + (f"+keep{kept}" if kept else "")
+        raw.setdefault(label, Method(label, partial(raw_logits, rt, raw_window=r, keep=kept)))
         for n in lengths:
-            cells = memory_cells(n - 1, rt.segment, rt.slots, r)  # the last token is only a target
+            cells = kept + memory_cells(n - 1, rt.segment, rt.slots, r)  # the last token is only a target
             same.append(Method(f"sliding-same:{name}", partial(shifted_logits, rt, window=cells, keep=keep), n))
     return list(raw.values()) + same
 
@@ -264,9 +269,11 @@ def evaluate(
     baselines: tuple[str, ...] = BASELINES,
     raw_windows: tuple[int, ...] | None = None,
     partial: Callable[[dict], None] | None = None,
+    chat_keep: int = 0,
 ) -> dict:
     """The report that `uio-gguf eval ppl` prints and writes as JSON; `partial` gets the report so far
-    after each method has read each text (cells not yet done have ppl None)."""
+    after each method has read each text (cells not yet done have ppl None). chat_keep: tokens the chat
+    columns keep raw in front of their memory (Session's keep)."""
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
         raise UIOError("every length must be at least 2 tokens")
@@ -275,7 +282,7 @@ def evaluate(
             raise UIOError(
                 f"{text.name} has {len(text.tokens):,} tokens, fewer than every length (the shortest is {lengths[0]:,})"
             )
-    chosen = methods(runtimes, full_window, full_keep, baselines, raw_windows, lengths)
+    chosen = methods(runtimes, full_window, full_keep, baselines, raw_windows, lengths, chat_keep)
     longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
 
     def read(method: Method, text: Text) -> int:
@@ -326,6 +333,7 @@ def evaluate(
                 for m in chosen
                 if m.name.startswith(("uio-", "chat-"))
             },
+            "keep": chat_keep,
             "texts": [{"name": t.name, "tokens": len(t.tokens), "domain": t.domain} for t in texts],
             "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
             "results": results,
@@ -390,7 +398,7 @@ def format_report(report: dict) -> str:
     raw_of = report.get("raw_window_of", {})
 
     def gap(d: str, m: str, n: int) -> str:
-        names = (f"raw-{raw_of[m]}", f"sliding-same:{m}", m)
+        names = (f"raw-{raw_of[m]}" + (f"+keep{report['keep']}" if "+keep" in m else ""), f"sliding-same:{m}", m)
         raw, same, uio = (cell[(d, name, n)]["ppl"] if (d, name, n) in cell else None for name in names)
         return f"{gap_closed(uio, raw, same):.0%}" if None not in (raw, same, uio) and raw != same else "-"
 

@@ -40,9 +40,13 @@ class Session(Handle):
         n_threads: int = 0,
         raw_window: int | None = None,
         query_rows: int = 0,
+        keep: int = 0,
     ):
         """raw_window: R, the most raw tokens kept before the oldest segment of them is compressed
-        (None: the segment length, the training view). query_rows: with more than 0, the context captures
+        (None: the segment length, the training view). keep: when a text fed from its start has its
+        first segment compressed, its first `keep` tokens stay raw at positions 0.. in front of the
+        memory, as llama.cpp's --keep does: the attention sinks the raw window's states were decoded
+        with stay in view as it slides (docs/memory-vs-window.md). 0: the training view. query_rows: with more than 0, the context captures
         the attention input of up to that many tokens of a question (memory_attention: recall ranked by
         the model's attention), and the session keeps the memory's K to score them against."""
         from uio_gguf.native.bindings import Capture, probe
@@ -74,8 +78,10 @@ class Session(Handle):
         self.ctx.clear()
         # llama.cpp lowers n_batch to a small n_ctx; a larger batch would abort it (GGML_ASSERT).
         self.batch = Batch(min(n_batch, llama_cpp.llama_n_batch(self.ctx.ptr)), 0, 1)
-        self.n_mem = 0  # memory cells (positions 0 .. n_mem-1)
-        self.recall: list[int] = []  # recalled tokens, at positions n_mem .. n_mem+len(recall)-1
+        self.keep = keep
+        self.sink: list[int] = []  # the text's first tokens kept raw at positions 0 .. len(sink)-1
+        self.n_mem = 0  # memory cells (right after the sink: positions len(sink) .. len(sink)+n_mem-1)
+        self.recall: list[int] = []  # recalled tokens, right after the memory
         self.raw: list[int] = []  # tokens of the raw window, right after the recall
         self.compressed_segments = 0
         self.tokens_seen = 0  # tokens of text the conversation stands for (memory + raw)
@@ -103,8 +109,13 @@ class Session(Handle):
 
     @property
     def n_past(self) -> int:
-        """Cells in use by the conversation: memory + recall + raw window."""
-        return self.n_mem + len(self.recall) + len(self.raw)
+        """Cells in use by the conversation: sink + memory + recall + raw window."""
+        return self._memory_end + len(self.recall) + len(self.raw)
+
+    @property
+    def _memory_end(self) -> int:
+        """The position right after the memory (where the recall, then the raw window, start)."""
+        return len(self.sink) + self.n_mem
 
     # ----- memory -----------------------------------------------------------------------------
     def add_memory(self, memory: SegmentMemory) -> None:
@@ -121,8 +132,8 @@ class Session(Handle):
             return
         self._check_room(n_seg * self.slots)
         if self.recall or self.raw:  # they move up to make room right after the memory (K re-rotated at next decode)
-            self.ctx.seq_add(DECODER_SEQ, self.n_mem, -1, n_seg * self.slots)
-        positions = np.arange(self.n_mem, self.n_mem + n_seg * self.slots, dtype=np.int32)
+            self.ctx.seq_add(DECODER_SEQ, self._memory_end, -1, n_seg * self.slots)
+        positions = np.arange(self._memory_end, self._memory_end + n_seg * self.slots, dtype=np.int32)
         n_layer = memory.k.shape[1]
         # (N, n_layer, k, w) -> (n_layer, N·k, w): cells in position order, per layer, in one float32 copy
         # each (a 56K-token book's memory is 160 MB per array)
@@ -147,6 +158,8 @@ class Session(Handle):
         the state does not hold exactly those cells."""
         if self.n_past:
             raise RuntimeError("a start state is restored into an empty conversation only")
+        if self.keep:
+            return False  # start states are saved without kept tokens
         try:
             self.ctx.set_seq_state(state, DECODER_SEQ)
         except UIOError:
@@ -168,14 +181,15 @@ class Session(Handle):
         """Empties the conversation: no memory, recall or raw tokens."""
         self.ctx.seq_rm(DECODER_SEQ)
         self.n_mem = self.compressed_segments = self.tokens_seen = 0
-        self.recall, self.raw = [], []
+        self.sink, self.recall, self.raw = [], [], []
         self._keys = [] if self._capture is not None else None
         self._last_logits = None
 
     def _check_room(self, cells: int) -> None:
         if self.n_past + cells > self.ctx.n_ctx:
             raise UIOError(
-                f"the decoder context is full ({self.ctx.n_ctx} cells: {self.n_mem} memory + {len(self.recall)} recall + "
+                f"the decoder context is full ({self.ctx.n_ctx} cells: {len(self.sink)} kept + {self.n_mem} memory + "
+                f"{len(self.recall)} recall + "
                 f"{len(self.raw)} raw); "
                 "start a new session or use a larger --n-ctx"
             )
@@ -187,10 +201,14 @@ class Session(Handle):
         seg = self.segment
         oldest, self.raw = self.raw[:seg], self.raw[seg:]
         memory = self.runtime.encoder.compress(np.asarray([oldest], dtype=np.int32))
-        raw_at = self.n_mem + len(self.recall)
-        self.ctx.seq_rm(DECODER_SEQ, raw_at, raw_at + seg)
+        raw_at = self._memory_end + len(self.recall)
+        kept = 0
+        if self.keep and raw_at == 0 and not self.compressed_segments:  # the text's first segment, at position 0
+            kept = min(self.keep, seg)
+            self.sink = oldest[:kept]
+        self.ctx.seq_rm(DECODER_SEQ, raw_at + kept, raw_at + seg)
         if self.raw:
-            self.ctx.seq_add(DECODER_SEQ, raw_at + seg, -1, -seg)
+            self.ctx.seq_add(DECODER_SEQ, raw_at + seg, -1, kept - seg)
         self._write_memory(memory)
 
     # ----- the question's attention over the memory (recall ranking) -------------------------------
@@ -269,7 +287,7 @@ class Session(Handle):
         decoded without it lean on their own first token instead; at 56K the answer then drifted from
         the recalled pass key (docs/design.md §6)."""
         tokens = [int(t) for t in tokens]
-        start, old = self.n_mem, len(self.recall)
+        start, old = self._memory_end, len(self.recall)
         lead = [int(t) for t in lead] if len(lead) <= start else []  # it needs positions before the passages
         self._check_room(len(tokens) - old)
         raw_at = start + old
