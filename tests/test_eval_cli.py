@@ -32,10 +32,19 @@ def test_eval_ppl_prints_a_table_and_writes_json(tiny_bundle, text, cache_env, t
         env=cache_env,
         check=True,
     )
-    assert "uio-r4" in result.stdout and "full-8k" in result.stdout
+    assert "uio-r4" in result.stdout and "sliding-same:uio-r4" in result.stdout and "full-8k" in result.stdout
     report = json.loads(out.read_text())
     assert report["lengths"] == [32, 64]
-    assert report["methods"] == ["uio-r4", "chat-r4", "window", "full-8k", "full"]
+    # by default every memory column has its raw window alone and a plain window of its cells beside it
+    assert report["methods"] == [
+        "uio-r4",
+        "chat-r4",
+        "raw-16",
+        "sliding-same:uio-r4",
+        "sliding-same:chat-r4",
+        "full-8k",
+        "full",
+    ]
     assert {(r["method"], r["length"]) for r in report["results"]} == {
         (m, n) for m in report["methods"] for n in (32, 64)
     }
@@ -74,6 +83,10 @@ def test_eval_ppl_baselines_can_be_left_out(tiny_bundle, text, cache_env, tmp_pa
         run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--baselines", "window,rag", env=cache_env),
         "unknown baseline rag",
     )
+    _one_line_error(
+        run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--keep", "16", env=cache_env),
+        "--keep takes 0 to 15 tokens",
+    )
 
 
 def test_eval_ppl_reports_out_of_domain_text_in_a_table_of_its_own(tiny_bundle, text, cache_env, tmp_path):
@@ -100,10 +113,10 @@ def test_eval_ppl_reports_out_of_domain_text_in_a_table_of_its_own(tiny_bundle, 
     assert report["domains"] == ["in", "out"] and "chat-r4" not in report["methods"]
     assert [(t["name"], t["domain"]) for t in report["texts"]] == [("heldout.txt", "in"), ("book.txt", "out")]
     assert {(r["domain"], r["method"]) for r in report["results"]} == {
-        (d, m) for d in ("in", "out") for m in ("uio-r4", "window", "full-8k", "full")
+        (d, m) for d in ("in", "out") for m in ("uio-r4", "raw-16", "sliding-same:uio-r4", "full-8k", "full")
     }
     assert "in domain: heldout.txt" in result.stdout and "out of domain: book.txt" in result.stdout
-    assert "share of the gap closed" in result.stdout
+    assert "share of the same-cell gap closed" in result.stdout
 
 
 def test_eval_ppl_without_texts_reads_the_packaged_ones(tiny_bundle, cache_env, tmp_path):
