@@ -84,7 +84,7 @@ def test_eval_ppl_baselines_can_be_left_out(tiny_bundle, text, cache_env, tmp_pa
         "unknown baseline rag",
     )
     _one_line_error(
-        run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--keep", "16", env=cache_env),
+        run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--lengths", "32", "--keep", "16", env=cache_env),
         "--keep takes 0 to 15 tokens",
     )
 
