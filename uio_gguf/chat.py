@@ -20,7 +20,7 @@ import llama_cpp
 
 from uio_gguf import memory_file, start_state
 from uio_gguf.encoder import SegmentMemory
-from uio_gguf.errors import UIOError
+from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.recall import DEFAULT_RECALL_TOKENS, Recall
 from uio_gguf.session import DECODER_SEQ, SamplingParams
@@ -97,12 +97,14 @@ class Conversation(Handle):
         recall_tokens: int = DEFAULT_RECALL_TOKENS,
         raw_window: int | None = None,
         recall_ranking: str = "bm25",
+        should_stop: Callable[[], bool] | None = None,
     ):
         """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
         alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
         segments; the segment length: the training view). Where the book's memory leaves no room for R
         beside the recall budget and an answer, R shrinks (to one segment at the least).
-        recall_ranking: one of RANKINGS."""
+        recall_ranking: one of RANKINGS. should_stop: polled after each segment compressed; true raises
+        Stopped (the book half read: nothing is saved)."""
         if recall_ranking not in RANKINGS:
             raise UIOError(f"unknown recall ranking {recall_ranking!r} (choose from {', '.join(RANKINGS)})")
         if recall_tokens < 0:
@@ -112,6 +114,7 @@ class Conversation(Handle):
                 f"the raw window must hold at least one segment ({runtime.segment} tokens), not {raw_window}"
             )
         self.runtime = runtime
+        self.n_ctx = n_ctx
         self.model = runtime.model
         self.template = self.model.chat_template()
         self.book = book
@@ -125,7 +128,11 @@ class Conversation(Handle):
         self.session.raw_window = self._fit_raw_window(raw_window, recall_tokens)
         self.stats = CompressionStats()
         self.recall_tokens = recall_tokens
-        self._load_book(use_memory_files, progress)
+        try:
+            self._load_book(use_memory_files, progress, should_stop or (lambda: False))
+        except BaseException:  # stopped, or a damaged head: the decoder context is not left behind
+            self.session.close()
+            raise
         self.recall = None
         if recall_tokens:
             n_mem = self.session.compressed_segments  # the raw window is in view anyway
@@ -149,7 +156,7 @@ class Conversation(Handle):
     def _first_turn(self, question: str) -> str:
         return render(self.template, [("user", f"{BOOK_MARKER}\n\n{question}")], True)
 
-    def _load_book(self, use_memory_files: bool, progress) -> None:
+    def _load_book(self, use_memory_files: bool, progress, should_stop: Callable[[], bool]) -> None:
         seg = self.runtime.segment
         n_full = len(self.book_tokens) // seg
         compressed = self.book_tokens[: n_full * seg]
@@ -178,6 +185,8 @@ class Conversation(Handle):
                 done += n
                 if progress:
                     progress(done * seg, n_full * seg)
+                if should_stop():
+                    raise Stopped
 
             memory = self.runtime.compress(compressed, progress=step)
             if use_memory_files and n_full:
@@ -216,20 +225,24 @@ class Conversation(Handle):
     def ask(
         self, question: str, params: SamplingParams, should_stop: Callable[[], bool] = lambda: False
     ) -> Iterator[str]:
-        """Streams the answer to `question` and keeps it in the conversation."""
+        """Streams the answer to `question` and keeps it in the conversation. A question that would take
+        the conversation past what the window holds is refused before anything is read (UIOError; the
+        conversation is left as it was). should_stop is also polled while the question is read."""
         if not self.messages:
-            first = self._first_turn(question)
-            before, after = first.split(BOOK_MARKER, 1)
-            delta = after
-            self.seen_text = before + self.book
-            self.messages.append(("user", f"{self.book}\n\n{question}"))
+            before, delta = self._first_turn(question).split(BOOK_MARKER, 1)
+            seen, message = before + self.book, ("user", f"{self.book}\n\n{question}")
         else:
-            self.messages.append(("user", question))
-            full = render(self.template, self.messages, True)
-            if not full.startswith(self.seen_text):  # a template that rewrites history: append the new turn only
-                full = self.seen_text + render(self.template, [("user", question)], True)
-            delta = full[len(self.seen_text) :]
+            seen, message = self.seen_text, ("user", question)
+            full = render(self.template, [*self.messages, message], True)
+            if not full.startswith(seen):  # a template that rewrites history: append the new turn only
+                full = seen + render(self.template, [message], True)
+            delta = full[len(seen) :]
         tokens = self.model.tokenize(delta, add_special=False)
+        self.runtime.check_length(
+            self.session.tokens_seen + len(tokens), self.n_ctx, "start a new conversation, or ask a shorter question"
+        )
+        self.messages.append(message)
+        self.seen_text = seen
         if self.recall is not None:
             budget = min(self.recall_tokens, self._recall_room(len(tokens), params.max_tokens))
             if self.recall_ranking == "attention":
@@ -240,7 +253,7 @@ class Conversation(Handle):
                 recalled = self.recall.recall_tokens(question, budget)
             # the document's first token leads the passages where they are decoded (an attention sink)
             self.session.set_recall(recalled, lead=self.book_tokens[:1])
-        self.session.feed(tokens)
+        self.session.feed(tokens, should_stop=should_stop)
         self.seen_text += delta
         answer = ""
         for piece in self.session.generate(params, should_stop):

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 from uio_gguf.chat import BOOK_MARKER, Conversation, render
-from uio_gguf.errors import UIOError
+from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.runtime import ANSWER_RESERVE
 from uio_gguf.session import SamplingParams
@@ -76,12 +76,12 @@ class _Thread(Conversation):
         self.history += [message, self.messages[-1]]
         self.messages = list(self.history)
 
-    def read_answer(self, message: tuple[str, str], question: str, answer: str) -> None:
+    def read_answer(self, message: tuple[str, str], question: str, answer: str, should_stop) -> None:
         """Reads in a user turn and the assistant's answer as the client sent them (no generation)."""
-        for _ in self.turn(message, question, SamplingParams(max_tokens=0), lambda: False):
+        for _ in self.turn(message, question, SamplingParams(max_tokens=0), should_stop):
             pass
         if answer:
-            self.session.feed(self.model.tokenize(answer))
+            self.session.feed(self.model.tokenize(answer), should_stop=should_stop)
         self.seen_text += answer
         self.history[-1] = ("assistant", answer)
         self.messages = list(self.history)
@@ -188,7 +188,14 @@ class UIOLlama(Handle):
             return {**asdict(self.counters), "kept": len(self._kept)}
 
     # ----- conversations ----------------------------------------------------------------------------
-    def _checkout(self, msgs: list[tuple[str, str]]) -> _Thread:
+    def _check_length(self, msgs: list[tuple[str, str]]) -> None:
+        """The whole conversation gets the first turn's length check before anything is read: a later turn
+        too long to fit is refused at once, not after minutes of compressing it into a full window."""
+        model = self.runtime.model
+        n_tokens = len(model.tokenize(render(model.chat_template(), msgs, True), add_special=True))
+        self.runtime.check_length(n_tokens, self.n_ctx)
+
+    def _checkout(self, msgs: list[tuple[str, str]], should_stop) -> _Thread:
         """The kept conversation that `msgs` extends (taken out while in use), or a new one."""
         with self._lock:
             self.counters.requests += 1
@@ -209,7 +216,7 @@ class UIOLlama(Handle):
         with self._lock:
             book_lock = self._book_locks.setdefault(key, threading.Lock())
         with book_lock:
-            thread = _Thread(self.runtime, msgs[:first], book, sep, self.n_ctx, **self.options)
+            thread = _Thread(self.runtime, msgs[:first], book, sep, self.n_ctx, should_stop=should_stop, **self.options)
         thread.question = content[len(book) + len(sep) :]
         with self._lock:
             if thread.stats.from_file:
@@ -224,13 +231,13 @@ class UIOLlama(Handle):
             while len(self._kept) > self.keep:
                 self._kept.popitem(last=False)[1].close()
 
-    def _prepare(self, msgs: list[tuple[str, str]]) -> _Thread:
+    def _prepare(self, msgs: list[tuple[str, str]], should_stop) -> _Thread:
         """A conversation that has read every message but the last (the question to answer)."""
-        thread = self._checkout(msgs)
+        thread = self._checkout(msgs, should_stop)
         try:
             i = len(thread.history)
             while i < len(msgs) - 1:
-                thread.read_answer(msgs[i], self._question(thread, msgs[i]), msgs[i + 1][1])
+                thread.read_answer(msgs[i], self._question(thread, msgs[i]), msgs[i + 1][1], should_stop)
                 i += 2
         except BaseException:
             thread.close()
@@ -260,6 +267,7 @@ class UIOLlama(Handle):
         """llama_cpp.Llama.create_chat_completion's arguments (the sampling ones UIO has; the others are
         accepted and ignored) and return values. max_tokens None or <= 0: up to the runtime's answer reserve.
         should_stop (not in llama-cpp-python): polled per token; true ends the answer (finish_reason stop).
+        Also polled per segment while the book and the turns are read: true there raises Stopped.
         loop_guard (not in llama-cpp-python): stop where the answer starts to repeat itself (finish_reason
         stop; uio_gguf.loop_guard).
 
@@ -278,8 +286,16 @@ class UIOLlama(Handle):
             stop=[stop] if isinstance(stop, str) else list(stop or []),
             loop_guard=bool(loop_guard),
         )
-        thread = self._prepare(msgs)
-        answer = self._answer(thread, msgs[-1], params, should_stop or (lambda: False))
+        should_stop = should_stop or (lambda: False)
+        self._check_length(msgs)
+        try:
+            if should_stop():  # e.g. a request that waited for a slot while the server began to shut down
+                raise Stopped
+            thread = self._prepare(msgs, should_stop)
+        except Stopped:
+            self._count_cancelled()
+            raise
+        answer = self._answer(thread, msgs[-1], params, should_stop)
         meta = {"id": _chat_id(), "created": int(time.time()), "model": model or self.model_path}
         return self._chunks(thread, answer, meta) if stream else self._completion(thread, answer, meta)
 
@@ -294,8 +310,10 @@ class UIOLlama(Handle):
 
         try:
             yield from thread.turn(message, self._question(thread, message), params, stop_now)
-        except BaseException:  # the consumer left (GeneratorExit) or decoding failed: not reusable
+        except BaseException as err:  # the consumer left (GeneratorExit) or decoding failed: not reusable
             thread.close()
+            if isinstance(err, Stopped):  # while the question was read
+                self._count_cancelled()
             raise
         session = thread.session
         prompt = session.tokens_seen - session.generated
@@ -304,9 +322,12 @@ class UIOLlama(Handle):
             {"prompt_tokens": prompt, "completion_tokens": session.generated, "total_tokens": session.tokens_seen},
         )
         if stopped["flag"]:
-            with self._lock:
-                self.counters.cancelled += 1
+            self._count_cancelled()
         self._checkin(thread)
+
+    def _count_cancelled(self) -> None:
+        with self._lock:
+            self.counters.cancelled += 1
 
     def _completion(self, thread: _Thread, answer: Iterator[str], meta: dict) -> dict:
         text = "".join(answer)

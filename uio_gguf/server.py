@@ -2,9 +2,10 @@
 
 POST /v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`, or not), GET /v1/models,
 GET /health. `parallel` requests run at once, each in a worker thread with a decoder context of its own;
-up to `queue` more wait, past that the answer is 503. An answer whose client leaves stops at its next
-token (a non-streamed one is checked every quarter of a second). Errors have the OpenAI shape
-{"error": {"message", "type", "param", "code"}}.
+up to `queue` more wait, past that the answer is 503. A request whose client leaves stops at its next
+segment compressed or token decoded (checked every quarter of a second until the answer streams); so do
+all of them when the server is told to stop (SIGTERM, Ctrl-C), which then exits at once. Errors have the
+OpenAI shape {"error": {"message", "type", "param", "code"}}.
 
 This module needs the `serve` extra (fastapi, uvicorn, sse-starlette); nothing else imports it at module level.
 """
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from uio_gguf.errors import UIOError
+from uio_gguf.errors import Stopped, UIOError
 
 
 class Message(BaseModel):
@@ -94,6 +95,7 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
     """The app over a UIOLlama (uio_gguf/llama_compat.py); `model_id` is the one id /v1/models lists."""
     app = FastAPI(title="uio-gguf", version="1")
     slots = Slots(parallel, queue)
+    app.state.stopping = stopping = threading.Event()  # set by run() when the server is told to stop
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -137,7 +139,7 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
                 404, f"the model {body.model!r} does not exist (this server has {model_id!r})", "invalid_request_error",
                 "model_not_found", "model",
             )  # fmt: skip
-        stop = threading.Event()
+        stop = threading.Event()  # the client left
         kwargs = {
             "messages": [m.model_dump() for m in body.messages],
             "stream": body.stream,
@@ -149,22 +151,28 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
             "seed": body.seed,
             "loop_guard": body.loop_guard,
             "model": model_id,
-            "should_stop": stop.is_set,
+            "should_stop": lambda: stop.is_set() or stopping.is_set(),
         }
         await slots.acquire()
-        watcher = None if body.stream else asyncio.create_task(_watch(request, stop))
+        # Watched while the book is read (streamed or not) and while a plain answer is made; a stream's
+        # own sender notices a client that leaves once it streams.
+        watcher = asyncio.create_task(_watch(request, stop))
         try:
             result = await anyio.to_thread.run_sync(lambda: llm.create_chat_completion(**kwargs))
         except UIOError as err:
             slots.release()
             code = "context_length_exceeded" if "holds at most" in str(err) else None
             raise APIError(400, str(err), "invalid_request_error", code, "messages") from None
+        except Stopped:
+            slots.release()
+            if stopping.is_set():
+                raise APIError(503, "the server is shutting down", "server_error", "shutting_down") from None
+            raise APIError(499, "the client left before the answer", "invalid_request_error", "cancelled") from None
         except BaseException:
             slots.release()
             raise
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            watcher.cancel()
         if not body.stream:
             slots.release()
             return result
@@ -214,4 +222,11 @@ async def _events(queue: asyncio.Queue, stop: threading.Event):
 def run(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn waits for the requests in progress: they stop at their next segment or token, so a
+            # book being compressed does not hold the exit for minutes
+            app.state.stopping.set()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()

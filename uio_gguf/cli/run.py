@@ -286,6 +286,9 @@ def _chat_loop(conversation, params, prompt: str | None) -> None:
                 typer.echo("")
                 return
             if question.strip():
-                answer(question)
+                try:
+                    answer(question)
+                except UIOError as err:  # e.g. a question the window cannot hold: the conversation goes on
+                    typer.echo(f"uio-gguf: {err}", err=True)
     finally:
         signal.signal(signal.SIGINT, outer)
