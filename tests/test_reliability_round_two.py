@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +52,64 @@ def test_a_question_too_long_for_the_window_is_refused_and_the_chat_goes_on(tiny
     assert result.returncode == 0, result.stderr[-2000:]
     assert "holds at most 4048: start a new conversation" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout.count("> ") == 3  # three prompts: the refused question, the answered one, Ctrl-D
+
+
+# ----- 2. a full disk ------------------------------------------------------------------------------
+FILE_SIZE_LIMIT = 4096  # bytes: the tiny bundle's memory files are ~32 KB
+
+
+def limited(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """`uio-gguf ARGS` unable to write a file past FILE_SIZE_LIMIT bytes (a disk that fills up; Python
+    ignores SIGXFSZ, so the write fails with EFBIG)."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+
+    return subprocess.run(
+        [sys.executable, "-c", "from uio_gguf.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **env},
+        preexec_fn=limit,
+    )
+
+
+def one_line(result, message: str, code: int = 1) -> str:
+    assert result.returncode == code, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def test_compress_to_a_full_device_is_one_line(tiny_bundle, book, cache_env):
+    result = run_cli("compress", str(book), "-m", str(tiny_bundle), "-o", "/dev/full", env=cache_env)
+    one_line(result, "-o /dev/full: cannot write the memory file: No space left on device")
+    assert Path("/dev/full").is_char_device()
+
+
+def test_compress_on_a_full_disk_leaves_no_partial_file(tiny_bundle, book, cache_env, tmp_path, prose):
+    memory = tmp_path / "cache" / "memory"
+    run_cli("compress", str(book), "-m", str(tiny_bundle), env=cache_env, check=True)  # the plugin, the memory file
+    cached = sorted(memory.iterdir())
+    out = tmp_path / "out" / "book.mem"
+    out.parent.mkdir()
+    one_line(limited("compress", str(book), "-m", str(tiny_bundle), "-o", str(out), env=cache_env), "File too large")
+    assert not list(out.parent.iterdir())  # neither book.mem nor a temporary
+    other = tmp_path / "other.txt"
+    other.write_text(prose[5000:7500])
+    one_line(limited("compress", str(other), "-m", str(tiny_bundle), env=cache_env), "cannot write the memory file")
+    assert sorted(memory.iterdir()) == cached  # nothing new, whole or partial
+
+
+def test_chat_with_its_cache_on_a_full_disk_warns_and_answers(tiny_bundle, book, cache_env, tmp_path):
+    args = ("chat", str(book), "-m", str(tiny_bundle), "--prompt", "Who wrote it?", "-n", "8")
+    fresh = run_cli(*args, "--no-cache", env=cache_env, check=True)  # also builds the plugin into the cache
+    result = limited(*args, env=cache_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == fresh.stdout
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "uio-gguf: warning: cannot write the memory file" in warnings[0], result.stderr
+    assert "Traceback" not in result.stderr and ".py:" not in result.stderr  # no Python source line
+    assert not list((tmp_path / "cache" / "memory").iterdir())

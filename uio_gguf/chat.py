@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -98,13 +99,15 @@ class Conversation(Handle):
         raw_window: int | None = None,
         recall_ranking: str = "bm25",
         should_stop: Callable[[], bool] | None = None,
+        must_save: bool = False,
     ):
         """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
         alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
         segments; the segment length: the training view). Where the book's memory leaves no room for R
         beside the recall budget and an answer, R shrinks (to one segment at the least).
         recall_ranking: one of RANKINGS. should_stop: polled after each segment compressed; true raises
-        Stopped (the book half read: nothing is saved)."""
+        Stopped (the book half read: nothing is saved). must_save: a memory file that cannot be written
+        (a full or read-only disk) is an error; otherwise a warning, and the conversation goes on."""
         if recall_ranking not in RANKINGS:
             raise UIOError(f"unknown recall ranking {recall_ranking!r} (choose from {', '.join(RANKINGS)})")
         if recall_tokens < 0:
@@ -114,7 +117,7 @@ class Conversation(Handle):
                 f"the raw window must hold at least one segment ({runtime.segment} tokens), not {raw_window}"
             )
         self.runtime = runtime
-        self.n_ctx = n_ctx
+        self.n_ctx, self.must_save = n_ctx, must_save
         self.model = runtime.model
         self.template = self.model.chat_template()
         self.book = book
@@ -190,12 +193,24 @@ class Conversation(Handle):
 
             memory = self.runtime.compress(compressed, progress=step)
             if use_memory_files and n_full:
-                memory_file.save(path, key, memory, dtype)
+                self._write(lambda: memory_file.save(path, key, memory, dtype), "memory file", path)
         self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
         self.session.add_memory(SegmentMemory(memory.k[:n_mem], memory.v[:n_mem]))
         self.session.feed(remainder)
         if use_memory_files and n_full and (start := self._start_state(path, key, remainder)):
-            start_state.save(*start, self.session.ctx.seq_state(DECODER_SEQ))  # the next opening restores it
+            state = self.session.ctx.seq_state(DECODER_SEQ)  # the next opening restores it
+            self._write(lambda: start_state.save(*start, state), "start state", start[0])
+
+    def _write(self, save: Callable[[], object], what: str, path) -> None:
+        """Runs `save` (a cache file's atomic write). A disk that is full or read-only costs only the reuse:
+        a warning, unless must_save."""
+        try:
+            save()
+        except OSError as err:
+            message = f"cannot write the {what} {path}: {err.strerror or err}"
+            if self.must_save:
+                raise UIOError(message) from None
+            warnings.warn(f"{message} (the book will be compressed again next time)", stacklevel=2)
 
     def _keys_after_restore(self, path, key: str, n_mem: int) -> bool:
         """A restored session ranking recall by attention needs its memory's K, which the start state does

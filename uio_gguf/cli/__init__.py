@@ -11,6 +11,7 @@ runtime works without the training extra.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -19,7 +20,13 @@ from uio_gguf.cli.options import app
 from uio_gguf.errors import UIOError
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings reach the user as one line, like errors (not Python's file, line and source line)."""
+    return f"uio-gguf: warning: {message}\n"
+
+
 def main() -> None:
+    warnings.formatwarning = _warning_line
     try:
         app()
     except UIOError as err:

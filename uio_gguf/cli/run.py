@@ -89,8 +89,6 @@ def compress(
     verbose: Verbose = False,
 ):
     """Compress a book into its memory file (cached: `chat` on the same book starts instantly)."""
-    import shutil
-
     from uio_gguf.book import read_book
     from uio_gguf.chat import Conversation
 
@@ -99,7 +97,7 @@ def compress(
     text = read_book(book)
     runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text)
     bar, update = progress_bar("compressing")
-    conversation = Conversation(runtime, text, progress=update, recall_tokens=0)
+    conversation = Conversation(runtime, text, progress=update, recall_tokens=0, must_save=True)
     bar.close()
     stats = conversation.stats
     source = "memory file (cached)" if stats.from_file else f"{stats.tokens_per_second:,.0f} tokens/s"
@@ -108,7 +106,7 @@ def compress(
         f"{conversation.session.n_mem:,} memory slots in {stats.seconds:.1f} s ({source})"
     )
     if out is not None:
-        shutil.copyfile(conversation.memory_path, out)
+        _copy_out(conversation.memory_path, out)
         typer.echo(f"memory file: {out}")
     else:
         typer.echo(f"memory file: {conversation.memory_path}")
@@ -206,6 +204,24 @@ def _check_output_file(out: Path) -> None:
         raise UIOError(f"-o {out}: the directory {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise UIOError(f"-o {out}: cannot write to the directory {out.parent}")
+
+
+def _copy_out(source: Path, out: Path) -> None:
+    """Copies the memory file to -o whole or not at all: a full disk leaves no partial file (a device or a
+    pipe, e.g. -o /dev/stdout, is written as it is)."""
+    import shutil
+
+    from uio_gguf.files import atomic_file
+
+    try:
+        if out.exists() and not out.is_file():
+            with open(source, "rb") as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            with atomic_file(out) as tmp:
+                shutil.copyfile(source, tmp)
+    except OSError as err:
+        raise UIOError(f"-o {out}: cannot write the memory file: {err.strerror or err}") from None
 
 
 DEMO_QUESTION = "What is the access code of the archive?"
