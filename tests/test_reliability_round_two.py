@@ -113,3 +113,20 @@ def test_chat_with_its_cache_on_a_full_disk_warns_and_answers(tiny_bundle, book,
     assert len(warnings) == 1 and "uio-gguf: warning: cannot write the memory file" in warnings[0], result.stderr
     assert "Traceback" not in result.stderr and ".py:" not in result.stderr  # no Python source line
     assert not list((tmp_path / "cache" / "memory").iterdir())
+
+
+# ----- 3. the cache keeps a memory file and its start state together ------------------------------
+def test_a_cache_with_room_for_the_memory_file_alone_still_reuses_it(tiny_bundle, book, cache_env, tmp_path):
+    """The memory cache limited to a little more than the memory file: trimming after the start state was
+    written deleted the memory file, so every run compressed again."""
+    args = ("chat", str(book), "-m", str(tiny_bundle), "--prompt", "Who wrote it?", "-n", "4")
+    first = run_cli(*args, env=cache_env, check=True)
+    memory = tmp_path / "cache" / "memory"
+    (memory_file,) = [p for p in memory.glob("*.npz") if not p.name.endswith(".start.npz")]
+    limit = {"UIO_GGUF_MEMORY_CACHE_GB": str(1.2 * memory_file.stat().st_size / 2**30)}
+    for path in memory.iterdir():
+        path.unlink()
+    for _ in range(2):
+        last = run_cli(*args, env={**cache_env, **limit}, check=True)
+    assert "memory file reused" in last.stderr and last.stdout == first.stdout
+    assert len(list(memory.glob("*.npz"))) == 2  # the memory file and its start state
