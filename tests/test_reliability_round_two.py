@@ -130,3 +130,11 @@ def test_a_cache_with_room_for_the_memory_file_alone_still_reuses_it(tiny_bundle
         last = run_cli(*args, env={**cache_env, **limit}, check=True)
     assert "memory file reused" in last.stderr and last.stdout == first.stdout
     assert len(list(memory.glob("*.npz"))) == 2  # the memory file and its start state
+
+
+# ----- 6. empty stop strings ------------------------------------------------------------------------
+def test_an_empty_stop_string_is_ignored(tiny_bundle, book, cache_env):
+    args = ("chat", str(book), "-m", str(tiny_bundle), "--prompt", "Who wrote it?", "-n", "8")
+    plain = run_cli(*args, env=cache_env, check=True)
+    assert plain.stdout.strip()
+    assert run_cli(*args, "--stop", "", env=cache_env, check=True).stdout == plain.stdout

@@ -191,6 +191,14 @@ def test_a_streamed_completion_sends_the_same_answer_in_chunks(server, client, b
     assert text == plain.choices[0].message.content and len(chunks) > 3
 
 
+def test_an_empty_stop_string_is_ignored(client, books):
+    messages = [user(books[0], "What is it about?")]
+    plain = ask(client, messages, max_tokens=6).choices[0].message.content
+    assert plain
+    for stop in ("", [""], ["", "\u2063never"]):
+        assert ask(client, messages, max_tokens=6, stop=stop).choices[0].message.content == plain, stop
+
+
 def test_the_same_book_again_is_read_from_its_memory_file(server, client, books):
     ask(client, [user(books[1], "First question?")], max_tokens=4)
     before = counters(server)

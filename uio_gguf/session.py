@@ -46,7 +46,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        """Values without a meaning are refused (one line), not silently read as something else."""
+        """Values without a meaning are refused (one line), not silently read as something else. An empty
+        stop string is ignored (it would end every answer before its first token)."""
+        self.stop = [s for s in self.stop if s]
         checks = [
             (self.max_tokens >= 0, f"max tokens must be 0 or more, not {self.max_tokens}"),
             (self.temperature >= 0, f"the temperature must be 0 (greedy) or more, not {self.temperature}"),
