@@ -315,6 +315,42 @@ def test_a_malformed_request_gets_an_openai_error_and_the_server_goes_on(server,
     assert httpx.get(f"{base}/health").json()["status"] == "ok"
 
 
+@pytest.mark.parametrize(
+    "fields, param, message",
+    [
+        ({"max_tokens": 0}, "max_tokens", "max_tokens must be 1 or more"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens", "must be 1 or more"),
+        ({"n": 2}, "n", "n must be 1"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages", "content is null"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages",
+            "image_url are not supported",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "input_audio"}]}]},
+            "messages",
+            "input_audio are not supported",
+        ),
+    ],
+)
+def test_what_the_server_cannot_honour_is_a_400_that_says_so(server, fields, param, message):
+    """Issue 39: max_tokens 0 was read as no limit (the CLI's -n 0 is an empty answer), n 2 got one choice,
+    images and null content were answered as if the text were empty."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2} | fields
+    reply = httpx.post(f"{server[0]}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    ok = httpx.post(
+        f"{server[0]}/v1/chat/completions",
+        json=body
+        | {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "max_completion_tokens": None, "n": 1},
+        headers={"authorization": f"Bearer {KEY}"},
+    )
+    assert ok.status_code == 200, ok.text
+
+
 def test_an_unknown_model_is_404_and_a_bad_key_401(server, client):
     with pytest.raises(openai.NotFoundError) as caught:
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "Hi"}])

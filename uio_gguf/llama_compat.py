@@ -98,10 +98,14 @@ def normalize(messages) -> list[tuple[str, str]]:
         if role not in ROLES:
             raise ValueError(f"messages[{i}]: role must be one of {', '.join(ROLES)}, not {role!r}")
         content = message.get("content")
-        if isinstance(content, list):  # content parts: the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if content is None:
-            content = ""
+        if content is None:  # not read as empty text: the client meant something we cannot see
+            raise ValueError(f"messages[{i}]: content is null (only text messages are supported)")
+        if isinstance(content, list):  # content parts: text only (an image answered as if absent misleads)
+            kinds = {p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content}
+            if kinds - {"text"}:
+                found = ", ".join(sorted(map(str, kinds - {"text"})))
+                raise ValueError(f"messages[{i}]: content parts of type {found} are not supported (text only)")
+            content = "".join(p.get("text", "") for p in content)
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}]: content must be a string or a list of text parts")
         role = ROLES[role]

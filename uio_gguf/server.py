@@ -36,10 +36,11 @@ class Message(BaseModel):
 
 class ChatRequest(BaseModel):
     """The fields UIO uses; the other OpenAI fields are accepted and ignored (as llama-cpp-python does
-    for many)."""
+    for many), except those whose request we could not honour (checked by `unsupported`)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
+    n: int | None = None  # choices per request: one is what we make (refused otherwise)
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     temperature: float = Field(0.8, ge=0.0, le=2.0)  # llama-cpp-python's server defaults
@@ -50,6 +51,17 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     loop_guard: bool = True  # UIO's own (extra_body): stop where the answer starts to repeat itself
+
+
+def unsupported(body: ChatRequest) -> tuple[str, str] | None:
+    """(message, param) for a request this server would answer other than asked, else None (the CLI's -n 0
+    is an empty answer; here, as in OpenAI's API, a length of 0 is refused, not read as no limit)."""
+    if body.n not in (None, 1):
+        return f"n must be 1: this server makes one choice per request, not {body.n}", "n"
+    for name in ("max_tokens", "max_completion_tokens"):
+        if getattr(body, name) == 0:
+            return f"{name} must be 1 or more, not 0", name
+    return None
 
 
 class APIError(Exception):
@@ -139,6 +151,8 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
                 404, f"the model {body.model!r} does not exist (this server has {model_id!r})", "invalid_request_error",
                 "model_not_found", "model",
             )  # fmt: skip
+        if refused := unsupported(body):
+            raise APIError(400, refused[0], "invalid_request_error", "unsupported", refused[1])
         stop = threading.Event()  # the client left
         kwargs = {
             "messages": [m.model_dump() for m in body.messages],
