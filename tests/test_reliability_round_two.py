@@ -138,3 +138,27 @@ def test_an_empty_stop_string_is_ignored(tiny_bundle, book, cache_env):
     plain = run_cli(*args, env=cache_env, check=True)
     assert plain.stdout.strip()
     assert run_cli(*args, "--stop", "", env=cache_env, check=True).stdout == plain.stdout
+
+
+# ----- 8. --n-ctx out of range ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "command, n_ctx, message",
+    [
+        ("chat", "16", "--n-ctx must be a positive number of tokens, at least 256, not 16"),
+        ("chat", "1000000", "--n-ctx 1000000 is past this model's trained context (8192 tokens)"),
+        ("serve", "16", "at least 256"),
+        ("serve", "1000000", "add --force-n-ctx to use it anyway"),
+    ],
+)
+def test_an_n_ctx_out_of_range_is_refused_in_one_line(tiny_bundle, book, cache_env, tmp_path, command, n_ctx, message):
+    """--n-ctx 1000000 took 74 s and GBs before the first answer; 16 was raised by llama.cpp in silence and
+    the length error spoke of a 16-token window."""
+    args = ["chat", str(book), "--prompt", "Hi", "-n", "2"] if command == "chat" else ["serve"]
+    result = run_cli(*args, "-m", str(tiny_bundle), "--n-ctx", n_ctx, env=cache_env)
+    one_line(result, message)
+    assert not (tmp_path / "cache" / "memory").exists()  # refused before any work
+
+
+def test_force_n_ctx_goes_past_the_trained_context(tiny_bundle, book, cache_env):
+    args = ("chat", str(book), "-m", str(tiny_bundle), "--prompt", "Hi", "-n", "2", "--n-ctx", "16384")
+    assert run_cli(*args, "--force-n-ctx", env=cache_env, check=True).stderr.count("memory slots") == 1

@@ -41,6 +41,23 @@ LoopGuardOption = Annotated[
         "times in a row); the repeat is not shown. SmolLM2-135M rarely ends a turn after a long book.",
     ),
 ]
+# chat's and the server's decoder window
+MIN_N_CTX = 256  # llama.cpp's smallest window: it rounds a context up to a multiple of 256 cells
+NCtx = Annotated[
+    int | None,
+    typer.Option(
+        "--n-ctx",
+        help=f"Decoder window in tokens, {MIN_N_CTX} up to the model's trained context (the default; past it "
+        "with --force-n-ctx).",
+    ),
+]
+ForceNCtx = Annotated[
+    bool,
+    typer.Option(
+        "--force-n-ctx",
+        help="Allow an --n-ctx past the model's trained context: positions it never saw, and a cache that grows with it.",
+    ),
+]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="Use flash attention.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log.")]
@@ -59,6 +76,20 @@ def require_training_stack() -> None:
         raise UIOError(TRAIN_EXTRA_HINT) from None
 
 
+def check_n_ctx(n_ctx: int | None, trained: int | None = None, force: bool = False) -> None:
+    """--n-ctx between MIN_N_CTX and the model's trained context (unless forced); one line otherwise.
+    Without `trained` (before the model is open) only the lower bound is checked."""
+    if n_ctx is None:
+        return
+    if n_ctx < MIN_N_CTX:
+        raise UIOError(f"--n-ctx must be a positive number of tokens, at least {MIN_N_CTX}, not {n_ctx}")
+    if trained is not None and n_ctx > trained and not force:
+        raise UIOError(
+            f"--n-ctx {n_ctx} is past this model's trained context ({trained} tokens): positions it never saw, "
+            "and a cache that grows with it; add --force-n-ctx to use it anyway"
+        )
+
+
 def open_runtime(
     bundle: Path | None,
     ratio: int | None,
@@ -67,10 +98,11 @@ def open_runtime(
     verbose: bool,
     book: str | None = None,
     n_ctx: int | None = None,
+    force_n_ctx: bool = False,
 ):
-    """The runtime of a bundle, or of the shipped bundle of `ratio`. With a book, its length is checked
-    here; without -m and --ratio (ratio None), a book longer than the default ratio holds gets the
-    finest shipped ratio that holds it, and one line says so."""
+    """The runtime of a bundle, or of the shipped bundle of `ratio`. n_ctx is checked against the model
+    (check_n_ctx). With a book, its length is checked here; without -m and --ratio (ratio None), a book
+    longer than the default ratio holds gets the finest shipped ratio that holds it, and one line says so."""
     from uio_gguf.default_bundle import default_bundle_path
     from uio_gguf.runtime import UIORuntime
 
@@ -80,6 +112,11 @@ def open_runtime(
     auto = bundle is None and ratio is None
     ratio = DEFAULT_RATIO if ratio is None else ratio
     runtime = opened(bundle if bundle is not None else default_bundle_path(ratio))
+    try:
+        check_n_ctx(n_ctx, runtime.model.n_ctx_train, force_n_ctx)
+    except UIOError:
+        runtime.close()
+        raise
     if book is not None:
         runtime = _fit_book(runtime, book, n_ctx, ratio if bundle is None else None, auto, opened)
     if runtime.bundle.trained_steps == 0:

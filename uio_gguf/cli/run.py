@@ -12,11 +12,14 @@ import typer
 from uio_gguf.cli.options import (
     AutoRatio,
     FlashAttn,
+    ForceNCtx,
     GpuLayers,
     LoopGuardOption,
     Model,
+    NCtx,
     Verbose,
     app,
+    check_n_ctx,
     open_runtime,
     progress_bar,
 )
@@ -119,9 +122,8 @@ def chat(
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="Ask one question, print the answer, exit."),
     ratio: AutoRatio = None,
     n_gpu_layers: GpuLayers = 0,
-    n_ctx: int | None = typer.Option(
-        None, "--n-ctx", help="Decoder window in tokens (default: the model's trained context)."
-    ),
+    n_ctx: NCtx = None,
+    force_n_ctx: ForceNCtx = False,
     temperature: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
     top_k: int = typer.Option(40, "--top-k", help="Top-k sampling (with --temp > 0)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Top-p sampling (with --temp > 0)."),
@@ -159,12 +161,13 @@ def chat(
         dry_multiplier=dry,
         loop_guard=loop_guard,
     )
-    if n_ctx is not None and n_ctx <= 0:
-        raise UIOError(f"--n-ctx must be a positive number of tokens, not {n_ctx}")
+    check_n_ctx(n_ctx)  # the lower bound; the model's trained context once it is open
     if recall_ranking not in RANKINGS:
         raise UIOError(f"--recall-ranking must be one of {', '.join(RANKINGS)}, not {recall_ranking!r}")
     text = read_book(book)
-    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text, n_ctx=n_ctx)
+    runtime = open_runtime(
+        model, ratio, n_gpu_layers, flash_attn, verbose, book=text, n_ctx=n_ctx, force_n_ctx=force_n_ctx
+    )
     bar, update = progress_bar("compressing")
     conversation = Conversation(
         runtime,
@@ -250,6 +253,7 @@ def demo(
         ratio=ratio,
         n_gpu_layers=n_gpu_layers,
         n_ctx=None,
+        force_n_ctx=False,
         temperature=0.0,
         top_k=40,
         top_p=0.95,

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from uio_gguf.cli.options import DEFAULT_RATIO, FlashAttn, GpuLayers, Model, Ratio, Verbose, app, open_runtime
+from uio_gguf.cli.options import (
+    DEFAULT_RATIO,
+    FlashAttn,
+    ForceNCtx,
+    GpuLayers,
+    Model,
+    NCtx,
+    Ratio,
+    Verbose,
+    app,
+    check_n_ctx,
+    open_runtime,
+)
 from uio_gguf.errors import UIOError
 
 SERVE_EXTRA_HINT = "the serve extra is not installed: pip install 'uio-gguf[serve]'"
@@ -29,9 +41,8 @@ def serve(
     parallel: int = typer.Option(1, "--parallel", min=1, help="Answers generated at once (a decoder context each)."),
     queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait for a slot; past that, 503."),
     api_key: str | None = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY`."),
-    n_ctx: int | None = typer.Option(
-        None, "--n-ctx", help="Decoder window in tokens (default: the model's trained context)."
-    ),
+    n_ctx: NCtx = None,
+    force_n_ctx: ForceNCtx = False,
     keep: int = typer.Option(4, "--keep", min=0, help="Finished conversations kept open to be continued."),
     alias: str | None = typer.Option(None, "--alias", help="The model id clients use (default: the bundle's name)."),
     flash_attn: FlashAttn = False,
@@ -42,7 +53,8 @@ def serve(
     from uio_gguf.llama_compat import UIOLlama
     from uio_gguf.server import create_app, run
 
-    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
+    check_n_ctx(n_ctx)
+    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, n_ctx=n_ctx, force_n_ctx=force_n_ctx)
     llm = UIOLlama(runtime=runtime, n_ctx=n_ctx, keep=keep)
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
         from uio_gguf.default_bundle import shipped_bundles
