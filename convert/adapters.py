@@ -11,10 +11,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from uio_gguf import schema
-from uio_gguf.arch import Arch, to_llama_layout
 from uio_gguf.convert.gguf_save import save
 from uio_gguf.errors import UIOError
+from uio_gguf.format import schema
+from uio_gguf.train.arch import Arch, to_llama_layout
 
 # PEFT key of a LoRA matrix: base_model.model.model.layers.<L>.self_attn.<q_proj>.lora_<A|B>.weight
 _PEFT_KEY = re.compile(r"\.layers\.(\d+)\.self_attn\.(\w+_proj)\.lora_([AB])\.weight$")

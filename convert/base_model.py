@@ -9,11 +9,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from uio_gguf import schema
-from uio_gguf.arch import Arch, arch_of_config, to_llama_layout
 from uio_gguf.convert.gguf_save import save
 from uio_gguf.convert.outtypes import Outtype, llama_quantize, outtype, tensor_type
 from uio_gguf.errors import UIOError
+from uio_gguf.format import schema
+from uio_gguf.train.arch import Arch, arch_of_config, to_llama_layout
 
 
 def write_base_model(

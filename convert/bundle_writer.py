@@ -1,5 +1,5 @@
 """convert_checkpoint: a UIO checkpoint (train/checkpoint.py) + its base model -> a bundle directory
-(uio_gguf/schema.py). The bundle is assembled in a temporary directory beside the target and renamed
+(uio_gguf/format/schema.py). The bundle is assembled in a temporary directory beside the target and renamed
 into place, so a failed or interrupted conversion never leaves half a bundle."""
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ import shutil
 from functools import partial
 from pathlib import Path
 
-from uio_gguf import schema
-from uio_gguf.arch import arch_of_config, arch_of_gguf
-from uio_gguf.bundle import gguf_fingerprint
+from uio_gguf.atomic import atomic_dir
 from uio_gguf.convert.adapters import read_peft_adapter, write_encoder_adapter
 from uio_gguf.convert.base_model import write_base_model
 from uio_gguf.convert.head import HeadContents, write_head
 from uio_gguf.convert.outtypes import outtype as parse_outtype
 from uio_gguf.convert.tokenizer import copy_tokenizer_from_gguf, write_hf_tokenizer
 from uio_gguf.errors import UIOError
-from uio_gguf.files import atomic_dir
-from uio_gguf.gguf_file import read_gguf
+from uio_gguf.format import schema
+from uio_gguf.format.bundle import gguf_fingerprint
+from uio_gguf.format.gguf_file import read_gguf
+from uio_gguf.train.arch import arch_of_config, arch_of_gguf
 
 
 def convert_checkpoint(

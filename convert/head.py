@@ -10,10 +10,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from uio_gguf import schema
-from uio_gguf.arch import Arch
 from uio_gguf.convert.adapters import LoraWeights
 from uio_gguf.convert.gguf_save import save
+from uio_gguf.format import schema
+from uio_gguf.train.arch import Arch
 
 
 @dataclass
@@ -34,8 +34,8 @@ class HeadContents:
 def write_head(head: HeadContents, path: Path) -> None:
     """Writes uio.gguf twice: the second time with the checksum of what the first holds, as read back
     (bundle.head_checksum leaves its own key out, so both files give the same checksum)."""
-    from uio_gguf.bundle import head_checksum
-    from uio_gguf.gguf_file import read_gguf
+    from uio_gguf.format.bundle import head_checksum
+    from uio_gguf.format.gguf_file import read_gguf
 
     _write(head, path, None)
     _write(head, path, head_checksum(read_gguf(path)))

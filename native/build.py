@@ -15,9 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from uio_gguf.atomic import atomic_file
 from uio_gguf.cache import cache_root
 from uio_gguf.errors import UIOError
-from uio_gguf.files import atomic_file
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "uio_plugin.c", HERE / "uio_plugin.h")

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def embedded_gguf() -> Path:
-    from uio_gguf.embedded import default_model_path
+    from uio_gguf.format.embedded import default_model_path
 
     return default_model_path()
 
@@ -201,7 +201,7 @@ def llama_logits(model_path, tokens, lora=None, kv_type: int = 0, n_threads: int
 
     _logger.set_verbose(False)
     llama_cpp.llama_backend_init()
-    from uio_gguf.llama_api import model_params
+    from uio_gguf.llamacpp.api import model_params
 
     model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params())
     assert model, f"llama.cpp could not load {model_path}"

@@ -1,4 +1,4 @@
-"""Recall ranked by the question's attention over the memory (uio_gguf.attention_rank, docs/design.md §6).
+"""Recall ranked by the question's attention over the memory (uio_gguf.memory.attention_rank, docs/design.md §6).
 
 The pieces are checked against what llama.cpp itself computed: keys made from the captured attention
 inputs with the model's W_k and RoPE equal the cells llama.cpp wrote for the same tokens, and the
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.test_recall import QUESTION, SEGMENT, SLOTS, runtime, stream  # noqa: F401  (their tiny f32 runtime)
-from uio_gguf.session import DECODER_SEQ, SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
 
 
 def _captured_inputs(session, tokens) -> tuple[np.ndarray, np.ndarray]:
@@ -51,7 +51,7 @@ def test_projected_keys_equal_the_cells_llama_cpp_wrote(runtime, stream):
     """Captured attention inputs x W_k (dequantized by gguf-py) rotated by our RoPE = the K llama.cpp
     cached for those tokens: the capture, the weight layout and the rotation are the model's own, so
     the queries made the same way with W_q are too."""
-    from uio_gguf.attention_rank import Projection
+    from uio_gguf.memory.attention_rank import Projection
     from uio_gguf.native.bindings import kv_read
 
     with runtime.new_session(n_ctx=256, query_rows=16) as s:
@@ -67,7 +67,7 @@ def test_projected_keys_equal_the_cells_llama_cpp_wrote(runtime, stream):
 
 
 def test_segment_scores_are_the_per_head_softmax_over_the_memory():
-    from uio_gguf.attention_rank import segment_scores
+    from uio_gguf.memory.attention_rank import segment_scores
 
     rng = np.random.default_rng(0)
     n_layer, n_tok, n_head, n_kv, hd, slots, n_seg = 2, 3, 6, 2, 8, 4, 5
@@ -82,7 +82,7 @@ def test_question_attention_ranks_recall_and_leaves_the_cache_as_it_was(runtime,
     """Session.memory_attention equals the reference scores of the same question over the memory's K as
     the cache holds it (turned back to before RoPE); the conversation recalls the segments those scores rank best, and its cache
     stays [memory][recall][raw] at contiguous positions over two questions."""
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
     from uio_gguf.native.bindings import kv_read
 
     budget = 2 * SEGMENT + 8
@@ -120,7 +120,7 @@ def test_question_attention_ranks_recall_and_leaves_the_cache_as_it_was(runtime,
 def test_a_conversation_reopened_from_its_start_state_ranks_the_same(runtime, prose, tmp_path, monkeypatch):
     """A start state holds no K to score against; the memory file gives it, so the reopened book recalls
     what the first opening did."""
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path / "cache"))
     book = prose[:3000]
@@ -134,7 +134,7 @@ def test_a_conversation_reopened_from_its_start_state_ranks_the_same(runtime, pr
 
 
 def test_unknown_ranking_is_refused(runtime):
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
     from uio_gguf.errors import UIOError
 
     with pytest.raises(UIOError, match="recall ranking"):

@@ -81,9 +81,9 @@ def test_bench_bad_lengths_give_one_line(tiny_bundle, cache_env):
 def test_uio_decode_after_a_book_of_whole_segments(tiny_bundle):
     """With a raw window of one segment, no raw token is left, hence no logits: decode still runs, and
     the cells are the arithmetic's."""
-    from uio_gguf import bench
-    from uio_gguf.chat import document_tokens
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.bench import runtime as bench
+    from uio_gguf.chat.conversation import document_tokens
+    from uio_gguf.memory.runtime import UIORuntime
 
     with UIORuntime(tiny_bundle, n_threads=1) as runtime:
         text = bench.packaged_text()[:2000]

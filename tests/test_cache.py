@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from uio_gguf import cache, memory_file, start_state
-from uio_gguf.encoder import SegmentMemory
+from uio_gguf import cache
+from uio_gguf.memory.encoder import SegmentMemory
+from uio_gguf.store import memory_file, start_state
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import torch
 
 # the crop shape and the fixtures (tokenizer, filler crops, book) of the retrieval crops' tests
 from tests.test_retrieval import SEGMENT, T, _train, _weights, book, filler_crops, tokenizer  # noqa: F401
-from uio_gguf import synthetic
-from uio_gguf.chat import BOOK_MARKER, render
+from uio_gguf.chat.conversation import BOOK_MARKER, render
 from uio_gguf.errors import UIOError
+from uio_gguf.train import synthetic
 from uio_gguf.train.chat_recall import POOL_FILE, ChatRecallCrops, ChatRecallPool
 from uio_gguf.train.model import IGNORE
 
@@ -23,7 +23,7 @@ def pool(tokenizer):  # noqa: F811
 
 
 def test_a_crop_is_what_the_runtime_feeds_and_scores_the_answer_alone(tokenizer, pool, filler_crops, embedded_gguf):
-    from uio_gguf.llama_api import Model
+    from uio_gguf.llamacpp.api import Model
 
     vocab = Model(embedded_gguf, vocab_only=True)
     asked = render(tokenizer.chat_template, [("user", f"{BOOK_MARKER}\n\n{synthetic.PASSKEY_QUESTION}")], True)
@@ -43,7 +43,7 @@ def test_a_crop_is_what_the_runtime_feeds_and_scores_the_answer_alone(tokenizer,
         fact = tokenizer(f"\n{synthetic.passkey_fact(key)}\n", add_special_tokens=False)["input_ids"]
         at = next(j for j in range(len(row)) if row[j : j + len(fact)].tolist() == fact)
         assert at + len(fact) <= (T - 1) * SEGMENT
-        # the chat turn is the runtime's (uio_gguf.chat.Conversation): the template's opening with the
+        # the chat turn is the runtime's (uio_gguf.chat.conversation.Conversation): the template's opening with the
         # book, then the question turn; the book is the crop's text with the fact
         book_end = scored[0] - len(pool.question)
         opening = vocab.tokenize(before, add_special=True).tolist()

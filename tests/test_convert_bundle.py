@@ -1,4 +1,4 @@
-"""The bundle reads back exactly what the checkpoint held (uio_gguf/bundle.py), in llama.cpp's layout,
+"""The bundle reads back exactly what the checkpoint held (uio_gguf/format/bundle.py), in llama.cpp's layout,
 and the reader refuses what it cannot trust."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from uio_gguf import schema
-from uio_gguf.bundle import Bundle, gguf_fingerprint
 from uio_gguf.errors import UIOError
-from uio_gguf.gguf_file import ArrayInfo, read_gguf
+from uio_gguf.format import schema
+from uio_gguf.format.bundle import Bundle, gguf_fingerprint
+from uio_gguf.format.gguf_file import ArrayInfo, read_gguf
 
 
 def llama_row_order(n_rows: int, n_head: int) -> np.ndarray:

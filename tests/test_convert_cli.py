@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from tests.conftest import run_cli
-from uio_gguf import schema
+from uio_gguf.format import schema
 
 
 def _fails_with(result, *fragments: str) -> None:

@@ -57,7 +57,7 @@ def _write(tied, tmp_path, outtype: str):
 
 @pytest.mark.parametrize("outtype", list(BOUNDS))
 def test_quantized_model_stays_close(outtype, tied, tmp_path):
-    from uio_gguf.gguf_file import read_gguf
+    from uio_gguf.format.gguf_file import read_gguf
 
     arch, _, _, _, tokens, ref = tied
     path = _write(tied, tmp_path, outtype)
@@ -77,7 +77,7 @@ def test_tokenizer_and_special_tokens_match_hf(tied, tmp_path, prose):
     and knows the same special tokens and chat template."""
     import llama_cpp
 
-    from uio_gguf.gguf_file import read_gguf
+    from uio_gguf.format.gguf_file import read_gguf
 
     _, _, _, tokenizer, _, _ = tied
     path = _write(tied, tmp_path, "f16")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import llama_logits
-from uio_gguf import schema
-from uio_gguf.bundle import Bundle, gguf_fingerprint
+from uio_gguf.format import schema
+from uio_gguf.format.bundle import Bundle, gguf_fingerprint
 
 pytestmark = pytest.mark.slow
 N_TOKENS = 256

@@ -10,9 +10,8 @@ from dataclasses import replace
 import pytest
 
 from tests.conftest import run_cli
-from uio_gguf import synthetic
 from uio_gguf.errors import UIOError
-from uio_gguf.train import corpus_sources
+from uio_gguf.train import corpus_sources, synthetic
 from uio_gguf.train.dataset import DataArgs, build
 from uio_gguf.train.text_clean import html_to_text, looks_english, rst_to_text
 

@@ -3,9 +3,9 @@ unknown ratio is refused with the ratios that exist."""
 
 import pytest
 
-from uio_gguf.bundle import Bundle
-from uio_gguf.default_bundle import default_bundle_path, shipped_bundles
 from uio_gguf.errors import UIOError
+from uio_gguf.format.bundle import Bundle
+from uio_gguf.format.shipped import default_bundle_path, shipped_bundles
 
 
 def test_every_shipped_bundle_opens_with_the_embedded_model(tmp_path, monkeypatch):

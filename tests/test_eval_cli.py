@@ -161,7 +161,7 @@ def test_eval_passkey_prints_a_table_and_writes_json(tiny_bundle, cache_env, tmp
 
 
 def test_digits_right_counts_the_digits_at_their_place():
-    from uio_gguf.eval_passkey import digits_right
+    from uio_gguf.evals.passkey import digits_right
 
     assert digits_right(55761, "The pass key is 55761.") == 5
     assert digits_right(55761, "The pass key is 55661.") == 4
@@ -173,8 +173,8 @@ def test_digits_right_counts_the_digits_at_their_place():
 def test_passkey_document_holds_the_key_at_its_depth(tiny_bundle):
     import random
 
-    from uio_gguf.eval_passkey import document
-    from uio_gguf.llama_api import Model
+    from uio_gguf.evals.passkey import document
+    from uio_gguf.llamacpp.api import Model
 
     model = Model(f"{tiny_bundle}/model.gguf")
     for depth in (0.0, 0.5, 1.0):
@@ -222,7 +222,7 @@ def test_eval_passkey_bad_depth_gives_one_clear_line(tiny_bundle, cache_env):
 
 def test_eval_qa_domain_out_reads_the_packaged_out_of_domain_text(tiny_bundle, cache_env, tmp_path):
     """--domain out asks about the shipped KJV text: the same answers as --filler with that file."""
-    from uio_gguf.eval_ppl import PACKAGED_TEXTS
+    from uio_gguf.evals.ppl import PACKAGED_TEXTS
 
     shipped = REPO / "uio_gguf" / "data" / PACKAGED_TEXTS["out"]
     reports = {}

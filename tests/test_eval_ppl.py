@@ -16,7 +16,7 @@ SEGMENT, RATIO = 16, 4
 
 @pytest.fixture(scope="module")
 def setup(make_tiny_bundle, prose):
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.memory.runtime import UIORuntime
 
     bundle_dir, model, tokenizer = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")
     runtime = UIORuntime(bundle_dir, kv_type="f32", n_threads=2)
@@ -26,7 +26,7 @@ def setup(make_tiny_bundle, prose):
 
 
 def _nll(runtime, stream, full_window=None) -> dict[str, np.ndarray]:
-    from uio_gguf.eval_ppl import methods, score
+    from uio_gguf.evals.ppl import methods, score
 
     chosen = methods([runtime], full_window, raw_windows=(4 * SEGMENT,))  # chat-r4: a window the text passes
     return {m.name: score(m, stream, [len(stream)], lambda n: None)[0] for m in chosen}
@@ -90,7 +90,7 @@ def _torch_shifted_logits(base, tokens: np.ndarray, window: int, keep: int, batc
 
 
 def test_sliding_window_is_llama_cpp_context_shift(setup):
-    from uio_gguf.eval_ppl import SINK_TOKENS
+    from uio_gguf.evals.ppl import SINK_TOKENS
 
     runtime, model, stream = setup
     inputs = stream[:-1]
@@ -105,7 +105,7 @@ def _torch_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def test_perplexity_equals_pytorch(setup):
-    from uio_gguf.eval_ppl import Text, evaluate
+    from uio_gguf.evals.ppl import Text, evaluate
 
     runtime, model, stream = setup
     report = evaluate([runtime], [Text("prose", stream)], [100, 200])
@@ -127,7 +127,7 @@ def test_perplexity_equals_pytorch(setup):
 
 
 def test_report_counts_the_same_targets_and_names_skipped_texts(setup):
-    from uio_gguf.eval_ppl import Text, evaluate, format_report
+    from uio_gguf.evals.ppl import Text, evaluate, format_report
 
     runtime, _, stream = setup
     texts = [Text("long", stream), Text("short", stream[:40])]
@@ -142,7 +142,7 @@ def test_report_counts_the_same_targets_and_names_skipped_texts(setup):
 
 def test_a_text_shorter_than_every_length_is_refused(setup):
     from uio_gguf.errors import UIOError
-    from uio_gguf.eval_ppl import Text, evaluate
+    from uio_gguf.evals.ppl import Text, evaluate
 
     runtime, _, stream = setup
     with pytest.raises(UIOError, match="fewer than every length"):
@@ -152,7 +152,7 @@ def test_a_text_shorter_than_every_length_is_refused(setup):
 def test_each_domain_is_scored_on_its_own_texts(setup):
     """In-domain and out-of-domain texts in one run: each domain's cells count its own texts only, and
     equal a run on that domain alone; the table shows one block per domain and the gap each closes."""
-    from uio_gguf.eval_ppl import Text, evaluate, format_report, gap_closed
+    from uio_gguf.evals.ppl import Text, evaluate, format_report, gap_closed
 
     runtime, _, stream = setup
     inside, outside = Text("manual", stream[:100], "in"), Text("book", stream[100:], "out")
@@ -174,7 +174,7 @@ def test_each_domain_is_scored_on_its_own_texts(setup):
 def test_the_packaged_texts_carry_their_licence_and_are_long_enough():
     """The held-out text of each domain ships with the package, its licence notice at the top, and is
     long enough for the longest default length (32K SmolLM2 tokens at ~4 characters a token)."""
-    from uio_gguf.eval_ppl import DOMAINS, packaged_text
+    from uio_gguf.evals.ppl import DOMAINS, packaged_text
 
     for domain in DOMAINS:
         name, text = packaged_text(domain)
@@ -186,7 +186,7 @@ def test_the_packaged_texts_carry_their_licence_and_are_long_enough():
 def test_partial_reports_hold_whole_columns_only(setup):
     """A long run reports after each method has read each text: a column is filled only once every text
     of its domain is scored, and the last partial report is the final one."""
-    from uio_gguf.eval_ppl import Text, evaluate
+    from uio_gguf.evals.ppl import Text, evaluate
 
     runtime, _, stream = setup
     texts = [Text("a", stream[:100]), Text("b", stream[100:]), Text("c", stream[:80], "out")]

@@ -15,8 +15,8 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.test_recall import RATIO, SEGMENT, runtime  # noqa: F401  (the tiny f32 runtime of the recall tests)
-from uio_gguf import eval_qa
-from uio_gguf.session import SamplingParams
+from uio_gguf.evals import qa as eval_qa
+from uio_gguf.memory.session import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=12)
 
@@ -59,7 +59,7 @@ def test_each_task_puts_its_needles_where_asked(task, depth, runtime, long_base)
     assert np.array_equal(doc.tokens[~touched], base.tokens[~touched])
     # every expected answer is in the text, and the text tokenizes back to exactly the spliced tokens
     assert all(a in text for a in sample.answers)
-    from uio_gguf.chat import document_tokens
+    from uio_gguf.chat.conversation import document_tokens
 
     assert np.array_equal(document_tokens(runtime.model, doc.book), doc.tokens)
 
@@ -135,7 +135,7 @@ def test_the_filler_memory_file_is_read_back(runtime, base, tmp_path, monkeypatc
 
 
 def test_uio_answers_through_the_cache_as_from_scratch(runtime, base):
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     sample = eval_qa.make_sample("single", 0.5, random.Random(1))
     doc = eval_qa.splice(runtime.model, base, sample.needles)
@@ -154,7 +154,7 @@ def test_fillers_take_turns_and_each_answer_is_as_from_scratch(runtime, prose):
     """With --fillers 2 the trials alternate between two fillers (the first the one drawn before there
     were several); both are compressed up front, and each answer is the one its own text gives. `window`
     reads the filler's tail alone (the needle is at mid-book), so its answers tell the fillers apart."""
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     params = SamplingParams(max_tokens=8, loop_guard=True)  # what evaluate asks with
     report = eval_qa.evaluate(
@@ -202,7 +202,7 @@ def test_rag_with_no_budget_equals_window(runtime, base):
 
 
 def test_window_equals_full_8k_when_the_text_fits(make_tiny_bundle, prose):
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.memory.runtime import UIORuntime
 
     bundle = make_tiny_bundle("llama", segment=64, ratio=4, outtype="f32")[0]
     with UIORuntime(bundle, kv_type="f32") as rt:

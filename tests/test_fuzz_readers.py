@@ -50,8 +50,8 @@ def _cases():
 
 # ----- memory files ---------------------------------------------------------------------------
 def test_memory_file_reader(tmp_path):
-    from uio_gguf import memory_file
-    from uio_gguf.encoder import SegmentMemory
+    from uio_gguf.memory.encoder import SegmentMemory
+    from uio_gguf.store import memory_file
 
     rng = np.random.default_rng(SEED)
     k = rng.standard_normal((3, 2, 4, 16)).astype(np.float16).astype(np.float32)
@@ -77,7 +77,7 @@ def test_memory_file_reader(tmp_path):
 # ----- bundles ----------------------------------------------------------------------------------
 def _snapshot(bundle) -> dict:
     """Everything the runtime reads from a bundle: settings and every tensor of the head and encoder."""
-    from uio_gguf import schema
+    from uio_gguf.format import schema
 
     out = {
         "settings": (bundle.architecture, bundle.segment, bundle.ratio, bundle.rope_type, bundle.n_layer),
@@ -110,10 +110,10 @@ def _equal(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("target", ["uio.gguf", "encoder.lora.gguf"])
 def test_bundle_reader(make_tiny_bundle, tmp_path, target):
-    from uio_gguf import schema
-    from uio_gguf.bundle import Bundle
     from uio_gguf.errors import UIOError
-    from uio_gguf.gguf_file import read_gguf
+    from uio_gguf.format import schema
+    from uio_gguf.format.bundle import Bundle
+    from uio_gguf.format.gguf_file import read_gguf
 
     bundle_dir = make_tiny_bundle("llama", segment=16, ratio=4, outtype="f32")[0]
     foreign_dir = make_tiny_bundle("llama", seed=1, segment=16, ratio=4, outtype="f32")[0]
@@ -150,9 +150,9 @@ def test_bundle_reader(make_tiny_bundle, tmp_path, target):
 def test_gguf_header_reader_never_raises_anything_but_uio_error(tiny_bundle, tmp_path):
     """read_gguf alone on many more damaged headers (sizes, counts, types, offsets): a UIOError or a
     parse, never MemoryError, OverflowError or any other exception."""
-    from uio_gguf import schema
     from uio_gguf.errors import UIOError
-    from uio_gguf.gguf_file import read_gguf
+    from uio_gguf.format import schema
+    from uio_gguf.format.gguf_file import read_gguf
 
     source = tiny_bundle / schema.HEAD_FILE
     original = source.read_bytes()
@@ -267,9 +267,9 @@ def _within(seconds: float, work, fifo):
 def test_a_non_regular_file_in_place_of_a_cached_one_is_skipped(make_tiny_bundle, prose, tmp_path, monkeypatch, target):
     """Issue 39: a directory there gave an IsADirectoryError traceback on every run, a FIFO hung for ever.
     Each is skipped, the memory recomputed (or read from its memory file), and the answer is the same."""
-    from uio_gguf.chat import Conversation
-    from uio_gguf.runtime import UIORuntime
-    from uio_gguf.session import SamplingParams
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.memory.runtime import UIORuntime
+    from uio_gguf.memory.session import SamplingParams
 
     monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path / "cache"))
     bundle = make_tiny_bundle("llama", segment=16, ratio=4, outtype="f32")[0]

@@ -1,4 +1,4 @@
-"""The loop guard (uio_gguf.loop_guard): an answer stops where it starts to repeat itself, and the
+"""The loop guard (uio_gguf.llamacpp.loop_guard): an answer stops where it starts to repeat itself, and the
 repeat is never shown, nor kept in the conversation's cache; answers without a repeat come out unchanged,
 however they are cut into pieces."""
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from tests.test_recall import runtime  # noqa: F401  (the tiny f32 runtime of the recall tests)
-from uio_gguf.loop_guard import LoopGuard
-from uio_gguf.session import SamplingParams
+from uio_gguf.llamacpp.loop_guard import LoopGuard
+from uio_gguf.memory.session import SamplingParams
 
 
 def _guarded(pieces: list[str]) -> tuple[str, bool]:

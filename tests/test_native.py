@@ -16,7 +16,7 @@ llama_cpp_logger = pytest.importorskip("llama_cpp._logger")
 llama_cpp_logger.set_verbose(False)  # llama.cpp's per-context log lines drown a failure report
 
 from uio_gguf.errors import UIOError  # noqa: E402
-from uio_gguf.llama_api import model_params  # noqa: E402
+from uio_gguf.llamacpp.api import model_params  # noqa: E402
 from uio_gguf.native import bindings  # noqa: E402
 from uio_gguf.native.build import load_plugin  # noqa: E402
 

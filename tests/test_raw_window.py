@@ -21,7 +21,7 @@ from tests.test_recall import (  # noqa: F401
     runtime,
     stream,
 )
-from uio_gguf.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
 
 
 def _close(got: np.ndarray, expected: np.ndarray) -> None:
@@ -77,7 +77,7 @@ def test_compressing_the_oldest_segment_equals_the_view_rebuilt(runtime, stream)
 def test_a_raw_window_of_one_segment_is_the_training_view_bit_for_bit(runtime, stream):
     """R = l (asked for, or the default) is the exact training path: the same logits, bit for bit, and
     the same as eval ppl's uio column; a longer window gives different logits past the first segment."""
-    from uio_gguf.eval_ppl import uio_logits
+    from uio_gguf.evals.ppl import uio_logits
 
     tokens = np.asarray(stream[:100], dtype=np.int32)
 
@@ -99,7 +99,7 @@ def test_a_raw_window_of_one_segment_is_the_training_view_bit_for_bit(runtime, s
 def test_conversation_of_one_segment_window_is_the_old_chat_path(runtime, planted_book):
     """Conversation(raw_window=l, recall 0): memory of every full segment, the remainder, the question,
     greedy answer, as chat did before the raw window."""
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     params = SamplingParams(max_tokens=8)
     with Conversation(
@@ -117,7 +117,7 @@ def test_conversation_of_one_segment_window_is_the_old_chat_path(runtime, plante
 
 
 def test_conversation_keeps_the_books_tail_raw_and_recalls_only_the_memory(runtime, planted_book):
-    from uio_gguf.chat import ANSWER_ROOM, Conversation
+    from uio_gguf.chat.conversation import ANSWER_ROOM, Conversation
 
     window = 5 * SEGMENT
     with Conversation(
@@ -141,7 +141,7 @@ def test_recall_stays_contiguous_with_a_longer_raw_window(runtime, planted_book)
     """Three turns whose questions and answers fill the raw window past R: segments are compressed out of
     it while a recall is in place, recalls are replaced, and the cache stays [memory][recall][raw],
     contiguous, with fewer than R raw tokens."""
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     window = 3 * SEGMENT
     params = SamplingParams(max_tokens=24)
@@ -159,7 +159,7 @@ def test_recall_stays_contiguous_with_a_longer_raw_window(runtime, planted_book)
 
 
 def test_a_raw_window_shorter_than_a_segment_is_refused(runtime):
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
     from uio_gguf.errors import UIOError
 
     with pytest.raises(UIOError, match="at least one segment"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from uio_gguf.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
 
 SEGMENT, RATIO = 16, 4
 SLOTS = SEGMENT // RATIO
@@ -19,7 +19,7 @@ QUESTION = "What is the access code of the archive?"
 
 @pytest.fixture(scope="module")
 def runtime(make_tiny_bundle):
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.memory.runtime import UIORuntime
 
     bundle = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")[0]
     with UIORuntime(bundle, kv_type="f32") as rt:
@@ -76,7 +76,7 @@ def _decode_alone_at(session, tokens, start: int, lead=()) -> None:
 
 
 def test_recall_ranks_the_planted_sentence_first(runtime, planted_book):
-    from uio_gguf.recall import Recall
+    from uio_gguf.chat.recall import Recall
 
     tokens = runtime.model.tokenize(planted_book, add_special=False)
     recall = Recall(runtime.model, tokens, 128)
@@ -95,7 +95,7 @@ def test_passages_holding_fewer_of_the_questions_words_are_left_out(runtime, pro
     """A passage that shares one word of the question many times can score over half the answer's
     passage; read after it, nearer the question, it took the answer (pass keys at depth 0.1). Passages
     holding fewer of the question's words than the best one are left out whatever they score."""
-    from uio_gguf.recall import Recall
+    from uio_gguf.chat.recall import Recall
 
     question = "What is the pass key?"
     decoy = "Each pass of the pass loop makes one more pass over the rows, pass after pass."
@@ -110,7 +110,7 @@ def test_passages_holding_fewer_of_the_questions_words_are_left_out(runtime, pro
 
 
 def test_conversation_recalls_the_planted_segment(runtime, planted_book):
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     with Conversation(runtime, planted_book, n_ctx=2048, use_memory_files=False, recall_tokens=48) as chat:
         "".join(chat.ask(QUESTION, SamplingParams(max_tokens=2)))
@@ -201,7 +201,7 @@ def test_three_questions_keep_memory_raw_and_the_current_recall_only(runtime, st
 
 
 def test_conversation_turns_do_not_pile_up_recall(runtime, planted_book):
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     params = SamplingParams(max_tokens=6)
     with Conversation(runtime, planted_book, n_ctx=2048, use_memory_files=False, recall_tokens=40) as chat:
@@ -216,7 +216,7 @@ def test_conversation_turns_do_not_pile_up_recall(runtime, planted_book):
 def test_recall_zero_is_the_memory_alone(runtime, planted_book):
     """recall_tokens=0 is the path without recall, step for step: memory, the book's remainder, the
     question, greedy answer."""
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     params = SamplingParams(max_tokens=8)
     with Conversation(
@@ -235,7 +235,7 @@ def test_recall_zero_is_the_memory_alone(runtime, planted_book):
 
 
 def test_recall_budget_leaves_room_for_the_answer(runtime, prose):
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     n_ctx = 2048  # the memory of this ~3K-token book leaves ~1.3K cells: less than the words shared
     question = "Which module, function, object, file, value, class, method, list and string?"
@@ -249,7 +249,7 @@ def test_recall_budget_leaves_room_for_the_answer(runtime, prose):
 
 
 def test_negative_recall_budget_is_refused(runtime):
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
     from uio_gguf.errors import UIOError
 
     with pytest.raises(UIOError, match="recall budget"):

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from uio_gguf import synthetic
+from uio_gguf.train import synthetic
 from uio_gguf.train.model import IGNORE
 from uio_gguf.train.recall_check import probe_crops
 

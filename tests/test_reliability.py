@@ -29,7 +29,7 @@ def book(tmp_path_factory, prose):
 
 def _copy_bundle(bundle, target):
     """A bundle directory whose head and encoder can be damaged (the model is linked, not copied)."""
-    from uio_gguf import schema
+    from uio_gguf.format import schema
 
     target.mkdir()
     (target / schema.MODEL_FILE).symlink_to(bundle / schema.MODEL_FILE)
@@ -43,9 +43,9 @@ def _rewrite_head(source, target, change=None, checksum=True):
     checksum or (checksum=False) none: a head damaged in a way its own checksum does not show."""
     import gguf
 
-    from uio_gguf import schema
-    from uio_gguf.bundle import head_checksum
-    from uio_gguf.gguf_file import read_gguf
+    from uio_gguf.format import schema
+    from uio_gguf.format.bundle import head_checksum
+    from uio_gguf.format.gguf_file import read_gguf
 
     reader = gguf.GGUFReader(source)
     arch = str(reader.fields[schema.GENERAL_ARCHITECTURE].contents())
@@ -93,7 +93,7 @@ def test_small_n_ctx_works_or_gives_one_line(make_tiny_bundle, cache_env, tmp_pa
 def test_session_batch_never_exceeds_llama_cpp_n_batch(make_tiny_bundle, prose):
     import llama_cpp
 
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.memory.runtime import UIORuntime
 
     bundle, _, tokenizer = make_tiny_bundle("llama", segment=128, ratio=4, outtype="f32")
     with UIORuntime(bundle) as runtime, runtime.new_session(n_ctx=64) as session:
@@ -108,8 +108,8 @@ def test_session_batch_never_exceeds_llama_cpp_n_batch(make_tiny_bundle, prose):
 def test_fresh_and_cached_memory_give_bit_identical_logits(make_tiny_bundle, prose, tmp_path, kv_type):
     """Compress once, ask many: the memory read back from its file is what a fresh compression injects,
     so the decoder's logits are the same bits (they differed when fresh memory was f32, files f16)."""
-    from uio_gguf import memory_file
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.memory.runtime import UIORuntime
+    from uio_gguf.store import memory_file
 
     bundle, _, tokenizer = make_tiny_bundle("llama", segment=16, ratio=4, outtype="f32")
     ids = np.asarray(tokenizer(prose[:3000], add_special_tokens=False)["input_ids"], dtype=np.int32)
@@ -152,9 +152,9 @@ def _header_fields(path):
 @pytest.mark.parametrize("field", ["n_tensors", "n_kv", "key_length"])
 @pytest.mark.parametrize("value", [2**63 - 1, 2**64 - 1, 2**40])
 def test_huge_sizes_in_a_header_are_a_clean_error(tiny_bundle, tmp_path, field, value):
-    from uio_gguf import schema
     from uio_gguf.errors import UIOError
-    from uio_gguf.gguf_file import read_gguf
+    from uio_gguf.format import schema
+    from uio_gguf.format.gguf_file import read_gguf
 
     path = tmp_path / "uio.gguf"
     data = bytearray((tiny_bundle / schema.HEAD_FILE).read_bytes())
@@ -166,7 +166,7 @@ def test_huge_sizes_in_a_header_are_a_clean_error(tiny_bundle, tmp_path, field, 
 
 
 def test_info_and_chat_on_a_damaged_header_give_one_line(tiny_bundle, book, cache_env, tmp_path):
-    from uio_gguf import schema
+    from uio_gguf.format import schema
 
     damaged = _copy_bundle(tiny_bundle, tmp_path / "bundle")
     data = bytearray((damaged / schema.HEAD_FILE).read_bytes())
@@ -187,10 +187,10 @@ def test_compress_output_path_is_checked_before_the_work(tiny_bundle, book, cach
 
 # ----- 5. damaged head weights ------------------------------------------------------------------
 def test_non_finite_or_huge_weight_in_the_head_is_refused(tiny_bundle, book, cache_env, tmp_path):
-    from uio_gguf import schema
-    from uio_gguf.bundle import Bundle
     from uio_gguf.errors import UIOError
-    from uio_gguf.gguf_file import read_gguf
+    from uio_gguf.format import schema
+    from uio_gguf.format.bundle import Bundle
+    from uio_gguf.format.gguf_file import read_gguf
 
     # A NaN written over a weight's bytes: the head's checksum no longer matches
     damaged = _copy_bundle(tiny_bundle, tmp_path / "nan-bytes")
@@ -231,9 +231,9 @@ def test_non_finite_or_huge_weight_in_the_head_is_refused(tiny_bundle, book, cac
 
 
 def test_a_tensor_of_another_shape_is_refused_when_the_bundle_opens(tiny_bundle, tmp_path):
-    from uio_gguf import schema
-    from uio_gguf.bundle import Bundle
     from uio_gguf.errors import UIOError
+    from uio_gguf.format import schema
+    from uio_gguf.format.bundle import Bundle
 
     name = schema.lora_a(schema.layer_tensor(1, "attn_k"))
     damaged = _copy_bundle(tiny_bundle, tmp_path / "shape")
@@ -252,10 +252,10 @@ def test_the_head_fingerprint_covers_every_byte():
     import tempfile
     from pathlib import Path
 
-    from uio_gguf import schema
-    from uio_gguf.bundle import FINGERPRINT_BLOCK_BYTES, FINGERPRINT_BLOCKS, gguf_fingerprint
-    from uio_gguf.default_bundle import shipped_bundles
-    from uio_gguf.gguf_file import read_gguf
+    from uio_gguf.format import schema
+    from uio_gguf.format.bundle import FINGERPRINT_BLOCK_BYTES, FINGERPRINT_BLOCKS, gguf_fingerprint
+    from uio_gguf.format.gguf_file import read_gguf
+    from uio_gguf.format.shipped import shipped_bundles
 
     source = next(iter(shipped_bundles().values())) / schema.HEAD_FILE
     info = read_gguf(source)
@@ -274,9 +274,9 @@ def test_the_head_fingerprint_covers_every_byte():
 
 
 def test_a_memory_with_non_finite_values_is_never_saved(tmp_path):
-    from uio_gguf import memory_file
-    from uio_gguf.encoder import SegmentMemory
     from uio_gguf.errors import UIOError
+    from uio_gguf.memory.encoder import SegmentMemory
+    from uio_gguf.store import memory_file
 
     k = np.zeros((1, 2, 4, 8), np.float32)
     k[0, 1, 2, 3] = np.inf
@@ -307,8 +307,8 @@ def test_settings_without_a_meaning_are_refused(tiny_bundle, book, cache_env, tm
 def test_binary_without_nul_bytes_is_not_text(tmp_path, prose):
     import warnings
 
-    from uio_gguf.book import read_book
     from uio_gguf.errors import UIOError
+    from uio_gguf.text.book import read_book
 
     noise = np.random.default_rng(0).integers(1, 256, size=20_000, dtype=np.uint8).tobytes()
     assert b"\0" not in noise

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import run_cli
-from uio_gguf import synthetic
 from uio_gguf.errors import UIOError
+from uio_gguf.train import synthetic
 from uio_gguf.train.base import GGUFTokenizer
 from uio_gguf.train.retrieval import POOL_FILE, RetrievalCrops, build_pool, load_pool, save_pool
 

@@ -35,7 +35,7 @@ def _hf_to_llama_rows(x: np.ndarray, head_dim: int) -> np.ndarray:
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def setup(request, make_tiny_bundle, prose):
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.memory.runtime import UIORuntime
 
     bundle_dir, model, tokenizer = make_tiny_bundle(arch=request.param, segment=SEGMENT, ratio=RATIO, outtype="f32")
     ids = tokenizer(prose[:4000], add_special_tokens=False)["input_ids"]
@@ -117,7 +117,7 @@ def test_preloaded_memory_equals_compressing_while_feeding(setup):
 
 
 def test_parallel_batches_equal_one_segment_at_a_time(setup):
-    from uio_gguf.encoder import Encoder
+    from uio_gguf.memory.encoder import Encoder
 
     _, runtime, _, stream = setup
     segments = stream[: N_SEGMENTS * SEGMENT].reshape(N_SEGMENTS, SEGMENT)
@@ -130,7 +130,7 @@ def test_parallel_batches_equal_one_segment_at_a_time(setup):
 
 
 def test_flash_attention_on_and_off_agree(setup):
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.memory.runtime import UIORuntime
 
     _, runtime, _, stream = setup
     flash = UIORuntime(runtime.bundle, kv_type="f32", flash_attn=True)

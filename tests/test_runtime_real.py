@@ -16,7 +16,7 @@ SEGMENT = 64  # the smollm2 fixture's UIO config: segment 64, ratio 8 (8 slots)
 # moves a few logits by O(1) on this 30-layer model, so the bound there is top-1 and KL (the issue's).
 @pytest.mark.parametrize("kv_type, bound", [("f32", 1e-3), ("f16", None)])
 def test_real_model_decoder_logits_equal_pytorch(smollm2, smollm2_f32_bundle, prose, kv_type, bound):
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.memory.runtime import UIORuntime
 
     model, tokenizer, _ = smollm2
     stream = np.asarray(tokenizer(prose[:3000], add_special_tokens=False)["input_ids"][: 4 * SEGMENT + 20], np.int32)

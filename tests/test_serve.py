@@ -79,8 +79,8 @@ def serving(app):
 @pytest.fixture(scope="module")
 def server(bundle, cache):
     """(base url, UIOLlama): the app in a uvicorn server on a thread of this process."""
-    from uio_gguf.llama_compat import UIOLlama
-    from uio_gguf.server import create_app
+    from uio_gguf.serve.app import create_app
+    from uio_gguf.serve.engine import UIOLlama
 
     llm = UIOLlama(bundle, n_ctx=N_CTX, keep=4)
     with serving(create_app(llm, "tiny", parallel=2, queue=2, api_key=KEY)) as base:
@@ -92,8 +92,8 @@ def server(bundle, cache):
 def wide(server):
     """(base url, UIOLlama): a second server over the same runtime, its 8192-token window holding a book of
     ~28K tokens: long enough to compress that a client can leave in the middle."""
-    from uio_gguf.llama_compat import UIOLlama
-    from uio_gguf.server import create_app
+    from uio_gguf.serve.app import create_app
+    from uio_gguf.serve.engine import UIOLlama
 
     llm = UIOLlama(runtime=server[1].runtime, n_ctx=WIDE_CTX)
     with serving(create_app(llm, "tiny")) as base:
@@ -118,8 +118,8 @@ def counters(server) -> dict:
 
 def reference(llm, book: str, questions: list[str], max_tokens: int) -> list[str]:
     """The answers of a Conversation in this process, greedy: what the server must send."""
-    from uio_gguf.chat import Conversation
-    from uio_gguf.session import SamplingParams
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.memory.session import SamplingParams
 
     with Conversation(llm.runtime, book, n_ctx=N_CTX, use_memory_files=False) as conv:
         return ["".join(conv.ask(q, SamplingParams(max_tokens=max_tokens))) for q in questions]
@@ -153,8 +153,8 @@ def test_the_demo_book_through_the_server_gives_the_access_code():
     from importlib.resources import files
 
     from uio_gguf.cli.run import DEMO_QUESTION
-    from uio_gguf.llama_compat import UIOLlama
-    from uio_gguf.server import create_app
+    from uio_gguf.serve.app import create_app
+    from uio_gguf.serve.engine import UIOLlama
 
     book = (files("uio_gguf") / "data" / "demo_book.txt").read_text(encoding="utf-8")
     with UIOLlama() as llm, serving(create_app(llm, "smollm2")) as base:
@@ -223,9 +223,9 @@ def test_a_longer_conversation_continues_its_session(server, client, books):
 def test_a_history_the_server_did_not_write_is_read_in_as_sent(server, books):
     """An assistant turn the app did not get from us (another model's, say) is read as text, not
     generated (recall off, so the raw text is all that differs between the turns)."""
-    from uio_gguf.chat import BOOK_MARKER, Conversation
-    from uio_gguf.llama_compat import UIOLlama
-    from uio_gguf.session import SamplingParams
+    from uio_gguf.chat.conversation import BOOK_MARKER, Conversation
+    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.serve.engine import UIOLlama
 
     q1, q2 = "Name one thing in it.", "And another?"
     history = [user(books[0], q1), {"role": "assistant", "content": "A river."}, {"role": "user", "content": q2}]
@@ -420,7 +420,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_answer_and_frees_its_slot(ser
 def test_past_the_queue_a_request_gets_503():
     import asyncio
 
-    from uio_gguf.server import APIError, Slots
+    from uio_gguf.serve.app import APIError, Slots
 
     async def scenario():
         slots = Slots(parallel=1, queue=1)
@@ -576,4 +576,4 @@ def test_only_the_server_imports_the_serve_stack():
         for target, _, top in imports(path, set(table))
         if top and target.split(".")[0] in {"fastapi", "uvicorn", "sse_starlette", "starlette"}
     }
-    assert at_top == {"uio_gguf.server"}
+    assert at_top == {"uio_gguf.serve.app"}

@@ -1,4 +1,4 @@
-"""Start states (uio_gguf.start_state): a book opened again restores the cache its first opening built
+"""Start states (uio_gguf.store.start_state): a book opened again restores the cache its first opening built
 (memory cells and raw remainder) from one file, cell for cell, and a damaged file is rebuilt."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from tests.test_recall import QUESTION, planted_book, runtime  # noqa: F401  (the tiny f32 runtime)
-from uio_gguf.session import DECODER_SEQ, SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
 
 
 def _open(runtime, book):  # noqa: F811
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
     from uio_gguf.native.bindings import kv_read
 
     with Conversation(runtime, book, n_ctx=2048, recall_tokens=48) as chat:
@@ -35,7 +35,7 @@ def test_a_reopened_book_restores_its_start_cache_cell_for_cell(runtime, planted
     assert first[2] == again[2] and first[2][0] > 0 and first[2][2]  # memory and a raw remainder
     assert first[3] == again[3]
     # another raw window is another cache: not restored from this file
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     with Conversation(runtime, planted_book, n_ctx=2048, recall_tokens=48, raw_window=8 * 16) as other:
         assert other.stats.from_file and not other.stats.from_start_state

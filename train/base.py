@@ -73,7 +73,7 @@ class GGUFTokenizer:
     @functools.cached_property
     def _vocab(self):
         # Loaded on first use: a run that reuses its tokens.npz needs no llama.cpp (e.g. on a GPU box).
-        from uio_gguf.llama_api import Model
+        from uio_gguf.llamacpp.api import Model
 
         return Model(self._path, vocab_only=True)
 

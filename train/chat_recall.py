@@ -7,7 +7,7 @@ the one place in the crop where only the memory can lower the loss. Why, next to
 crops: those score every token, so the answer is ~0.3% of a crop's loss and its gradient drowns in the
 text's; and their plain "question answer" lines are not the chat turn the runtime asks in.
 
-The pieces are rendered with the runtime's own chat renderer (uio_gguf.chat) and tokenized like the
+The pieces are rendered with the runtime's own chat renderer (uio_gguf.chat.conversation) and tokenized like the
 runtime tokenizes them (the book part, the question turn and the answer each on their own), then kept in
 OUT/chat_recall.npz so that a run that reuses them needs no llama.cpp, as with tokens.npz.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uio_gguf import synthetic
 from uio_gguf.errors import UIOError
+from uio_gguf.train import synthetic
 from uio_gguf.train.data import load_npz, load_or_build, save_npz
 from uio_gguf.train.model import IGNORE
 
@@ -36,7 +36,7 @@ class ChatRecallPool:
 
     @classmethod
     def build(cls, tokenizer, count: int = POOL_TASKS, seed: int = 0) -> ChatRecallPool:
-        from uio_gguf.chat import BOOK_MARKER, render
+        from uio_gguf.chat.conversation import BOOK_MARKER, render
 
         def ids(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]

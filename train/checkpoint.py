@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from uio_gguf.atomic import atomic_dir, previous_dir
 from uio_gguf.errors import UIOError
-from uio_gguf.files import atomic_dir, previous_dir
 from uio_gguf.train.model import ENCODER, TRANSFER, UIOConfig, UIOModel
 
 CONFIG_FILE = "uio_config.json"

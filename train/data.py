@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from uio_gguf.atomic import atomic_file
 from uio_gguf.errors import UIOError
-from uio_gguf.files import atomic_file
 
 TOKENS_FILE = "tokens.npz"
 

@@ -2,7 +2,7 @@
 
 Documents are filtered (long enough, English), de-duplicated, split into train / held-out by document
 (each source gives the same share to held-out, across its range of lengths), and the train side gets
-copies of its prose documents if asked (--prose-share) and synthetic long-range tasks (uio_gguf.synthetic)
+copies of its prose documents if asked (--prose-share) and synthetic long-range tasks (uio_gguf.train.synthetic)
 built from train text only, so held-out text never leaks into training.
 
 The documents of an out-of-domain source (corpus_sources.Source.out_of_domain) are all held out, in a
@@ -20,9 +20,9 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from uio_gguf import synthetic
+from uio_gguf.atomic import atomic_file
 from uio_gguf.errors import UIOError
-from uio_gguf.files import atomic_file
+from uio_gguf.train import synthetic
 from uio_gguf.train.corpus_sources import SOURCES, Document, Source, SourceMissing, extra_dir
 from uio_gguf.train.text_clean import looks_english
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from uio_gguf import schema
-from uio_gguf.arch import arch_of_gguf, from_llama_layout
 from uio_gguf.errors import UIOError
-from uio_gguf.gguf_file import read_gguf
+from uio_gguf.format import schema
+from uio_gguf.format.gguf_file import read_gguf
+from uio_gguf.train.arch import arch_of_gguf, from_llama_layout
 from uio_gguf.train.checkpoint import FORMAT, PEFT_PREFIX, write_checkpoint
 from uio_gguf.train.model import ENCODER, TRANSFER
 

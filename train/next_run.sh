@@ -30,7 +30,7 @@ RUNS=${RUNS:-runs/next}
 DATA=${DATA:-$RUNS/data}     # under runs/, which git ignores
 MINUTES=${MINUTES:-6}      # per head; both heads share the GPU, so this is also the wall time
 DEVICE=${DEVICE:-cuda}
-BASE=$(python -c 'from uio_gguf.embedded import default_model_path as p; print(p())')
+BASE=$(python -c 'from uio_gguf.format.embedded import default_model_path as p; print(p())')
 # The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in length and
 # device (and in batch where BATCH is set); SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes
 # every second step's crops longer and fewer (BATCH × SEGMENTS must be a multiple of it: an even BATCH for

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from uio_gguf import synthetic
 from uio_gguf.errors import UIOError
+from uio_gguf.train import synthetic
 from uio_gguf.train.chat_recall import ChatRecallCrops, ChatRecallPool
 from uio_gguf.train.estimators import Crop
 from uio_gguf.train.model import IGNORE

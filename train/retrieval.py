@@ -4,7 +4,7 @@ crop, with its facts in the memory segments (1..T-1) and the questions and answe
 Why, next to the synthetic documents of `uio-gguf data`: a random crop of the token stream rarely holds
 both a synthetic document's fact and its question, and when it does the fact may sit in the raw window.
 A retrieval crop always asks about something only the memory holds, so every such crop trains recall.
-The sentences are those of uio_gguf.synthetic; the filler is the crop's own train text, which keeps the
+The sentences are those of uio_gguf.train.synthetic; the filler is the crop's own train text, which keeps the
 ordinary next-token loss on most of its tokens.
 
 The tasks are tokenized once into a pool, saved as OUT/retrieval.npz next to tokens.npz, so that a run
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uio_gguf import synthetic
 from uio_gguf.errors import UIOError
+from uio_gguf.train import synthetic
 from uio_gguf.train.data import load_npz, load_or_build, save_npz
 
 POOL_FILE = "retrieval.npz"

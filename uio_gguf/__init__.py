@@ -17,14 +17,14 @@ __version__ = "0.2.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "UIORuntime": "uio_gguf.runtime",
-    "Conversation": "uio_gguf.chat",
-    "Session": "uio_gguf.session",
-    "SamplingParams": "uio_gguf.session",
-    "Bundle": "uio_gguf.bundle",
-    "SegmentMemory": "uio_gguf.encoder",
+    "UIORuntime": "uio_gguf.memory.runtime",
+    "Conversation": "uio_gguf.chat.conversation",
+    "Session": "uio_gguf.memory.session",
+    "SamplingParams": "uio_gguf.memory.session",
+    "Bundle": "uio_gguf.format.bundle",
+    "SegmentMemory": "uio_gguf.memory.encoder",
     "UIOError": "uio_gguf.errors",
-    "UIOLlama": "uio_gguf.llama_compat",
+    "UIOLlama": "uio_gguf.serve.engine",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,4 +1,4 @@
-"""`uio-gguf bench`: UIO memory against plain llama.cpp full attention, per text length (uio_gguf.bench)."""
+"""`uio-gguf bench`: UIO memory against plain llama.cpp full attention, per text length (uio_gguf.bench.runtime)."""
 
 from __future__ import annotations
 
@@ -51,11 +51,11 @@ def bench(
     decode) against UIO memory (ingest, decode over the memory and the raw window), KV bytes of each, the time to
     a first token when the memory comes from its memory file, and ingest against its limit."""
 
-    from uio_gguf import bench as runner
-    from uio_gguf.book import read_book
-    from uio_gguf.default_bundle import default_bundle_path
-    from uio_gguf.llama_api import usable_cpus
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.bench import runtime as runner
+    from uio_gguf.format.shipped import default_bundle_path
+    from uio_gguf.llamacpp.api import usable_cpus
+    from uio_gguf.memory.runtime import UIORuntime
+    from uio_gguf.text.book import read_book
 
     asked = parse_lengths(lengths)
     extra = {"command": "uio-gguf " + " ".join(sys.argv[1:]), "n_gpu_layers": n_gpu_layers}

@@ -83,9 +83,9 @@ def eval_ppl(
     """Perplexity of long texts: UIO memory (each bundle) next to the same raw window without memory,
     full attention inside the model's trained window (sliding), and full attention over everything.
     In-domain and out-of-domain texts get a table each."""
-    from uio_gguf import eval_ppl
-    from uio_gguf.book import read_book
-    from uio_gguf.default_bundle import shipped_bundles
+    from uio_gguf.evals import ppl as eval_ppl
+    from uio_gguf.format.shipped import shipped_bundles
+    from uio_gguf.text.book import read_book
 
     asked = parse_lengths(lengths)
     chosen = eval_ppl.parse_baselines(baselines)
@@ -143,8 +143,8 @@ def eval_passkey(
     verbose: Verbose = False,
 ):
     """Pass-key retrieval: a number hidden at several depths of long filler, asked for through the chat path."""
-    from uio_gguf import eval_passkey as passkey
-    from uio_gguf.book import read_book
+    from uio_gguf.evals import passkey
+    from uio_gguf.text.book import read_book
 
     asked = parse_lengths(lengths)
     where = parse_depths(depths)
@@ -225,10 +225,10 @@ def eval_qa(
 ):
     """Long-context QA (RULER-style tasks, exact match): window, full-8k, rag, uio, uio+recall and uio+attn on
     the same texts, with the share of answers that end by themselves, loops and time to first token."""
-    from uio_gguf import eval_ppl
-    from uio_gguf import eval_qa as qa
-    from uio_gguf.book import read_book
     from uio_gguf.errors import UIOError
+    from uio_gguf.evals import ppl as eval_ppl
+    from uio_gguf.evals import qa
+    from uio_gguf.text.book import read_book
 
     asked = parse_lengths(lengths)
     where = parse_depths(depths)

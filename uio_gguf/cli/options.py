@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from uio_gguf.default_bundle import DEFAULT_RATIO
 from uio_gguf.errors import UIOError
+from uio_gguf.format.shipped import DEFAULT_RATIO
 
 __all__ = ["DEFAULT_RATIO", "app"]
 
@@ -32,7 +32,7 @@ AutoRatio = Annotated[
     int | None,
     typer.Option("--ratio", help=RATIO_HELP + " Default: 8, or 32 for a book longer than ratio 8 holds."),
 ]
-# Chat's, the server's and eval qa's answers (uio_gguf.loop_guard).
+# Chat's, the server's and eval qa's answers (uio_gguf.llamacpp.loop_guard).
 LoopGuardOption = Annotated[
     bool,
     typer.Option(
@@ -103,8 +103,8 @@ def open_runtime(
     """The runtime of a bundle, or of the shipped bundle of `ratio`. n_ctx is checked against the model
     (check_n_ctx). With a book, its length is checked here; without -m and --ratio (ratio None), a book
     longer than the default ratio holds gets the finest shipped ratio that holds it, and one line says so."""
-    from uio_gguf.default_bundle import default_bundle_path
-    from uio_gguf.runtime import UIORuntime
+    from uio_gguf.format.shipped import default_bundle_path
+    from uio_gguf.memory.runtime import UIORuntime
 
     def opened(path):
         return UIORuntime(path, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=verbose)
@@ -131,10 +131,10 @@ def open_runtime(
 def _fit_book(runtime, book: str, n_ctx: int | None, ratio: int | None, auto: bool, opened):
     """runtime if the book fits; else, for a shipped ratio, the finest larger shipped ratio that holds it
     (auto) or an error that names it (an explicit --ratio); else the length error."""
-    from uio_gguf.bundle import Bundle
-    from uio_gguf.chat import document_tokens
-    from uio_gguf.default_bundle import default_bundle_path, shipped_bundles
-    from uio_gguf.runtime import max_book_tokens
+    from uio_gguf.chat.conversation import document_tokens
+    from uio_gguf.format.bundle import Bundle
+    from uio_gguf.format.shipped import default_bundle_path, shipped_bundles
+    from uio_gguf.memory.runtime import max_book_tokens
 
     n_tokens = len(document_tokens(runtime.model, book))
     if n_tokens <= runtime.max_tokens(n_ctx):

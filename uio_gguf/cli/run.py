@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.cli.options import (
     AutoRatio,
     FlashAttn,
@@ -24,7 +25,6 @@ from uio_gguf.cli.options import (
     progress_bar,
 )
 from uio_gguf.errors import UIOError
-from uio_gguf.recall import DEFAULT_RECALL_TOKENS
 
 DEFAULT_DRY = 0.0  # chat's DRY multiplier (see docs/evaluation.md for the answers measured with and without)
 
@@ -72,7 +72,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the information as JSON."),
 ):
     """What a bundle holds: architecture, sizes, segment/ratio, types, fingerprints and whether they match."""
-    from uio_gguf.bundle import Bundle, format_info
+    from uio_gguf.format.bundle import Bundle, format_info
 
     opened = Bundle.open(bundle, check=False)
     details = opened.info()
@@ -92,8 +92,8 @@ def compress(
     verbose: Verbose = False,
 ):
     """Compress a book into its memory file (cached: `chat` on the same book starts instantly)."""
-    from uio_gguf.book import read_book
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.text.book import read_book
 
     if out is not None:
         _check_output_file(out)  # before the work, not after it
@@ -145,9 +145,9 @@ def chat(
     """Chat about a book of any length: it is compressed into memory slots in llama.cpp's KV cache.
 
     Ctrl-C stops the current answer; a second Ctrl-C (or Ctrl-D at the prompt) exits."""
-    from uio_gguf.book import read_book
-    from uio_gguf.chat import RANKINGS, Conversation
-    from uio_gguf.session import SamplingParams
+    from uio_gguf.chat.conversation import RANKINGS, Conversation
+    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.text.book import read_book
 
     # Bad settings get their line before the book is compressed.
     params = SamplingParams(
@@ -214,7 +214,7 @@ def _copy_out(source: Path, out: Path) -> None:
     pipe, e.g. -o /dev/stdout, is written as it is)."""
     import shutil
 
-    from uio_gguf.files import atomic_file
+    from uio_gguf.atomic import atomic_file
 
     try:
         if out.exists() and not out.is_file():

@@ -1,4 +1,4 @@
-"""The `serve` command: an OpenAI-compatible server with book memory (uio_gguf/server.py, docs/serving.md)."""
+"""The `serve` command: an OpenAI-compatible server with book memory (uio_gguf/serve/app.py, docs/serving.md)."""
 
 from __future__ import annotations
 
@@ -50,14 +50,14 @@ def serve(
 ):
     """Serve the OpenAI chat-completions API: a long user message (the book) goes into memory, once per book."""
     require_serve_stack()
-    from uio_gguf.llama_compat import UIOLlama
-    from uio_gguf.server import create_app, run
+    from uio_gguf.serve.app import create_app, run
+    from uio_gguf.serve.engine import UIOLlama
 
     check_n_ctx(n_ctx)
     runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, n_ctx=n_ctx, force_n_ctx=force_n_ctx)
     llm = UIOLlama(runtime=runtime, n_ctx=n_ctx, keep=keep)
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
-        from uio_gguf.default_bundle import shipped_bundles
+        from uio_gguf.format.shipped import shipped_bundles
 
         alias = shipped_bundles()[ratio].name
     model_id = alias or runtime.bundle.path.name

@@ -1,7 +1,7 @@
 """`uio-gguf eval qa`: an offline long-context QA suite (RULER-style tasks), every method on the same texts.
 
 Tasks (each answer scored by exact match: every expected number or name must appear whole in the answer):
-  passkey     the training task's pass-key sentence (uio_gguf.synthetic) at the depth asked
+  passkey     the training task's pass-key sentence (uio_gguf.train.synthetic) at the depth asked
   single      "The special magic number for <word> is <7 digits>." at the depth asked
   multikey    4 such needles for different words (the asked one at the depth asked, the others anywhere)
   multivalue  3 numbers for one word (the first at the depth asked), all asked for
@@ -13,14 +13,14 @@ Methods (the book goes in the first user turn of the chat template, as `uio-gguf
               full segment) and the question, in a plain llama.cpp context
   full-8k     no memory: every token, in the model's trained window with llama.cpp's context shift (the
               first 4 tokens stay, the older half of the others goes when full; as eval ppl's full-8k)
-  rag         no memory: window plus the passages that recall (uio_gguf.recall) brings back for the
+  rag         no memory: window plus the passages that recall (uio_gguf.chat.recall) brings back for the
               question, with uio+recall's budget, between the opening and the remainder
   uio         the memory alone (Conversation with recall 0)
   uio+recall  the memory and recall (chat's default budget), passages ranked by BM25
   uio+attn    the same, segments ranked by the question's attention over their memory slots
-              (uio_gguf.attention_rank)
+              (uio_gguf.memory.attention_rank)
 Both read the training view: the raw window is one segment (the remainder), which window and rag read
-too; chat's longer default raw window (uio_gguf.chat.DEFAULT_RAW_SEGMENTS) is not a column yet.
+too; chat's longer default raw window (uio_gguf.chat.conversation.DEFAULT_RAW_SEGMENTS) is not a column yet.
 Greedy answers of at most --max-tokens tokens. Per cell: accuracy, the share of answers that end by
 themselves (end of turn before the token limit), the share with a loop (a 4-gram of words repeated 3+
 times) and the median time to first token (for uio: the memory already made, as from a memory file).
@@ -45,8 +45,8 @@ from importlib import resources
 import numpy as np
 
 from uio_gguf.errors import UIOError
-from uio_gguf.eval_passkey import check_grid, filler_text
-from uio_gguf.synthetic import KEY_NAMES, PASSKEY_QUESTION, passkey_fact
+from uio_gguf.evals.passkey import check_grid, filler_text
+from uio_gguf.train.synthetic import KEY_NAMES, PASSKEY_QUESTION, passkey_fact
 
 TASKS = ("passkey", "single", "multikey", "multivalue", "vt")
 METHODS = ("window", "full-8k", "rag", "uio", "uio+recall", "uio+attn")
@@ -155,7 +155,7 @@ def _token_texts(model, tokens) -> list[bytes]:
 
 def base_document(model, length: int, texts: list[str], rng: random.Random) -> Document:
     """The template's opening and `length` tokens of filler."""
-    from uio_gguf.chat import document_tokens, opening
+    from uio_gguf.chat.conversation import document_tokens, opening
 
     head = model.tokenize(opening(model.chat_template()), add_special=True)
     book = filler_text(model, length, rng, texts).lstrip()  # no merge with the opening's last newline
@@ -187,7 +187,7 @@ def splice(model, base: Document, needles: list[tuple[str, float]]) -> Document:
     """Each needle, "\nsentence\n", written over as many of the base's tokens as it has, at the first
     token at or after its depth of the book where the result reads back as the same tokens (no merge
     across the seams). Nothing moves, so only the segments a needle touches change."""
-    from uio_gguf.chat import document_tokens
+    from uio_gguf.chat.conversation import document_tokens
 
     needle_tokens = [needle_ids(model, s) for s, _ in needles]
     n_book = len(base.tokens) - base.skip
@@ -238,7 +238,7 @@ class SegmentCache:
         return tokens[: len(tokens) // seg * seg].reshape(-1, seg)
 
     def compress(self, tokens, progress=None):
-        from uio_gguf.encoder import SegmentMemory
+        from uio_gguf.memory.encoder import SegmentMemory
 
         blocks = self._blocks(tokens)
         keys = [b.tobytes() for b in blocks]
@@ -260,7 +260,7 @@ class SegmentCache:
 
 def load_base(cache: SegmentCache, doc: Document, use_memory_files: bool) -> None:
     """The filler's memory into the cache: from its memory file, or compressed (and saved) once."""
-    from uio_gguf import memory_file
+    from uio_gguf.store import memory_file
 
     runtime = cache.runtime
     compressed = doc.tokens[: len(doc.tokens) // runtime.segment * runtime.segment]
@@ -287,7 +287,7 @@ class Answer:
 
 def _question_tokens(model, question: str) -> np.ndarray:
     """What the chat template puts after the book in the first turn: the question and the assistant's start."""
-    from uio_gguf.chat import BOOK_MARKER, render
+    from uio_gguf.chat.conversation import BOOK_MARKER, render
 
     first = render(model.chat_template(), [("user", f"{BOOK_MARKER}\n\n{question}")], True)  # as Conversation.ask
     return model.tokenize(first.split(BOOK_MARKER, 1)[1], add_special=False)
@@ -296,8 +296,8 @@ def _question_tokens(model, question: str) -> np.ndarray:
 def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: float) -> Answer:
     """Greedy answer after `tokens` in a plain llama.cpp context of `window` cells with context shift;
     the time to first token counts from `started`."""
-    from uio_gguf.eval_ppl import MAX_BATCH, Decoder
-    from uio_gguf.session import AnswerOutcome, Sampler, stream_answer
+    from uio_gguf.evals.ppl import MAX_BATCH, Decoder
+    from uio_gguf.memory.session import AnswerOutcome, Sampler, stream_answer
 
     decoder = Decoder(runtime, n_ctx=window, n_batch=min((window - SINK_TOKENS) // 2, MAX_BATCH))
     sampler = Sampler(params, runtime.model.n_vocab, runtime.model.vocab)
@@ -328,7 +328,7 @@ def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: flo
 def _uio_answer(
     cache: SegmentCache, doc: Document, question: str, params, recall_tokens: int, ranking: str = "bm25"
 ) -> Answer:
-    from uio_gguf.chat import Conversation
+    from uio_gguf.chat.conversation import Conversation
 
     started = time.perf_counter()
     # the training view (raw window = one segment), whose raw part window and rag read too
@@ -356,7 +356,7 @@ def _uio_answer(
 def method_tokens(runtime, doc: Document, question: str, method: str, recall_tokens: int) -> np.ndarray:
     """The prompt a memoryless method reads: all of it (full-8k), or the opening, recall (rag) and the
     raw remainder UIO keeps, then the question."""
-    from uio_gguf.recall import Recall
+    from uio_gguf.chat.recall import Recall
 
     q = _question_tokens(runtime.model, question)
     if method == "full-8k":
@@ -412,8 +412,8 @@ def evaluate(
     after every answer (a long run stopped midway keeps what it measured). fillers: texts drawn per
     length, trial t reading filler t % fillers; with one, every trial of a depth hides its needle in the
     same passage, so the trials sample keys, not contexts (docs/evaluation.md, session 22)."""
-    from uio_gguf.recall import DEFAULT_RECALL_TOKENS
-    from uio_gguf.session import SamplingParams
+    from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
+    from uio_gguf.memory.session import SamplingParams
 
     recall_tokens = DEFAULT_RECALL_TOKENS if recall_tokens is None else recall_tokens
     check_grid(lengths, depths, trials)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uio_gguf import keyed_file
+from uio_gguf.store import keyed_file
 
 FORMAT = "uio-start-state/1"
 

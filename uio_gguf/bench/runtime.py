@@ -34,11 +34,11 @@ from importlib.resources import files
 import llama_cpp
 import numpy as np
 
-from uio_gguf.chat import Conversation, document_tokens
+from uio_gguf.chat.conversation import Conversation, document_tokens
+from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.errors import UIOError
-from uio_gguf.eval_ppl import Decoder
-from uio_gguf.recall import DEFAULT_RECALL_TOKENS
-from uio_gguf.session import DECODER_SEQ, SamplingParams
+from uio_gguf.evals.ppl import Decoder
+from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
 
 DECODE_TOKENS = 64
 PREFILL_BATCH = 512  # llama.cpp's default micro-batch

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from uio_gguf import keyed_file
 from uio_gguf.cache import memory_dir
-from uio_gguf.encoder import SegmentMemory
 from uio_gguf.errors import UIOError
-from uio_gguf.transfer import MEMORY_DTYPE
+from uio_gguf.memory.encoder import SegmentMemory
+from uio_gguf.memory.transfer import MEMORY_DTYPE
+from uio_gguf.store import keyed_file
 
 FORMAT = "uio-memory/1"
 

@@ -111,7 +111,7 @@ class Recall:
 
     def segment_spans(self, scores: np.ndarray, budget: int) -> list[Span]:
         """Whole segments, best `scores` (one per segment of the compressed part, e.g. the question's
-        attention over their memory: uio_gguf.attention_rank) first, while they fit in `budget` tokens;
+        attention over their memory: uio_gguf.memory.attention_rank) first, while they fit in `budget` tokens;
         those under MIN_SCORE_SHARE of the best are left out. Merged where they meet, in book order."""
         scores = np.asarray(scores, dtype=np.float64)[: self.n_segments]
         if not len(scores) or scores.max() <= 0:

@@ -12,13 +12,13 @@ import os
 import shutil
 from pathlib import Path
 
-from uio_gguf import schema
+from uio_gguf.atomic import atomic_dir
 from uio_gguf.cache import cache_root
-from uio_gguf.embedded import default_model_path
 from uio_gguf.errors import UIOError
-from uio_gguf.files import atomic_dir
+from uio_gguf.format import schema
+from uio_gguf.format.embedded import default_model_path
 
-SHIPPED = Path(__file__).resolve().parent / "bundles"
+SHIPPED = Path(__file__).resolve().parent.parent / "bundles"
 DEFAULT_RATIO = 8  # the finer memory; ratio 32 for books past ~56K tokens
 
 

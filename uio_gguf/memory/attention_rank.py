@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from uio_gguf import schema
 from uio_gguf.errors import UIOError
+from uio_gguf.format import schema
 
 
 class Projection:

@@ -4,7 +4,7 @@ The first turn is rendered with a marker where the book goes; everything before 
 book is the document part: its full segments are compressed (or read from a memory file), the
 remainder and the question are decoded as raw tokens. Later turns append what the template adds.
 With recall on (the default), each question first brings back the book's passages that BM25 ranks
-best for it, as raw tokens between the memory and the raw window (uio_gguf.recall, docs/design.md §6).
+best for it, as raw tokens between the memory and the raw window (uio_gguf.chat.recall, docs/design.md §6).
 The raw window keeps the last R tokens raw (default DEFAULT_RAW_SEGMENTS segments), not only the current
 segment: the book's tail, the question and the recent turns are read as text (docs/design.md §6).
 """
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import llama_cpp
 
-from uio_gguf import memory_file, start_state
-from uio_gguf.encoder import SegmentMemory
+from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS, Recall
 from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
-from uio_gguf.recall import DEFAULT_RECALL_TOKENS, Recall
-from uio_gguf.session import DECODER_SEQ, SamplingParams
+from uio_gguf.memory.encoder import SegmentMemory
+from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
+from uio_gguf.store import memory_file, start_state
 
 BOOK_MARKER = "\u2063UIO-BOOK\u2063"  # invisible separator: never in a real chat template
 FALLBACK_TEMPLATE = "chatml"  # llama.cpp's built-in name, for models that ship no template
@@ -40,7 +40,7 @@ DEFAULT_RAW_SEGMENTS = 1
 MIN_RAW_SEGMENTS = 8
 ANSWER_ROOM = 1024  # cells the raw window leaves for the question and the answer (runtime.ANSWER_RESERVE)
 # How recall ranks the book's passages for a question (docs/design.md §6): BM25 on the question's words, or
-# the question's own attention over each segment's memory slots (uio_gguf.attention_rank).
+# the question's own attention over each segment's memory slots (uio_gguf.memory.attention_rank).
 RANKINGS = ("bm25", "attention")
 QUERY_ROWS = 64  # the question's last tokens whose attention ranks the segments
 
@@ -80,7 +80,7 @@ class CompressionStats:
     tokens: int = 0
     seconds: float = 0.0
     from_file: bool = False
-    from_start_state: bool = False  # the whole start cache came from its file (uio_gguf.start_state)
+    from_start_state: bool = False  # the whole start cache came from its file (uio_gguf.store.start_state)
 
     @property
     def tokens_per_second(self) -> float:

@@ -1,6 +1,6 @@
 """Load benchmark of `uio-gguf serve` (docs/benchmarks.md): N concurrent clients × M questions about 2 books.
 
-    python -m uio_gguf.bench_serve [-m BUNDLE] [--clients 4] [--questions 3] [--parallel 2] [--book-chars 8000]
+    python -m uio_gguf.bench.serve [-m BUNDLE] [--clients 4] [--questions 3] [--parallel 2] [--book-chars 8000]
 
 Starts the server in this process on 127.0.0.1 with a memory-file cache of its own (so the first
 request about each book compresses it), then each client thread streams its questions through the
@@ -50,8 +50,8 @@ def main(argv=None) -> dict:
 
     cache = tempfile.mkdtemp(prefix="uio-bench-serve-")
     os.environ["UIO_GGUF_CACHE"] = cache  # the bundle is assembled here too: a cold start, as a new user's
-    from uio_gguf.llama_compat import UIOLlama
-    from uio_gguf.server import create_app
+    from uio_gguf.serve.app import create_app
+    from uio_gguf.serve.engine import UIOLlama
 
     text = (files("uio_gguf") / "data" / "demo_book.txt").read_text(encoding="utf-8")
     books = [text[: args.book_chars], text[args.book_chars : 2 * args.book_chars]]

@@ -1,7 +1,7 @@
 """Keyed cache files: an .npz of arrays plus a meta record of what they are (format), what they were
 made for (key) and a checksum over them, written atomically.
 
-Memory files (uio_gguf.memory_file) and start states (uio_gguf.start_state) are both kept this way;
+Memory files (uio_gguf.store.memory_file) and start states (uio_gguf.store.start_state) are both kept this way;
 each computes its own checksum, so the arrays are read back once and checked by their owner. A file
 written into the memory cache keeps that folder under its size limit; a file read is marked used
 (uio_gguf/cache.py).
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from uio_gguf.atomic import atomic_file
 from uio_gguf.cache import mark_used, trim_memory_dir
-from uio_gguf.files import atomic_file
 
 
 def save(path: Path, format: str, key: str, checksum: str, **arrays: np.ndarray) -> None:

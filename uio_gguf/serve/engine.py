@@ -8,7 +8,7 @@ An app written against llama-cpp-python switches by changing its constructor:
 
 The return values are the dicts (and, with stream=True, the chunk iterator) llama-cpp-python returns.
 
-How messages map onto a Conversation (uio_gguf/chat.py):
+How messages map onto a Conversation (uio_gguf/chat/conversation.py):
 - system messages before the first user message are its preamble (rendered before it);
 - the first user message is the document turn. When it is longer than the raw window (one segment) it
   holds the book: its text up to the last blank line is the book, compressed into memory or read from its
@@ -30,11 +30,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from uio_gguf.chat import BOOK_MARKER, Conversation, render
+from uio_gguf.chat.conversation import BOOK_MARKER, Conversation, render
 from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
-from uio_gguf.runtime import ANSWER_RESERVE
-from uio_gguf.session import SamplingParams
+from uio_gguf.memory.runtime import ANSWER_RESERVE
+from uio_gguf.memory.session import SamplingParams
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -163,7 +163,7 @@ class UIOLlama(Handle):
         (None: the model's trained context); recall_tokens: Conversation's recall budget per question
         (None: its default; 0: off); runtime: an open UIORuntime to use instead (not closed here)."""
         if runtime is None:
-            from uio_gguf.runtime import UIORuntime
+            from uio_gguf.memory.runtime import UIORuntime
 
             runtime = UIORuntime(
                 bundle, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=n_threads, verbose=verbose
@@ -273,7 +273,7 @@ class UIOLlama(Handle):
         should_stop (not in llama-cpp-python): polled per token; true ends the answer (finish_reason stop).
         Also polled per segment while the book and the turns are read: true there raises Stopped.
         loop_guard (not in llama-cpp-python): stop where the answer starts to repeat itself (finish_reason
-        stop; uio_gguf.loop_guard).
+        stop; uio_gguf.llamacpp.loop_guard).
 
         The book is read (or its memory file loaded) before this returns, also with stream=True, so a
         book that does not fit raises UIOError here rather than mid-stream."""

@@ -19,8 +19,8 @@ import llama_cpp
 import numpy as np
 
 from uio_gguf.handles import Handle
-from uio_gguf.llama_api import Batch, Context, ContextSettings, LoraAdapter, Model
-from uio_gguf.transfer import TransferHead
+from uio_gguf.llamacpp.api import Batch, Context, ContextSettings, LoraAdapter, Model
+from uio_gguf.memory.transfer import TransferHead
 
 LLAMA_MAX_SEQ = 256  # llama.cpp's bound on sequence ids, hence on k × segments per batch
 

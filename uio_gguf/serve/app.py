@@ -104,7 +104,7 @@ class Slots:
 
 
 def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: str | None = None) -> FastAPI:
-    """The app over a UIOLlama (uio_gguf/llama_compat.py); `model_id` is the one id /v1/models lists."""
+    """The app over a UIOLlama (uio_gguf/serve/engine.py); `model_id` is the one id /v1/models lists."""
     app = FastAPI(title="uio-gguf", version="1")
     slots = Slots(parallel, queue)
     app.state.stopping = stopping = threading.Event()  # set by run() when the server is told to stop

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32
 
-from uio_gguf.encoder import Encoder, SegmentMemory
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
-from uio_gguf.llama_api import Model
-from uio_gguf.rope import Rope
-from uio_gguf.session import Session
+from uio_gguf.llamacpp.api import Model
+from uio_gguf.memory.encoder import Encoder, SegmentMemory
+from uio_gguf.memory.rope import Rope
+from uio_gguf.memory.session import Session
 
 ANSWER_RESERVE = 1024  # cells kept free in the decoder for the remainder, the question and the answer
 
@@ -43,11 +43,11 @@ class UIORuntime(Handle):
         n_threads: int = 0,
         verbose: bool = False,
     ):
-        from uio_gguf.bundle import Bundle
+        from uio_gguf.format.bundle import Bundle
         from uio_gguf.native.build import load_plugin
 
         if bundle is None:
-            from uio_gguf.default_bundle import default_bundle_path
+            from uio_gguf.format.shipped import default_bundle_path
 
             bundle = default_bundle_path()
         self.bundle = bundle if not isinstance(bundle, (str, Path)) else Bundle.open(bundle)
@@ -119,9 +119,9 @@ class UIORuntime(Handle):
         )
 
     def query_projection(self):
-        """The decoder's W_q and RoPE (uio_gguf.attention_rank), read from the model file once."""
+        """The decoder's W_q and RoPE (uio_gguf.memory.attention_rank), read from the model file once."""
         if getattr(self, "_query_projection", None) is None:
-            from uio_gguf.attention_rank import Projection
+            from uio_gguf.memory.attention_rank import Projection
 
             self._query_projection = Projection(self.bundle.model_path, self.model.n_layer, self.rope)
         return self._query_projection

@@ -1,7 +1,7 @@
 """`uio-gguf eval passkey`: can the model find a number hidden far back in what it read?
 
 A document of about L tokens of filler holds the pass-key sentence of the training tasks
-(uio_gguf.synthetic) on a line of its own at depth d (0: its start, 1: its end). The document is read
+(uio_gguf.train.synthetic) on a line of its own at depth d (0: its start, 1: its end). The document is read
 through the chat path, as `uio-gguf chat` reads a book (memory files off), and the training task's
 question is asked (with recall_tokens, after the passages BM25 ranks best for it are brought back
 raw, as chat does by default; 0, the default here: the memory alone); a trial is a hit when the greedy answer (16 tokens at most) contains the number.
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from uio_gguf.errors import UIOError
-from uio_gguf.synthetic import PASSKEY_QUESTION, filler, insert_at, passkey_fact
+from uio_gguf.train.synthetic import PASSKEY_QUESTION, filler, insert_at, passkey_fact
 
 # The filler of the original passkey test (Mohtashami & Jaggi, 2023), one sentence group a line.
 CLASSIC_FILLER_LINE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
@@ -58,8 +58,8 @@ def document(model, length: int, depth: float, key: int, rng: random.Random, tex
 
 
 def ask(runtime, book: str, question: str, recall_tokens: int = 0) -> str:
-    from uio_gguf.chat import Conversation
-    from uio_gguf.session import SamplingParams
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.memory.session import SamplingParams
 
     conversation = Conversation(runtime, book, use_memory_files=False, recall_tokens=recall_tokens)
     try:

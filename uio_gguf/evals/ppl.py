@@ -4,7 +4,7 @@ with the baselines it has to beat.
 For a length L every method predicts the same targets: tokens 1..L-1 of the text's first L tokens.
   uio-r{ratio}  Session.feed, as in chat and training: a token sees the memory of every full segment
                 before it plus the raw tokens since the last segment boundary.
-  chat-r{ratio} Session.feed with chat's default raw window R (uio_gguf.chat.DEFAULT_RAW_SEGMENTS
+  chat-r{ratio} Session.feed with chat's default raw window R (uio_gguf.chat.conversation.DEFAULT_RAW_SEGMENTS
                 segments, docs/design.md §6): a token sees the memory of every segment compressed
                 before it plus the last R - l .. R - 1 raw tokens (raw cells shifted down, not
                 recomputed, when the oldest segment is compressed).
@@ -39,7 +39,7 @@ import numpy as np
 
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
-from uio_gguf.llama_api import Batch, Context, ContextSettings
+from uio_gguf.llamacpp.api import Batch, Context, ContextSettings
 
 MAX_BATCH = 512
 SINK_TOKENS = 4  # tokens at the start that the sliding baseline never drops (StreamingLLM's choice)
@@ -217,7 +217,7 @@ def methods(
     names = [f"uio-r{rt.bundle.ratio}" for rt in runtimes]
     names = [n if names.count(n) == 1 else f"{n}:{rt.bundle.path.name}" for n, rt in zip(names, runtimes)]
     if raw_windows is None:
-        from uio_gguf.chat import DEFAULT_RAW_SEGMENTS
+        from uio_gguf.chat.conversation import DEFAULT_RAW_SEGMENTS
 
         raw_windows = (DEFAULT_RAW_SEGMENTS * base.segment,)
     if any(r < base.segment for r in raw_windows):

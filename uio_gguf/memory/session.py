@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
-from uio_gguf.encoder import SegmentMemory
 from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
-from uio_gguf.llama_api import Batch, Context, ContextSettings
-from uio_gguf.loop_guard import LoopGuard
+from uio_gguf.llamacpp.api import Batch, Context, ContextSettings
+from uio_gguf.llamacpp.loop_guard import LoopGuard
+from uio_gguf.memory.encoder import SegmentMemory
 
 DECODER_SEQ, SCRATCH_SEQ = 0, 1
 
@@ -68,7 +68,7 @@ class SamplingParams:
     dry_base: float = 1.75
     dry_allowed_length: int = 2
     dry_last_n: int = 0  # tokens looked back over; 0: the whole answer (DRY sees the answer's tokens only)
-    # Stop where the answer starts to repeat itself (uio_gguf.loop_guard); chat and the server turn it on.
+    # Stop where the answer starts to repeat itself (uio_gguf.llamacpp.loop_guard); chat and the server turn it on.
     loop_guard: bool = False
 
 
@@ -293,7 +293,7 @@ class Session(Handle):
         self.compressed_segments += n_seg
 
     def restore(self, state, segments: int, raw) -> bool:
-        """Takes an empty conversation to a saved start state (uio_gguf.start_state): the memory of
+        """Takes an empty conversation to a saved start state (uio_gguf.store.start_state): the memory of
         `segments` segments, then the raw tokens `raw`. False, with the conversation left empty, when
         the state does not hold exactly those cells."""
         if self.n_past:
@@ -364,10 +364,10 @@ class Session(Handle):
         ]
 
     def memory_attention(self, tokens, projection) -> np.ndarray:
-        """How much `tokens` (a question) attend to each memory segment (uio_gguf.attention_rank): they are
+        """How much `tokens` (a question) attend to each memory segment (uio_gguf.memory.attention_rank): they are
         decoded after the conversation as it stands, their attention inputs captured (the last
         query_rows of them), and their cells removed again. -> (compressed_segments,), summing to 1."""
-        from uio_gguf.attention_rank import segment_scores
+        from uio_gguf.memory.attention_rank import segment_scores
         from uio_gguf.native.bindings import CaptureKind
 
         if self._capture is None or self._keys is None:

@@ -15,7 +15,7 @@ import numpy as np
 from uio_gguf.errors import UIOError
 
 ENCODER, TRANSFER = "encoder", "transfer"
-# What a memory file stores K and V in (uio_gguf/memory_file.py) by default: the f16 of llama.cpp's
+# What a memory file stores K and V in (uio_gguf/store/memory_file.py) by default: the f16 of llama.cpp's
 # default KV cache. Every memory is rounded to its dtype here, the one place memory is made, so a fresh
 # compression injects exactly what its memory file gives back: compress once and ask many answers as
 # compressing again would (bit-identical logits). An f32 KV cache keeps f32 memory (and f32 files).

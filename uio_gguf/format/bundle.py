@@ -1,4 +1,4 @@
-"""Reading a UIO bundle (model.gguf + encoder.lora.gguf + uio.gguf, see uio_gguf/schema.py).
+"""Reading a UIO bundle (model.gguf + encoder.lora.gguf + uio.gguf, see uio_gguf/format/schema.py).
 
 `Bundle.open` checks that the three files are whole GGUF files of the right kinds and that they belong
 together (the fingerprints uio.gguf recorded at conversion), so the runtime never mixes a head with a
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from uio_gguf import schema
 from uio_gguf.errors import UIOError
-from uio_gguf.gguf_file import GGUFFile, read_gguf
+from uio_gguf.format import schema
+from uio_gguf.format.gguf_file import GGUFFile, read_gguf
 
 FINGERPRINT_BLOCKS = 16  # sampled blocks of tensor data
 FINGERPRINT_BLOCK_BYTES = 1 << 16

@@ -1,0 +1,1 @@
+"""Evaluations: perplexity, pass keys, questions about a long text."""

@@ -1,0 +1,1 @@
+"""Thin wrappers over llama.cpp's C API (through llama-cpp-python) and the answer's loop guard."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: the chat-completion engine and the FastAPI app."""

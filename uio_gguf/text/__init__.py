@@ -1,0 +1,1 @@
+"""Reading the books given on the command line."""
