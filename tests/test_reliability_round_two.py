@@ -162,3 +162,87 @@ def test_an_n_ctx_out_of_range_is_refused_in_one_line(tiny_bundle, book, cache_e
 def test_force_n_ctx_goes_past_the_trained_context(tiny_bundle, book, cache_env):
     args = ("chat", str(book), "-m", str(tiny_bundle), "--prompt", "Hi", "-n", "2", "--n-ctx", "16384")
     assert run_cli(*args, "--force-n-ctx", env=cache_env, check=True).stderr.count("memory slots") == 1
+
+
+# ----- 10. smaller items ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--repeat-penalty", "0", "the repetition penalty must be a finite number above 0"),
+        ("--repeat-penalty", "-1.5", "repetition penalty"),
+        ("--temp", "inf", "the temperature must be 0 (greedy) or a finite number"),
+        ("--dry", "inf", "DRY multiplier"),
+    ],
+)
+def test_sampling_settings_without_a_meaning_are_refused(
+    tiny_bundle, book, cache_env, tmp_path, option, value, message
+):
+    result = run_cli("chat", str(book), "-m", str(tiny_bundle), "--prompt", "q", option, value, env=cache_env)
+    one_line(result, message)
+    assert not (tmp_path / "cache" / "memory").exists()  # before the compression
+
+
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_a_ratio_beside_a_bundle_is_refused(tiny_bundle, book, cache_env, command):
+    args = ["chat", str(book), "--prompt", "q"] if command == "chat" else ["serve"]
+    result = run_cli(*args, "-m", str(tiny_bundle), "--ratio", "32", env=cache_env)
+    one_line(result, "--ratio 32 picks a shipped bundle")
+
+
+@pytest.mark.parametrize("where", ["the folder", "a folder above it"])
+def test_a_cache_that_is_a_file_is_one_line(tiny_bundle, book, tmp_path, where):
+    file = tmp_path / "file"
+    file.write_text("x")
+    cache = file if where == "the folder" else file / "cache"
+    result = run_cli("chat", str(book), "-m", str(tiny_bundle), "--prompt", "q", env={"UIO_GGUF_CACHE": str(cache)})
+    one_line(result, f"the cache folder {cache} cannot be made: {file} is not a folder")
+
+
+def test_a_book_that_cannot_be_read_is_one_line(tiny_bundle, cache_env):
+    result = run_cli("chat", "/proc/self/mem", "-m", str(tiny_bundle), "--prompt", "q", env=cache_env)
+    one_line(result, "cannot read the book /proc/self/mem: Input/output error")  # a regular file that fails to read
+
+
+@pytest.mark.parametrize("word", ["exit", "quit", "/bye"])
+def test_exit_words_leave_the_repl_unasked(tiny_bundle, book, cache_env, word):
+    result = repl("chat", str(book), "-m", str(tiny_bundle), "-n", "3", lines=[word, "Hi"], env=cache_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == "> "  # one prompt, and nothing answered
+
+
+def test_a_ctrl_c_inside_a_finalizer_interrupts_the_command_without_exception_ignored():
+    """A second Ctrl-C that lands in a __del__ (llama_free) printed "Exception ignored ... KeyboardInterrupt"
+    and was lost. A finalizer raising KeyboardInterrupt, as that signal does, inside a command:"""
+    code = "\n".join(
+        [
+            "import sys, time",
+            "from uio_gguf.cli import main",
+            "from uio_gguf.cli.options import app",
+            "class Handle:",
+            "    def __del__(self):",
+            "        raise KeyboardInterrupt",
+            "@app.command('finalize')",
+            "def finalize():",
+            "    handle = Handle()",
+            "    del handle",
+            "    time.sleep(0.5)",
+            "    print('not interrupted')",
+            "sys.argv[1:] = ['finalize']",
+            "main()",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert (result.returncode, result.stdout) == (130, "")  # interrupted, as by a Ctrl-C anywhere else
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_damaged_memory_file_warns_in_one_line(tiny_bundle, book, cache_env, tmp_path):
+    args = ("chat", str(book), "-m", str(tiny_bundle), "--prompt", "Hi", "-n", "2")
+    run_cli(*args, env=cache_env, check=True)
+    memory = tmp_path / "cache" / "memory"
+    for path in memory.glob("*.npz"):
+        path.write_bytes(path.read_bytes()[:200])
+    result = run_cli(*args, env=cache_env, check=True)
+    warnings = [line for line in result.stderr.splitlines() if "damaged" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("uio-gguf: warning: memory file "), result.stderr
+    assert ".py:" not in result.stderr and "warnings.warn" not in result.stderr

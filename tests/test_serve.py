@@ -300,6 +300,7 @@ def test_a_client_that_leaves_while_its_book_is_compressed_stops_the_compression
         (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), 422),
         (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 422),
         (json.dumps({"messages": [{"role": "assistant", "content": "x"}]}).encode(), 400),
+        (json.dumps([{"role": "user", "content": "x"}]).encode(), 422),
     ],
 )
 def test_a_malformed_request_gets_an_openai_error_and_the_server_goes_on(server, body, status):
@@ -312,6 +313,7 @@ def test_a_malformed_request_gets_an_openai_error_and_the_server_goes_on(server,
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert not error["message"].startswith("None")  # a body with no field to name (a JSON array) said "None: ..."
     assert httpx.get(f"{base}/health").json()["status"] == "ok"
 
 

@@ -15,16 +15,26 @@ import os
 import warnings
 from pathlib import Path
 
+from uio_gguf.errors import UIOError
+
 MEMORY_LIMIT_ENV = "UIO_GGUF_MEMORY_CACHE_GB"
 DEFAULT_MEMORY_LIMIT_GB = 4.0
 
 
 def cache_root() -> Path:
+    """The cache folder; UIOError when it (or a folder above it) is something else, e.g. a file."""
     if os.environ.get("UIO_GGUF_CACHE"):
-        return Path(os.environ["UIO_GGUF_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "uio-gguf"
-    return Path.home() / ".cache" / "uio-gguf"
+        root = Path(os.environ["UIO_GGUF_CACHE"])
+    elif os.environ.get("XDG_CACHE_HOME"):
+        root = Path(os.environ["XDG_CACHE_HOME"]) / "uio-gguf"
+    else:
+        root = Path.home() / ".cache" / "uio-gguf"
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UIOError(f"the cache folder {root} cannot be made: {path} is not a folder (see UIO_GGUF_CACHE)")
+            break
+    return root
 
 
 def memory_dir() -> Path:

@@ -16,6 +16,7 @@ from uio_gguf.cli.options import (
     Ratio,
     Verbose,
     app,
+    check_ratio,
     parse_lengths,
     write_json,
 )
@@ -27,7 +28,7 @@ def bench(
     lengths: str = typer.Option(
         "4096,16384,32768", "--lengths", help="Token lengths, comma separated: the book is cut (or repeated) to each."
     ),
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: Ratio = None,
     model: Model = None,
     n_gpu_layers: GpuLayers = 0,
     threads: int | None = typer.Option(
@@ -57,6 +58,7 @@ def bench(
     from uio_gguf.memory.runtime import UIORuntime
     from uio_gguf.text.book import read_book
 
+    check_ratio(model, ratio)
     asked = parse_lengths(lengths)
     extra = {"command": "uio-gguf " + " ".join(sys.argv[1:]), "n_gpu_layers": n_gpu_layers}
     if threads is None:
@@ -68,7 +70,7 @@ def bench(
     body = read_book(text) if text is not None else runner.packaged_text()
     name = str(text) if text is not None else "uio_gguf/data/demo_book.txt (the demo book)"
     with UIORuntime(
-        model if model is not None else default_bundle_path(ratio),
+        model if model is not None else default_bundle_path(DEFAULT_RATIO if ratio is None else ratio),
         n_gpu_layers=n_gpu_layers,
         flash_attn=flash_attn,
         segments_per_batch=segments_per_batch,

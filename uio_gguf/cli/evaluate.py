@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from uio_gguf.cli.options import (
-    DEFAULT_RATIO,
     FlashAttn,
     GpuLayers,
     LoopGuardOption,
@@ -126,7 +125,7 @@ def eval_passkey(
     trials: int = typer.Option(5, "--trials", help="Documents (each with its own key) per length and depth."),
     seed: int = typer.Option(0, "--seed", help="Seed of the keys and of the filler."),
     model: Model = None,
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: Ratio = None,
     filler: list[Path] = typer.Option(
         [],
         "--filler",
@@ -204,7 +203,7 @@ def eval_qa(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the needles and of the filler."),
     model: Model = None,
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: Ratio = None,
     recall: int | None = typer.Option(
         None, "--recall", help="Recall budget in tokens for rag, uio+recall and uio+attn (default: chat's)."
     ),

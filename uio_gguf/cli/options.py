@@ -24,9 +24,10 @@ app = typer.Typer(
 BUNDLE_HELP = "UIO bundle directory (model.gguf, encoder.lora.gguf, uio.gguf). Default: the embedded SmolLM2 bundle."
 RATIO_HELP = "Without -m: which shipped SmolLM2 bundle, by compression ratio (8: finer memory, books up to ~56K tokens; 32: up to ~225K)."
 
-# The options of every command that runs the model (use with a default: `ratio: Ratio = DEFAULT_RATIO`).
+# The options of every command that runs the model (use with a default: `ratio: Ratio = None`, which is
+# DEFAULT_RATIO without -m; with -m, --ratio is refused: check_ratio).
 Model = Annotated[Path | None, typer.Option("-m", "--model", help=BUNDLE_HELP)]
-Ratio = Annotated[int, typer.Option("--ratio", help=RATIO_HELP)]
+Ratio = Annotated[int | None, typer.Option("--ratio", help=RATIO_HELP + f" Default: {DEFAULT_RATIO}.")]
 # For commands that read a book: None picks the finest shipped ratio that holds it (open_runtime's book=).
 AutoRatio = Annotated[
     int | None,
@@ -90,6 +91,12 @@ def check_n_ctx(n_ctx: int | None, trained: int | None = None, force: bool = Fal
         )
 
 
+def check_ratio(bundle: Path | None, ratio: int | None) -> None:
+    """--ratio picks a shipped bundle: beside -m it would be ignored without a word, so it is refused."""
+    if bundle is not None and ratio is not None:
+        raise UIOError(f"--ratio {ratio} picks a shipped bundle, and -m {bundle} brings its own ratio: leave one out")
+
+
 def open_runtime(
     bundle: Path | None,
     ratio: int | None,
@@ -109,6 +116,7 @@ def open_runtime(
     def opened(path):
         return UIORuntime(path, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=verbose)
 
+    check_ratio(bundle, ratio)
     auto = bundle is None and ratio is None
     ratio = DEFAULT_RATIO if ratio is None else ratio
     runtime = opened(bundle if bundle is not None else default_bundle_path(ratio))

@@ -272,6 +272,9 @@ def demo(
     )
 
 
+EXIT_WORDS = ("exit", "quit", "/bye", "/exit", "/quit")  # typed at the prompt: leave (never asked of the model)
+
+
 def _chat_loop(conversation, params, prompt: str | None) -> None:
     """One answer (--prompt) or a REPL. The first Ctrl-C during an answer stops that answer."""
     import signal
@@ -304,6 +307,8 @@ def _chat_loop(conversation, params, prompt: str | None) -> None:
                 question = input("> ")
             except (EOFError, KeyboardInterrupt):
                 typer.echo("")
+                return
+            if question.strip().lower() in EXIT_WORDS:
                 return
             if question.strip():
                 try:

@@ -34,7 +34,7 @@ def require_serve_stack() -> None:
 @app.command()
 def serve(
     model: Model = None,
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: Ratio = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     n_gpu_layers: GpuLayers = 0,
@@ -59,7 +59,7 @@ def serve(
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
         from uio_gguf.format.shipped import shipped_bundles
 
-        alias = shipped_bundles()[ratio].name
+        alias = shipped_bundles()[DEFAULT_RATIO if ratio is None else ratio].name
     model_id = alias or runtime.bundle.path.name
     typer.echo(
         f"serving {model_id} on http://{host}:{port}/v1 (books up to {llm.max_book_tokens():,} tokens)", err=True

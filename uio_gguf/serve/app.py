@@ -126,7 +126,14 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
             return error_response(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
         first = errors[0] if errors else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(422, f"{param}: {first.get('msg', 'invalid')}", "invalid_request_error", None, param)
+        message = first.get("msg", "invalid")  # a body of the wrong shape (a JSON array) has no field to name
+        return error_response(
+            422,
+            f"{param}: {message}" if param else f"the request body: {message}",
+            "invalid_request_error",
+            None,
+            param,
+        )
 
     @app.exception_handler(HTTPException)
     async def on_http(_request, err: HTTPException):

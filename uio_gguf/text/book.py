@@ -31,7 +31,10 @@ def read_book(path: str | Path) -> str:
         raise UIOError(f"book not found: {path}")
     if not path.is_file():
         raise UIOError(f"not a file: {path}")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UIOError(f"cannot read the book {path}: {err.strerror or err}") from None
     if b"\0" in data[:SAMPLE_CHARS]:
         raise UIOError(f"{path} looks like a binary file, not text")
     share = binary_share(data[: SAMPLE_CHARS * 4].decode("utf-8", errors="replace")[:SAMPLE_CHARS])
