@@ -4,6 +4,7 @@ the damaged cache files in tests/test_fuzz_readers.py)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,97 @@ def test_a_damaged_memory_file_warns_in_one_line(tiny_bundle, book, cache_env, t
     warnings = [line for line in result.stderr.splitlines() if "damaged" in line]
     assert len(warnings) == 1 and warnings[0].startswith("uio-gguf: warning: memory file "), result.stderr
     assert ".py:" not in result.stderr and "warnings.warn" not in result.stderr
+
+
+# ----- 4. damage that went unseen ---------------------------------------------------------------------
+def _bundle_copy(source: Path, target: Path, copy_model: bool) -> Path:
+    """A bundle directory whose encoder and head (and, copy_model, model) can be damaged."""
+    import shutil
+
+    from uio_gguf.format import schema
+
+    target.mkdir()
+    for name in (schema.MODEL_FILE, schema.ENCODER_FILE, schema.HEAD_FILE):
+        if name == schema.MODEL_FILE and not copy_model:
+            (target / name).symlink_to((source / name).resolve())
+        else:
+            shutil.copyfile(source / name, target / name)
+    return target
+
+
+def _scale_tensors(path: Path, factor: float, count: int = 4) -> None:
+    """`count` (f32) tensors of a GGUF file multiplied by `factor`, in place (the header as it was): the
+    first ones that lie between the blocks its sampled fingerprint reads, where the file has such blocks."""
+    import numpy as np
+
+    from uio_gguf.format.bundle import FINGERPRINT_BLOCK_BYTES, FINGERPRINT_BLOCKS
+    from uio_gguf.format.gguf_file import read_gguf
+
+    info = read_gguf(path)
+    data_bytes, block = info.size - info.data_offset, FINGERPRINT_BLOCK_BYTES
+    last = data_bytes - block
+    starts = [info.data_offset + last * i // (FINGERPRINT_BLOCKS - 1) for i in range(FINGERPRINT_BLOCKS)]
+
+    def unsampled(t) -> bool:
+        return data_bytes > FINGERPRINT_BLOCKS * block and all(
+            t.offset + t.n_bytes <= s or t.offset >= s + block for s in starts
+        )
+
+    tensors = list(info.tensors.values())
+    tensors = ([t for t in tensors if unsampled(t)] or tensors)[:count]
+    with open(path, "r+b") as f:
+        for tensor in tensors:
+            assert int(tensor.type) == 0  # F32
+            f.seek(tensor.offset)
+            data = np.frombuffer(f.read(tensor.n_bytes), dtype=np.float32) * np.float32(factor)
+            f.seek(tensor.offset)
+            f.write(data.tobytes())
+
+
+def test_damage_anywhere_in_a_bundle_converted_now_is_refused(tiny_bundle, book, cache_env, tmp_path):
+    """64 inverted bytes at 37% of model.gguf fell between the sampled blocks of its fingerprint: the bundle
+    opened and answered otherwise. The converter now records a checksum of every byte, which is compared."""
+    from uio_gguf.errors import UIOError
+    from uio_gguf.format.bundle import Bundle
+
+    model_damaged = _bundle_copy(tiny_bundle, tmp_path / "model", copy_model=True)
+    data = bytearray((model_damaged / "model.gguf").read_bytes())
+    at = int(len(data) * 0.37)
+    data[at : at + 64] = bytes(b ^ 0xFF for b in data[at : at + 64])
+    (model_damaged / "model.gguf").write_bytes(bytes(data))
+    encoder_damaged = _bundle_copy(tiny_bundle, tmp_path / "encoder", copy_model=False)
+    _scale_tensors(encoder_damaged / "encoder.lora.gguf", 50)
+    # the tiny encoder is smaller than the sampled blocks: its fingerprint reads every byte already
+    for damaged, message in (
+        (model_damaged, "model.gguf is damaged"),
+        (encoder_damaged, "do not belong together: encoder.lora.gguf"),
+    ):
+        with pytest.raises(UIOError, match=re.escape(message)):
+            Bundle.open(damaged)
+        info = run_cli("info", str(damaged), env=cache_env)
+        one_line(info, message)
+        assert ("DAMAGED" in info.stdout or "MISMATCH" in info.stdout) and "every byte" in info.stdout
+        one_line(run_cli("chat", str(book), "-m", str(damaged), "--prompt", "q", env=cache_env), message)
+    assert "ok, every byte" in run_cli("info", str(tiny_bundle), env=cache_env, check=True).stdout
+
+
+def test_a_damaged_encoder_of_an_older_bundle_gets_memory_of_its_own(tmp_path, monkeypatch):
+    """The shipped bundles record no checksum of every byte: four encoder tensors scaled by 50 pass their
+    sampled fingerprint (info says so), but the memory is keyed on every byte, so the memory file made
+    with the whole encoder is not reused."""
+    import numpy as np
+
+    from uio_gguf.format.bundle import Bundle
+    from uio_gguf.format.shipped import default_bundle_path
+    from uio_gguf.store.memory_file import memory_key
+
+    monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path / "cache"))
+    whole = default_bundle_path(8)
+    damaged = _bundle_copy(whole, tmp_path / "damaged", copy_model=False)
+    _scale_tensors(damaged / "encoder.lora.gguf", 50)
+    tokens = np.arange(256, dtype=np.int32)
+    original, changed = Bundle.open(whole), Bundle.open(damaged)  # opens: no checksum to compare
+    assert memory_key(changed, tokens) != memory_key(original, tokens)
+    info = run_cli("info", str(damaged), env={"UIO_GGUF_CACHE": str(tmp_path / "cache")}, check=True).stdout
+    line = next(row for row in info.splitlines() if row.strip().startswith("encoder.lora.gguf"))
+    assert "sampled" in line and "no checksum of every byte recorded" in line
