@@ -341,3 +341,34 @@ def test_a_damaged_encoder_of_an_older_bundle_gets_memory_of_its_own(tmp_path, m
     info = run_cli("info", str(damaged), env={"UIO_GGUF_CACHE": str(tmp_path / "cache")}, check=True).stdout
     line = next(row for row in info.splitlines() if row.strip().startswith("encoder.lora.gguf"))
     assert "sampled" in line and "no checksum of every byte recorded" in line
+
+
+# ----- 9. speed under load ----------------------------------------------------------------------------
+def test_the_default_threads_leave_out_a_cpu_another_process_keeps_busy(tiny_bundle, cache_env):
+    """llama.cpp's threads spin at every step: with one on a CPU another process kept busy, compression ran
+    25 times slower than with one thread. The default leaves such a CPU out (bench measures the speed)."""
+    import time
+
+    cpus = sorted(os.sched_getaffinity(0))
+    spin = f"import os\nos.sched_setaffinity(0, {{{cpus[0]}}})\nwhile True:\n    pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
+    code = (
+        "import llama_cpp\nfrom uio_gguf.memory.runtime import UIORuntime\n"
+        f"rt = UIORuntime({str(tiny_bundle)!r})\nprint(llama_cpp.llama_n_threads(rt.encoder.ctx.ptr))"
+    )
+    try:
+        time.sleep(0.5)  # the spinning process has its CPU
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env={**os.environ, **cache_env}
+        )
+    finally:
+        busy.kill()
+        busy.wait()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 1 <= int(result.stdout) <= max(1, len(cpus) - 1)
+
+
+def test_threads_can_be_set_and_are_checked(tiny_bundle, book, cache_env):
+    args = ("chat", str(book), "-m", str(tiny_bundle), "--prompt", "Who wrote it?", "-n", "4")
+    one_line(run_cli(*args, "--threads", "0", env=cache_env), "--threads must be 1 or more, not 0")
+    assert run_cli(*args, "--threads", "1", env=cache_env, check=True).stdout.strip()

@@ -32,7 +32,7 @@ def bench(
     model: Model = None,
     n_gpu_layers: GpuLayers = 0,
     threads: int | None = typer.Option(
-        None, "--threads", help="CPU threads, the same for both sides (default: the CPUs this process may use)."
+        None, "--threads", help="CPU threads, the same for both sides (default: the usable CPUs idle at start)."
     ),
     text: Path | None = typer.Option(
         None, "--text", help="A UTF-8 text (default: the packaged demo book); repeated when a length needs more."
@@ -54,7 +54,7 @@ def bench(
 
     from uio_gguf.bench import runtime as runner
     from uio_gguf.format.shipped import default_bundle_path
-    from uio_gguf.llamacpp.api import usable_cpus
+    from uio_gguf.llamacpp.threads import default_threads
     from uio_gguf.memory.runtime import UIORuntime
     from uio_gguf.text.book import read_book
 
@@ -62,7 +62,7 @@ def bench(
     asked = parse_lengths(lengths)
     extra = {"command": "uio-gguf " + " ".join(sys.argv[1:]), "n_gpu_layers": n_gpu_layers}
     if threads is None:
-        threads = usable_cpus()
+        threads = default_threads()
     if threads < 1:
         raise UIOError(f"--threads must be 1 or more, not {threads}")
     if segments_per_batch < 0:

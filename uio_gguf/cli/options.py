@@ -59,6 +59,14 @@ ForceNCtx = Annotated[
         help="Allow an --n-ctx past the model's trained context: positions it never saw, and a cache that grows with it.",
     ),
 ]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads for llama.cpp (default: the usable CPUs idle at start; a CPU another process keeps busy "
+        "would hold every thread back).",
+    ),
+]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="Use flash attention.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log.")]
@@ -106,6 +114,7 @@ def open_runtime(
     book: str | None = None,
     n_ctx: int | None = None,
     force_n_ctx: bool = False,
+    threads: int | None = None,
 ):
     """The runtime of a bundle, or of the shipped bundle of `ratio`. n_ctx is checked against the model
     (check_n_ctx). With a book, its length is checked here; without -m and --ratio (ratio None), a book
@@ -113,8 +122,13 @@ def open_runtime(
     from uio_gguf.format.shipped import default_bundle_path
     from uio_gguf.memory.runtime import UIORuntime
 
+    if threads is not None and threads < 1:
+        raise UIOError(f"--threads must be 1 or more, not {threads}")
+
     def opened(path):
-        return UIORuntime(path, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=verbose)
+        return UIORuntime(
+            path, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=threads or 0, verbose=verbose
+        )
 
     check_ratio(bundle, ratio)
     auto = bundle is None and ratio is None

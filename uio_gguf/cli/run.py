@@ -18,6 +18,7 @@ from uio_gguf.cli.options import (
     LoopGuardOption,
     Model,
     NCtx,
+    Threads,
     Verbose,
     app,
     check_n_ctx,
@@ -88,6 +89,7 @@ def compress(
     out: Path | None = typer.Option(None, "-o", "--out", help="Also copy the memory file here."),
     ratio: AutoRatio = None,
     n_gpu_layers: GpuLayers = 0,
+    threads: Threads = None,
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
 ):
@@ -98,7 +100,7 @@ def compress(
     if out is not None:
         _check_output_file(out)  # before the work, not after it
     text = read_book(book)
-    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text)
+    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text, threads=threads)
     bar, update = progress_bar("compressing")
     conversation = Conversation(runtime, text, progress=update, recall_tokens=0, must_save=True)
     bar.close()
@@ -124,6 +126,7 @@ def chat(
     n_gpu_layers: GpuLayers = 0,
     n_ctx: NCtx = None,
     force_n_ctx: ForceNCtx = False,
+    threads: Threads = None,
     temperature: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
     top_k: int = typer.Option(40, "--top-k", help="Top-k sampling (with --temp > 0)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Top-p sampling (with --temp > 0)."),
@@ -166,7 +169,15 @@ def chat(
         raise UIOError(f"--recall-ranking must be one of {', '.join(RANKINGS)}, not {recall_ranking!r}")
     text = read_book(book)
     runtime = open_runtime(
-        model, ratio, n_gpu_layers, flash_attn, verbose, book=text, n_ctx=n_ctx, force_n_ctx=force_n_ctx
+        model,
+        ratio,
+        n_gpu_layers,
+        flash_attn,
+        verbose,
+        book=text,
+        n_ctx=n_ctx,
+        force_n_ctx=force_n_ctx,
+        threads=threads,
     )
     bar, update = progress_bar("compressing")
     conversation = Conversation(
@@ -254,6 +265,7 @@ def demo(
         n_gpu_layers=n_gpu_layers,
         n_ctx=None,
         force_n_ctx=False,
+        threads=None,
         temperature=0.0,
         top_k=40,
         top_p=0.95,

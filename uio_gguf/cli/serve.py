@@ -12,6 +12,7 @@ from uio_gguf.cli.options import (
     Model,
     NCtx,
     Ratio,
+    Threads,
     Verbose,
     app,
     check_n_ctx,
@@ -43,6 +44,7 @@ def serve(
     api_key: str | None = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY`."),
     n_ctx: NCtx = None,
     force_n_ctx: ForceNCtx = False,
+    threads: Threads = None,
     keep: int = typer.Option(4, "--keep", min=0, help="Finished conversations kept open to be continued."),
     alias: str | None = typer.Option(None, "--alias", help="The model id clients use (default: the bundle's name)."),
     flash_attn: FlashAttn = False,
@@ -54,7 +56,9 @@ def serve(
     from uio_gguf.serve.engine import UIOLlama
 
     check_n_ctx(n_ctx)
-    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, n_ctx=n_ctx, force_n_ctx=force_n_ctx)
+    runtime = open_runtime(
+        model, ratio, n_gpu_layers, flash_attn, verbose, n_ctx=n_ctx, force_n_ctx=force_n_ctx, threads=threads
+    )
     llm = UIOLlama(runtime=runtime, n_ctx=n_ctx, keep=keep)
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
         from uio_gguf.format.shipped import shipped_bundles
