@@ -67,7 +67,7 @@ def test_a_limit_that_is_not_a_size_warns_and_keeps_the_default(monkeypatch, val
 
 
 def test_a_memory_file_and_its_start_state_are_kept_or_dropped_together(memory_cache, monkeypatch):
-    """Issue 39: with room for one memory file, writing its start state dropped the memory file (older),
+    """With room for one memory file, writing its start state dropped the memory file (older),
     leaving a start state of no use; every run then compressed again."""
     a = _save("a", 0, 300)
     size = a.stat().st_size

@@ -265,7 +265,7 @@ def _within(seconds: float, work, fifo):
 
 @pytest.mark.parametrize("target", ["memory file", "start state"])
 def test_a_non_regular_file_in_place_of_a_cached_one_is_skipped(make_tiny_bundle, prose, tmp_path, monkeypatch, target):
-    """Issue 39: a directory there gave an IsADirectoryError traceback on every run, a FIFO hung for ever.
+    """A directory there gave an IsADirectoryError traceback on every run, a FIFO hung for ever.
     Each is skipped, the memory recomputed (or read from its memory file), and the answer is the same."""
     from uio_gguf.chat.conversation import Conversation
     from uio_gguf.memory.runtime import UIORuntime

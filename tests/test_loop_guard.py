@@ -39,7 +39,7 @@ def _cuts(text: str) -> list[list[str]]:
             "The father of Isaac is Abraham.\n\nThe text is from Genesis, chapter 27.\n\nThe text is from Genesis, chapter 27.",
             "The father of Isaac is Abraham.\n\nThe text is from Genesis, chapter 27.",
         ),
-        # issue 39: a line without a full stop, repeated after the line break as a sentence that has one
+        # a line without a full stop, repeated after the line break as a sentence that has one
         ("The pass key is 11059\nThe pass key is 11059.\nThe pass key is 11059.", "The pass key is 11059"),
         ("The pass key is 11059!\nThe pass key is 11059. And", "The pass key is 11059!"),
     ],

@@ -1,5 +1,7 @@
-"""Issue 39: what a second QA pass found, each kept as a test (the server's own in tests/test_serve.py,
-the damaged cache files in tests/test_fuzz_readers.py)."""
+"""What a second QA pass found, each kept as a test: a later turn too long for the window, a full disk, a
+memory file trimmed without its start state, damage between the sampled blocks of a fingerprint, --n-ctx out
+of range, threads on a busy CPU, and smaller items (the server's own cases are in tests/test_serve.py, the
+cache files replaced by a directory, a FIFO or a device in tests/test_fuzz_readers.py)."""
 
 from __future__ import annotations
 

@@ -337,7 +337,7 @@ def test_a_malformed_request_gets_an_openai_error_and_the_server_goes_on(server,
     ],
 )
 def test_what_the_server_cannot_honour_is_a_400_that_says_so(server, fields, param, message):
-    """Issue 39: max_tokens 0 was read as no limit (the CLI's -n 0 is an empty answer), n 2 got one choice,
+    """max_tokens 0 was read as no limit (the CLI's -n 0 is an empty answer), n 2 got one choice,
     images and null content were answered as if the text were empty."""
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2} | fields
     reply = httpx.post(f"{server[0]}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"})

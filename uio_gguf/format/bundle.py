@@ -3,8 +3,8 @@
 `Bundle.open` checks that the three files are whole GGUF files of the right kinds and that they belong
 together (the fingerprints uio.gguf recorded at conversion), so the runtime never mixes a head with a
 model it was not trained for. The fingerprints of model.gguf and encoder.lora.gguf sample their data;
-heads converted since issue 39 also record a checksum of every byte of both, which verify() compares
-(the model's once per file version: uio_gguf/format/digest.py), so damage anywhere is refused. Memory
+newer heads also hold a checksum of every byte of both (older ones do not), which verify() compares (the
+model's once per file version: uio_gguf/format/digest.py), so damage anywhere is refused. Memory
 files are keyed on every byte of all three files either way (memory_key).
 """
 

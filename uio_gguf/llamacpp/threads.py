@@ -2,7 +2,7 @@
 
 llama.cpp's threads wait for each other at every step of a batch, spinning: a thread on a core that another
 process keeps busy holds all of them back. On 2 cores beside one busy process, compressing with 2 threads
-ran at 9 tokens/s and with 1 at ~220 (issue 39). So the default is the usable CPUs that are idle when the
+ran at 9 tokens/s and with 1 at ~220. So the default is the usable CPUs that are idle when the
 process starts (measured once, over a fifth of a second): a busy machine is slower, not 25 times slower.
 """
 
