@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import CROP_SEGMENT, CROP_SEGMENTS, PLANTED, RATIO, SEGMENT
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -188,64 +187,50 @@ def cache_env(tmp_path) -> dict:
     return {"UIO_GGUF_CACHE": str(tmp_path / "cache")}
 
 
-def llama_logits(model_path, tokens, lora=None, kv_type: int = 0, n_threads: int = 2):
-    """llama.cpp's logits (n_tokens, n_vocab) for one sequence, every position, through the low-level API:
-    the model from model_path, optionally a LoRA adapter file (llama_adapter_lora_init +
-    llama_set_adapters_lora, scale 1: llama.cpp applies alpha/rank itself), KV cache type kv_type
-    (0 = GGML_TYPE_F32, 1 = F16), flash attention off."""
-    import ctypes
+@pytest.fixture(scope="module")
+def book(tmp_path_factory, prose):
+    """A file of 60K characters of prose, for training runs."""
+    path = tmp_path_factory.mktemp("data") / "book.txt"
+    path.write_text(prose[:60_000])
+    return path
 
-    import llama_cpp
+
+@pytest.fixture(scope="module")
+def runtime(make_tiny_bundle):
+    """The tiny LLaMA bundle (segment 16, ratio 4) with an f32 cache, over real prose: two ways of computing
+    the same cache differ by float32 rounding only."""
+    from uio_gguf.memory.runtime import UIORuntime
+
+    bundle = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")[0]
+    with UIORuntime(bundle, kv_type="f32") as rt:
+        yield rt
+
+
+@pytest.fixture(scope="module")
+def stream(runtime, prose):
+    return runtime.model.tokenize(prose[:6000], add_special=False)
+
+
+@pytest.fixture(scope="module")
+def planted_book(prose):
+    """Prose with the demo's access-code sentence planted on a line of its own after 1,500 characters."""
+    cut = prose.index(" ", 1500)
+    return prose[:cut] + "\n" + PLANTED + "\n" + prose[cut : cut + 1500]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_gguf):
+    """The embedded model's tokenizer, as training reads it."""
+    from uio_gguf.train.base import GGUFTokenizer
+
+    return GGUFTokenizer(embedded_gguf)
+
+
+@pytest.fixture(scope="module")
+def filler_crops(tokenizer, prose):
+    """Eight crops of prose, each CROP_SEGMENTS segments and one token long."""
     import numpy as np
-    from llama_cpp import _logger
 
-    _logger.set_verbose(False)
-    llama_cpp.llama_backend_init()
-    from uio_gguf.llamacpp.api import model_params
-
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params())
-    assert model, f"llama.cpp could not load {model_path}"
-    n = len(tokens)
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = max(n, 32)
-    params.type_k = params.type_v = kv_type
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    params.n_threads = params.n_threads_batch = n_threads
-    ctx = llama_cpp.llama_init_from_model(model, params)
-    adapter = None
-    batch = llama_cpp.llama_batch_init(n, 0, 1)
-    try:
-        assert ctx, "llama.cpp could not create a context"
-        if lora is not None:
-            adapter = llama_cpp.llama_adapter_lora_init(model, str(lora).encode())
-            assert adapter, f"llama.cpp could not load the adapter {lora}"
-            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
-            assert llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0)) == 0
-        for i, token in enumerate(tokens):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(token), i, 1, 1
-            batch.seq_id[i][0] = 0
-        batch.n_tokens = n
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n, n_vocab)).copy()
-    finally:
-        llama_cpp.llama_batch_free(batch)
-        if ctx:
-            llama_cpp.llama_free(ctx)
-        if adapter:
-            llama_cpp.llama_adapter_lora_free(adapter)
-        llama_cpp.llama_model_free(model)
-
-
-def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
-    """Runs `uio-gguf ARGS` in a fresh interpreter, as a user would."""
-    result = subprocess.run(
-        [sys.executable, "-c", "from uio_gguf.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"uio-gguf {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
+    ids = np.asarray(tokenizer(prose, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    n = CROP_SEGMENTS * CROP_SEGMENT + 1
+    return [ids[i * n : (i + 1) * n] for i in range(8)]

@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_recall import QUESTION, SEGMENT, SLOTS, runtime, stream  # noqa: F401  (their tiny f32 runtime)
-from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
+from tests.helpers import QUESTION, SEGMENT, SLOTS
+from uio_gguf.llamacpp.sampling import SamplingParams
+from uio_gguf.llamacpp.template import first_turn
+from uio_gguf.memory.session import DECODER_SEQ
 
 
 def _captured_inputs(session, tokens) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +92,7 @@ def test_question_attention_ranks_recall_and_leaves_the_cache_as_it_was(runtime,
         runtime, prose[:3000], n_ctx=2048, use_memory_files=False, recall_tokens=budget, recall_ranking="attention"
     ) as chat:
         s = chat.session
-        delta = chat._first_turn(QUESTION).split("\u2063UIO-BOOK\u2063", 1)[1]
+        delta = first_turn(chat.template, QUESTION)[1]
         tokens = runtime.model.tokenize(delta, add_special=False)
         n_past = s.n_past
         scores = s.memory_attention(tokens, runtime.query_projection())

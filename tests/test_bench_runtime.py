@@ -4,7 +4,7 @@ docs/benchmarks.md)."""
 
 import json
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 SEGMENT, RATIO, DECODE = 16, 4, 8  # the tiny bundle's segment and ratio; tokens decoded per side
 
@@ -82,11 +82,12 @@ def test_uio_decode_after_a_book_of_whole_segments(tiny_bundle):
     """With a raw window of one segment, no raw token is left, hence no logits: decode still runs, and
     the cells are the arithmetic's."""
     from uio_gguf.bench import runtime as bench
-    from uio_gguf.chat.conversation import document_tokens
+    from uio_gguf.llamacpp.template import document_tokens
     from uio_gguf.memory.runtime import UIORuntime
+    from uio_gguf.text import packaged
 
     with UIORuntime(tiny_bundle, n_threads=1) as runtime:
-        text = bench.packaged_text()[:2000]
+        text = packaged.read(packaged.DEMO_BOOK)[:2000]
         books = (bench.book_of_length(runtime.model, text, n)[0] for n in range(40, 120))
         book = next(b for b in books if len(document_tokens(runtime.model, b)) % SEGMENT == 0)
         n = len(document_tokens(runtime.model, book))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 
 @pytest.fixture(scope="module")

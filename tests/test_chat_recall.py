@@ -9,16 +9,18 @@ import pytest
 import torch
 
 # the crop shape and the fixtures (tokenizer, filler crops, book) of the retrieval crops' tests
-from tests.test_retrieval import SEGMENT, T, _train, _weights, book, filler_crops, tokenizer  # noqa: F401
-from uio_gguf.chat.conversation import BOOK_MARKER, render
+from tests.helpers import CROP_SEGMENT, CROP_SEGMENTS, checkpoint_weights, train_run
 from uio_gguf.errors import UIOError
+from uio_gguf.llamacpp.template import first_turn
 from uio_gguf.train import synthetic
 from uio_gguf.train.chat_recall import POOL_FILE, ChatRecallCrops, ChatRecallPool
 from uio_gguf.train.model import IGNORE
 
+SEGMENT, T = CROP_SEGMENT, CROP_SEGMENTS
+
 
 @pytest.fixture(scope="module")
-def pool(tokenizer):  # noqa: F811
+def pool(tokenizer):
     return ChatRecallPool.build(tokenizer, count=32)
 
 
@@ -26,8 +28,7 @@ def test_a_crop_is_what_the_runtime_feeds_and_scores_the_answer_alone(tokenizer,
     from uio_gguf.llamacpp.api import Model
 
     vocab = Model(embedded_gguf, vocab_only=True)
-    asked = render(tokenizer.chat_template, [("user", f"{BOOK_MARKER}\n\n{synthetic.PASSKEY_QUESTION}")], True)
-    before, after = asked.split(BOOK_MARKER, 1)
+    before, after = first_turn(tokenizer.chat_template, synthetic.PASSKEY_QUESTION)
     maker = ChatRecallCrops(pool, SEGMENT, T * SEGMENT + 1)
     rng = np.random.default_rng(0)
     for i in range(16):
@@ -66,26 +67,26 @@ def test_segments_too_short_for_the_turn_are_refused(pool):
         ChatRecallCrops(pool, 16, 4 * 16 + 1)
 
 
-def test_chat_recall_run_scores_answers_and_resumes_exactly(make_tiny_model_dir, book, tmp_path):  # noqa: F811
+def test_chat_recall_run_scores_answers_and_resumes_exactly(make_tiny_model_dir, book, tmp_path):
     model_dir = make_tiny_model_dir("llama")
     straight, chunked, plain = tmp_path / "straight", tmp_path / "chunked", tmp_path / "plain"
     args = ("--steps", "4", "--lr", "1e-2", "--chat-recall-share", "0.5")
-    _train(model_dir, straight, *args, data=book)
-    _train(model_dir, chunked, *args, "--max-minutes", "0", data=book)
+    train_run(model_dir, straight, *args, data=book)
+    train_run(model_dir, chunked, *args, "--max-minutes", "0", data=book)
     assert (chunked / POOL_FILE).exists()
-    changed = _train(model_dir, chunked, "--steps", "4", "--resume", check=False)  # without the share
+    changed = train_run(model_dir, chunked, "--steps", "4", "--resume", check=False)  # without the share
     assert changed.returncode != 0 and "Traceback" not in changed.stderr
     assert "this run was trained with --chat-recall-share 0.5" in changed.stderr.strip().splitlines()[-1]
-    _train(model_dir, chunked, *args, "--resume")
-    a, b = _weights(straight / "checkpoint"), _weights(chunked / "checkpoint")
+    train_run(model_dir, chunked, *args, "--resume")
+    a, b = checkpoint_weights(straight / "checkpoint"), checkpoint_weights(chunked / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the recall steps come from the saved data rng
-    _train(model_dir, plain, "--steps", "4", "--lr", "1e-2", data=book)
+    train_run(model_dir, plain, "--steps", "4", "--lr", "1e-2", data=book)
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
     plain_log = [json.loads(line) for line in (plain / "log.jsonl").read_text().splitlines()]
     recall_steps = [r["step"] for r in log if r.get("chat_recall")]
     assert 0 < len(recall_steps) < 4, recall_steps  # seed 0 draws both kinds of step
     assert all(r["loss"] != p["loss"] for r, p in zip(log, plain_log) if r.get("chat_recall"))
-    bad = _train(model_dir, tmp_path / "bad", "--steps", "1", "--chat-recall-share", "2", data=book, check=False)
+    bad = train_run(model_dir, tmp_path / "bad", "--steps", "1", "--chat-recall-share", "2", data=book, check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].endswith(
         "--chat-recall-share must lie between 0 and 1"
     )

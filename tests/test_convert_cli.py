@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from uio_gguf.format import schema
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import llama_logits
+from tests.helpers import llama_logits
 
 N_TOKENS = 32
 # outtype: (least top-1 agreement, bound on the mean KL(HF || llama.cpp) in nats); observed on these

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import llama_logits
+from tests.helpers import llama_logits
 
 N_TOKENS = 32
 F32_BOUND = 1e-4  # max |logit difference|: float32 rounding (observed ~4e-7 on logits of magnitude ~1)

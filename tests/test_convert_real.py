@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import llama_logits
+from tests.helpers import llama_logits
 from uio_gguf.format import schema
 from uio_gguf.format.bundle import Bundle, gguf_fingerprint
 

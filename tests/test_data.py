@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 from uio_gguf.errors import UIOError
 from uio_gguf.train import corpus_sources, synthetic
 from uio_gguf.train.dataset import DataArgs, build

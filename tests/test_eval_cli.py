@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.helpers import REPO, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -222,9 +222,9 @@ def test_eval_passkey_bad_depth_gives_one_clear_line(tiny_bundle, cache_env):
 
 def test_eval_qa_domain_out_reads_the_packaged_out_of_domain_text(tiny_bundle, cache_env, tmp_path):
     """--domain out asks about the shipped KJV text: the same answers as --filler with that file."""
-    from uio_gguf.evals.ppl import PACKAGED_TEXTS
+    from uio_gguf.text.packaged import HELDOUT
 
-    shipped = REPO / "uio_gguf" / "data" / PACKAGED_TEXTS["out"]
+    shipped = REPO / "uio_gguf" / "data" / HELDOUT["out"]
     reports = {}
     for name, args in [("domain", ["--domain", "out"]), ("file", ["--filler", str(shipped)])]:
         out = tmp_path / f"{name}.json"
@@ -234,7 +234,7 @@ def test_eval_qa_domain_out_reads_the_packaged_out_of_domain_text(tiny_bundle, c
             env=cache_env, check=True,
         )  # fmt: skip
         reports[name] = json.loads(out.read_text())
-    assert reports["domain"]["filler"] == PACKAGED_TEXTS["out"] and reports["file"]["filler"] == "custom"
+    assert reports["domain"]["filler"] == HELDOUT["out"] and reports["file"]["filler"] == "custom"
     untimed = {name: [{k: v for k, v in s.items() if k != "ttft"} for s in r["samples"]] for name, r in reports.items()}
     assert untimed["domain"] == untimed["file"] and len(untimed["file"]) == 2
     _one_line_error(run_cli("eval", "qa", "-m", str(tiny_bundle), "--domain", "sideways", env=cache_env), "--domain")

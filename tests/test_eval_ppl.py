@@ -90,7 +90,7 @@ def _torch_shifted_logits(base, tokens: np.ndarray, window: int, keep: int, batc
 
 
 def test_sliding_window_is_llama_cpp_context_shift(setup):
-    from uio_gguf.evals.ppl import SINK_TOKENS
+    from uio_gguf.llamacpp.plain import SINK_TOKENS
 
     runtime, model, stream = setup
     inputs = stream[:-1]

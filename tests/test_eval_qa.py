@@ -13,30 +13,30 @@ import random
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
-from tests.test_recall import RATIO, SEGMENT, runtime  # noqa: F401  (the tiny f32 runtime of the recall tests)
+from tests.helpers import SEGMENT, run_cli
+from uio_gguf.evals import needles
 from uio_gguf.evals import qa as eval_qa
-from uio_gguf.memory.session import SamplingParams
+from uio_gguf.llamacpp.sampling import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=12)
 
 
 @pytest.fixture(scope="module")
 def base(runtime, prose):
-    return eval_qa.base_document(runtime.model, 600, [prose], random.Random(0))
+    return needles.base_document(runtime.model, 600, [prose], random.Random(0))
 
 
 @pytest.fixture(scope="module")
 def long_base(runtime, prose):
-    return eval_qa.base_document(runtime.model, 3000, [prose], random.Random(1))
+    return needles.base_document(runtime.model, 3000, [prose], random.Random(1))
 
 
-@pytest.mark.parametrize("task", eval_qa.TASKS)
+@pytest.mark.parametrize("task", needles.TASKS)
 @pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
 def test_each_task_puts_its_needles_where_asked(task, depth, runtime, long_base):
     base = long_base
-    sample = eval_qa.make_sample(task, depth, random.Random(f"{task}{depth}"))
-    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    sample = needles.make_sample(task, depth, random.Random(f"{task}{depth}"))
+    doc = needles.splice(runtime.model, base, sample.needles)
     n_book = len(base.tokens) - base.skip
     assert len(doc.tokens) == len(base.tokens)  # written over, nothing shifted
     text = doc.book
@@ -44,7 +44,7 @@ def test_each_task_puts_its_needles_where_asked(task, depth, runtime, long_base)
     places = [text.index(f"\n{sentence}\n") for sentence, _ in sample.needles]
     assert places == sorted(places)
     for (sentence, d), first in zip(sample.needles, doc.where):
-        ids = eval_qa.needle_ids(runtime.model, sentence)
+        ids = needles.needle_ids(runtime.model, sentence)
         assert np.array_equal(doc.tokens[first : first + len(ids)], ids)
         if d == depth:  # the asked needle (vt: the chain's start); the others may move to make room
             assert round(d * (n_book - len(ids))) <= first - base.skip <= round(d * (n_book - len(ids))) + 16
@@ -55,24 +55,24 @@ def test_each_task_puts_its_needles_where_asked(task, depth, runtime, long_base)
     # the filler outside the needles is untouched
     touched = np.zeros(len(doc.tokens), bool)
     for (sentence, _), first in zip(sample.needles, doc.where):
-        touched[first : first + len(eval_qa.needle_ids(runtime.model, sentence))] = True
+        touched[first : first + len(needles.needle_ids(runtime.model, sentence))] = True
     assert np.array_equal(doc.tokens[~touched], base.tokens[~touched])
     # every expected answer is in the text, and the text tokenizes back to exactly the spliced tokens
     assert all(a in text for a in sample.answers)
-    from uio_gguf.chat.conversation import document_tokens
+    from uio_gguf.llamacpp.template import document_tokens
 
     assert np.array_equal(document_tokens(runtime.model, doc.book), doc.tokens)
 
 
 def test_tasks_ask_what_they_hid():
     rng = random.Random(0)
-    multikey = eval_qa.make_sample("multikey", 0.5, rng)
+    multikey = needles.make_sample("multikey", 0.5, rng)
     assert len(multikey.needles) == 4 and len(multikey.answers) == 1
     word = multikey.question.split(" for ")[1].rstrip("?")
     assert f"The special magic number for {word} is {multikey.answers[0]}." in [s for s, _ in multikey.needles]
-    multivalue = eval_qa.make_sample("multivalue", 0.5, rng)
+    multivalue = needles.make_sample("multivalue", 0.5, rng)
     assert len(multivalue.answers) == 3 and all(len(a) == 7 for a in multivalue.answers)
-    vt = eval_qa.make_sample("vt", 0.2, rng)
+    vt = needles.make_sample("vt", 0.2, rng)
     value = vt.question.split("value ")[1].split("?")[0]
     assert vt.needles[0][0] == f"VAR {vt.answers[0]} = {value}."
     assert [s for s, _ in vt.needles][1:] == [f"VAR {b} = VAR {a}." for a, b in zip(vt.answers, vt.answers[1:])]
@@ -91,14 +91,14 @@ def test_tasks_ask_what_they_hid():
     ],
 )
 def test_the_scorer_is_exact(expected, answer, hit):
-    assert eval_qa.found(expected, answer) is hit
+    assert needles.found(expected, answer) is hit
 
 
 def test_loops_are_4grams_three_times_or_more():
-    assert eval_qa.has_loop("The code is written in Python. " * 3)
-    assert eval_qa.has_loop("args.args.args.args.args.args.")
-    assert not eval_qa.has_loop("The pass key is 12345. The pass key is 12345.")
-    assert not eval_qa.has_loop("The special magic numbers are 1, 2 and 3.")
+    assert needles.has_loop("The code is written in Python. " * 3)
+    assert needles.has_loop("args.args.args.args.args.args.")
+    assert not needles.has_loop("The pass key is 12345. The pass key is 12345.")
+    assert not needles.has_loop("The special magic numbers are 1, 2 and 3.")
 
 
 def test_splice_and_partial_recompression_equal_compressing_from_scratch(runtime, base):
@@ -107,8 +107,8 @@ def test_splice_and_partial_recompression_equal_compressing_from_scratch(runtime
     n_segments = len(base.tokens) // SEGMENT
     assert cache.compressed == n_segments
     for task in ("passkey", "multikey"):
-        sample = eval_qa.make_sample(task, 0.5, random.Random(task))
-        doc = eval_qa.splice(runtime.model, base, sample.needles)
+        sample = needles.make_sample(task, 0.5, random.Random(task))
+        doc = needles.splice(runtime.model, base, sample.needles)
         before = cache.compressed
         spliced = cache.compress(doc.tokens)
         fresh = runtime.compress(doc.tokens)
@@ -137,8 +137,8 @@ def test_the_filler_memory_file_is_read_back(runtime, base, tmp_path, monkeypatc
 def test_uio_answers_through_the_cache_as_from_scratch(runtime, base):
     from uio_gguf.chat.conversation import Conversation
 
-    sample = eval_qa.make_sample("single", 0.5, random.Random(1))
-    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    sample = needles.make_sample("single", 0.5, random.Random(1))
+    doc = needles.splice(runtime.model, base, sample.needles)
     cache = eval_qa.SegmentCache(runtime)
     eval_qa.load_base(cache, base, use_memory_files=False)
     for method, budget, ranking in [("uio", 0, "bm25"), ("uio+recall", 64, "bm25"), ("uio+attn", 64, "attention")]:
@@ -163,12 +163,12 @@ def test_fillers_take_turns_and_each_answer_is_as_from_scratch(runtime, prose):
     )  # fmt: skip
     got = {(s["trial"], s["method"]): s for s in report["samples"]}
     assert report["fillers"] == 2 and [got[t, "window"]["filler"] for t in range(3)] == [0, 1, 0]
-    bases = [eval_qa.base_document(runtime.model, 600, [prose], eval_qa.filler_rng(0, 600, i)) for i in range(2)]
-    assert eval_qa.filler_rng(0, 600, 0).random() == random.Random("0:filler:600").random()
+    bases = [needles.base_document(runtime.model, 600, [prose], needles.filler_rng(0, 600, i)) for i in range(2)]
+    assert needles.filler_rng(0, 600, 0).random() == random.Random("0:filler:600").random()
     n_segments = len(bases[0].tokens) // SEGMENT
     for trial in range(3):
-        sample = eval_qa.make_sample("passkey", 0.5, random.Random(f"0:passkey:600:0.5:{trial}"))
-        doc = eval_qa.splice(runtime.model, bases[trial % 2], sample.needles)
+        sample = needles.make_sample("passkey", 0.5, random.Random(f"0:passkey:600:0.5:{trial}"))
+        doc = needles.splice(runtime.model, bases[trial % 2], sample.needles)
         window = eval_qa.answer(eval_qa.SegmentCache(runtime), doc, sample.question, "window", params, 64)
         assert got[trial, "window"]["answer"] == window.text
         with Conversation(
@@ -180,8 +180,8 @@ def test_fillers_take_turns_and_each_answer_is_as_from_scratch(runtime, prose):
 
 
 def test_rag_with_no_budget_equals_window(runtime, base):
-    sample = eval_qa.make_sample("passkey", 0.3, random.Random(2))
-    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    sample = needles.make_sample("passkey", 0.3, random.Random(2))
+    doc = needles.splice(runtime.model, base, sample.needles)
     cache = eval_qa.SegmentCache(runtime)
     window = eval_qa.method_tokens(runtime, doc, sample.question, "window", 64)
     rag = eval_qa.method_tokens(runtime, doc, sample.question, "rag", 0)
@@ -206,8 +206,8 @@ def test_window_equals_full_8k_when_the_text_fits(make_tiny_bundle, prose):
 
     bundle = make_tiny_bundle("llama", segment=64, ratio=4, outtype="f32")[0]
     with UIORuntime(bundle, kv_type="f32") as rt:
-        base = eval_qa.base_document(rt.model, 20, [prose], random.Random(3))
-        doc = eval_qa.splice(rt.model, base, [("VAR QWERT = 123.", 0.5)])
+        base = needles.base_document(rt.model, 20, [prose], random.Random(3))
+        doc = needles.splice(rt.model, base, [("VAR QWERT = 123.", 0.5)])
         assert len(doc.tokens) < rt.segment  # fits in the raw remainder
         question = "Which variables are assigned the value 123?"
         window = eval_qa.method_tokens(rt, doc, question, "window", 0)
@@ -259,8 +259,8 @@ def test_eval_qa_bad_input_gives_one_clear_line(args, message, tiny_bundle, cach
 def test_the_loop_guard_cuts_an_answer_where_it_repeats_and_changes_nothing_before(runtime, base):
     """Each method's answer with the guard is its answer without it, cut where it began to repeat; the
     tiny random model loops, so some are cut (and a cut answer does not count as ended)."""
-    sample = eval_qa.make_sample("single", 0.5, random.Random(1))
-    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    sample = needles.make_sample("single", 0.5, random.Random(1))
+    doc = needles.splice(runtime.model, base, sample.needles)
     cache = eval_qa.SegmentCache(runtime)
     eval_qa.load_base(cache, base, use_memory_files=False)
     cut = 0

@@ -1,9 +1,9 @@
-"""Fuzzing the readers of what uio-gguf keeps on disk (issue 19): memory files, a bundle's uio.gguf and
-encoder.lora.gguf, training checkpoints. Each case damages one file in one way (a flipped bit in the
-header or in the data, truncation, a zeroed block, appended garbage, another file swapped in), with a
-fixed seed, and the reader must end in a clean UIOError (memory files: None, "recompute") or give back
-content equal to the original. Any other exception fails the test, and so does an accepted bundle or
-checkpoint whose weights or settings differ."""
+"""Fuzzing the readers of what uio-gguf keeps on disk, damaged as a hostile user or a failing disk would
+damage it: memory files, a bundle's uio.gguf and encoder.lora.gguf, training checkpoints. Each case
+damages one file in one way (a flipped bit in the header or in the data, truncation, a zeroed block,
+appended garbage, another file swapped in), with a fixed seed, and the reader must end in a clean
+UIOError (memory files: None, "recompute") or give back content equal to the original. Any other
+exception fails the test, and so does an accepted bundle or checkpoint whose weights or settings differ."""
 
 from __future__ import annotations
 
@@ -268,8 +268,8 @@ def test_a_non_regular_file_in_place_of_a_cached_one_is_skipped(make_tiny_bundle
     """A directory there gave an IsADirectoryError traceback on every run, a FIFO hung for ever.
     Each is skipped, the memory recomputed (or read from its memory file), and the answer is the same."""
     from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.llamacpp.sampling import SamplingParams
     from uio_gguf.memory.runtime import UIORuntime
-    from uio_gguf.memory.session import SamplingParams
 
     monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path / "cache"))
     bundle = make_tiny_bundle("llama", segment=16, ratio=4, outtype="f32")[0]

@@ -146,6 +146,17 @@ def test_a_planted_upward_import_is_caught(tmp_path, planted, expected):
     assert len(found) == 1 and expected in found[0], found
 
 
+def test_only_the_server_imports_the_serve_stack():
+    table = modules()
+    at_top = {
+        module
+        for module, path in table.items()
+        for target, _, top in imports(path, set(table))
+        if top and target.split(".")[0] in {"fastapi", "uvicorn", "sse_starlette", "starlette"}
+    }
+    assert at_top == {"uio_gguf.serve.app"}
+
+
 def test_every_package_folder_is_installed():
     """setup.py finds uio_gguf's subpackages and maps the stage folders: a folder with an __init__.py
     that it missed would work in an editable install and be missing from the wheel."""

@@ -9,9 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from tests.test_recall import runtime  # noqa: F401  (the tiny f32 runtime of the recall tests)
 from uio_gguf.llamacpp.loop_guard import LoopGuard
-from uio_gguf.memory.session import SamplingParams
+from uio_gguf.llamacpp.sampling import SamplingParams
 
 
 def _guarded(pieces: list[str]) -> tuple[str, bool]:

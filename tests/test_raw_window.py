@@ -10,18 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-# the tiny f32 runtime, its token stream and the planted book of the recall tests
-from tests.test_recall import (  # noqa: F401
-    PLANTED,
-    QUESTION,
-    SEGMENT,
-    SLOTS,
-    _assert_contiguous,
-    planted_book,
-    runtime,
-    stream,
-)
-from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
+from tests.helpers import QUESTION, SEGMENT, SLOTS, assert_contiguous
+from uio_gguf.llamacpp.sampling import SamplingParams
+from uio_gguf.llamacpp.template import first_turn
+from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ
 
 
 def _close(got: np.ndarray, expected: np.ndarray) -> None:
@@ -46,9 +38,9 @@ def test_compressing_the_oldest_segment_equals_the_view_rebuilt(runtime, stream)
         s.set_recall(recalled)
         s.feed(raw)  # reaches R: the oldest segment is compressed
         assert s.compressed_segments == 5 and s.raw == [int(t) for t in raw[SEGMENT:]]
-        _assert_contiguous(runtime, s)
+        assert_contiguous(runtime, s)
         got = s.feed(question, all_logits=True)
-        _assert_contiguous(runtime, s)
+        assert_contiguous(runtime, s)
     with runtime.new_session(n_ctx=256) as twin, runtime.new_session(n_ctx=256) as ref:
         twin.raw_window = window + SEGMENT  # the same cells, before the compression
         twin.add_memory(memory)
@@ -107,7 +99,7 @@ def test_conversation_of_one_segment_window_is_the_old_chat_path(runtime, plante
     ) as c:
         answer = "".join(c.ask(QUESTION, params))
         tokens = list(c.book_tokens)
-        first = c._first_turn(QUESTION).split("\u2063UIO-BOOK\u2063", 1)[1]
+        first = first_turn(c.template, QUESTION)[1]
     n_full = len(tokens) // SEGMENT
     with runtime.new_session(2048) as s:
         s.add_memory(runtime.compress(tokens))
@@ -117,7 +109,8 @@ def test_conversation_of_one_segment_window_is_the_old_chat_path(runtime, plante
 
 
 def test_conversation_keeps_the_books_tail_raw_and_recalls_only_the_memory(runtime, planted_book):
-    from uio_gguf.chat.conversation import ANSWER_ROOM, Conversation
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.memory.runtime import ANSWER_RESERVE
 
     window = 5 * SEGMENT
     with Conversation(
@@ -134,7 +127,7 @@ def test_conversation_keeps_the_books_tail_raw_and_recalls_only_the_memory(runti
     ) as c:
         memory = len(c.book_tokens) // SEGMENT * SLOTS
         n_ctx = c.session.ctx.n_ctx  # llama.cpp pads the 1400 asked for
-        assert c.session.raw_window == (n_ctx - memory - 40 - ANSWER_ROOM) // SEGMENT * SEGMENT >= SEGMENT
+        assert c.session.raw_window == (n_ctx - memory - 40 - ANSWER_RESERVE) // SEGMENT * SEGMENT >= SEGMENT
 
 
 def test_recall_stays_contiguous_with_a_longer_raw_window(runtime, planted_book):
@@ -154,7 +147,7 @@ def test_recall_stays_contiguous_with_a_longer_raw_window(runtime, planted_book)
             "".join(c.ask(question, params))
             assert 0 < len(s.recall) <= 40 and len(s.raw) < window
             assert s.n_past == s.n_mem + len(s.recall) + len(s.raw)
-            _assert_contiguous(runtime, s)
+            assert_contiguous(runtime, s)
         assert s.compressed_segments > before + 1
 
 

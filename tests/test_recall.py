@@ -9,43 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ, SamplingParams
-
-SEGMENT, RATIO = 16, 4
-SLOTS = SEGMENT // RATIO
-PLANTED = "The access code of the archive is 7419."
-QUESTION = "What is the access code of the archive?"
-
-
-@pytest.fixture(scope="module")
-def runtime(make_tiny_bundle):
-    from uio_gguf.memory.runtime import UIORuntime
-
-    bundle = make_tiny_bundle("llama", segment=SEGMENT, ratio=RATIO, outtype="f32")[0]
-    with UIORuntime(bundle, kv_type="f32") as rt:
-        yield rt
-
-
-@pytest.fixture(scope="module")
-def stream(runtime, prose):
-    return runtime.model.tokenize(prose[:6000], add_special=False)
-
-
-@pytest.fixture(scope="module")
-def planted_book(prose):
-    cut = prose.index(" ", 1500)
-    return prose[:cut] + "\n" + PLANTED + "\n" + prose[cut : cut + 1500]
-
-
-def _positions(runtime, session) -> np.ndarray:
-    from uio_gguf.native.bindings import kv_read
-
-    return np.sort(kv_read(runtime.plugin, session.ctx.ptr, session.layout, DECODER_SEQ)[0])
-
-
-def _assert_contiguous(runtime, session) -> None:
-    assert np.array_equal(_positions(runtime, session), np.arange(session.n_past))
-    assert session.ctx.seq_pos_max(DECODER_SEQ) == session.n_past - 1
+from tests.helpers import QUESTION, SEGMENT, SLOTS, assert_contiguous, run_cli
+from uio_gguf.llamacpp.sampling import SamplingParams
+from uio_gguf.llamacpp.template import first_turn
+from uio_gguf.memory.session import DECODER_SEQ, SCRATCH_SEQ
 
 
 def _decode_at(session, tokens, start: int) -> np.ndarray:
@@ -116,7 +83,7 @@ def test_conversation_recalls_the_planted_segment(runtime, planted_book):
         "".join(chat.ask(QUESTION, SamplingParams(max_tokens=2)))
         recalled = b"".join(runtime.model.piece(t) for t in chat.session.recall).decode("utf-8", "replace")
         assert "7419" in recalled and 0 < len(chat.session.recall) <= 48
-        _assert_contiguous(runtime, chat.session)
+        assert_contiguous(runtime, chat.session)
 
 
 def test_shifted_raw_window_equals_rotating_it_in_numpy(runtime, stream):
@@ -132,7 +99,7 @@ def test_shifted_raw_window_equals_rotating_it_in_numpy(runtime, stream):
         s.feed(raw)
         s.set_recall(recalled)
         got = s.feed(question)
-        _assert_contiguous(runtime, s)
+        assert_contiguous(runtime, s)
     with runtime.new_session(n_ctx=256) as first, runtime.new_session(n_ctx=256) as ref:
         first.add_memory(memory)
         first.feed(raw)
@@ -160,7 +127,7 @@ def test_the_lead_token_goes_before_the_passages_and_stays_out(runtime, stream):
         with runtime.new_session(n_ctx=256) as s:
             s.add_memory(memory)
             s.set_recall(recalled, lead=lead_tokens)
-            _assert_contiguous(runtime, s)
+            assert_contiguous(runtime, s)
             return s.feed(question)
 
     got, without = asked(lead), asked(())
@@ -184,9 +151,9 @@ def test_three_questions_keep_memory_raw_and_the_current_recall_only(runtime, st
         s.feed(raw0)
         for recalled, question in zip(recalls, questions):
             s.set_recall(recalled)
-            _assert_contiguous(runtime, s)
+            assert_contiguous(runtime, s)
             got = s.feed(question)
-            _assert_contiguous(runtime, s)
+            assert_contiguous(runtime, s)
             assert s.recall == [int(t) for t in recalled]
         assert s.compressed_segments == 6 and s.n_mem == 6 * SLOTS and len(s.raw) == len(questions[2])
         assert s.n_past == s.n_mem + len(recalls[2]) + len(questions[2])
@@ -210,7 +177,7 @@ def test_conversation_turns_do_not_pile_up_recall(runtime, planted_book):
             s = chat.session
             assert len(s.recall) <= 40
             assert s.n_past == s.n_mem + len(s.recall) + len(s.raw)
-            _assert_contiguous(runtime, s)
+            assert_contiguous(runtime, s)
 
 
 def test_recall_zero_is_the_memory_alone(runtime, planted_book):
@@ -225,7 +192,7 @@ def test_recall_zero_is_the_memory_alone(runtime, planted_book):
         answer = "".join(chat.ask(QUESTION, params))
         assert chat.recall is None and chat.session.recall == []
         tokens = list(chat.book_tokens)
-    first = chat._first_turn(QUESTION).split("\u2063UIO-BOOK\u2063", 1)[1]
+    first = first_turn(chat.template, QUESTION)[1]
     n_full = len(tokens) // SEGMENT
     with runtime.new_session(2048) as s:
         s.add_memory(runtime.compress(tokens))
@@ -293,16 +260,12 @@ def test_repeat_penalty_reaches_llamas_sampler(runtime, stream):
 @pytest.mark.slow
 def test_demo_answers_the_access_code_with_the_defaults():
     """`uio-gguf demo` as a user runs it (its memory file is reused from an earlier demo when there is one)."""
-    from tests.conftest import run_cli
-
     result = run_cli("demo", check=True)
     assert "7419" in result.stdout, result.stdout
 
 
 def test_eval_passkey_takes_a_recall_budget(tiny_bundle, cache_env, tmp_path):
     import json
-
-    from tests.conftest import run_cli
 
     out = tmp_path / "out.json"
     args = ("eval", "passkey", "-m", str(tiny_bundle), "--lengths", "96", "--depths", "0.5", "--trials", "1")

@@ -1,4 +1,4 @@
-"""Issue 19: what a hostile user found, each kept as a test. A small --n-ctx, the memory file versus a
+"""What a hostile user tried, each kept as a test: a small --n-ctx, the memory file versus a
 fresh compression, damaged headers and head weights, output paths checked before the work, settings
 without a meaning, binary books, and a failed `train`."""
 
@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _one_line_error(result, message):

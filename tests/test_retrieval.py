@@ -7,32 +7,18 @@ import re
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.conftest import run_cli
+from tests.helpers import CROP_SEGMENT, CROP_SEGMENTS, checkpoint_weights, run_cli, train_run
 from uio_gguf.errors import UIOError
 from uio_gguf.train import synthetic
-from uio_gguf.train.base import GGUFTokenizer
 from uio_gguf.train.retrieval import POOL_FILE, RetrievalCrops, build_pool, load_pool, save_pool
 
-SEGMENT, T = 128, 3
-
-
-@pytest.fixture(scope="module")
-def tokenizer(embedded_gguf):
-    return GGUFTokenizer(embedded_gguf)
+SEGMENT, T = CROP_SEGMENT, CROP_SEGMENTS
 
 
 @pytest.fixture(scope="module")
 def pool(tokenizer):
     return build_pool(tokenizer, count=64)
-
-
-@pytest.fixture(scope="module")
-def filler_crops(tokenizer, prose):
-    ids = np.asarray(tokenizer(prose, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    n = T * SEGMENT + 1
-    return [ids[i * n : (i + 1) * n] for i in range(8)]
 
 
 def test_facts_lie_in_memory_and_questions_close_the_crop(tokenizer, pool, filler_crops):
@@ -91,96 +77,49 @@ def test_segments_too_short_for_the_task_are_refused(pool):
 
 
 # ----- the command line ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def book(tmp_path_factory, prose):
-    path = tmp_path_factory.mktemp("data") / "book.txt"
-    path.write_text(prose[:60_000])
-    return path
-
-
-def _train(model_dir, out, *extra, data=None, check=True):
-    data_args = ("--data", str(data)) if data is not None else ()
-    return run_cli(
-        "train",
-        "--base",
-        str(model_dir),
-        *data_args,
-        "--out",
-        str(out),
-        "--segment",
-        "128",
-        "--ratio",
-        "32",
-        "--segments",
-        "3",
-        "--batch",
-        "2",
-        "--rank",
-        "4",
-        "--alpha",
-        "8",
-        "--eval-every",
-        "100",
-        "--save-every",
-        "1",
-        *extra,
-        check=check,
-    )
-
-
-def _weights(checkpoint):
-    return {
-        f"{name}:{key}": value
-        for name in (
-            "encoder/adapter_model.safetensors",
-            "transfer/adapter_model.safetensors",
-            "memory_embedding.safetensors",
-        )
-        for key, value in load_file(str(checkpoint / name)).items()
-    }
-
-
 def test_retrieval_run_resumes_exactly_and_init_loads_its_weights(make_tiny_model_dir, book, tmp_path):
     model_dir = make_tiny_model_dir("llama")
     straight, chunked = tmp_path / "straight", tmp_path / "chunked"
-    _train(model_dir, straight, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", data=book)
-    _train(
+    train_run(model_dir, straight, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", data=book)
+    train_run(
         model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--max-minutes", "0", data=book
     )
     assert (chunked / POOL_FILE).exists()
-    changed = _train(model_dir, chunked, "--steps", "3", "--resume", check=False)  # without the share
+    changed = train_run(model_dir, chunked, "--steps", "3", "--resume", check=False)  # without the share
     assert changed.returncode != 0 and "Traceback" not in changed.stderr
     assert "this run was trained with --retrieval-share 0.5" in changed.stderr.strip().splitlines()[-1]
-    resumed = _train(
+    resumed = train_run(
         model_dir, chunked, "--steps", "3", "--lr", "1e-2", "--retrieval-share", "0.5", "--resume", "--ratio", "16"
     )  # the run's own shape wins over a mistyped one
     assert "--resume: taking segment 128, ratio 32, rank 4, alpha 8.0" in resumed.stderr
-    a, b = _weights(straight / "checkpoint"), _weights(chunked / "checkpoint")
+    a, b = checkpoint_weights(straight / "checkpoint"), checkpoint_weights(chunked / "checkpoint")
     assert all(torch.equal(a[k], b[k]) for k in a)  # the retrieval crops come from the saved data rng
     plain = tmp_path / "plain"
-    _train(model_dir, plain, "--steps", "3", "--lr", "1e-2", data=book)
+    train_run(model_dir, plain, "--steps", "3", "--lr", "1e-2", data=book)
     first = lambda run: json.loads((run / "log.jsonl").read_text().splitlines()[0])["loss"]
     assert first(plain) != first(straight)  # retrieval crops are other crops
 
     # --init: at learning rate 0 the fine-tuned checkpoint is the one it started from; the checkpoint's
     # segment, ratio, rank and alpha replace the arguments' (here ratio 16 asked, 32 taken).
     tuned = tmp_path / "tuned"
-    result = _train(model_dir, tuned, "--steps", "1", "--lr", "0", "--ratio", "16", "--init", str(straight), data=book)
+    result = train_run(
+        model_dir, tuned, "--steps", "1", "--lr", "0", "--ratio", "16", "--init", str(straight), data=book
+    )
     assert "--init: taking segment 128, ratio 32, rank 4, alpha 8.0" in result.stderr
-    c = _weights(tuned / "checkpoint")
+    c = checkpoint_weights(tuned / "checkpoint")
     assert all(torch.equal(a[k], c[k]) for k in a)
     config = json.loads((tuned / "checkpoint" / "uio_config.json").read_text())
     assert (config["ratio"], config["step"], config["train_args"]["init"]) == (32, 1, str(straight))
 
 
 def test_init_refuses_another_base_and_a_missing_checkpoint(make_tiny_model_dir, book, tmp_path):
-    _train(make_tiny_model_dir("llama"), tmp_path / "a", "--steps", "1", data=book)
+    train_run(make_tiny_model_dir("llama"), tmp_path / "a", "--steps", "1", data=book)
     other = make_tiny_model_dir("llama", seed=1)
     for init, message in (
         (tmp_path / "a", "was trained on another base model"),
         (tmp_path / "none", "no UIO checkpoint in"),
     ):
-        result = _train(other, tmp_path / "b", "--steps", "1", "--init", str(init), data=book, check=False)
+        result = train_run(other, tmp_path / "b", "--steps", "1", "--init", str(init), data=book, check=False)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert message in result.stderr.strip().splitlines()[-1], result.stderr
 
@@ -208,7 +147,7 @@ def test_a_bundle_gives_back_its_checkpoint_bit_for_bit(arch, make_tiny_checkpoi
     original = json.loads((checkpoint / "uio_config.json").read_text())
     base = original["base"]["path"]
     rebuilt = checkpoint_from_bundle(bundle, tmp_path / "rebuilt", load_config(base), base)
-    a, b = _weights(checkpoint), _weights(rebuilt)
+    a, b = checkpoint_weights(checkpoint), checkpoint_weights(rebuilt)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     config = json.loads((rebuilt / "uio_config.json").read_text())
     keys = ("segment", "ratio", "rank", "alpha", "distinct_slots", "step")
@@ -223,11 +162,11 @@ def test_init_from_a_bundle_starts_from_its_weights(
     bundle, _, _ = make_tiny_bundle("llama")
     base = json.loads((checkpoint / "uio_config.json").read_text())["base"]["path"]
     tuned = tmp_path / "tuned"
-    result = _train(base, tuned, "--steps", "1", "--lr", "0", "--init", str(bundle), data=book)
+    result = train_run(base, tuned, "--steps", "1", "--lr", "0", "--init", str(bundle), data=book)
     assert "--init: taking segment 16, ratio 4, rank 4, alpha 8.0" in result.stderr
-    a, c = _weights(checkpoint), _weights(tuned / "checkpoint")
+    a, c = checkpoint_weights(checkpoint), checkpoint_weights(tuned / "checkpoint")
     assert all(torch.equal(a[k], c[k]) for k in a)
-    other = _train(
+    other = train_run(
         make_tiny_model_dir("llama", seed=1),
         tmp_path / "other",
         "--steps",

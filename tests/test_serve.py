@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from tests.conftest import run_cli  # noqa: E402
+from tests.helpers import run_cli  # noqa: E402
 
 SEGMENT = 64  # a raw window that holds a short chat, for the llama.cpp comparison
 N_CTX = 1536  # books up to 1856 tokens: a small decoder context per conversation
@@ -119,7 +119,7 @@ def counters(server) -> dict:
 def reference(llm, book: str, questions: list[str], max_tokens: int) -> list[str]:
     """The answers of a Conversation in this process, greedy: what the server must send."""
     from uio_gguf.chat.conversation import Conversation
-    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.llamacpp.sampling import SamplingParams
 
     with Conversation(llm.runtime, book, n_ctx=N_CTX, use_memory_files=False) as conv:
         return ["".join(conv.ask(q, SamplingParams(max_tokens=max_tokens))) for q in questions]
@@ -150,13 +150,11 @@ def test_the_demo_book_through_the_server_gives_the_access_code():
     server and the openai client (recall brings the code's passage back; docs/design.md §6). First in the
     file, so it runs before the other tests point the memory-file cache at a folder of their own (a
     memory file of the demo book from `make demo` is then reused)."""
-    from importlib.resources import files
-
-    from uio_gguf.cli.run import DEMO_QUESTION
     from uio_gguf.serve.app import create_app
     from uio_gguf.serve.engine import UIOLlama
+    from uio_gguf.text.packaged import DEMO_BOOK, DEMO_QUESTION, read
 
-    book = (files("uio_gguf") / "data" / "demo_book.txt").read_text(encoding="utf-8")
+    book = read(DEMO_BOOK)
     with UIOLlama() as llm, serving(create_app(llm, "smollm2")) as base:
         local = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=3600)
         out = local.chat.completions.create(
@@ -223,8 +221,9 @@ def test_a_longer_conversation_continues_its_session(server, client, books):
 def test_a_history_the_server_did_not_write_is_read_in_as_sent(server, books):
     """An assistant turn the app did not get from us (another model's, say) is read as text, not
     generated (recall off, so the raw text is all that differs between the turns)."""
-    from uio_gguf.chat.conversation import BOOK_MARKER, Conversation
-    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.llamacpp.sampling import SamplingParams
+    from uio_gguf.llamacpp.template import first_turn
     from uio_gguf.serve.engine import UIOLlama
 
     q1, q2 = "Name one thing in it.", "And another?"
@@ -236,7 +235,7 @@ def test_a_history_the_server_did_not_write_is_read_in_as_sent(server, books):
 
     # By hand: the book is read, then the rest of the first turn and the given answer as raw text.
     with Conversation(server[1].runtime, books[0], n_ctx=N_CTX, use_memory_files=False, recall_tokens=0) as conv:
-        before, after = conv._first_turn(q1).split(BOOK_MARKER, 1)
+        before, after = first_turn(conv.template, q1)
         conv.session.feed(conv.model.tokenize(after + "A river."))
         conv.seen_text = before + books[0] + after + "A river."
         conv.messages = [("user", f"{books[0]}\n\n{q1}"), ("assistant", "A river.")]
@@ -422,21 +421,21 @@ def test_a_client_that_leaves_mid_stream_stops_its_answer_and_frees_its_slot(ser
 def test_past_the_queue_a_request_gets_503():
     import asyncio
 
-    from uio_gguf.serve.app import APIError, Slots
+    from uio_gguf.serve.app import APIError, RequestLimit
 
     async def scenario():
-        slots = Slots(parallel=1, queue=1)
-        await slots.acquire()  # the one slot
-        waiter = asyncio.create_task(slots.acquire())
+        limit = RequestLimit(parallel=1, queue=1)
+        await limit.acquire()  # the one answer at once
+        waiter = asyncio.create_task(limit.acquire())
         await asyncio.sleep(0)
-        assert slots.state()["waiting"] == 1
+        assert limit.state()["waiting"] == 1
         try:
-            await slots.acquire()
+            await limit.acquire()
         except APIError as err:
             refused = err.status
-        slots.release()
+        limit.release()
         await waiter  # the queued request gets the slot
-        return refused, slots.state()
+        return refused, limit.state()
 
     refused, state = asyncio.run(scenario())
     assert refused == 503 and (state["busy"], state["waiting"]) == (1, 0)
@@ -493,7 +492,7 @@ def serve_command(bundle, port: int, env: dict, n_ctx: int = N_CTX):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     return subprocess.Popen(
         [sys.executable, "-c", "from uio_gguf.cli import main; main()", "serve", "-m", str(bundle)]
@@ -560,22 +559,9 @@ def test_serve_without_the_extra_says_so_in_one_line():
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1
     assert result.stderr.strip() == "uio-gguf: error: the serve extra is not installed: pip install 'uio-gguf[serve]'"
     assert "serve" in run_cli("--help").stdout
-
-
-def test_only_the_server_imports_the_serve_stack():
-    from tests.test_layout import imports, modules
-
-    table = modules()
-    at_top = {
-        module
-        for module, path in table.items()
-        for target, _, top in imports(path, set(table))
-        if top and target.split(".")[0] in {"fastapi", "uvicorn", "sse_starlette", "starlette"}
-    }
-    assert at_top == {"uio_gguf.serve.app"}

@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_recall import QUESTION, planted_book, runtime  # noqa: F401  (the tiny f32 runtime)
-from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
+from tests.helpers import QUESTION
+from uio_gguf.llamacpp.sampling import SamplingParams
+from uio_gguf.memory.session import DECODER_SEQ
 
 
-def _open(runtime, book):  # noqa: F811
+def _open(runtime, book):
     from uio_gguf.chat.conversation import Conversation
     from uio_gguf.native.bindings import kv_read
 
@@ -24,7 +25,7 @@ def _open(runtime, book):  # noqa: F811
         return chat.stats, cells, state, answer, chat.memory_path
 
 
-def test_a_reopened_book_restores_its_start_cache_cell_for_cell(runtime, planted_book, monkeypatch, tmp_path):  # noqa: F811
+def test_a_reopened_book_restores_its_start_cache_cell_for_cell(runtime, planted_book, monkeypatch, tmp_path):
     monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path))
     first = _open(runtime, planted_book)
     again = _open(runtime, planted_book)
@@ -41,7 +42,7 @@ def test_a_reopened_book_restores_its_start_cache_cell_for_cell(runtime, planted
         assert other.stats.from_file and not other.stats.from_start_state
 
 
-def test_a_damaged_start_state_is_rebuilt(runtime, planted_book, monkeypatch, tmp_path):  # noqa: F811
+def test_a_damaged_start_state_is_rebuilt(runtime, planted_book, monkeypatch, tmp_path):
     monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path))
     first = _open(runtime, planted_book)
     (state_file,) = first[4].parent.glob("*.start.npz")

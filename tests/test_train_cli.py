@@ -7,47 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def book(tmp_path_factory, prose):
-    path = tmp_path_factory.mktemp("data") / "book.txt"
-    path.write_text(prose[:60_000])
-    return path
+from tests.helpers import checkpoint_weights, run_cli, train_run
 
 
 def _train(model_dir, book, out, *extra, check=True):
-    """A tiny training run; book=None leaves out --data (the run reads OUT/tokens.npz)."""
-    data = ("--data", str(book)) if book is not None else ()
-    return run_cli(
-        "train",
-        "--base",
-        str(model_dir),
-        *data,
-        "--out",
-        str(out),
-        "--segment",
-        "16",
-        "--ratio",
-        "4",
-        "--segments",
-        "4",
-        "--batch",
-        "2",
-        "--rank",
-        "4",
-        "--alpha",
-        "8",
-        "--lr",
-        "1e-2",
-        "--eval-every",
-        "2",
-        "--save-every",
-        "1",
-        *extra,
-        check=check,
-    )
+    """A tiny training run (segment 16, ratio 4, 4 segments); book=None leaves out --data."""
+    return train_run(model_dir, out, *extra, data=book, check=check, shape=(16, 4, 4), lr="1e-2", eval_every=2)
 
 
 def test_checkpoint_is_peft_format_and_resume_is_exact(make_tiny_model_dir, book, tmp_path):
@@ -88,17 +53,6 @@ def test_checkpoint_is_peft_format_and_resume_is_exact(make_tiny_model_dir, book
     assert [r["loss"] for r in resumed_log] == [r["loss"] for r in log]
 
 
-def _adapters(checkpoint):
-    return {
-        name: load_file(str(checkpoint / name))
-        for name in (
-            "encoder/adapter_model.safetensors",
-            "transfer/adapter_model.safetensors",
-            "memory_embedding.safetensors",
-        )
-    }
-
-
 def test_max_minutes_stops_with_a_checkpoint_and_resume_needs_only_the_saved_tokens(
     make_tiny_model_dir, book, tmp_path
 ):
@@ -112,9 +66,9 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_needs_only_the_saved_tok
     assert json.loads((chunked / "checkpoint" / "uio_config.json").read_text())["step"] == 1
     resumed = _train(model_dir, None, chunked, "--steps", "3", "--resume")
     assert "checkpoint:" in resumed.stdout
-    a, b = _adapters(straight / "checkpoint"), _adapters(chunked / "checkpoint")
+    a, b = checkpoint_weights(straight / "checkpoint"), checkpoint_weights(chunked / "checkpoint")
     for name in a:
-        assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_prepare_only_and_heldout_files(make_tiny_model_dir, book, prose, tmp_path):
@@ -253,10 +207,9 @@ def test_windows_per_pass_trains_to_the_same_weights(make_tiny_model_dir, book, 
     model_dir = make_tiny_model_dir("llama")
     _train(model_dir, book, tmp_path / "one", "--steps", "2")
     _train(model_dir, book, tmp_path / "all", "--steps", "2", "--windows-per-pass", "3")
-    a, b = _adapters(tmp_path / "one" / "checkpoint"), _adapters(tmp_path / "all" / "checkpoint")
+    a, b = checkpoint_weights(tmp_path / "one" / "checkpoint"), checkpoint_weights(tmp_path / "all" / "checkpoint")
     for name in a:
-        for key in a[name]:
-            assert torch.allclose(a[name][key], b[name][key], atol=1e-5), f"{name}:{key}"
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
     first = [json.loads(line)["loss"] for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     second = [json.loads(line)["loss"] for line in (tmp_path / "all" / "log.jsonl").read_text().splitlines()]
     assert first == pytest.approx(second, rel=1e-5)
@@ -278,10 +231,9 @@ def test_loss_windows_scores_random_windows_and_resumes_exactly(make_tiny_model_
         != 0
     )
     _train(model_dir, book, killed, "--steps", "2", "--loss-windows", "1", "--resume")
-    a, b = _adapters(tmp_path / "one" / "checkpoint"), _adapters(killed / "checkpoint")
+    a, b = checkpoint_weights(tmp_path / "one" / "checkpoint"), checkpoint_weights(killed / "checkpoint")
     for name in a:
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), f"{name}:{key} differs after resume"
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
     losses = {
         run: [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
         for run in ("all", "one", "killed")

@@ -36,7 +36,7 @@ class ChatRecallPool:
 
     @classmethod
     def build(cls, tokenizer, count: int = POOL_TASKS, seed: int = 0) -> ChatRecallPool:
-        from uio_gguf.chat.conversation import BOOK_MARKER, render
+        from uio_gguf.llamacpp.template import BOOK_MARKER, render
 
         def ids(text: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False)["input_ids"]

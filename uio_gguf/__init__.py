@@ -20,7 +20,7 @@ _EXPORTS = {
     "UIORuntime": "uio_gguf.memory.runtime",
     "Conversation": "uio_gguf.chat.conversation",
     "Session": "uio_gguf.memory.session",
-    "SamplingParams": "uio_gguf.memory.session",
+    "SamplingParams": "uio_gguf.llamacpp.sampling",
     "Bundle": "uio_gguf.format.bundle",
     "SegmentMemory": "uio_gguf.memory.encoder",
     "UIOError": "uio_gguf.errors",

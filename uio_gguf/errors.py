@@ -1,9 +1,13 @@
-"""The one exception type users see: the CLI prints its message as one line and exits non-zero.
-And Stopped, which a caller's should_stop() asks for."""
+"""The exception types users see: the CLI prints the message as one line and exits non-zero. And
+Stopped, which a caller's should_stop() asks for."""
 
 
 class UIOError(Exception):
     pass
+
+
+class ContextLengthError(UIOError):
+    """A text longer than the memory holds in the decoder window (the server's code context_length_exceeded)."""
 
 
 class Stopped(Exception):

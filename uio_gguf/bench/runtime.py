@@ -2,7 +2,7 @@
 length, in one process: one llama.cpp build, one model (the runtime's), one cache type, one thread count.
 
 For each length L (tokens of the chat document: the template's opening, then the book):
-  plain   a context of L + N cells (eval_ppl's Decoder): the L tokens prefilled 512 per decode
+  plain   a context of L + N cells (a PlainContext): the L tokens prefilled 512 per decode
           (only the last row's logits), then N greedy tokens decoded one at a time. Past the model's
           trained window llama.cpp runs, but what full attention computes there is not meaningful:
           measured for speed only, and the table says so.
@@ -29,27 +29,24 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from importlib.resources import files
 
 import llama_cpp
 import numpy as np
 
-from uio_gguf.chat.conversation import Conversation, document_tokens
+from uio_gguf.chat.conversation import Conversation
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.errors import UIOError
-from uio_gguf.evals.ppl import Decoder
-from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
+from uio_gguf.llamacpp.api import usable_cpus
+from uio_gguf.llamacpp.plain import PlainContext
+from uio_gguf.llamacpp.sampling import SamplingParams
+from uio_gguf.llamacpp.template import document_tokens
+from uio_gguf.memory.session import DECODER_SEQ
+from uio_gguf.text.packaged import DEMO_QUESTION
 
 DECODE_TOKENS = 64
 PREFILL_BATCH = 512  # llama.cpp's default micro-batch
 LIMIT_TOKENS = 2048  # the short-context prefill is timed over at most this many tokens per length
-QUESTION = "What is the access code of the archive?"  # the demo's question, about the packaged text
 TEXT_SEPARATOR = "\n\n"  # between copies of a text repeated to reach a length
-
-
-def packaged_text() -> str:
-    """The demo book shipped in uio_gguf/data (about 13.5K SmolLM2 tokens)."""
-    return (files("uio_gguf") / "data" / "demo_book.txt").read_text(encoding="utf-8")
 
 
 def book_of_length(model, text: str, n_tokens: int) -> tuple[str, int]:
@@ -80,7 +77,7 @@ def short_prefill_rate(runtime, tokens: np.ndarray) -> tuple[float, int]:
     n = min(len(tokens), LIMIT_TOKENS) // seg * seg
     if n == 0:
         raise UIOError(f"a length must hold at least one segment ({seg} tokens)")
-    with Decoder(runtime, n_ctx=seg, n_batch=seg) as plain:
+    with PlainContext(runtime, n_ctx=seg, n_batch=seg) as plain:
         started = time.perf_counter()
         for chunk in np.asarray(tokens[:n]).reshape(-1, seg):
             plain.clear()
@@ -91,7 +88,7 @@ def short_prefill_rate(runtime, tokens: np.ndarray) -> tuple[float, int]:
 def measure_plain(runtime, tokens: np.ndarray, n_decode: int) -> dict:
     cell = runtime.kv_cell_bytes
     n_ctx = len(tokens) + n_decode
-    with Decoder(runtime, n_ctx=n_ctx, n_batch=min(PREFILL_BATCH, n_ctx)) as plain:
+    with PlainContext(runtime, n_ctx=n_ctx, n_batch=min(PREFILL_BATCH, n_ctx)) as plain:
         started = time.perf_counter()
         logits = plain.feed(tokens)
         prefill_s = time.perf_counter() - started
@@ -137,7 +134,7 @@ def measure_uio(runtime, book: str, n_decode: int) -> dict:
     for name, recall in (("ttft_s", 0), ("ttft_recall_s", DEFAULT_RECALL_TOKENS)):
         started = time.perf_counter()
         with Conversation(runtime, book, use_memory_files=True, recall_tokens=recall) as again:
-            for _ in again.ask(QUESTION, SamplingParams(max_tokens=1)):
+            for _ in again.ask(DEMO_QUESTION, SamplingParams(max_tokens=1)):
                 pass
             report[name] = time.perf_counter() - started
             from_file.append(again.stats.from_file)
@@ -168,7 +165,7 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     return {
         "cpu": cpu,
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus": usable_cpus(),
         "platform": platform.platform(),
         "llama_cpp_python": llama_cpp.__version__,
     }
@@ -211,14 +208,14 @@ def run(
             "flash_attn": runtime.flash_attn,
             "decode_tokens": n_decode,
             "plain": plain,
-            "question": QUESTION,
+            "question": DEMO_QUESTION,
         },
         "text": {"name": text_name, "chars": len(text)},
         "rows": [],
     }
     seg, k = runtime.segment, runtime.slots
     with private_memory_files():
-        with Decoder(runtime, n_ctx=seg, n_batch=seg) as warm:  # weights paged in before anything is timed
+        with PlainContext(runtime, n_ctx=seg, n_batch=seg) as warm:  # weights paged in before anything is timed
             warm.feed(model.tokenize(text)[:seg])
         for length in lengths:
             book, copies = book_of_length(model, text, length)

@@ -18,10 +18,11 @@ import statistics
 import tempfile
 import threading
 import time
-from importlib.resources import files
+
+from uio_gguf.text.packaged import DEMO_BOOK, DEMO_QUESTION, read
 
 QUESTIONS = [
-    "What is the access code of the archive?",
+    DEMO_QUESTION,
     "Who keeps the archive?",
     "What is this text about?",
     "Where does the story take place?",
@@ -53,7 +54,7 @@ def main(argv=None) -> dict:
     from uio_gguf.serve.app import create_app
     from uio_gguf.serve.engine import UIOLlama
 
-    text = (files("uio_gguf") / "data" / "demo_book.txt").read_text(encoding="utf-8")
+    text = read(DEMO_BOOK)
     books = [text[: args.book_chars], text[args.book_chars : 2 * args.book_chars]]
     llm = UIOLlama(args.model, n_ctx=args.n_ctx, keep=args.parallel * 2)
     with socket.socket() as s:

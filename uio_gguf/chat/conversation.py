@@ -11,23 +11,21 @@ segment: the book's tail, the question and the recent turns are read as text (do
 
 from __future__ import annotations
 
-import ctypes
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import llama_cpp
-
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS, Recall
 from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
+from uio_gguf.llamacpp.sampling import SamplingParams
+from uio_gguf.llamacpp.template import document_tokens, first_turn, opening, render
 from uio_gguf.memory.encoder import SegmentMemory
-from uio_gguf.memory.session import DECODER_SEQ, SamplingParams
+from uio_gguf.memory.runtime import ANSWER_RESERVE
+from uio_gguf.memory.session import DECODER_SEQ
 from uio_gguf.store import memory_file, start_state
 
-BOOK_MARKER = "\u2063UIO-BOOK\u2063"  # invisible separator: never in a real chat template
-FALLBACK_TEMPLATE = "chatml"  # llama.cpp's built-in name, for models that ship no template
 # Chat's raw window in segments. eval ppl, held-out libpng manual, r8 (uio-r8 = the training view, R = 128):
 # 4096 tokens: uio 18.943, R=256 25.417, R=512 19.870, R=1024 17.796, R=2048 15.706 (window 27.210);
 # 8192 tokens: uio 17.848, R=256 23.888, R=512 18.446, R=1024 16.723, R=2048 15.652 (window 25.722).
@@ -38,41 +36,10 @@ FALLBACK_TEMPLATE = "chatml"  # llama.cpp's built-in name, for models that ship 
 # next to the question, chat keeps the training view by default; --raw-window 1024/2048 is for gist.
 DEFAULT_RAW_SEGMENTS = 1
 MIN_RAW_SEGMENTS = 8
-ANSWER_ROOM = 1024  # cells the raw window leaves for the question and the answer (runtime.ANSWER_RESERVE)
 # How recall ranks the book's passages for a question (docs/design.md §6): BM25 on the question's words, or
 # the question's own attention over each segment's memory slots (uio_gguf.memory.attention_rank).
 RANKINGS = ("bm25", "attention")
 QUERY_ROWS = 64  # the question's last tokens whose attention ranks the segments
-
-
-def render(template: str | None, messages: list[tuple[str, str]], add_generation_prompt: bool) -> str:
-    """The chat template applied by llama.cpp's own renderer (llama_chat_apply_template)."""
-    array = (llama_cpp.llama_chat_message * len(messages))()
-    keep = []
-    for i, (role, content) in enumerate(messages):
-        keep.append((role.encode(), content.encode()))
-        array[i].role, array[i].content = keep[-1]
-    tmpl = (template or FALLBACK_TEMPLATE).encode()
-    size = sum(len(c) for _, c in keep) * 2 + 4096
-    for _ in range(2):
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_chat_apply_template(tmpl, array, len(messages), add_generation_prompt, buf, size)
-        if n < 0:
-            raise UIOError("llama.cpp does not know this model's chat template")
-        if n <= size:
-            return buf.raw[:n].decode("utf-8", "replace")
-        size = n + 1
-    raise UIOError("chat template rendering failed")
-
-
-def opening(template: str | None) -> str:
-    """What the chat template puts before the book in the first user turn."""
-    return render(template, [("user", f"{BOOK_MARKER}\n\n?")], True).split(BOOK_MARKER, 1)[0]
-
-
-def document_tokens(model, book: str):
-    """The tokens the conversation reads before the first question: the template's opening and the book."""
-    return model.tokenize(opening(model.chat_template()) + book, add_special=True)
 
 
 @dataclass
@@ -98,6 +65,9 @@ class Conversation(Handle):
         recall_tokens: int = DEFAULT_RECALL_TOKENS,
         raw_window: int | None = None,
         recall_ranking: str = "bm25",
+        preamble: list[tuple[str, str]] = (),
+        sep: str = "\n\n",
+        compress: Callable | None = None,
         should_stop: Callable[[], bool] | None = None,
         must_save: bool = False,
     ):
@@ -105,9 +75,13 @@ class Conversation(Handle):
         alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
         segments; the segment length: the training view). Where the book's memory leaves no room for R
         beside the recall budget and an answer, R shrinks (to one segment at the least).
-        recall_ranking: one of RANKINGS. should_stop: polled after each segment compressed; true raises
-        Stopped (the book half read: nothing is saved). must_save: a memory file that cannot be written
-        (a full or read-only disk) is an error; otherwise a warning, and the conversation goes on."""
+        recall_ranking: one of RANKINGS. preamble: (role, text) messages rendered before the first user
+        turn (the server's system messages): part of the document, with the book. sep: what stands between
+        the book and the first question in that turn. compress: how the book's segments become memory
+        when no memory file has it (default runtime.compress; eval qa passes a cache of segments).
+        should_stop: polled after each segment compressed; true raises Stopped (the book half read: nothing is
+        saved). must_save: a memory file that cannot be written (a full or read-only disk) is an error;
+        otherwise a warning, and the conversation goes on."""
         if recall_ranking not in RANKINGS:
             raise UIOError(f"unknown recall ranking {recall_ranking!r} (choose from {', '.join(RANKINGS)})")
         if recall_tokens < 0:
@@ -121,9 +95,10 @@ class Conversation(Handle):
         self.model = runtime.model
         self.template = self.model.chat_template()
         self.book = book
-        self.messages: list[tuple[str, str]] = []
+        self.preamble, self.sep = list(preamble), sep
+        self.messages: list[tuple[str, str]] = list(self.preamble)
         self.seen_text = ""  # everything the model has read, as text (to append later turns)
-        self.book_tokens = document_tokens(self.model, book)
+        self.book_tokens = document_tokens(self.model, book, self.preamble)
         runtime.check_length(len(self.book_tokens), n_ctx)
         self.recall_ranking = recall_ranking
         by_attention = recall_tokens > 0 and recall_ranking == "attention"
@@ -132,40 +107,34 @@ class Conversation(Handle):
         self.stats = CompressionStats()
         self.recall_tokens = recall_tokens
         try:
-            self._load_book(use_memory_files, progress, should_stop or (lambda: False))
+            self._load_book(use_memory_files, progress, compress, should_stop or (lambda: False))
         except BaseException:  # stopped, or a damaged head: the decoder context is not left behind
             self.session.close()
             raise
         self.recall = None
         if recall_tokens:
             n_mem = self.session.compressed_segments  # the raw window is in view anyway
-            skip = len(self.model.tokenize(opening(self.template), add_special=True))
+            skip = len(self.model.tokenize(opening(self.template, self.preamble), add_special=True))
             self.recall = Recall(self.model, self.book_tokens[: n_mem * runtime.segment], runtime.segment, skip)
 
     def _fit_raw_window(self, asked: int | None, recall_tokens: int) -> int:
         """The raw window asked for (or the default), cut to whole segments that fit beside the book's
-        memory, the recall budget and ANSWER_ROOM cells; one segment where that cut leaves fewer than
-        MIN_RAW_SEGMENTS (measured worse than one)."""
+        memory, the recall budget and ANSWER_RESERVE cells (the question and the answer); one segment
+        where that cut leaves fewer than MIN_RAW_SEGMENTS (measured worse than one)."""
         seg, s = self.runtime.segment, self.session
         if asked is not None and asked == seg:
             return seg
         memory = len(self.book_tokens) // seg * self.runtime.slots
-        room = (s.ctx.n_ctx - memory - recall_tokens - ANSWER_ROOM) // seg * seg
+        room = (s.ctx.n_ctx - memory - recall_tokens - ANSWER_RESERVE) // seg * seg
         target = DEFAULT_RAW_SEGMENTS * seg if asked is None else asked
         fit = min(target, room)
         return seg if fit < min(target, MIN_RAW_SEGMENTS * seg) else fit
 
-    # ----- the first turn ---------------------------------------------------------------------------
-    def _first_turn(self, question: str) -> str:
-        return render(self.template, [("user", f"{BOOK_MARKER}\n\n{question}")], True)
-
-    def _load_book(self, use_memory_files: bool, progress, should_stop: Callable[[], bool]) -> None:
+    def _load_book(self, use_memory_files: bool, progress, compress, should_stop: Callable[[], bool]) -> None:
         seg = self.runtime.segment
         n_full = len(self.book_tokens) // seg
         compressed = self.book_tokens[: n_full * seg]
-        dtype = self.runtime.encoder.head.memory_dtype  # memory is stored as it was made: bit-identical reuse
-        key = memory_file.memory_key(self.runtime.bundle, compressed, dtype)
-        path = memory_file.path_for(key)
+        key, path = memory_file.locate(self.runtime, compressed)  # memory is stored as made: bit-identical reuse
         started = time.perf_counter()
         self.memory_path = path
         # the segments the raw window holds are read as text (their memory stays in the file for later)
@@ -178,22 +147,19 @@ class Conversation(Handle):
                 self.stats.from_file = self.stats.from_start_state = True
                 self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
                 return
-        memory = memory_file.load(path, key) if use_memory_files else None
-        self.stats.from_file = memory is not None
-        if memory is None:
-            done = 0
+        done = 0
 
-            def step(n):
-                nonlocal done
-                done += n
-                if progress:
-                    progress(done * seg, n_full * seg)
-                if should_stop():
-                    raise Stopped
+        def step(n):
+            nonlocal done
+            done += n
+            if progress:
+                progress(done * seg, n_full * seg)
+            if should_stop():
+                raise Stopped
 
-            memory = self.runtime.compress(compressed, progress=step)
-            if use_memory_files and n_full:
-                self._write(lambda: memory_file.save(path, key, memory, dtype), "memory file", path)
+        memory, self.stats.from_file = memory_file.load_or_compress(
+            self.runtime, compressed, use_memory_files, compress, progress=step, write=self._write
+        )
         self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
         self.session.add_memory(SegmentMemory(memory.k[:n_mem], memory.v[:n_mem]))
         self.session.feed(remainder)
@@ -237,15 +203,20 @@ class Conversation(Handle):
         return start_state.path_for(memory_path, start_key), start_key
 
     # ----- turns ------------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        """Whether the first question has been asked (the turn that holds the book)."""
+        return len(self.messages) > len(self.preamble)
+
     def ask(
         self, question: str, params: SamplingParams, should_stop: Callable[[], bool] = lambda: False
     ) -> Iterator[str]:
         """Streams the answer to `question` and keeps it in the conversation. A question that would take
         the conversation past what the window holds is refused before anything is read (UIOError; the
         conversation is left as it was). should_stop is also polled while the question is read."""
-        if not self.messages:
-            before, delta = self._first_turn(question).split(BOOK_MARKER, 1)
-            seen, message = before + self.book, ("user", f"{self.book}\n\n{question}")
+        if not self.started:  # the first turn: the book, then the question
+            before, delta = first_turn(self.template, question, self.preamble, self.sep)
+            seen, message = before + self.book, ("user", f"{self.book}{self.sep}{question}")
         else:
             seen, message = self.seen_text, ("user", question)
             full = render(self.template, [*self.messages, message], True)

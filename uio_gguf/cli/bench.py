@@ -56,6 +56,7 @@ def bench(
     from uio_gguf.format.shipped import default_bundle_path
     from uio_gguf.llamacpp.threads import default_threads
     from uio_gguf.memory.runtime import UIORuntime
+    from uio_gguf.text import packaged
     from uio_gguf.text.book import read_book
 
     check_ratio(model, ratio)
@@ -67,7 +68,7 @@ def bench(
         raise UIOError(f"--threads must be 1 or more, not {threads}")
     if segments_per_batch < 0:
         raise UIOError(f"--segments-per-batch must be 0 (automatic) or more, not {segments_per_batch}")
-    body = read_book(text) if text is not None else runner.packaged_text()
+    body = read_book(text) if text is not None else packaged.read(packaged.DEMO_BOOK)
     name = str(text) if text is not None else "uio_gguf/data/demo_book.txt (the demo book)"
     with UIORuntime(
         model if model is not None else default_bundle_path(DEFAULT_RATIO if ratio is None else ratio),

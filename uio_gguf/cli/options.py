@@ -153,9 +153,9 @@ def open_runtime(
 def _fit_book(runtime, book: str, n_ctx: int | None, ratio: int | None, auto: bool, opened):
     """runtime if the book fits; else, for a shipped ratio, the finest larger shipped ratio that holds it
     (auto) or an error that names it (an explicit --ratio); else the length error."""
-    from uio_gguf.chat.conversation import document_tokens
     from uio_gguf.format.bundle import Bundle
     from uio_gguf.format.shipped import default_bundle_path, shipped_bundles
+    from uio_gguf.llamacpp.template import document_tokens
     from uio_gguf.memory.runtime import max_book_tokens
 
     n_tokens = len(document_tokens(runtime.model, book))

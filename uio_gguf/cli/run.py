@@ -149,7 +149,7 @@ def chat(
 
     Ctrl-C stops the current answer; a second Ctrl-C (or Ctrl-D at the prompt) exits."""
     from uio_gguf.chat.conversation import RANKINGS, Conversation
-    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.llamacpp.sampling import SamplingParams
     from uio_gguf.text.book import read_book
 
     # Bad settings get their line before the book is compressed.
@@ -238,9 +238,6 @@ def _copy_out(source: Path, out: Path) -> None:
         raise UIOError(f"-o {out}: cannot write the memory file: {err.strerror or err}") from None
 
 
-DEMO_QUESTION = "What is the access code of the archive?"
-
-
 @app.command()
 def demo(
     ratio: AutoRatio = None,
@@ -253,9 +250,9 @@ def demo(
 ):
     """The main job on the embedded default: SmolLM2-135M reads a bundled 13K-token text (its own
     8K window could not hold it) through UIO memory and answers one question about its first lines."""
-    from importlib.resources import files
+    from uio_gguf.text.packaged import DEMO_BOOK, DEMO_QUESTION, path
 
-    book = Path(str(files("uio_gguf") / "data" / "demo_book.txt"))
+    book = path(DEMO_BOOK)
     typer.echo(f"demo: {book.name} (the access code is stated in its first lines)\nquestion: {DEMO_QUESTION}", err=True)
     chat(
         book=book,

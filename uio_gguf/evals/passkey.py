@@ -59,7 +59,7 @@ def document(model, length: int, depth: float, key: int, rng: random.Random, tex
 
 def ask(runtime, book: str, question: str, recall_tokens: int = 0) -> str:
     from uio_gguf.chat.conversation import Conversation
-    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.llamacpp.sampling import SamplingParams
 
     conversation = Conversation(runtime, book, use_memory_files=False, recall_tokens=recall_tokens)
     try:

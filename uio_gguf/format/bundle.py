@@ -14,6 +14,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+from gguf import Keys
 
 from uio_gguf.errors import UIOError
 from uio_gguf.format import schema
@@ -214,11 +215,11 @@ class Bundle:
             "bundle": str(self.path),
             "architecture": arch,
             "layers": self.n_layer,
-            "d_model": meta.get(f"{arch}.embedding_length"),
-            "heads": meta.get(f"{arch}.attention.head_count"),
-            "kv_heads": meta.get(f"{arch}.attention.head_count_kv"),
+            "d_model": meta.get(Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)),
+            "heads": meta.get(Keys.Attention.HEAD_COUNT.format(arch=arch)),
+            "kv_heads": meta.get(Keys.Attention.HEAD_COUNT_KV.format(arch=arch)),
             "vocab": token_embd.shape[0] if token_embd else None,
-            "context_length": meta.get(f"{arch}.context_length"),
+            "context_length": meta.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch)),
             "rope_type": self.rope_type,
             "segment": self.segment,
             "ratio": self.ratio,
@@ -278,7 +279,7 @@ def _check_kinds(path: Path, model: GGUFFile, encoder: GGUFFile, head: GGUFFile)
                 f"{where(f)} is for architecture {f.get(schema.GENERAL_ARCHITECTURE)!r}, "
                 f"{schema.HEAD_FILE} for {arch!r}"
             )
-    layers = model.get(f"{arch}.block_count")
+    layers = model.get(Keys.LLM.BLOCK_COUNT.format(arch=arch))
     if layers != head.get(schema.KEY_LAYER_COUNT):
         raise UIOError(f"{where(model)} has {layers} layers, {schema.HEAD_FILE} {head.get(schema.KEY_LAYER_COUNT)}")
 
@@ -287,7 +288,7 @@ def _check_weights(path: Path, model: GGUFFile, encoder: GGUFFile, head: GGUFFil
     """The head's and the encoder's tensors have the shapes the model asks for and hold finite numbers:
     a damaged tensor is refused here, not met as a broadcast error or a NaN memory later."""
     arch = head.get(schema.GENERAL_ARCHITECTURE)
-    d_model = model.get(f"{arch}.embedding_length")
+    d_model = model.get(Keys.LLM.EMBEDDING_LENGTH.format(arch=arch))
     n_layer = int(head.get(schema.KEY_LAYER_COUNT))
     expected = {}
     memory = head.tensors.get(schema.MEMORY_EMBEDDING)

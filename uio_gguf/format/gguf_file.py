@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 from uio_gguf.errors import UIOError
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
-ALIGNMENT_KEY = "general.alignment"
+ALIGNMENT_KEY = Keys.General.ALIGNMENT
 # Arrays longer than this are summarised (ArrayInfo), not read: vocabularies, merges, token types.
 MAX_ARRAY_READ = 256
 MAX_ARRAY_DEPTH = 4  # arrays of arrays: GGUF allows them, no file of ours nests deeper than 1

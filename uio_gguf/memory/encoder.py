@@ -13,6 +13,7 @@ Segments are independent (positions restart at 0 per block), so several go into 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import llama_cpp
@@ -91,6 +92,9 @@ class Encoder(Handle):
         )
         self.token_batch = Batch(self.per_batch * self.segment, 0, self.slots)
         self.slot_batch = Batch(rows, model.n_embd, 1)
+        # One context, capture and pair of batches: compressions from several threads (the server's
+        # conversations, each raw window that fills) take turns.
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         # The context first: its eval callback points into the capture.
@@ -102,10 +106,11 @@ class Encoder(Handle):
         """segments: (N, l) token ids -> their memory. `progress(n_segments_done)` is called per batch."""
         segments = np.asarray(segments, dtype=np.int32).reshape(-1, self.segment)
         parts = []
-        for start in range(0, len(segments), self.per_batch):
-            parts.append(self._compress_batch(segments[start : start + self.per_batch], keep_states))
-            if progress is not None:
-                progress(len(parts[-1].k))
+        with self._lock:
+            for start in range(0, len(segments), self.per_batch):
+                parts.append(self._compress_batch(segments[start : start + self.per_batch], keep_states))
+                if progress is not None:
+                    progress(len(parts[-1].k))
         if not parts:
             n = self.model.n_layer
             empty = np.zeros((0, n, self.slots, self.dk), np.float32)

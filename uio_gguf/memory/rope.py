@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import Keys
 
 from uio_gguf.errors import UIOError
 from uio_gguf.format import schema
@@ -29,13 +30,13 @@ class Rope:
     @classmethod
     def from_model(cls, model, kind: str) -> Rope:
         """Reads the RoPE settings from the base model's GGUF metadata (what llama.cpp itself uses)."""
-        arch = model.meta("general.architecture")
-        scaling = model.meta(f"{arch}.rope.scaling.type")
+        arch = model.meta(schema.GENERAL_ARCHITECTURE)
+        scaling = model.meta(Keys.Rope.SCALING_TYPE.format(arch=arch))
         if scaling not in (None, "none", "linear"):
             raise UIOError(f"RoPE scaling '{scaling}' of this model is not supported by uio-gguf yet")
-        factor = float(model.meta(f"{arch}.rope.scaling.factor") or 0) if scaling == "linear" else 0.0
-        n_rot = int(model.meta(f"{arch}.rope.dimension_count") or model.head_dim)
-        base = float(model.meta(f"{arch}.rope.freq_base") or 10000.0)
+        factor = float(model.meta(Keys.Rope.SCALING_FACTOR.format(arch=arch)) or 0) if scaling == "linear" else 0.0
+        n_rot = int(model.meta(Keys.Rope.DIMENSION_COUNT.format(arch=arch)) or model.head_dim)
+        base = float(model.meta(Keys.Rope.FREQ_BASE.format(arch=arch)) or 10000.0)
         if kind not in (schema.ROPE_NORM, schema.ROPE_NEOX):
             raise UIOError(f"unknown RoPE type '{kind}' in the UIO head")
         return cls(kind, model.head_dim, n_rot, base, 1.0 / factor if factor else 1.0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from llama_cpp import GGML_TYPE_F16, GGML_TYPE_F32
 
-from uio_gguf.errors import UIOError
+from uio_gguf.errors import ContextLengthError, UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.llamacpp.api import Model
 from uio_gguf.memory.encoder import Encoder, SegmentMemory
@@ -68,6 +68,7 @@ class UIORuntime(Handle):
         self.encoder = Encoder(
             self.model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads, kv_type=self.kv_type
         )
+        self._query_projection = None  # read at the first recall ranked by attention
 
     @property
     def segment(self) -> int:
@@ -93,7 +94,7 @@ class UIORuntime(Handle):
         hint: a better way out than cutting the text, when the caller knows one (e.g. another bundle)."""
         limit = self.max_tokens(n_ctx)
         if n_tokens > limit:
-            raise UIOError(
+            raise ContextLengthError(
                 f"the text has {n_tokens} tokens; at segment {self.segment} and ratio {self.bundle.ratio} this "
                 f"model's {n_ctx or self.model.n_ctx_train}-token window holds at most {limit}: "
                 + (hint or f"cut the text to {limit} tokens or less, or split it into parts")
@@ -120,7 +121,7 @@ class UIORuntime(Handle):
 
     def query_projection(self):
         """The decoder's W_q and RoPE (uio_gguf.memory.attention_rank), read from the model file once."""
-        if getattr(self, "_query_projection", None) is None:
+        if self._query_projection is None:
             from uio_gguf.memory.attention_rank import Projection
 
             self._query_projection = Projection(self.bundle.model_path, self.model.n_layer, self.rope)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from uio_gguf.errors import Stopped, UIOError
+from uio_gguf.errors import ContextLengthError, Stopped, UIOError
 
 
 class Message(BaseModel):
@@ -75,8 +75,10 @@ def error_response(status: int, message: str, type_: str, code: str | None = Non
     return JSONResponse(body, status_code=status)
 
 
-class Slots:
-    """`parallel` answers at once, `queue` more waiting; past that, 503."""
+class RequestLimit:
+    """`parallel` answers at once, `queue` more waiting; past that, 503. llama.cpp's server calls the
+    places of the answers running at once slots, and /health keeps that word (UIO's memory slots are
+    another thing)."""
 
     def __init__(self, parallel: int, queue: int):
         self.parallel, self.queue = parallel, queue
@@ -106,7 +108,7 @@ class Slots:
 def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: str | None = None) -> FastAPI:
     """The app over a UIOLlama (uio_gguf/serve/engine.py); `model_id` is the one id /v1/models lists."""
     app = FastAPI(title="uio-gguf", version="1")
-    slots = Slots(parallel, queue)
+    limit = RequestLimit(parallel, queue)
     app.state.stopping = stopping = threading.Event()  # set by run() when the server is told to stop
 
     def check_key(request: Request) -> None:
@@ -145,7 +147,7 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "slots": slots.state(), "counters": llm.stats()}
+        return {"status": "ok", "slots": limit.state(), "counters": llm.stats()}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
@@ -174,30 +176,30 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
             "model": model_id,
             "should_stop": lambda: stop.is_set() or stopping.is_set(),
         }
-        await slots.acquire()
+        await limit.acquire()
         # Watched while the book is read (streamed or not) and while a plain answer is made; a stream's
         # own sender notices a client that leaves once it streams.
         watcher = asyncio.create_task(_watch(request, stop))
         try:
             result = await anyio.to_thread.run_sync(lambda: llm.create_chat_completion(**kwargs))
         except UIOError as err:
-            slots.release()
-            code = "context_length_exceeded" if "holds at most" in str(err) else None
+            limit.release()
+            code = "context_length_exceeded" if isinstance(err, ContextLengthError) else None
             raise APIError(400, str(err), "invalid_request_error", code, "messages") from None
         except Stopped:
-            slots.release()
+            limit.release()
             if stopping.is_set():
                 raise APIError(503, "the server is shutting down", "server_error", "shutting_down") from None
             raise APIError(499, "the client left before the answer", "invalid_request_error", "cancelled") from None
         except BaseException:
-            slots.release()
+            limit.release()
             raise
         finally:
             watcher.cancel()
         if not body.stream:
-            slots.release()
+            limit.release()
             return result
-        return EventSourceResponse(_events(_pump(result, slots), stop), sep="\n")
+        return EventSourceResponse(_events(_pump(result, limit), stop), sep="\n")
 
     return app
 
@@ -209,7 +211,7 @@ async def _watch(request: Request, stop: threading.Event) -> None:
     stop.set()
 
 
-def _pump(chunks, slots: Slots) -> asyncio.Queue:
+def _pump(chunks, limit: RequestLimit) -> asyncio.Queue:
     """Runs the chunk iterator in a worker thread that puts each chunk on the queue as it comes, then
     None; the slot frees when the worker is done (started here, so even a response never sent frees it)."""
     loop = asyncio.get_running_loop()
@@ -225,7 +227,7 @@ def _pump(chunks, slots: Slots) -> asyncio.Queue:
             chunks.close()
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    loop.run_in_executor(None, work).add_done_callback(lambda _: slots.release())
+    loop.run_in_executor(None, work).add_done_callback(lambda _: limit.release())
     return queue
 
 

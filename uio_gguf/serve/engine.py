@@ -30,11 +30,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-from uio_gguf.chat.conversation import BOOK_MARKER, Conversation, render
+from uio_gguf.chat.conversation import Conversation
 from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
+from uio_gguf.llamacpp.sampling import SamplingParams
+from uio_gguf.llamacpp.template import render
 from uio_gguf.memory.runtime import ANSWER_RESERVE
-from uio_gguf.memory.session import SamplingParams
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -50,29 +51,20 @@ class Counters:
     cancelled: int = 0  # answers stopped early because should_stop() turned true (a client left)
 
 
-class _Thread(Conversation):
-    """A Conversation whose document turn may follow system messages and need not end in a question:
-    the first user message renders as book + sep + question, exactly as the client sent it."""
+class KeptConversation(Conversation):
+    """A Conversation as a client sends it: its first user message (after the system preamble) is
+    book + sep + question, and it is kept between requests to be continued."""
 
-    def __init__(self, runtime, preamble: list[tuple[str, str]], book: str, sep: str, n_ctx, **options):
-        self.preamble, self.sep, self.n_ctx = preamble, sep, n_ctx
+    def __init__(self, runtime, preamble: list[tuple[str, str]], book: str, sep: str, question: str, **options):
+        super().__init__(runtime, book, preamble=preamble, sep=sep, **options)
         self.history: list[tuple[str, str]] = list(preamble)  # the messages read so far, as the client sends them
-        super().__init__(runtime, book, n_ctx=n_ctx, **options)
-
-    def _first_turn(self, question: str) -> str:
-        return render(self.template, [*self.preamble, ("user", f"{BOOK_MARKER}{self.sep}{question}")], True)
-
-    def _load_book(self, *args, **kwargs) -> None:
-        # The document part is everything the first turn renders before the book: the preamble too.
-        opening = self._first_turn("?").split(BOOK_MARKER, 1)[0]
-        self.book_tokens = self.model.tokenize(opening + self.book, add_special=True)
-        self.runtime.check_length(len(self.book_tokens), self.n_ctx)
-        super()._load_book(*args, **kwargs)
+        self.question = question  # the first user message's question
+        self.result: tuple[str, dict] | None = None  # (finish_reason, usage) of the last answer
 
     def turn(self, message: tuple[str, str], question: str, params: SamplingParams, should_stop) -> Iterator[str]:
         """Asks `question` (the text of the user `message`) and streams the answer."""
         yield from self.ask(question, params, should_stop=should_stop)
-        # ask() keeps its own record of the first turn (book + "\n\n" + question); the client's is the truth
+        # the messages as the client sends them (read_answer puts in the answer the client gave)
         self.history += [message, self.messages[-1]]
         self.messages = list(self.history)
 
@@ -123,20 +115,6 @@ def normalize(messages) -> list[tuple[str, str]]:
     return out
 
 
-def _serialize_encoder(encoder) -> None:
-    """Conversations run in threads of their own, but share the runtime's one encoder context (a book's
-    segments, and each raw window that fills up): its compressions take turns."""
-    if getattr(encoder, "serialized", False):
-        return
-    inner, lock = encoder.compress, threading.Lock()
-
-    def compress(*args, **kwargs):
-        with lock:
-            return inner(*args, **kwargs)
-
-    encoder.compress, encoder.serialized = compress, True
-
-
 def _chat_id() -> str:
     return f"chatcmpl-{uuid.uuid4()}"
 
@@ -172,7 +150,6 @@ class UIOLlama(Handle):
         else:
             self._owns_runtime = False
         self.runtime = runtime
-        _serialize_encoder(runtime.encoder)
         self.n_ctx = n_ctx
         self.keep = keep
         self.options = {"use_memory_files": use_memory_files}  # passed on to each Conversation
@@ -180,7 +157,7 @@ class UIOLlama(Handle):
             self.options["recall_tokens"] = recall_tokens
         self.model_path = str(runtime.bundle.model_path)
         self.counters = Counters()
-        self._kept: OrderedDict[tuple, _Thread] = OrderedDict()
+        self._kept: OrderedDict[tuple, KeptConversation] = OrderedDict()
         self._lock = threading.Lock()
         self._book_locks: dict[str, threading.Lock] = {}
 
@@ -199,7 +176,7 @@ class UIOLlama(Handle):
         n_tokens = len(model.tokenize(render(model.chat_template(), msgs, True), add_special=True))
         self.runtime.check_length(n_tokens, self.n_ctx)
 
-    def _checkout(self, msgs: list[tuple[str, str]], should_stop) -> _Thread:
+    def _checkout(self, msgs: list[tuple[str, str]], should_stop) -> KeptConversation:
         """The kept conversation that `msgs` extends (taken out while in use), or a new one."""
         with self._lock:
             self.counters.requests += 1
@@ -220,37 +197,46 @@ class UIOLlama(Handle):
         with self._lock:
             book_lock = self._book_locks.setdefault(key, threading.Lock())
         with book_lock:
-            thread = _Thread(self.runtime, msgs[:first], book, sep, self.n_ctx, should_stop=should_stop, **self.options)
-        thread.question = content[len(book) + len(sep) :]
+            question = content[len(book) + len(sep) :]
+            kept = KeptConversation(
+                self.runtime,
+                msgs[:first],
+                book,
+                sep,
+                question,
+                n_ctx=self.n_ctx,
+                should_stop=should_stop,
+                **self.options,
+            )
         with self._lock:
-            if thread.stats.from_file:
+            if kept.stats.from_file:
                 self.counters.from_file += 1
-            elif thread.stats.tokens:
+            elif kept.stats.tokens:
                 self.counters.compressed += 1
-        return thread
+        return kept
 
-    def _checkin(self, thread: _Thread) -> None:
+    def _checkin(self, kept: KeptConversation) -> None:
         with self._lock:
-            self._kept[tuple(thread.history)] = thread
+            self._kept[tuple(kept.history)] = kept
             while len(self._kept) > self.keep:
                 self._kept.popitem(last=False)[1].close()
 
-    def _prepare(self, msgs: list[tuple[str, str]], should_stop) -> _Thread:
+    def _prepare(self, msgs: list[tuple[str, str]], should_stop) -> KeptConversation:
         """A conversation that has read every message but the last (the question to answer)."""
-        thread = self._checkout(msgs, should_stop)
+        kept = self._checkout(msgs, should_stop)
         try:
-            i = len(thread.history)
+            i = len(kept.history)
             while i < len(msgs) - 1:
-                thread.read_answer(msgs[i], self._question(thread, msgs[i]), msgs[i + 1][1], should_stop)
+                kept.read_answer(msgs[i], self._question(kept, msgs[i]), msgs[i + 1][1], should_stop)
                 i += 2
         except BaseException:
-            thread.close()
+            kept.close()
             raise
-        return thread
+        return kept
 
     @staticmethod
-    def _question(thread: _Thread, message: tuple[str, str]) -> str:
-        return thread.question if not thread.messages else message[1]
+    def _question(kept: KeptConversation, message: tuple[str, str]) -> str:
+        return message[1] if kept.started else kept.question
 
     # ----- the llama-cpp-python API -----------------------------------------------------------------
     def create_chat_completion(
@@ -295,16 +281,16 @@ class UIOLlama(Handle):
         try:
             if should_stop():  # e.g. a request that waited for a slot while the server began to shut down
                 raise Stopped
-            thread = self._prepare(msgs, should_stop)
+            kept = self._prepare(msgs, should_stop)
         except Stopped:
             self._count_cancelled()
             raise
-        answer = self._answer(thread, msgs[-1], params, should_stop)
+        answer = self._answer(kept, msgs[-1], params, should_stop)
         meta = {"id": _chat_id(), "created": int(time.time()), "model": model or self.model_path}
-        return self._chunks(thread, answer, meta) if stream else self._completion(thread, answer, meta)
+        return self._chunks(kept, answer, meta) if stream else self._completion(kept, answer, meta)
 
-    def _answer(self, thread: _Thread, message, params, should_stop) -> Iterator[str]:
-        """Streams the answer; when it ends, thread.result holds (finish_reason, usage) and the
+    def _answer(self, kept: KeptConversation, message, params, should_stop) -> Iterator[str]:
+        """Streams the answer; when it ends, kept.result holds (finish_reason, usage) and the
         conversation is kept. A consumer that stops early closes the conversation."""
         stopped = {"flag": False}
 
@@ -313,29 +299,29 @@ class UIOLlama(Handle):
             return stopped["flag"]
 
         try:
-            yield from thread.turn(message, self._question(thread, message), params, stop_now)
+            yield from kept.turn(message, self._question(kept, message), params, stop_now)
         except BaseException as err:  # the consumer left (GeneratorExit) or decoding failed: not reusable
-            thread.close()
+            kept.close()
             if isinstance(err, Stopped):  # while the question was read
                 self._count_cancelled()
             raise
-        session = thread.session
+        session = kept.session
         prompt = session.tokens_seen - session.generated
-        thread.result = (
+        kept.result = (
             session.finish_reason,
             {"prompt_tokens": prompt, "completion_tokens": session.generated, "total_tokens": session.tokens_seen},
         )
         if stopped["flag"]:
             self._count_cancelled()
-        self._checkin(thread)
+        self._checkin(kept)
 
     def _count_cancelled(self) -> None:
         with self._lock:
             self.counters.cancelled += 1
 
-    def _completion(self, thread: _Thread, answer: Iterator[str], meta: dict) -> dict:
+    def _completion(self, kept: KeptConversation, answer: Iterator[str], meta: dict) -> dict:
         text = "".join(answer)
-        finish, usage = thread.result
+        finish, usage = kept.result
         return {
             "id": meta["id"],
             "object": "chat.completion",
@@ -352,7 +338,7 @@ class UIOLlama(Handle):
             "usage": usage,
         }
 
-    def _chunks(self, thread: _Thread, answer: Iterator[str], meta: dict) -> Iterator[dict]:
+    def _chunks(self, kept: KeptConversation, answer: Iterator[str], meta: dict) -> Iterator[dict]:
         def chunk(delta: dict, finish: str | None) -> dict:
             return {
                 "id": meta["id"],
@@ -368,7 +354,7 @@ class UIOLlama(Handle):
                 yield chunk({"content": piece}, None)
         finally:
             answer.close()  # a consumer that leaves early closes the conversation (see _answer)
-        yield chunk({}, thread.result[0])
+        yield chunk({}, kept.result[0])
 
     def close(self) -> None:
         with self._lock:

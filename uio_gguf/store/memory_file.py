@@ -98,3 +98,27 @@ def load(path: Path, key: str) -> SegmentMemory | None:
         warnings.warn(f"memory file {path} is damaged ({err}); recomputing", stacklevel=2)
         return None
     return SegmentMemory(k.astype(np.float32), v.astype(np.float32))
+
+
+def locate(runtime, tokens) -> tuple[str, Path]:
+    """(key, path) of the memory file of `tokens` (whole segments) under the runtime's bundle, in the
+    dtype its encoder makes memory in."""
+    key = memory_key(runtime.bundle, tokens, runtime.encoder.head.memory_dtype)
+    return key, path_for(key)
+
+
+def load_or_compress(
+    runtime, tokens, use_files: bool = True, compress=None, progress=None, write=None
+) -> tuple[SegmentMemory, bool]:
+    """The memory of `tokens` (whole segments): read from its memory file, or else made by `compress`
+    (default runtime.compress; `progress` is passed on) and saved: through write(save, what, path) when
+    given (Conversation: a disk that is full warns instead of failing). -> (memory, whether it was read)."""
+    key, path = locate(runtime, tokens)
+    memory = load(path, key) if use_files else None
+    if memory is not None:
+        return memory, True
+    memory = (compress or runtime.compress)(tokens, progress=progress)
+    if use_files and len(memory.k):
+        dtype = runtime.encoder.head.memory_dtype
+        (write or (lambda do, _what, _path: do()))(lambda: save(path, key, memory, dtype), "memory file", path)
+    return memory, False
