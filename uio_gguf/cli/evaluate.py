@@ -94,7 +94,7 @@ def eval_ppl(
         texts = {domain: [eval_ppl.packaged_text(domain)] for domain in eval_ppl.DOMAINS}
     if not model and not ratio:
         ratio = sorted(shipped_bundles(), reverse=True)
-    runtimes = [open_runtime(path, 0, n_gpu_layers, flash_attn, verbose) for path in model]
+    runtimes = [open_runtime(path, None, n_gpu_layers, flash_attn, verbose) for path in model]
     runtimes += [open_runtime(None, r, n_gpu_layers, flash_attn, verbose) for r in ratio]
     tokenized = [
         t for domain, named in texts.items() for t in eval_ppl.tokenize_texts(runtimes[0].model, named, domain)
