@@ -1,11 +1,16 @@
 """Helpers the tests share (fixtures live in conftest.py): running the command line, llama.cpp's own
-logits, a checkpoint's weights, a tiny training run, and the settings of the shared tiny runtimes."""
+logits, a checkpoint's weights, a tiny training run, the settings of the shared tiny runtimes, and an
+app served on a free port."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from uio_gguf.text.packaged import DEMO_QUESTION
@@ -155,3 +160,47 @@ def assert_contiguous(runtime, session) -> None:
 
     assert np.array_equal(kv_positions(runtime, session), np.arange(session.n_past))
     assert session.ctx.seq_pos_max(DECODER_SEQ) == session.n_past - 1
+
+
+@contextmanager
+def serving(app):
+    """Runs the ASGI app in a uvicorn server on a free port of 127.0.0.1, in a thread of this process;
+    yields its base URL once /health answers."""
+    import httpx
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"no server at {base}")
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@contextmanager
+def cache_at(path):
+    """Points the memory-file cache at `path` while the block runs."""
+    before = os.environ.get("UIO_GGUF_CACHE")
+    os.environ["UIO_GGUF_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["UIO_GGUF_CACHE"]
+        else:
+            os.environ["UIO_GGUF_CACHE"] = before

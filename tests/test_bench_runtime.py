@@ -58,6 +58,11 @@ def test_bench_json_and_kv_cells(make_tiny_bundle, cache_env, tmp_path):
         for value in (plain["prefill_tok_s"], plain["decode_tok_s"], uio["ingest_tok_s"], uio["decode_tok_s"]):
             assert value > 0
         assert uio["ttft_s"] > 0 and uio["ttft_recall_s"] > 0
+        # the same-cell sliding window holds exactly uio's KV cells (the same KV size), and was timed
+        sliding = row["sliding"]
+        assert sliding["kv_cells"] == uio["kv_cells"] and sliding["kv_bytes"] == uio["kv_bytes"]
+        assert sliding["ingest_tok_s"] > 0 and sliding["decode_tok_s"] > 0
+    assert "| sliding-same decode, tok/s |" in result.stdout
 
 
 def test_bench_no_plain_runs_uio_alone(tiny_bundle, cache_env, tmp_path):

@@ -28,14 +28,15 @@ def setup(make_tiny_bundle, prose):
 def _nll(runtime, stream, full_window=None) -> dict[str, np.ndarray]:
     from uio_gguf.evals.ppl import methods, score
 
-    chosen = methods([runtime], full_window, raw_windows=(4 * SEGMENT,))  # chat-r4: a window the text passes
+    # chat-r4: a window the text passes; no lengths, so no one-length sliding-same methods
+    chosen = methods([runtime], full_window, raw_windows=(4 * SEGMENT,))
     return {m.name: score(m, stream, [len(stream)], lambda n: None)[0] for m in chosen}
 
 
 def test_every_method_agrees_on_one_segment(setup):
     runtime, _, stream = setup
     nll = _nll(runtime, stream[:SEGMENT])
-    assert list(nll) == ["uio-r4", "chat-r4", "window", "full-8k", "full"]
+    assert list(nll) == ["uio-r4", "chat-r4", "raw-16", "raw-64", "window", "full-8k", "full"]
     for name, values in nll.items():
         assert np.abs(values - nll["full"]).max() < 1e-5, name
 
@@ -61,10 +62,10 @@ def test_baselines_agree_and_differ_where_they_must(setup):
     assert np.abs(small["full-64"][60:] - small["full"][60:]).max() > 1e-3
 
 
-def _torch_shifted_logits(base, tokens: np.ndarray, window: int, keep: int, batch: int) -> np.ndarray:
+def _torch_shifted_logits(base, tokens: np.ndarray, window: int, keep: int, batch: int, drop=None) -> np.ndarray:
     """llama.cpp's context shift redone on the HF model: when the next batch does not fit, the cached
-    K/V after the first `keep` lose the older half, and the later keys are rotated back by as many
-    positions."""
+    K/V after the first `keep` lose the older half (or `drop` cells), and the later keys are rotated back
+    by as many positions."""
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import rotate_half
 
@@ -73,7 +74,7 @@ def _torch_shifted_logits(base, tokens: np.ndarray, window: int, keep: int, batc
         for start in range(0, len(tokens), batch):
             chunk = torch.as_tensor(tokens[start : start + batch], dtype=torch.long)[None]
             if n_past + chunk.shape[1] > window:
-                n = (n_past - keep) // 2
+                n = drop or (n_past - keep) // 2
                 probe = torch.zeros(1, 1, base.config.hidden_size)
                 cos, sin = (t[:, None] for t in base.model.rotary_emb(probe, torch.tensor([[-n]])))
                 shifted = DynamicCache(config=base.config)
@@ -97,6 +98,31 @@ def test_sliding_window_is_llama_cpp_context_shift(setup):
     expected = _torch_nll(_torch_shifted_logits(model.base, inputs, 64, SINK_TOKENS, 30), stream[1:])
     got = _nll(runtime, stream, full_window=64)["full-64"]
     assert np.abs(got - expected).max() < 1e-4
+
+
+def test_same_cell_baselines_are_plain_llama_cpp_windows(setup):
+    """raw-R is the memory column's raw window without the memory, sliding-same:C a context-shifted plain
+    window with C's cells at each length: both equal the HF model run the same way, and raw-l is the old
+    window baseline exactly."""
+    from uio_gguf.evals.ppl import SINK_TOKENS, Text, evaluate, memory_cells
+
+    runtime, model, stream = setup
+    lengths = [100, 200]
+    report = evaluate([runtime], [Text("prose", stream)], lengths, baselines=("same", "window"), raw_windows=(64,))
+    ppl = {(r["method"], r["length"]): r["ppl"] for r in report["results"]}
+    assert report["raw_window_of"] == {"uio-r4": SEGMENT, "chat-r4": 64}
+    # 12 segments compressed before the 199th input (one each time the raw window was full), 4 slots each
+    assert memory_cells(199, SEGMENT, RATIO, SEGMENT) == 12 * 4 + SEGMENT
+    for n in lengths:
+        assert ppl[("raw-16", n)] == pytest.approx(ppl[("window", n)], rel=1e-6)
+        raw = _torch_nll(_torch_shifted_logits(model.base, stream[: n - 1], 64, 0, SEGMENT, drop=SEGMENT), stream[1:n])
+        assert ppl[("raw-64", n)] == pytest.approx(math.exp(raw.mean()), rel=1e-3), n
+        for column, r in (("uio-r4", SEGMENT), ("chat-r4", 64)):
+            cells = memory_cells(n - 1, SEGMENT, RATIO, r)
+            batch = min((cells - SINK_TOKENS) // 2, 512)
+            logits = _torch_shifted_logits(model.base, stream[: n - 1], cells, SINK_TOKENS, batch)
+            expected = math.exp(_torch_nll(logits, stream[1:n]).mean())
+            assert ppl[(f"sliding-same:{column}", n)] == pytest.approx(expected, rel=1e-3), (column, n)
 
 
 def _torch_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -157,7 +183,8 @@ def test_each_domain_is_scored_on_its_own_texts(setup):
     runtime, _, stream = setup
     inside, outside = Text("manual", stream[:100], "in"), Text("book", stream[100:], "out")
     both = evaluate([runtime], [inside, outside], [64], raw_windows=())
-    assert both["domains"] == ["in", "out"] and both["methods"] == ["uio-r4", "window", "full-8k", "full"]
+    assert both["domains"] == ["in", "out"]
+    assert both["methods"] == ["uio-r4", "raw-16", "sliding-same:uio-r4", "window", "full-8k", "full"]
     ppl = {(r["domain"], r["method"]): r["ppl"] for r in both["results"]}
     for text in (inside, outside):
         alone = evaluate([runtime], [text], [64], raw_windows=())
@@ -167,7 +194,7 @@ def test_each_domain_is_scored_on_its_own_texts(setup):
     assert ppl[("in", "uio-r4")] != pytest.approx(ppl[("out", "uio-r4")], rel=1e-3)
     table = format_report(both)
     assert "in domain: manual" in table and "out of domain: book" in table
-    gap = gap_closed(ppl[("out", "uio-r4")], ppl[("out", "window")], ppl[("out", "full-8k")])
+    gap = gap_closed(ppl[("out", "uio-r4")], ppl[("out", "raw-16")], ppl[("out", "sliding-same:uio-r4")])
     assert table.split("out of domain: book")[2].splitlines()[2].split() == ["64", f"{gap:.0%}"]
 
 

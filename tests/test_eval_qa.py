@@ -201,6 +201,26 @@ def test_rag_with_no_budget_equals_window(runtime, base):
     assert contains(with_budget) and not contains(window)
 
 
+def test_sliding_recall_spends_the_memory_cells_on_the_book_tail(runtime, base):
+    """sliding+recall reads what rag reads plus, in the cells uio's memory takes, the book's last raw
+    tokens before the remainder: the same prompt with no budget as a plain window of those cells."""
+    sample = eval_qa.make_sample("passkey", 0.3, random.Random(2))
+    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    n_full = len(doc.tokens) // runtime.segment * runtime.segment
+    memory_cells = n_full // runtime.segment * runtime.slots
+    question = eval_qa.method_tokens(runtime, doc, sample.question, "window", 0)[doc.skip + len(doc.tokens) - n_full :]
+    for budget in (0, 64):
+        rag = eval_qa.method_tokens(runtime, doc, sample.question, "rag", budget)
+        sliding = eval_qa.method_tokens(runtime, doc, sample.question, "sliding+recall", budget)
+        assert len(sliding) == len(rag) + memory_cells
+        tail = doc.tokens[n_full - memory_cells :]
+        assert np.array_equal(sliding[len(sliding) - len(tail) - len(question) :], np.concatenate([tail, question]))
+        assert np.array_equal(
+            sliding[: len(rag) - len(question) - (len(doc.tokens) - n_full)],
+            rag[: len(rag) - len(question) - (len(doc.tokens) - n_full)],
+        )
+
+
 def test_window_equals_full_8k_when_the_text_fits(make_tiny_bundle, prose):
     from uio_gguf.memory.runtime import UIORuntime
 

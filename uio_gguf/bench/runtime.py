@@ -10,6 +10,10 @@ For each length L (tokens of the chat document: the template's opening, then the
           compressed by the encoder and written into the decoder's cache, its memory file saved, the
           remainder decoded raw = ingest; then N greedy tokens over [memory ; raw window] (a raw window
           that fills is compressed, as in chat: that cost is part of decode).
+  sliding a plain context with the cells uio holds at the end of its ingest (what a llama.cpp user gets
+          from the same KV cache without the memory): the L tokens read 512 per decode with llama.cpp's
+          context shift (the first 4 kept, the older half of the others dropped when full), then N
+          greedy tokens.
   ttft    a new Conversation on the same book, whose memory now comes from its memory file, asked one
           question: seconds until the answer's first token is sampled (memory alone, then with the
           default recall budget, as `chat` runs).
@@ -36,7 +40,7 @@ import numpy as np
 from uio_gguf.chat.conversation import Conversation
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.errors import UIOError
-from uio_gguf.llamacpp.plain import PlainContext
+from uio_gguf.llamacpp.plain import SINK_TOKENS, PlainContext
 from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import document_tokens
 from uio_gguf.llamacpp.threads import usable_cpus
@@ -100,6 +104,24 @@ def measure_plain(runtime, tokens: np.ndarray, n_decode: int) -> dict:
         "decode_tok_s": decode,
         "kv_cells": cells,
         "kv_bytes": cells * cell,
+    }
+
+
+def measure_sliding(runtime, tokens: np.ndarray, cells: int, n_decode: int) -> dict:
+    """A plain sliding window of `cells` cells (llama.cpp's context shift, SINK_TOKENS kept) reading
+    `tokens`, then n_decode greedy tokens."""
+    with PlainContext.shifting(runtime, cells, SINK_TOKENS) as window:
+        feed = window.feed  # decodes batch by batch, shifting the context when it is full
+        started = time.perf_counter()
+        logits = feed(tokens)
+        ingest_s = time.perf_counter() - started
+        decode = greedy_rate(lambda t: feed([t]), int(np.argmax(logits)), n_decode)
+    return {
+        "ingest_s": ingest_s,
+        "ingest_tok_s": len(tokens) / ingest_s,
+        "decode_tok_s": decode,
+        "kv_cells": cells,
+        "kv_bytes": cells * runtime.kv_cell_bytes,
     }
 
 
@@ -240,7 +262,10 @@ def run(
                 "plain": None,
                 "ratios": None,
             }
+            row["sliding"] = None
             if plain:
+                log(f"length {length}: a plain sliding window of uio's cells")
+                row["sliding"] = measure_sliding(runtime, tokens, uio["kv_cells"], n_decode)
                 log(f"length {length}: plain llama.cpp prefill and decode")
                 p = row["plain"] = measure_plain(runtime, tokens, n_decode)
                 row["ratios"] = {
@@ -286,6 +311,9 @@ def format_table(report: dict) -> str:
         out.append(line("plain decode, tok/s", plain(lambda r: f"{r['plain']['decode_tok_s']:,.1f}")))
     out.append(line("uio decode, tok/s", lambda r: f"{r['uio']['decode_tok_s']:,.1f}"))
     if with_plain:
+        out.append(line("sliding-same ingest, tok/s", plain(lambda r: f"{r['sliding']['ingest_tok_s']:,.0f}")))
+        out.append(line("sliding-same decode, tok/s", plain(lambda r: f"{r['sliding']['decode_tok_s']:,.1f}")))
+    if with_plain:
         out.append(line("uio decode / plain decode", plain(lambda r: f"{r['ratios']['decode']:.2f}×")))
         out.append(line("plain KV", plain(lambda r: _mib(r["plain"]["kv_bytes"]))))
     out.append(line("uio KV", lambda r: _mib(r["uio"]["kv_bytes"])))
@@ -311,6 +339,8 @@ def format_table(report: dict) -> str:
         f"ingest limit = short-context prefill of {m['segment']}-token chunks × {m['segment']}/"
         f"({m['segment']}+{m['slots']}); first token: a new conversation whose memory comes from the "
         f"memory file, asked {s['question']!r} (recall: {DEFAULT_RECALL_TOKENS} tokens)",
+        f"sliding-same = a plain llama.cpp window with uio's KV cells (the same KV size), reading the whole text "
+        f"with context shift (the first {SINK_TOKENS} tokens kept)",
     ]
     if any(r["beyond_trained_window"] and r["plain"] for r in rows):
         notes.append(

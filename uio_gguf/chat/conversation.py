@@ -112,6 +112,7 @@ class Conversation(Handle):
             self.session.close()
             raise
         self.recall = None
+        self.recalled: list = []  # the passages (recall.Span) brought back for the last question
         if recall_tokens:
             n_mem = self.session.compressed_segments  # the raw window is in view anyway
             skip = len(self.model.tokenize(opening(self.template, self.preamble), add_special=True))
@@ -234,11 +235,11 @@ class Conversation(Handle):
             if self.recall_ranking == "attention":
                 self.session.set_recall([])  # the question attends over the memory and raw window alone
                 scores = self.session.memory_attention(tokens, self.runtime.query_projection())
-                recalled = self.recall.tokens_for(self.recall.segment_spans(scores, budget))
+                self.recalled = self.recall.segment_spans(scores, budget)
             else:
-                recalled = self.recall.recall_tokens(question, budget)
+                self.recalled = self.recall.select(question, budget)
             # the document's first token leads the passages where they are decoded (an attention sink)
-            self.session.set_recall(recalled, lead=self.book_tokens[:1])
+            self.session.set_recall(self.recall.tokens_for(self.recalled), lead=self.book_tokens[:1])
         self.session.feed(tokens, should_stop=should_stop)
         self.seen_text += delta
         answer = ""

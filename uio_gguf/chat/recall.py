@@ -71,21 +71,22 @@ class Recall:
         pieces = self._pieces
         return b"".join(pieces[t] for t in self.tokens[span.start : span.end].tolist()).decode("utf-8", "replace")
 
-    def _question_words(self, question: str) -> list[str]:
+    def question_words(self, question: str) -> list[str]:
+        """The question's words that BM25 looks for: lower case, stop words left out, in the book."""
         return [w for w in _words([question])[0] if self.index is not None and w in self.index.vocab_dict]
 
     def scores(self, question: str) -> np.ndarray:
         """BM25 score of every passage for the question (0 where no word is shared)."""
         if self.index is None:
             return np.zeros(0)
-        words = self._question_words(question)
+        words = self.question_words(question)
         if not words:
             return np.zeros(len(self.spans))
         return np.asarray(self.index.get_scores(words), dtype=np.float64)
 
     def coverage(self, question: str) -> np.ndarray:
         """How many of the question's distinct words each passage holds."""
-        words = set(self._question_words(question))
+        words = set(self.question_words(question))
         return np.asarray([len(words & v) for v in self.vocabularies], dtype=np.int64)
 
     def select(self, question: str, budget: int) -> list[Span]:

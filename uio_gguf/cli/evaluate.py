@@ -63,12 +63,21 @@ def eval_ppl(
         help="Tokens at the start the sliding baseline never drops (attention sinks; llama.cpp's --keep).",
     ),
     baselines: str = typer.Option(
-        "window,sliding,full",
+        "same,sliding,full",
         "--baselines",
-        help="Baselines to compute, comma separated: window (no memory), sliding (full attention in the trained window), full; 'none' for the uio columns alone (each method is deterministic: baselines measured once need not be rerun).",
+        help="Baselines to compute, comma separated: same (beside every memory column C with raw window R: raw-R, "
+        "that raw window without memory, and sliding-same:C, a plain sliding window with C's KV cells, the baseline "
+        "the memory has to beat), window (each segment alone), sliding (full attention in the trained window), full; "
+        "'none' for the memory columns alone (each method is deterministic: baselines measured once need not be rerun).",
     ),
     chat: bool = typer.Option(
         True, "--chat/--no-chat", help="Also the chat-rR columns: the memory with chat's default raw window."
+    ),
+    raw_windows: str | None = typer.Option(
+        None,
+        "--raw-windows",
+        help="Raw windows R for the chat columns (memory + the last R raw tokens), comma separated, e.g. "
+        "128,512,1024,2048 (default: chat's). Implies --chat.",
     ),
     json_out: Path | None = typer.Option(
         None,
@@ -108,7 +117,7 @@ def eval_ppl(
         full_keep=full_keep,
         progress=update,
         baselines=chosen,
-        raw_windows=None if chat else (),
+        raw_windows=tuple(parse_lengths(raw_windows, "--raw-windows")) if raw_windows else (None if chat else ()),
         partial=(lambda r: json_out.write_text(json.dumps(r, indent=2) + "\n")) if json_out else None,
     )
     bar.close()

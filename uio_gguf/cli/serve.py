@@ -19,6 +19,7 @@ from uio_gguf.cli.options import (
     open_runtime,
 )
 from uio_gguf.errors import UIOError
+from uio_gguf.text.book import DEFAULT_MAX_UPLOAD_MB
 
 SERVE_EXTRA_HINT = "the serve extra is not installed: pip install 'uio-gguf[serve]'"
 
@@ -47,10 +48,14 @@ def serve(
     threads: Threads = None,
     keep: int = typer.Option(4, "--keep", min=0, help="Finished conversations kept open to be continued."),
     alias: str | None = typer.Option(None, "--alias", help="The model id clients use (default: the bundle's name)."),
+    max_upload_mb: float = typer.Option(
+        DEFAULT_MAX_UPLOAD_MB, "--max-upload-mb", min=0.001, help="The largest book the web page takes, in MB."
+    ),
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
 ):
-    """Serve the OpenAI chat-completions API: a long user message (the book) goes into memory, once per book."""
+    """Serve the web page and the OpenAI chat-completions API: a long user message (the book) goes into memory,
+    once per book."""
     require_serve_stack()
     from uio_gguf.serve.app import create_app, run
     from uio_gguf.serve.engine import UIOLlama
@@ -66,10 +71,13 @@ def serve(
         alias = shipped_bundles()[DEFAULT_RATIO if ratio is None else ratio].name
     model_id = alias or runtime.bundle.path.name
     typer.echo(
-        f"serving {model_id} on http://{host}:{port}/v1 (books up to {llm.max_book_tokens():,} tokens)", err=True
+        f"serving {model_id} on http://{host}:{port}/v1 (books up to {llm.max_book_tokens():,} tokens); "
+        f"the web page: http://{host}:{port}/",
+        err=True,
     )
+    app_ = create_app(llm, model_id, parallel=parallel, queue=queue, api_key=api_key, max_upload_mb=max_upload_mb)
     try:
-        run(create_app(llm, model_id, parallel=parallel, queue=queue, api_key=api_key), host, port)
+        run(app_, host, port)
     finally:
         llm.close()
         runtime.close()

@@ -8,8 +8,13 @@ For a length L every method predicts the same targets: tokens 1..L-1 of the text
                 segments, docs/design.md §6): a token sees the memory of every segment compressed
                 before it plus the last R - l .. R - 1 raw tokens (raw cells shifted down, not
                 recomputed, when the oldest segment is compressed).
-  window        the same raw windows without memory: each segment-length window decoded alone, from
-                position 0.
+  raw-R         a uio or chat column's raw window alone, no memory: the same raw tokens at positions from
+                0, the oldest segment dropped (not compressed) whenever the window passes R tokens.
+  sliding-same:C  a plain sliding window with the same KV cells as column C at each length (C's memory
+                cells when its last target is read + its raw window R), llama.cpp's context shift as in
+                full-8k (the first 4 tokens kept, as llama.cpp's --keep). What a llama.cpp user gets from
+                the same cache without the memory: the baseline the memory has to beat.
+  window        each segment-length window decoded alone, from position 0 (raw-l, kept for old reports).
   full-8k       full attention inside the model's trained window W (n_ctx_train): when the cache is
                 full, the text's first 4 tokens stay and the older half of the others is dropped, the
                 rest shifted down (llama.cpp's context shift, as with its --keep: seq_rm + seq_add, K
@@ -40,7 +45,9 @@ from uio_gguf.errors import UIOError
 from uio_gguf.llamacpp.plain import MAX_BATCH, SINK_TOKENS, PlainContext, chunks
 from uio_gguf.text import packaged
 
-BASELINES = ("window", "sliding", "full")  # the baselines' names for --baselines (sliding: full-8k)
+# the baselines' names for --baselines: same = sliding-same and raw-R beside every uio/chat column;
+# sliding = full-8k (full attention in the model's trained window with context shift)
+BASELINES = ("same", "window", "sliding", "full")
 DOMAINS = {"in": "in domain", "out": "out of domain"}
 
 
@@ -61,6 +68,9 @@ def packaged_text(domain: str) -> tuple[str, str]:
 class Method:
     name: str
     logits: Callable[[np.ndarray], Iterator[np.ndarray]]  # tokens -> their logits, chunk by chunk
+    # a method made for one length only (sliding-same: its cells depend on the length), scored on that
+    # prefix alone; None: every length is a prefix of one pass
+    length: int | None = None
 
 
 # ----- the methods ------------------------------------------------------------------------------------
@@ -88,13 +98,31 @@ def window_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
         plain.close()
 
 
-def shifted_logits(runtime, tokens: np.ndarray, window: int, keep: int) -> Iterator[np.ndarray]:
-    plain = PlainContext.shifting(runtime, window, keep)
+def shifted_logits(
+    runtime, tokens: np.ndarray, window: int, keep: int, drop: int | None = None
+) -> Iterator[np.ndarray]:
+    """A plain context of `window` cells; when the next batch does not fit, `drop` cells after the first
+    `keep` go (None: the older half of them, llama.cpp's context shift)."""
+    plain = PlainContext.shifting(runtime, window, keep, drop)
     try:
         for chunk in chunks(tokens, plain.batch.capacity):
             yield plain.decode(chunk)
     finally:
         plain.close()
+
+
+def raw_logits(runtime, tokens: np.ndarray, raw_window: int) -> Iterator[np.ndarray]:
+    """The raw window of Session.feed without its memory: batches of one segment, the oldest segment
+    dropped when the next one would pass `raw_window` tokens."""
+    return shifted_logits(runtime, tokens, window=raw_window, keep=0, drop=runtime.segment)
+
+
+def memory_cells(n_inputs: int, segment: int, slots: int, raw_window: int) -> int:
+    """The KV cells a uio/chat column uses to read n_inputs tokens: the memory of the segments it has
+    compressed before the last token (one whenever the raw window reached raw_window tokens) plus a full
+    raw window."""
+    compressed = max(0, (n_inputs - 1 - raw_window) // segment + 1)
+    return compressed * slots + raw_window
 
 
 def full_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
@@ -129,10 +157,12 @@ def methods(
     full_keep: int = SINK_TOKENS,
     baselines: tuple[str, ...] = BASELINES,
     raw_windows: tuple[int, ...] | None = None,
+    lengths: list[int] | None = None,
 ) -> list[Method]:
     """uio-r{ratio} for each runtime, then chat-r{ratio} (raw_windows: the raw windows R in tokens, one
     column each; None: chat's default; (): none), then the chosen baselines on the first runtime's model
-    and segment (every method is deterministic, so a run may leave out baselines measured before)."""
+    and segment (every method is deterministic, so a run may leave out baselines measured before).
+    lengths: the lengths the sliding-same baselines are made for (one method each)."""
     base = runtimes[0]
     for rt in runtimes[1:]:
         if rt.bundle.model_fingerprint != base.bundle.model_fingerprint:
@@ -156,14 +186,13 @@ def methods(
         raw_windows = (DEFAULT_RAW_SEGMENTS * base.segment,)
     if any(r < base.segment for r in raw_windows):
         raise UIOError(f"a raw window holds at least one segment ({base.segment} tokens)")
-    chat = [
-        Method(
-            n.replace("uio-", "chat-", 1) + ("" if len(raw_windows) == 1 else f"-raw{r}"),
-            partial(uio_logits, rt, raw_window=r),
-        )
-        for r in raw_windows
-        for n, rt in zip(names, runtimes)
-    ]
+    chat, columns = [], [(n, rt, rt.segment) for n, rt in zip(names, runtimes)]
+    for r in raw_windows:
+        for n, rt in zip(names, runtimes):
+            name = n.replace("uio-", "chat-", 1) + ("" if len(raw_windows) == 1 else f"-raw{r}")
+            chat.append(Method(name, partial(uio_logits, rt, raw_window=r)))
+            columns.append((name, rt, r))
+    same = same_cell_methods(columns, lengths or [], full_keep) if "same" in baselines else []
     every = {
         "window": Method("window", partial(window_logits, base)),
         "sliding": Method(f"full-{_short(window)}", partial(shifted_logits, base, window=window, keep=full_keep)),
@@ -172,8 +201,22 @@ def methods(
     return (
         [Method(n, partial(uio_logits, rt)) for n, rt in zip(names, runtimes)]
         + chat
-        + [every[b] for b in BASELINES if b in baselines]
+        + same
+        + [every[b] for b in BASELINES if b in baselines and b != "same"]
     )
+
+
+def same_cell_methods(columns: list[tuple], lengths: list[int], keep: int = SINK_TOKENS) -> list[Method]:
+    """raw-R (once per raw window R) and, for each length, sliding-same:C of each column C: (name, runtime,
+    raw window R). The memory has to beat both: raw-R is what it adds to, sliding-same what its cells
+    would hold as plain tokens."""
+    raw, same = {}, []
+    for name, rt, r in columns:
+        raw.setdefault(r, Method(f"raw-{r}", partial(raw_logits, rt, raw_window=r)))
+        for n in lengths:
+            cells = memory_cells(n - 1, rt.segment, rt.slots, r)  # the last token is only a target
+            same.append(Method(f"sliding-same:{name}", partial(shifted_logits, rt, window=cells, keep=keep), n))
+    return list(raw.values()) + same
 
 
 # ----- scoring ----------------------------------------------------------------------------------------
@@ -232,9 +275,16 @@ def evaluate(
             raise UIOError(
                 f"{text.name} has {len(text.tokens):,} tokens, fewer than every length (the shortest is {lengths[0]:,})"
             )
-    chosen = methods(runtimes, full_window, full_keep, baselines, raw_windows)
+    chosen = methods(runtimes, full_window, full_keep, baselines, raw_windows, lengths)
     longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
-    total = sum(longest[t.name] - 1 for t in texts) * len(chosen)
+
+    def read(method: Method, text: Text) -> int:
+        """How many tokens of the text the method reads: a one-length method its length (if the text has it)."""
+        if method.length is None:
+            return longest[text.name]
+        return method.length if method.length <= len(text.tokens) else 0
+
+    total = sum(max(0, read(m, t) - 1) for t in texts for m in chosen)
     done = 0
 
     def step(n: int) -> None:
@@ -247,7 +297,7 @@ def evaluate(
     totals = {(d, m.name, n): Totals() for d in domains for m in chosen for n in lengths}
     # a cell is done when every text of its domain that reaches its length has been scored
     due = {(d, n): sum(t.domain == d and n <= len(t.tokens) for t in texts) for d in domains for n in lengths}
-    order = [m.name for m in chosen]
+    order = list(dict.fromkeys(m.name for m in chosen))
 
     def report() -> dict:
         results = [
@@ -269,7 +319,13 @@ def evaluate(
             "segment": runtimes[0].segment,
             "full_window": _full_window(runtimes, full_window),
             "full_keep": full_keep,
-            "raw_windows": [m.logits.keywords["raw_window"] for m in chosen if "raw_window" in m.logits.keywords],
+            "raw_windows": [m.logits.keywords["raw_window"] for m in chosen if m.name.startswith("chat-")],
+            # each memory column's raw window R: its raw-R and sliding-same columns
+            "raw_window_of": {
+                m.name: m.logits.keywords.get("raw_window") or runtimes[0].segment
+                for m in chosen
+                if m.name.startswith(("uio-", "chat-"))
+            },
             "texts": [{"name": t.name, "tokens": len(t.tokens), "domain": t.domain} for t in texts],
             "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
             "results": results,
@@ -278,9 +334,12 @@ def evaluate(
     # method by method over every text: a run stopped midway (see `partial`) has whole columns
     for method in chosen:
         for text in texts:
-            tokens = text.tokens[: longest[text.name]]
-            nll, seconds = score(method, tokens, lengths, step)
-            for n in lengths:
+            if not read(method, text):
+                continue
+            tokens = text.tokens[: read(method, text)]
+            scored = lengths if method.length is None else [method.length]
+            nll, seconds = score(method, tokens, scored, step)
+            for n in scored:
                 if n <= len(tokens):
                     cell = totals[(text.domain, method.name, n)]
                     cell.nll += float(nll[: n - 1].sum())
@@ -300,9 +359,10 @@ def tokenize_texts(model, named_texts: list[tuple[str, str]], domain: str = "in"
 
 
 # ----- the table ----------------------------------------------------------------------------------------
-def gap_closed(uio: float, window: float, full: float) -> float:
-    """The share of the gap between the raw window and full attention that the memory closes."""
-    return (window - uio) / (window - full)
+def gap_closed(uio: float, raw: float, same: float) -> float:
+    """The share of the gap between the raw window alone and a plain sliding window of the same cells
+    that the memory closes: 1 when its cells are worth as much as raw tokens, below 0 when it hurts."""
+    return (raw - uio) / (raw - same)
 
 
 def format_report(report: dict) -> str:
@@ -327,13 +387,19 @@ def format_report(report: dict) -> str:
         r = cell[(d, m, n)]
         return f"{r['ppl']:.3f}" if r["ppl"] is not None else "-"
 
+    raw_of = report.get("raw_window_of", {})
+
     def gap(d: str, m: str, n: int) -> str:
-        window, full, uio = (cell[(d, name, n)]["ppl"] for name in ("window", sliding, m))
-        return f"{gap_closed(uio, window, full):.0%}" if None not in (window, full, uio) and window != full else "-"
+        names = (f"raw-{raw_of[m]}", f"sliding-same:{m}", m)
+        raw, same, uio = (cell[(d, name, n)]["ppl"] if (d, name, n) in cell else None for name in names)
+        return f"{gap_closed(uio, raw, same):.0%}" if None not in (raw, same, uio) and raw != same else "-"
 
     lines = table("perplexity of tokens 1..L-1 (lower is better)", methods_, ppl)
-    if uio_columns and "window" in methods_ and sliding in methods_:
-        title = f"share of the gap closed: (window - uio) / (window - {sliding})"
+    if any(m.startswith("sliding-same:") for m in methods_):
+        title = (
+            "share of the same-cell gap closed: (raw-R - C) / (raw-R - sliding-same:C), C a memory column with "
+            "raw window R (100%: the memory's cells are worth the raw tokens they could hold; below 0: worse than no memory)"
+        )
         lines += [""] + table(title, uio_columns, gap)
     seconds = table(
         "seconds", methods_, lambda d, m, n: f"{cell[(d, m, n)]['seconds']:.1f}" if cell[(d, m, n)]["tokens"] else "-"
@@ -345,6 +411,8 @@ def format_report(report: dict) -> str:
             lines.append(f"skipped at {int(n):,} tokens (too short): {', '.join(names)}")
     raw_windows = ", ".join(map(str, sorted(set(report.get("raw_windows", [])))))
     lines.append(
+        "raw-R = a memory column's raw window of R tokens without the memory; sliding-same:C = a plain sliding "
+        f"window with C's KV cells (memory + raw window) at each length, the first {report['full_keep']} tokens kept; "
         f"window = one segment ({report['segment']} tokens) without memory; "
         + (f"chat = memory + a raw window of {raw_windows} tokens (chat's view); " if raw_windows else "")
         + f"{sliding} = full attention in a {report['full_window']:,}-token "

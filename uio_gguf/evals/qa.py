@@ -9,6 +9,10 @@ Methods (the book goes in the first user turn of the chat template, as `uio-gguf
               first 4 tokens stay, the older half of the others goes when full; as eval ppl's full-8k)
   rag         no memory: window plus the passages that recall (uio_gguf.chat.recall) brings back for the
               question, with uio+recall's budget, between the opening and the remainder
+  sliding+recall  no memory: rag with the raw tokens the memory's cells could hold instead (the book's
+              last tokens, as many as uio's memory cells + the remainder: a plain sliding window of the
+              same cells, the opening kept as llama.cpp's --keep), then the question. What a llama.cpp
+              user gets from the same cache without the memory: the baseline uio+recall has to beat.
   uio         the memory alone (Conversation with recall 0)
   uio+recall  the memory and recall (chat's default budget), passages ranked by BM25
   uio+attn    the same, segments ranked by the question's attention over their memory slots
@@ -40,7 +44,8 @@ from uio_gguf.evals.needles import TASKS, Document, base_document, filler_rng, f
 from uio_gguf.evals.passkey import check_grid
 from uio_gguf.text import packaged
 
-METHODS = ("window", "full-8k", "rag", "uio", "uio+recall", "uio+attn")
+METHODS = ("window", "full-8k", "rag", "sliding+recall", "uio", "uio+recall", "uio+attn")
+PLAIN_METHODS = ("window", "full-8k", "rag", "sliding+recall")  # read in a plain llama.cpp context
 # uio+attn lost to BM25 (docs/evaluation.md) and costs ~3x uio+recall a question: asked for by name only
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "uio+attn")
 RANKING = {"uio": "bm25", "uio+recall": "bm25", "uio+attn": "attention"}  # how each uio method ranks recall
@@ -174,8 +179,9 @@ def _uio_answer(
 
 
 def method_tokens(runtime, doc: Document, question: str, method: str, recall_tokens: int) -> np.ndarray:
-    """The prompt a memoryless method reads: all of it (full-8k), or the opening, recall (rag) and the
-    raw remainder UIO keeps, then the question."""
+    """The prompt a memoryless method reads: all of it (full-8k), or the opening, recall (rag,
+    sliding+recall) and the raw remainder UIO keeps (sliding+recall: as many more of the book's last
+    tokens as uio's memory has cells), then the question."""
     from uio_gguf.chat.recall import Recall
 
     q = _question_tokens(runtime.model, question)
@@ -183,11 +189,14 @@ def method_tokens(runtime, doc: Document, question: str, method: str, recall_tok
         return np.concatenate([doc.tokens, q])
     n_full = len(doc.tokens) // runtime.segment * runtime.segment
     recalled = np.zeros(0, dtype=np.int32)
-    if method == "rag" and recall_tokens and n_full:
+    if method in ("rag", "sliding+recall") and recall_tokens and n_full:
         recalled = Recall(runtime.model, doc.tokens[:n_full], runtime.segment, doc.skip).recall_tokens(
             question, recall_tokens
         )
-    return np.concatenate([doc.tokens[: doc.skip], recalled, doc.tokens[max(doc.skip, n_full) :], q])
+    raw_from = n_full
+    if method == "sliding+recall":  # the memory's cells spent on the book's last raw tokens instead
+        raw_from -= n_full // runtime.segment * runtime.slots
+    return np.concatenate([doc.tokens[: doc.skip], recalled, doc.tokens[max(doc.skip, raw_from) :], q])
 
 
 def answer(cache: SegmentCache, doc: Document, question: str, method: str, params, recall_tokens: int) -> Answer:
@@ -195,7 +204,7 @@ def answer(cache: SegmentCache, doc: Document, question: str, method: str, param
     if method in RANKING:
         budget = recall_tokens if method != "uio" else 0
         return _uio_answer(cache, doc, question, params, budget, RANKING[method])
-    if method in ("window", "full-8k", "rag"):
+    if method in PLAIN_METHODS:
         started = time.perf_counter()  # rag's ranking counts, as uio+recall's does
         tokens = method_tokens(runtime, doc, question, method, recall_tokens)
         return _plain_answer(runtime, tokens, params, runtime.model.n_ctx_train, started)

@@ -29,9 +29,10 @@ def chunks(tokens, size: int) -> Iterator[np.ndarray]:
 class PlainContext(Handle):
     """One sequence in a plain llama.cpp context (no memory), with the runtime's cache settings."""
 
-    def __init__(self, runtime, n_ctx: int, n_batch: int, keep: int | None = None):
+    def __init__(self, runtime, n_ctx: int, n_batch: int, keep: int | None = None, drop: int | None = None):
         """keep: with a number, decode() shifts the context when it is full, keeping that many first
-        tokens; None: the caller sees to it that everything fits."""
+        tokens and dropping `drop` cells after them (None: the older half of the others); keep None: the
+        caller sees to it that everything fits."""
         self.ctx = Context(
             runtime.model,
             ContextSettings(
@@ -45,14 +46,15 @@ class PlainContext(Handle):
             ),
         )
         self.batch = Batch(n_batch)
-        self.n_ctx, self.keep = n_ctx, keep
+        self.n_ctx, self.keep, self.shift = n_ctx, keep, drop
         self.n_past = 0
 
     @classmethod
-    def shifting(cls, runtime, window: int, keep: int = SINK_TOKENS) -> PlainContext:
+    def shifting(cls, runtime, window: int, keep: int = SINK_TOKENS, drop: int | None = None) -> PlainContext:
         """A context of `window` cells that shifts when full: its batch is at most half the unpinned
-        window, which always fits once the older half is gone."""
-        return cls(runtime, n_ctx=window, n_batch=min((window - keep) // 2, MAX_BATCH), keep=keep)
+        window (or `drop` cells), which always fits once they are gone."""
+        n_batch = min(drop or (window - keep) // 2, MAX_BATCH)
+        return cls(runtime, n_ctx=window, n_batch=n_batch, keep=keep, drop=drop)
 
     def feed(self, tokens) -> np.ndarray:
         """Decodes tokens batch by batch after those already in; only the last token's logits (prefill)."""
@@ -65,7 +67,7 @@ class PlainContext(Handle):
         all_logits only the last token's are computed (ctx.logits(-1)) and None is returned."""
         n = len(tokens)
         if self.keep is not None and self.n_past + n > self.n_ctx:
-            self.drop(self.keep, (self.n_past - self.keep) // 2)
+            self.drop(self.keep, self.shift or (self.n_past - self.keep) // 2)
         outputs = [True] * n if all_logits else [i == n - 1 for i in range(n)]
         self.batch.fill(np.arange(self.n_past, self.n_past + n), [[0]] * n, outputs, tokens=tokens)
         self.ctx.decode(self.batch)

@@ -1,11 +1,11 @@
 """`uio-gguf serve`: the OpenAI chat-completions protocol over UIOLlama (docs/design.md §7, docs/serving.md).
 
 POST /v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`, or not), GET /v1/models,
-GET /health. `parallel` requests run at once, each in a worker thread with a decoder context of its own;
-up to `queue` more wait, past that the answer is 503. A request whose client leaves stops at its next
-segment compressed or token decoded (checked every quarter of a second until the answer streams); so do
-all of them when the server is told to stop (SIGTERM, Ctrl-C), which then exits at once. Errors have the
-OpenAI shape {"error": {"message", "type", "param", "code"}}.
+GET /health; the web page at / and its book API (uio_gguf/serve/web.py). `parallel` requests run at once,
+each in a worker thread with a decoder context of its own; up to `queue` more wait, past that the answer is
+503. A request whose client leaves stops at its next segment compressed or token decoded (checked every
+quarter of a second until the answer streams); so do all of them when the server is told to stop (SIGTERM,
+Ctrl-C), which then exits at once. Errors have the OpenAI shape {"error": {"message", "type", "param", "code"}}.
 
 This module needs the `serve` extra (fastapi, uvicorn, sse-starlette); nothing else imports it at module level.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from typing import Literal
 
@@ -26,6 +27,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from uio_gguf.errors import ContextLengthError, Stopped, UIOError
+from uio_gguf.text.book import DEFAULT_MAX_UPLOAD_MB
 
 
 class Message(BaseModel):
@@ -51,6 +53,7 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     loop_guard: bool = True  # UIO's own (extra_body): stop where the answer starts to repeat itself
+    book: str | None = None  # UIO's own (extra_body): the id of a book of /v1/books, read before the first question
 
 
 def unsupported(body: ChatRequest) -> tuple[str, str] | None:
@@ -105,10 +108,22 @@ class RequestLimit:
         return {"parallel": self.parallel, "busy": self.busy, "waiting": self.waiting, "queue": self.queue}
 
 
-def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: str | None = None) -> FastAPI:
-    """The app over a UIOLlama (uio_gguf/serve/engine.py); `model_id` is the one id /v1/models lists."""
+def create_app(
+    llm,
+    model_id: str,
+    parallel: int = 1,
+    queue: int = 16,
+    api_key: str | None = None,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+) -> FastAPI:
+    """The app over a UIOLlama (uio_gguf/serve/engine.py); `model_id` is the one id /v1/models lists;
+    max_upload_mb: the largest book the page's API takes."""
+    from uio_gguf.serve.library import Library
+    from uio_gguf.serve.web import add_page
+
     app = FastAPI(title="uio-gguf", version="1")
     limit = RequestLimit(parallel, queue)
+    library = app.state.library = Library(llm.runtime, llm.n_ctx, max_upload_mb)
     app.state.stopping = stopping = threading.Event()  # set by run() when the server is told to stop
 
     def check_key(request: Request) -> None:
@@ -162,9 +177,12 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
             )  # fmt: skip
         if refused := unsupported(body):
             raise APIError(400, refused[0], "invalid_request_error", "unsupported", refused[1])
+        messages = [m.model_dump() for m in body.messages]
+        if body.book is not None:
+            messages = await anyio.to_thread.run_sync(lambda: _with_book(library, body.book, messages))
         stop = threading.Event()  # the client left
         kwargs = {
-            "messages": [m.model_dump() for m in body.messages],
+            "messages": messages,
             "stream": body.stream,
             "temperature": body.temperature,
             "top_p": body.top_p,
@@ -175,6 +193,7 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
             "loop_guard": body.loop_guard,
             "model": model_id,
             "should_stop": lambda: stop.is_set() or stopping.is_set(),
+            "report": body.book is not None,  # the page shows the sources under the answer
         }
         await limit.acquire()
         # Watched while the book is read (streamed or not) and while a plain answer is made; a stream's
@@ -201,7 +220,34 @@ def create_app(llm, model_id: str, parallel: int = 1, queue: int = 16, api_key: 
             return result
         return EventSourceResponse(_events(_pump(result, limit), stop), sep="\n")
 
+    add_page(
+        app, library, check_key, lambda status, message, code: APIError(status, message, "invalid_request_error", code)
+    )
     return app
+
+
+def _with_book(library, book_id: str, messages: list[dict]) -> list[dict]:
+    """The messages with the book's text before the first user message's (the question): the document
+    turn the server reads (docs/serving.md). The question's blank lines become line breaks, so the book
+    ends at the last one."""
+    from uio_gguf.serve.library import UnknownBook
+
+    try:
+        text = library.text(book_id)
+    except UnknownBook as err:
+        raise APIError(404, str(err), "invalid_request_error", "book_not_found", "book") from None
+    if (job := library.busy(book_id)) is not None:
+        raise APIError(
+            409, f"the book is still being compressed ({job.done:,} of {job.total:,} tokens)", "invalid_request_error",
+            "book_not_ready", "book",
+        )  # fmt: skip
+    messages = [dict(m) for m in messages]
+    first = next((m for m in messages if m.get("role") == "user"), None)
+    if first is None or not isinstance(first.get("content"), str):
+        raise APIError(400, "a request naming a book needs a user message of text", "invalid_request_error", None)
+    question = re.sub(r"\n\s*\n", "\n", first["content"].strip())
+    first["content"] = f"{text}\n\n{question}"
+    return messages
 
 
 async def _watch(request: Request, stop: threading.Event) -> None:

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
+from uio_gguf.chat import sources
 from uio_gguf.chat.conversation import Conversation
 from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
@@ -59,7 +60,9 @@ class KeptConversation(Conversation):
         super().__init__(runtime, book, preamble=preamble, sep=sep, **options)
         self.history: list[tuple[str, str]] = list(preamble)  # the messages read so far, as the client sends them
         self.question = question  # the first user message's question
-        self.result: tuple[str, dict] | None = None  # (finish_reason, usage) of the last answer
+        self.result: tuple[str, dict, dict | None] | None = (
+            None  # (finish_reason, usage, sources report) of the last answer
+        )
 
     def turn(self, message: tuple[str, str], question: str, params: SamplingParams, should_stop) -> Iterator[str]:
         """Asks `question` (the text of the user `message`) and streams the answer."""
@@ -252,6 +255,7 @@ class UIOLlama(Handle):
         model: str | None = None,
         should_stop: Callable[[], bool] | None = None,
         loop_guard: bool = True,
+        report: bool = False,
         **_ignored,
     ):
         """llama_cpp.Llama.create_chat_completion's arguments (the sampling ones UIO has; the others are
@@ -259,7 +263,8 @@ class UIOLlama(Handle):
         should_stop (not in llama-cpp-python): polled per token; true ends the answer (finish_reason stop).
         Also polled per segment while the book and the turns are read: true there raises Stopped.
         loop_guard (not in llama-cpp-python): stop where the answer starts to repeat itself (finish_reason
-        stop; uio_gguf.llamacpp.loop_guard).
+        stop; uio_gguf.llamacpp.loop_guard). report (not in llama-cpp-python): the completion (or the last
+        chunk) also holds `uio`: the passages recall brought back and the memory figures (uio_gguf.chat.sources).
 
         The book is read (or its memory file loaded) before this returns, also with stream=True, so a
         book that does not fit raises UIOError here rather than mid-stream."""
@@ -285,21 +290,22 @@ class UIOLlama(Handle):
         except Stopped:
             self._count_cancelled()
             raise
-        answer = self._answer(kept, msgs[-1], params, should_stop)
+        answer = self._answer(kept, msgs[-1], params, should_stop, report)
         meta = {"id": _chat_id(), "created": int(time.time()), "model": model or self.model_path}
         return self._chunks(kept, answer, meta) if stream else self._completion(kept, answer, meta)
 
-    def _answer(self, kept: KeptConversation, message, params, should_stop) -> Iterator[str]:
-        """Streams the answer; when it ends, kept.result holds (finish_reason, usage) and the
-        conversation is kept. A consumer that stops early closes the conversation."""
+    def _answer(self, kept: KeptConversation, message, params, should_stop, report: bool = False) -> Iterator[str]:
+        """Streams the answer; when it ends, kept.result holds (finish_reason, usage, the sources report or
+        None) and the conversation is kept. A consumer that stops early closes the conversation."""
         stopped = {"flag": False}
 
         def stop_now() -> bool:
             stopped["flag"] = stopped["flag"] or bool(should_stop())
             return stopped["flag"]
 
+        question = self._question(kept, message)
         try:
-            yield from kept.turn(message, self._question(kept, message), params, stop_now)
+            yield from kept.turn(message, question, params, stop_now)
         except BaseException as err:  # the consumer left (GeneratorExit) or decoding failed: not reusable
             kept.close()
             if isinstance(err, Stopped):  # while the question was read
@@ -310,6 +316,7 @@ class UIOLlama(Handle):
         kept.result = (
             session.finish_reason,
             {"prompt_tokens": prompt, "completion_tokens": session.generated, "total_tokens": session.tokens_seen},
+            sources.report(kept, question) if report else None,
         )
         if stopped["flag"]:
             self._count_cancelled()
@@ -321,8 +328,8 @@ class UIOLlama(Handle):
 
     def _completion(self, kept: KeptConversation, answer: Iterator[str], meta: dict) -> dict:
         text = "".join(answer)
-        finish, usage = kept.result
-        return {
+        finish, usage, extra = kept.result
+        completion = {
             "id": meta["id"],
             "object": "chat.completion",
             "created": meta["created"],
@@ -337,6 +344,9 @@ class UIOLlama(Handle):
             ],
             "usage": usage,
         }
+        if extra is not None:
+            completion["uio"] = extra
+        return completion
 
     def _chunks(self, kept: KeptConversation, answer: Iterator[str], meta: dict) -> Iterator[dict]:
         def chunk(delta: dict, finish: str | None) -> dict:
@@ -354,7 +364,10 @@ class UIOLlama(Handle):
                 yield chunk({"content": piece}, None)
         finally:
             answer.close()  # a consumer that leaves early closes the conversation (see _answer)
-        yield chunk({}, kept.result[0])
+        last = chunk({}, kept.result[0])
+        if kept.result[2] is not None:
+            last["uio"] = kept.result[2]
+        yield last
 
     def close(self) -> None:
         with self._lock:

@@ -12,6 +12,9 @@ SAMPLE_CHARS = 65536  # text vs binary is decided on the first characters
 # binary: a random file has about 60%, text in another encoding (Latin-1 read as UTF-8) a few percent.
 MAX_BINARY_SHARE = 0.10
 _WHITESPACE_CONTROLS = set("\t\n\r\f\v")
+DEFAULT_MAX_UPLOAD_MB = (
+    16.0  # the server's upload limit: a 56K-token book (the most the shipped bundles hold) is ~250 KB
+)
 
 
 def binary_share(text: str) -> float:
@@ -35,19 +38,24 @@ def read_book(path: str | Path) -> str:
         data = path.read_bytes()
     except OSError as err:
         raise UIOError(f"cannot read the book {path}: {err.strerror or err}") from None
+    return book_text(data, str(path))
+
+
+def book_text(data: bytes, name: str) -> str:
+    """The text of a book's bytes (a file's, or an upload's: `name` is what the messages call it)."""
     if b"\0" in data[:SAMPLE_CHARS]:
-        raise UIOError(f"{path} looks like a binary file, not text")
+        raise UIOError(f"{name} looks like a binary file, not text")
     share = binary_share(data[: SAMPLE_CHARS * 4].decode("utf-8", errors="replace")[:SAMPLE_CHARS])
     if share > MAX_BINARY_SHARE:
-        raise UIOError(f"{path} looks like a binary file, not text ({share:.0%} control or undecodable characters)")
+        raise UIOError(f"{name} looks like a binary file, not text ({share:.0%} control or undecodable characters)")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         warnings.warn(
-            f"{path} is not valid UTF-8 (first bad byte at offset {err.start}); undecodable bytes were replaced",
+            f"{name} is not valid UTF-8 (first bad byte at offset {err.start}); undecodable bytes were replaced",
             stacklevel=2,
         )
         text = data.decode("utf-8", errors="replace")
     if not text.strip():
-        raise UIOError(f"{path} is empty")
+        raise UIOError(f"{name} is empty")
     return text
