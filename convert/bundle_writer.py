@@ -18,6 +18,7 @@ from uio_gguf.convert.tokenizer import copy_tokenizer_from_gguf, write_hf_tokeni
 from uio_gguf.errors import UIOError
 from uio_gguf.format import schema
 from uio_gguf.format.bundle import gguf_fingerprint
+from uio_gguf.format.digest import file_sha256
 from uio_gguf.format.gguf_file import read_gguf
 from uio_gguf.train.arch import arch_of_config, arch_of_gguf
 
@@ -105,6 +106,8 @@ def _write_uio_files(checkpoint_dir: Path, config: dict, hf_config, arch, tmp: P
             base_fingerprint=config["base"]["fingerprint"],
             model_fingerprint=gguf_fingerprint(model_path),
             encoder_fingerprint=gguf_fingerprint(encoder_path),
+            model_checksum=file_sha256(model_path),
+            encoder_checksum=file_sha256(encoder_path),
         ),
         tmp / schema.HEAD_FILE,
     )

@@ -29,6 +29,8 @@ class HeadContents:
     base_fingerprint: str  # of the base weights at training time (train.base.fingerprint)
     model_fingerprint: str  # gguf_fingerprint(model.gguf)
     encoder_fingerprint: str  # gguf_fingerprint(encoder.lora.gguf)
+    model_checksum: str | None = None  # file_sha256(model.gguf): every byte
+    encoder_checksum: str | None = None  # file_sha256(encoder.lora.gguf)
 
 
 def write_head(head: HeadContents, path: Path) -> None:
@@ -57,6 +59,12 @@ def _write(head: HeadContents, path: Path, checksum: str | None) -> None:
     writer.add_string(schema.KEY_BASE_FINGERPRINT, head.base_fingerprint)
     writer.add_string(schema.KEY_MODEL_FINGERPRINT, head.model_fingerprint)
     writer.add_string(schema.KEY_ENCODER_FINGERPRINT, head.encoder_fingerprint)
+    for key, value in (
+        (schema.KEY_MODEL_CHECKSUM, head.model_checksum),
+        (schema.KEY_ENCODER_CHECKSUM, head.encoder_checksum),
+    ):
+        if value is not None:
+            writer.add_string(key, value)
     if checksum is not None:
         writer.add_string(schema.KEY_HEAD_CHECKSUM, checksum)
     writer.add_tensor(schema.MEMORY_EMBEDDING, np.ascontiguousarray(head.memory_embedding, dtype=np.float32))

@@ -109,7 +109,7 @@ def test_ctrl_c_stops_the_answer_and_a_second_one_exits_cleanly(tiny_bundle, boo
             "-n",
             "100000",
             "--n-ctx",
-            "200000",
+            "8192",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -213,3 +213,87 @@ def test_checkpoint_reader(make_tiny_checkpoint, tmp_path):
         finally:
             (work / name).write_bytes(original)
     assert outcomes["refused"] >= len(KINDS) * CASES_PER_KIND // 2, outcomes
+
+
+# ----- something else in place of a cached file ------------------------------------------------
+def _put(kind: str, path) -> None:
+    """A directory, a FIFO or a symlink to /dev/zero where a cached file was."""
+    import os
+
+    if kind == "directory":
+        path.mkdir()
+        (path / "x").write_text("x")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+
+
+def _clear(path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _within(seconds: float, work, fifo):
+    """work() in a thread; a thread still blocked after `seconds` (on the FIFO) fails the test, once the
+    FIFO was given an end of file to let it go."""
+    import os
+    import threading
+
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = work()
+        except BaseException as err:  # re-raised in the test's thread
+            out["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        if fifo.exists() and not fifo.is_file():
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(seconds)
+        pytest.fail(f"opening the book blocked on {fifo.name}")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@pytest.mark.parametrize("target", ["memory file", "start state"])
+def test_a_non_regular_file_in_place_of_a_cached_one_is_skipped(make_tiny_bundle, prose, tmp_path, monkeypatch, target):
+    """A directory there gave an IsADirectoryError traceback on every run, a FIFO hung for ever.
+    Each is skipped, the memory recomputed (or read from its memory file), and the answer is the same."""
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.llamacpp.sampling import SamplingParams
+    from uio_gguf.memory.runtime import UIORuntime
+
+    monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path / "cache"))
+    bundle = make_tiny_bundle("llama", segment=16, ratio=4, outtype="f32")[0]
+    book = prose[:2500]
+    with UIORuntime(bundle) as runtime:
+
+        def opened():
+            with Conversation(runtime, book, recall_tokens=0) as conv:
+                answer = "".join(conv.ask("Who wrote it?", SamplingParams(max_tokens=6)))
+                return conv.stats.from_file, conv.stats.from_start_state, answer
+
+        assert opened()[:2] == (False, False)  # compressed; the memory file and its start state written
+        (state,) = (tmp_path / "cache" / "memory").glob("*.start.npz")
+        memory = state.with_name(state.name.split(".", 1)[0] + ".npz")
+        path = memory if target == "memory file" else state
+        reference = _within(60, opened, path)
+        assert reference[:2] == (True, True)
+        for kind in ("directory", "fifo", "dev_zero"):
+            _clear(path)
+            _put(kind, path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a directory cannot be replaced: the cache warns it is not written
+                got = _within(60, opened, path)
+            assert got[2] == reference[2], kind
+            assert got[:2] == ((False, False) if target == "memory file" else (True, False)), kind
+            _clear(path)
+            _within(60, opened, path)  # the cache written again, whole

@@ -38,6 +38,9 @@ def _cuts(text: str) -> list[list[str]]:
             "The father of Isaac is Abraham.\n\nThe text is from Genesis, chapter 27.\n\nThe text is from Genesis, chapter 27.",
             "The father of Isaac is Abraham.\n\nThe text is from Genesis, chapter 27.",
         ),
+        # a line without a full stop, repeated after the line break as a sentence that has one
+        ("The pass key is 11059\nThe pass key is 11059.\nThe pass key is 11059.", "The pass key is 11059"),
+        ("The pass key is 11059!\nThe pass key is 11059. And", "The pass key is 11059!"),
     ],
 )
 def test_a_repeated_sentence_is_cut_before_it_is_shown(text, expected):

@@ -4,6 +4,7 @@ and the drop-in class against a real llama_cpp.Llama on a text that fits the raw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ from tests.helpers import run_cli  # noqa: E402
 
 SEGMENT = 64  # a raw window that holds a short chat, for the llama.cpp comparison
 N_CTX = 1536  # books up to 1856 tokens: a small decoder context per conversation
+WIDE_CTX = 8192  # the tiny model's trained context: books up to 28,480 tokens
 KEY = "sk-test"
 
 
@@ -57,25 +59,45 @@ def wait_healthy(base: str, tries: int = 600) -> None:
     raise AssertionError(f"no server at {base}")
 
 
+@contextlib.contextmanager
+def serving(app):
+    """The app in a uvicorn server on a thread of this process; yields its base url."""
+    import uvicorn
+
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(bundle, cache):
     """(base url, UIOLlama): the app in a uvicorn server on a thread of this process."""
-    import uvicorn
-
     from uio_gguf.serve.app import create_app
     from uio_gguf.serve.engine import UIOLlama
 
     llm = UIOLlama(bundle, n_ctx=N_CTX, keep=4)
-    port = free_port()
-    app = create_app(llm, "tiny", parallel=2, queue=2, api_key=KEY)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    wait_healthy(base)
-    yield base, llm
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(create_app(llm, "tiny", parallel=2, queue=2, api_key=KEY)) as base:
+        yield base, llm
+    llm.close()
+
+
+@pytest.fixture(scope="module")
+def wide(server):
+    """(base url, UIOLlama): a second server over the same runtime, its 8192-token window holding a book of
+    ~28K tokens: long enough to compress that a client can leave in the middle."""
+    from uio_gguf.serve.app import create_app
+    from uio_gguf.serve.engine import UIOLlama
+
+    llm = UIOLlama(runtime=server[1].runtime, n_ctx=WIDE_CTX)
+    with serving(create_app(llm, "tiny")) as base:
+        yield base, llm
     llm.close()
 
 
@@ -111,7 +133,6 @@ def user(book: str, question: str) -> dict:
     return {"role": "user", "content": f"{book}\n\n{question}"}
 
 
-@pytest.mark.slow
 def _wait_until_idle(base_url: str) -> dict:
     """/health once no slot is busy (a worker notices a gone client at its next token); asserts it gets there."""
     for _ in range(600):
@@ -123,34 +144,22 @@ def _wait_until_idle(base_url: str) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_the_demo_book_through_the_server_gives_the_access_code():
     """The embedded SmolLM2 bundle, the bundled 13K-token demo book and its question, through the
     server and the openai client (recall brings the code's passage back; docs/design.md §6). First in the
     file, so it runs before the other tests point the memory-file cache at a folder of their own (a
     memory file of the demo book from `make demo` is then reused)."""
-    import uvicorn
-
     from uio_gguf.serve.app import create_app
     from uio_gguf.serve.engine import UIOLlama
     from uio_gguf.text.packaged import DEMO_BOOK, DEMO_QUESTION, read
 
     book = read(DEMO_BOOK)
-    with UIOLlama() as llm:
-        port = free_port()
-        uv = uvicorn.Server(
-            uvicorn.Config(create_app(llm, "smollm2"), host="127.0.0.1", port=port, log_level="warning")
+    with UIOLlama() as llm, serving(create_app(llm, "smollm2")) as base:
+        local = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=3600)
+        out = local.chat.completions.create(
+            model="smollm2", messages=[user(book, DEMO_QUESTION)], temperature=0, max_tokens=16
         )
-        thread = threading.Thread(target=uv.run, daemon=True)
-        thread.start()
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}")
-            local = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=3600)
-            out = local.chat.completions.create(
-                model="smollm2", messages=[user(book, DEMO_QUESTION)], temperature=0, max_tokens=16
-            )
-        finally:
-            uv.should_exit = True
-            thread.join(timeout=30)
     assert "7419" in out.choices[0].message.content
 
 
@@ -178,6 +187,14 @@ def test_a_streamed_completion_sends_the_same_answer_in_chunks(server, client, b
     assert {c.id for c in chunks} == {chunks[0].id} and all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == plain.choices[0].message.content and len(chunks) > 3
+
+
+def test_an_empty_stop_string_is_ignored(client, books):
+    messages = [user(books[0], "What is it about?")]
+    plain = ask(client, messages, max_tokens=6).choices[0].message.content
+    assert plain
+    for stop in ("", [""], ["", "\u2063never"]):
+        assert ask(client, messages, max_tokens=6, stop=stop).choices[0].message.content == plain, stop
 
 
 def test_the_same_book_again_is_read_from_its_memory_file(server, client, books):
@@ -236,6 +253,43 @@ def test_a_book_too_long_is_400_with_the_longest_that_fits(server, client, books
     assert ask(client, [{"role": "user", "content": "Hi"}], max_tokens=2).choices[0].message.role == "assistant"
 
 
+def test_a_later_turn_too_long_is_refused_before_it_is_read(server, client, prose):
+    """A long later turn (or assistant turn sent back) was fed segment by segment into a full window: the
+    slot busy for minutes, then a 400 without a code. Every turn gets the first turn's check up front."""
+    long = prose[:40000]
+    chats = [
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": long},
+        ],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": long}, {"role": "user", "content": "So?"}],
+    ]
+    for messages, stream in [(chats[0], False), (chats[0], True), (chats[1], False)]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            ask(client, messages, max_tokens=4, stream=stream)
+        assert caught.value.body["code"] == "context_length_exceeded"
+        assert f"holds at most {server[1].max_book_tokens()}" in caught.value.body["message"]
+    assert httpx.get(f"{server[0]}/health").json()["slots"]["busy"] == 0
+    assert ask(client, chats[0][:2] + [{"role": "user", "content": "Hi"}], max_tokens=2).choices[0].finish_reason
+
+
+def test_a_client_that_leaves_while_its_book_is_compressed_stops_the_compression(wide, prose):
+    """The client leaves a second in: the compression stops at its next segment (nothing is counted as
+    compressed), not only the answer at its first token once the whole book was compressed."""
+    base, llm = wide
+    before = llm.stats()
+    body = {"messages": [user(prose[:120000], "What is it about?")], "max_tokens": 4}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/chat/completions", json=body, timeout=1.0)
+    state = _wait_until_idle(base)
+    assert state["counters"]["cancelled"] == before["cancelled"] + 1
+    assert (state["counters"]["compressed"], state["counters"]["requests"]) == (
+        before["compressed"],
+        before["requests"] + 1,
+    )
+
+
 @pytest.mark.parametrize(
     "body, status",
     [
@@ -245,6 +299,7 @@ def test_a_book_too_long_is_400_with_the_longest_that_fits(server, client, books
         (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(), 422),
         (json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 422),
         (json.dumps({"messages": [{"role": "assistant", "content": "x"}]}).encode(), 400),
+        (json.dumps([{"role": "user", "content": "x"}]).encode(), 422),
     ],
 )
 def test_a_malformed_request_gets_an_openai_error_and_the_server_goes_on(server, body, status):
@@ -257,7 +312,44 @@ def test_a_malformed_request_gets_an_openai_error_and_the_server_goes_on(server,
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert not error["message"].startswith("None")  # a body with no field to name (a JSON array) said "None: ..."
     assert httpx.get(f"{base}/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "fields, param, message",
+    [
+        ({"max_tokens": 0}, "max_tokens", "max_tokens must be 1 or more"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens", "must be 1 or more"),
+        ({"n": 2}, "n", "n must be 1"),
+        ({"messages": [{"role": "user", "content": None}]}, "messages", "content is null"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages",
+            "image_url are not supported",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "input_audio"}]}]},
+            "messages",
+            "input_audio are not supported",
+        ),
+    ],
+)
+def test_what_the_server_cannot_honour_is_a_400_that_says_so(server, fields, param, message):
+    """max_tokens 0 was read as no limit (the CLI's -n 0 is an empty answer), n 2 got one choice,
+    images and null content were answered as if the text were empty."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2} | fields
+    reply = httpx.post(f"{server[0]}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    ok = httpx.post(
+        f"{server[0]}/v1/chat/completions",
+        json=body
+        | {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "max_completion_tokens": None, "n": 1},
+        headers={"authorization": f"Bearer {KEY}"},
+    )
+    assert ok.status_code == 200, ok.text
 
 
 def test_an_unknown_model_is_404_and_a_bad_key_401(server, client):
@@ -395,22 +487,27 @@ def test_uiollama_returns_what_llama_cpp_returns(bundle, server):
 
 
 # ----- the command -----------------------------------------------------------------------------------
-def test_the_serve_command_serves_until_stopped(bundle, cache_env):
+def serve_command(bundle, port: int, env: dict, n_ctx: int = N_CTX):
+    """`uio-gguf serve` in a process of its own."""
     import subprocess
     import sys
 
     from tests.helpers import REPO
 
-    port = free_port()
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-c", "from uio_gguf.cli import main; main()", "serve", "-m", str(bundle)]
-        + ["--port", str(port), "--n-ctx", str(N_CTX)],
+        + ["--port", str(port), "--n-ctx", str(n_ctx)],
         cwd=REPO,
-        env={**os.environ, **cache_env},
+        env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_the_serve_command_serves_until_stopped(bundle, cache_env):
+    port = free_port()
+    proc = serve_command(bundle, port, cache_env)
     try:
         wait_healthy(f"http://127.0.0.1:{port}")
         local = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
@@ -422,6 +519,39 @@ def test_the_serve_command_serves_until_stopped(bundle, cache_env):
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert f"http://127.0.0.1:{port}/v1" in err
+
+
+def test_sigterm_while_a_book_is_compressed_stops_the_server_at_once(bundle, cache_env, prose):
+    """SIGTERM waited for a compression in progress to finish (minutes); the compression now stops at its
+    next segment, its client gets a 503, and the server exits without writing the memory file."""
+    import signal
+    from pathlib import Path
+
+    port = free_port()
+    proc = serve_command(bundle, port, cache_env, n_ctx=WIDE_CTX)
+    base = f"http://127.0.0.1:{port}"
+    replies = []
+
+    def post() -> None:
+        body = {"messages": [user(prose[:120000], "What is it about?")], "max_tokens": 4}
+        try:
+            replies.append(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=600).status_code)
+        except httpx.TransportError as err:
+            replies.append(type(err).__name__)
+
+    try:
+        wait_healthy(base)
+        sender = threading.Thread(target=post)
+        sender.start()
+        while not replies and httpx.get(f"{base}/health").json()["slots"]["busy"] == 0:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=300)
+        sender.join()
+    finally:
+        proc.kill()
+    assert proc.returncode in (0, -signal.SIGTERM) and replies == [503]  # uvicorn re-raises the signal it caught
+    assert not list(Path(cache_env["UIO_GGUF_CACHE"]).rglob("*.npz"))  # the compression never finished
 
 
 def test_serve_without_the_extra_says_so_in_one_line():

@@ -5,7 +5,9 @@ texts of the books opened on the server's web page, uio_gguf/serve/library.py).
 
 memory/ grows with every book opened (a 56K-token book's memory is 160 MB at ratio 8), so it is kept
 under a size limit, $UIO_GGUF_MEMORY_CACHE_GB in GiB (default 4; 0 keeps everything): after each write the
-least recently used files go first. A file that is gone is only recomputed the next time.
+least recently used files go first. A file that is gone is only recomputed the next time. A memory file and
+its start states (named after it: KEY.npz, KEY.*.start.npz) are kept or dropped together: a start state is
+of no use without its memory file, and a memory file dropped for its start state is compressed again.
 """
 
 from __future__ import annotations
@@ -14,16 +16,26 @@ import os
 import warnings
 from pathlib import Path
 
+from uio_gguf.errors import UIOError
+
 MEMORY_LIMIT_ENV = "UIO_GGUF_MEMORY_CACHE_GB"
 DEFAULT_MEMORY_LIMIT_GB = 4.0
 
 
 def cache_root() -> Path:
+    """The cache folder; UIOError when it (or a folder above it) is something else, e.g. a file."""
     if os.environ.get("UIO_GGUF_CACHE"):
-        return Path(os.environ["UIO_GGUF_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "uio-gguf"
-    return Path.home() / ".cache" / "uio-gguf"
+        root = Path(os.environ["UIO_GGUF_CACHE"])
+    elif os.environ.get("XDG_CACHE_HOME"):
+        root = Path(os.environ["XDG_CACHE_HOME"]) / "uio-gguf"
+    else:
+        root = Path.home() / ".cache" / "uio-gguf"
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UIOError(f"the cache folder {root} cannot be made: {path} is not a folder (see UIO_GGUF_CACHE)")
+            break
+    return root
 
 
 def memory_dir() -> Path:
@@ -55,33 +67,48 @@ def mark_used(path: Path) -> None:
         pass
 
 
+def _owner(path: Path) -> str:
+    """The memory key a cached file's name begins with: a memory file's and its start states' own."""
+    return path.name.split(".", 1)[0]
+
+
 def trim_memory_dir(keep: Path) -> list[Path]:
-    """After `keep` was written: removes the least recently used files of memory/ until the folder is
-    under the limit (never `keep`, which may alone exceed it). Files elsewhere are left alone. Returns
-    what was removed."""
+    """After `keep` was written: removes start states whose memory file is gone, then the least recently
+    used memory files (each with its start states) until memory/ is under the limit; never `keep` or the
+    files that go with it, which may alone exceed it. Files elsewhere are left alone. Returns what was
+    removed."""
     keep = Path(keep)
     limit = memory_limit_bytes()
     folder = memory_dir()
     if limit is None or keep.parent.resolve() != folder.resolve():
         return []
-    files = []
-    for path in folder.glob("*.npz"):  # memory files and start states; temporaries start with "."
+    groups: dict[str, list[tuple[float, int, Path]]] = {}
+    for path in folder.glob("*.npz"):  # memory files and start states
+        if path.name.startswith("."):  # a temporary another writer is filling
+            continue
         try:
             stat = path.stat()
         except OSError:  # removed meanwhile by another process
             continue
-        files.append((stat.st_mtime, stat.st_size, path))
-    total = sum(size for _, size, _ in files)
+        groups.setdefault(_owner(path), []).append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for files in groups.values() for _, size, _ in files)
+
+    def orphan(owner: str) -> bool:
+        return not any(path.name == f"{owner}.npz" for _, _, path in groups[owner])
+
+    # orphans first, then the least recently used (a group is as recent as its latest use)
+    order = sorted(groups, key=lambda owner: (not orphan(owner), max(m for m, _, _ in groups[owner])))
     removed = []
-    for _, size, path in sorted(files):  # oldest first
-        if total <= limit:
+    for owner in order:
+        if total <= limit and not orphan(owner):
             break
-        if path.name == keep.name:  # the folder is keep's (checked above)
+        if owner == _owner(keep):  # the folder is keep's (checked above)
             continue
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:  # not ours to remove (permissions): trimming never fails the write it follows
-            continue
-        total -= size
-        removed.append(path)
+        for _, size, path in groups[owner]:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:  # not ours to remove (permissions): trimming never fails the write it follows
+                continue
+            total -= size
+            removed.append(path)
     return removed

@@ -40,10 +40,10 @@ import numpy as np
 from uio_gguf.chat.conversation import Conversation
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.errors import UIOError
-from uio_gguf.llamacpp.api import usable_cpus
 from uio_gguf.llamacpp.plain import SINK_TOKENS, PlainContext
 from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import document_tokens
+from uio_gguf.llamacpp.threads import usable_cpus
 from uio_gguf.memory.session import DECODER_SEQ
 from uio_gguf.text.packaged import DEMO_QUESTION
 

@@ -12,11 +12,12 @@ segment: the book's tail, the question and the recent turns are read as text (do
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS, Recall
-from uio_gguf.errors import UIOError
+from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import document_tokens, first_turn, opening, render
@@ -67,6 +68,8 @@ class Conversation(Handle):
         preamble: list[tuple[str, str]] = (),
         sep: str = "\n\n",
         compress: Callable | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        must_save: bool = False,
     ):
         """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
         alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
@@ -75,7 +78,10 @@ class Conversation(Handle):
         recall_ranking: one of RANKINGS. preamble: (role, text) messages rendered before the first user
         turn (the server's system messages): part of the document, with the book. sep: what stands between
         the book and the first question in that turn. compress: how the book's segments become memory
-        when no memory file has it (default runtime.compress; eval qa passes a cache of segments)."""
+        when no memory file has it (default runtime.compress; eval qa passes a cache of segments).
+        should_stop: polled after each segment compressed; true raises Stopped (the book half read: nothing is
+        saved). must_save: a memory file that cannot be written (a full or read-only disk) is an error;
+        otherwise a warning, and the conversation goes on."""
         if recall_ranking not in RANKINGS:
             raise UIOError(f"unknown recall ranking {recall_ranking!r} (choose from {', '.join(RANKINGS)})")
         if recall_tokens < 0:
@@ -85,6 +91,7 @@ class Conversation(Handle):
                 f"the raw window must hold at least one segment ({runtime.segment} tokens), not {raw_window}"
             )
         self.runtime = runtime
+        self.n_ctx, self.must_save = n_ctx, must_save
         self.model = runtime.model
         self.template = self.model.chat_template()
         self.book = book
@@ -99,7 +106,11 @@ class Conversation(Handle):
         self.session.raw_window = self._fit_raw_window(raw_window, recall_tokens)
         self.stats = CompressionStats()
         self.recall_tokens = recall_tokens
-        self._load_book(use_memory_files, progress, compress)
+        try:
+            self._load_book(use_memory_files, progress, compress, should_stop or (lambda: False))
+        except BaseException:  # stopped, or a damaged head: the decoder context is not left behind
+            self.session.close()
+            raise
         self.recall = None
         self.recalled: list = []  # the passages (recall.Span) brought back for the last question
         if recall_tokens:
@@ -120,7 +131,7 @@ class Conversation(Handle):
         fit = min(target, room)
         return seg if fit < min(target, MIN_RAW_SEGMENTS * seg) else fit
 
-    def _load_book(self, use_memory_files: bool, progress, compress) -> None:
+    def _load_book(self, use_memory_files: bool, progress, compress, should_stop: Callable[[], bool]) -> None:
         seg = self.runtime.segment
         n_full = len(self.book_tokens) // seg
         compressed = self.book_tokens[: n_full * seg]
@@ -144,15 +155,29 @@ class Conversation(Handle):
             done += n
             if progress:
                 progress(done * seg, n_full * seg)
+            if should_stop():
+                raise Stopped
 
         memory, self.stats.from_file = memory_file.load_or_compress(
-            self.runtime, compressed, use_memory_files, compress, progress=step
+            self.runtime, compressed, use_memory_files, compress, progress=step, write=self._write
         )
         self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
         self.session.add_memory(SegmentMemory(memory.k[:n_mem], memory.v[:n_mem]))
         self.session.feed(remainder)
         if use_memory_files and n_full and (start := self._start_state(path, key, remainder)):
-            start_state.save(*start, self.session.ctx.seq_state(DECODER_SEQ))  # the next opening restores it
+            state = self.session.ctx.seq_state(DECODER_SEQ)  # the next opening restores it
+            self._write(lambda: start_state.save(*start, state), "start state", start[0])
+
+    def _write(self, save: Callable[[], object], what: str, path) -> None:
+        """Runs `save` (a cache file's atomic write). A disk that is full or read-only costs only the reuse:
+        a warning, unless must_save."""
+        try:
+            save()
+        except OSError as err:
+            message = f"cannot write the {what} {path}: {err.strerror or err}"
+            if self.must_save:
+                raise UIOError(message) from None
+            warnings.warn(f"{message} (the book will be compressed again next time)", stacklevel=2)
 
     def _keys_after_restore(self, path, key: str, n_mem: int) -> bool:
         """A restored session ranking recall by attention needs its memory's K, which the start state does
@@ -187,18 +212,24 @@ class Conversation(Handle):
     def ask(
         self, question: str, params: SamplingParams, should_stop: Callable[[], bool] = lambda: False
     ) -> Iterator[str]:
-        """Streams the answer to `question` and keeps it in the conversation."""
+        """Streams the answer to `question` and keeps it in the conversation. A question that would take
+        the conversation past what the window holds is refused before anything is read (UIOError; the
+        conversation is left as it was). should_stop is also polled while the question is read."""
         if not self.started:  # the first turn: the book, then the question
             before, delta = first_turn(self.template, question, self.preamble, self.sep)
-            self.seen_text = before + self.book
-            self.messages.append(("user", f"{self.book}{self.sep}{question}"))
+            seen, message = before + self.book, ("user", f"{self.book}{self.sep}{question}")
         else:
-            self.messages.append(("user", question))
-            full = render(self.template, self.messages, True)
-            if not full.startswith(self.seen_text):  # a template that rewrites history: append the new turn only
-                full = self.seen_text + render(self.template, [("user", question)], True)
-            delta = full[len(self.seen_text) :]
+            seen, message = self.seen_text, ("user", question)
+            full = render(self.template, [*self.messages, message], True)
+            if not full.startswith(seen):  # a template that rewrites history: append the new turn only
+                full = seen + render(self.template, [message], True)
+            delta = full[len(seen) :]
         tokens = self.model.tokenize(delta, add_special=False)
+        self.runtime.check_length(
+            self.session.tokens_seen + len(tokens), self.n_ctx, "start a new conversation, or ask a shorter question"
+        )
+        self.messages.append(message)
+        self.seen_text = seen
         if self.recall is not None:
             budget = min(self.recall_tokens, self._recall_room(len(tokens), params.max_tokens))
             if self.recall_ranking == "attention":
@@ -209,7 +240,7 @@ class Conversation(Handle):
                 self.recalled = self.recall.select(question, budget)
             # the document's first token leads the passages where they are decoded (an attention sink)
             self.session.set_recall(self.recall.tokens_for(self.recalled), lead=self.book_tokens[:1])
-        self.session.feed(tokens)
+        self.session.feed(tokens, should_stop=should_stop)
         self.seen_text += delta
         answer = ""
         for piece in self.session.generate(params, should_stop):

@@ -16,6 +16,7 @@ from uio_gguf.cli.options import (
     Ratio,
     Verbose,
     app,
+    check_ratio,
     parse_lengths,
     write_json,
 )
@@ -27,11 +28,11 @@ def bench(
     lengths: str = typer.Option(
         "4096,16384,32768", "--lengths", help="Token lengths, comma separated: the book is cut (or repeated) to each."
     ),
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: Ratio = None,
     model: Model = None,
     n_gpu_layers: GpuLayers = 0,
     threads: int | None = typer.Option(
-        None, "--threads", help="CPU threads, the same for both sides (default: the CPUs this process may use)."
+        None, "--threads", help="CPU threads, the same for both sides (default: the usable CPUs idle at start)."
     ),
     text: Path | None = typer.Option(
         None, "--text", help="A UTF-8 text (default: the packaged demo book); repeated when a length needs more."
@@ -53,15 +54,16 @@ def bench(
 
     from uio_gguf.bench import runtime as runner
     from uio_gguf.format.shipped import default_bundle_path
-    from uio_gguf.llamacpp.api import usable_cpus
+    from uio_gguf.llamacpp.threads import default_threads
     from uio_gguf.memory.runtime import UIORuntime
     from uio_gguf.text import packaged
     from uio_gguf.text.book import read_book
 
+    check_ratio(model, ratio)
     asked = parse_lengths(lengths)
     extra = {"command": "uio-gguf " + " ".join(sys.argv[1:]), "n_gpu_layers": n_gpu_layers}
     if threads is None:
-        threads = usable_cpus()
+        threads = default_threads()
     if threads < 1:
         raise UIOError(f"--threads must be 1 or more, not {threads}")
     if segments_per_batch < 0:
@@ -69,7 +71,7 @@ def bench(
     body = read_book(text) if text is not None else packaged.read(packaged.DEMO_BOOK)
     name = str(text) if text is not None else "uio_gguf/data/demo_book.txt (the demo book)"
     with UIORuntime(
-        model if model is not None else default_bundle_path(ratio),
+        model if model is not None else default_bundle_path(DEFAULT_RATIO if ratio is None else ratio),
         n_gpu_layers=n_gpu_layers,
         flash_attn=flash_attn,
         segments_per_batch=segments_per_batch,

@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from uio_gguf.cli.options import (
-    DEFAULT_RATIO,
     FlashAttn,
     GpuLayers,
     LoopGuardOption,
@@ -110,7 +109,7 @@ def eval_ppl(
         texts = {domain: [eval_ppl.packaged_text(domain)] for domain in eval_ppl.DOMAINS}
     if not model and not ratio:
         ratio = sorted(shipped_bundles(), reverse=True)
-    runtimes = [open_runtime(path, 0, n_gpu_layers, flash_attn, verbose) for path in model]
+    runtimes = [open_runtime(path, None, n_gpu_layers, flash_attn, verbose) for path in model]
     runtimes += [open_runtime(None, r, n_gpu_layers, flash_attn, verbose) for r in ratio]
     tokenized = [
         t for domain, named in texts.items() for t in eval_ppl.tokenize_texts(runtimes[0].model, named, domain)
@@ -142,7 +141,7 @@ def eval_passkey(
     trials: int = typer.Option(5, "--trials", help="Documents (each with its own key) per length and depth."),
     seed: int = typer.Option(0, "--seed", help="Seed of the keys and of the filler."),
     model: Model = None,
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: Ratio = None,
     filler: list[Path] = typer.Option(
         [],
         "--filler",
@@ -220,7 +219,7 @@ def eval_qa(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the needles and of the filler."),
     model: Model = None,
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: Ratio = None,
     recall: int | None = typer.Option(
         None, "--recall", help="Recall budget in tokens for rag, uio+recall and uio+attn (default: chat's)."
     ),

@@ -24,9 +24,10 @@ app = typer.Typer(
 BUNDLE_HELP = "UIO bundle directory (model.gguf, encoder.lora.gguf, uio.gguf). Default: the embedded SmolLM2 bundle."
 RATIO_HELP = "Without -m: which shipped SmolLM2 bundle, by compression ratio (8: finer memory, books up to ~56K tokens; 32: up to ~225K)."
 
-# The options of every command that runs the model (use with a default: `ratio: Ratio = DEFAULT_RATIO`).
+# The options of every command that runs the model (use with a default: `ratio: Ratio = None`, which is
+# DEFAULT_RATIO without -m; with -m, --ratio is refused: check_ratio).
 Model = Annotated[Path | None, typer.Option("-m", "--model", help=BUNDLE_HELP)]
-Ratio = Annotated[int, typer.Option("--ratio", help=RATIO_HELP)]
+Ratio = Annotated[int | None, typer.Option("--ratio", help=RATIO_HELP + f" Default: {DEFAULT_RATIO}.")]
 # For commands that read a book: None picks the finest shipped ratio that holds it (open_runtime's book=).
 AutoRatio = Annotated[
     int | None,
@@ -39,6 +40,31 @@ LoopGuardOption = Annotated[
         "--loop-guard/--no-loop-guard",
         help="Stop an answer where it starts to repeat itself (a sentence it already said, or a short unit three "
         "times in a row); the repeat is not shown. SmolLM2-135M rarely ends a turn after a long book.",
+    ),
+]
+# chat's and the server's decoder window
+MIN_N_CTX = 256  # llama.cpp's smallest window: it rounds a context up to a multiple of 256 cells
+NCtx = Annotated[
+    int | None,
+    typer.Option(
+        "--n-ctx",
+        help=f"Decoder window in tokens, {MIN_N_CTX} up to the model's trained context (the default; past it "
+        "with --force-n-ctx).",
+    ),
+]
+ForceNCtx = Annotated[
+    bool,
+    typer.Option(
+        "--force-n-ctx",
+        help="Allow an --n-ctx past the model's trained context: positions it never saw, and a cache that grows with it.",
+    ),
+]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads for llama.cpp (default: the usable CPUs idle at start; a CPU another process keeps busy "
+        "would hold every thread back).",
     ),
 ]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
@@ -59,6 +85,26 @@ def require_training_stack() -> None:
         raise UIOError(TRAIN_EXTRA_HINT) from None
 
 
+def check_n_ctx(n_ctx: int | None, trained: int | None = None, force: bool = False) -> None:
+    """--n-ctx between MIN_N_CTX and the model's trained context (unless forced); one line otherwise.
+    Without `trained` (before the model is open) only the lower bound is checked."""
+    if n_ctx is None:
+        return
+    if n_ctx < MIN_N_CTX:
+        raise UIOError(f"--n-ctx must be a positive number of tokens, at least {MIN_N_CTX}, not {n_ctx}")
+    if trained is not None and n_ctx > trained and not force:
+        raise UIOError(
+            f"--n-ctx {n_ctx} is past this model's trained context ({trained} tokens): positions it never saw, "
+            "and a cache that grows with it; add --force-n-ctx to use it anyway"
+        )
+
+
+def check_ratio(bundle: Path | None, ratio: int | None) -> None:
+    """--ratio picks a shipped bundle: beside -m it would be ignored without a word, so it is refused."""
+    if bundle is not None and ratio is not None:
+        raise UIOError(f"--ratio {ratio} picks a shipped bundle, and -m {bundle} brings its own ratio: leave one out")
+
+
 def open_runtime(
     bundle: Path | None,
     ratio: int | None,
@@ -67,19 +113,32 @@ def open_runtime(
     verbose: bool,
     book: str | None = None,
     n_ctx: int | None = None,
+    force_n_ctx: bool = False,
+    threads: int | None = None,
 ):
-    """The runtime of a bundle, or of the shipped bundle of `ratio`. With a book, its length is checked
-    here; without -m and --ratio (ratio None), a book longer than the default ratio holds gets the
-    finest shipped ratio that holds it, and one line says so."""
+    """The runtime of a bundle, or of the shipped bundle of `ratio`. n_ctx is checked against the model
+    (check_n_ctx). With a book, its length is checked here; without -m and --ratio (ratio None), a book
+    longer than the default ratio holds gets the finest shipped ratio that holds it, and one line says so."""
     from uio_gguf.format.shipped import default_bundle_path
     from uio_gguf.memory.runtime import UIORuntime
 
-    def opened(path):
-        return UIORuntime(path, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=verbose)
+    if threads is not None and threads < 1:
+        raise UIOError(f"--threads must be 1 or more, not {threads}")
 
+    def opened(path):
+        return UIORuntime(
+            path, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=threads or 0, verbose=verbose
+        )
+
+    check_ratio(bundle, ratio)
     auto = bundle is None and ratio is None
     ratio = DEFAULT_RATIO if ratio is None else ratio
     runtime = opened(bundle if bundle is not None else default_bundle_path(ratio))
+    try:
+        check_n_ctx(n_ctx, runtime.model.n_ctx_train, force_n_ctx)
+    except UIOError:
+        runtime.close()
+        raise
     if book is not None:
         runtime = _fit_book(runtime, book, n_ctx, ratio if bundle is None else None, auto, opened)
     if runtime.bundle.trained_steps == 0:

@@ -13,11 +13,15 @@ from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.cli.options import (
     AutoRatio,
     FlashAttn,
+    ForceNCtx,
     GpuLayers,
     LoopGuardOption,
     Model,
+    NCtx,
+    Threads,
     Verbose,
     app,
+    check_n_ctx,
     open_runtime,
     progress_bar,
 )
@@ -85,21 +89,20 @@ def compress(
     out: Path | None = typer.Option(None, "-o", "--out", help="Also copy the memory file here."),
     ratio: AutoRatio = None,
     n_gpu_layers: GpuLayers = 0,
+    threads: Threads = None,
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
 ):
     """Compress a book into its memory file (cached: `chat` on the same book starts instantly)."""
-    import shutil
-
     from uio_gguf.chat.conversation import Conversation
     from uio_gguf.text.book import read_book
 
     if out is not None:
         _check_output_file(out)  # before the work, not after it
     text = read_book(book)
-    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text)
+    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text, threads=threads)
     bar, update = progress_bar("compressing")
-    conversation = Conversation(runtime, text, progress=update, recall_tokens=0)
+    conversation = Conversation(runtime, text, progress=update, recall_tokens=0, must_save=True)
     bar.close()
     stats = conversation.stats
     source = "memory file (cached)" if stats.from_file else f"{stats.tokens_per_second:,.0f} tokens/s"
@@ -108,7 +111,7 @@ def compress(
         f"{conversation.session.n_mem:,} memory slots in {stats.seconds:.1f} s ({source})"
     )
     if out is not None:
-        shutil.copyfile(conversation.memory_path, out)
+        _copy_out(conversation.memory_path, out)
         typer.echo(f"memory file: {out}")
     else:
         typer.echo(f"memory file: {conversation.memory_path}")
@@ -121,9 +124,9 @@ def chat(
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="Ask one question, print the answer, exit."),
     ratio: AutoRatio = None,
     n_gpu_layers: GpuLayers = 0,
-    n_ctx: int | None = typer.Option(
-        None, "--n-ctx", help="Decoder window in tokens (default: the model's trained context)."
-    ),
+    n_ctx: NCtx = None,
+    force_n_ctx: ForceNCtx = False,
+    threads: Threads = None,
     temperature: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 = greedy."),
     top_k: int = typer.Option(40, "--top-k", help="Top-k sampling (with --temp > 0)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Top-p sampling (with --temp > 0)."),
@@ -161,12 +164,21 @@ def chat(
         dry_multiplier=dry,
         loop_guard=loop_guard,
     )
-    if n_ctx is not None and n_ctx <= 0:
-        raise UIOError(f"--n-ctx must be a positive number of tokens, not {n_ctx}")
+    check_n_ctx(n_ctx)  # the lower bound; the model's trained context once it is open
     if recall_ranking not in RANKINGS:
         raise UIOError(f"--recall-ranking must be one of {', '.join(RANKINGS)}, not {recall_ranking!r}")
     text = read_book(book)
-    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text, n_ctx=n_ctx)
+    runtime = open_runtime(
+        model,
+        ratio,
+        n_gpu_layers,
+        flash_attn,
+        verbose,
+        book=text,
+        n_ctx=n_ctx,
+        force_n_ctx=force_n_ctx,
+        threads=threads,
+    )
     bar, update = progress_bar("compressing")
     conversation = Conversation(
         runtime,
@@ -208,6 +220,24 @@ def _check_output_file(out: Path) -> None:
         raise UIOError(f"-o {out}: cannot write to the directory {out.parent}")
 
 
+def _copy_out(source: Path, out: Path) -> None:
+    """Copies the memory file to -o whole or not at all: a full disk leaves no partial file (a device or a
+    pipe, e.g. -o /dev/stdout, is written as it is)."""
+    import shutil
+
+    from uio_gguf.atomic import atomic_file
+
+    try:
+        if out.exists() and not out.is_file():
+            with open(source, "rb") as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            with atomic_file(out) as tmp:
+                shutil.copyfile(source, tmp)
+    except OSError as err:
+        raise UIOError(f"-o {out}: cannot write the memory file: {err.strerror or err}") from None
+
+
 @app.command()
 def demo(
     ratio: AutoRatio = None,
@@ -231,6 +261,8 @@ def demo(
         ratio=ratio,
         n_gpu_layers=n_gpu_layers,
         n_ctx=None,
+        force_n_ctx=False,
+        threads=None,
         temperature=0.0,
         top_k=40,
         top_p=0.95,
@@ -247,6 +279,9 @@ def demo(
         no_cache=False,
         verbose=False,
     )
+
+
+EXIT_WORDS = ("exit", "quit", "/bye", "/exit", "/quit")  # typed at the prompt: leave (never asked of the model)
 
 
 def _chat_loop(conversation, params, prompt: str | None) -> None:
@@ -282,7 +317,12 @@ def _chat_loop(conversation, params, prompt: str | None) -> None:
             except (EOFError, KeyboardInterrupt):
                 typer.echo("")
                 return
+            if question.strip().lower() in EXIT_WORDS:
+                return
             if question.strip():
-                answer(question)
+                try:
+                    answer(question)
+                except UIOError as err:  # e.g. a question the window cannot hold: the conversation goes on
+                    typer.echo(f"uio-gguf: {err}", err=True)
     finally:
         signal.signal(signal.SIGINT, outer)

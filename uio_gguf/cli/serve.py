@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import typer
 
-from uio_gguf.cli.options import DEFAULT_RATIO, FlashAttn, GpuLayers, Model, Ratio, Verbose, app, open_runtime
+from uio_gguf.cli.options import (
+    DEFAULT_RATIO,
+    FlashAttn,
+    ForceNCtx,
+    GpuLayers,
+    Model,
+    NCtx,
+    Ratio,
+    Threads,
+    Verbose,
+    app,
+    check_n_ctx,
+    open_runtime,
+)
 from uio_gguf.errors import UIOError
 from uio_gguf.text.book import DEFAULT_MAX_UPLOAD_MB
 
@@ -23,16 +36,16 @@ def require_serve_stack() -> None:
 @app.command()
 def serve(
     model: Model = None,
-    ratio: Ratio = DEFAULT_RATIO,
+    ratio: Ratio = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     n_gpu_layers: GpuLayers = 0,
     parallel: int = typer.Option(1, "--parallel", min=1, help="Answers generated at once (a decoder context each)."),
     queue: int = typer.Option(16, "--queue", min=0, help="Requests that may wait for a slot; past that, 503."),
     api_key: str | None = typer.Option(None, "--api-key", help="Require `Authorization: Bearer KEY`."),
-    n_ctx: int | None = typer.Option(
-        None, "--n-ctx", help="Decoder window in tokens (default: the model's trained context)."
-    ),
+    n_ctx: NCtx = None,
+    force_n_ctx: ForceNCtx = False,
+    threads: Threads = None,
     keep: int = typer.Option(4, "--keep", min=0, help="Finished conversations kept open to be continued."),
     alias: str | None = typer.Option(None, "--alias", help="The model id clients use (default: the bundle's name)."),
     max_upload_mb: float = typer.Option(
@@ -47,12 +60,15 @@ def serve(
     from uio_gguf.serve.app import create_app, run
     from uio_gguf.serve.engine import UIOLlama
 
-    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose)
+    check_n_ctx(n_ctx)
+    runtime = open_runtime(
+        model, ratio, n_gpu_layers, flash_attn, verbose, n_ctx=n_ctx, force_n_ctx=force_n_ctx, threads=threads
+    )
     llm = UIOLlama(runtime=runtime, n_ctx=n_ctx, keep=keep)
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
         from uio_gguf.format.shipped import shipped_bundles
 
-        alias = shipped_bundles()[ratio].name
+        alias = shipped_bundles()[DEFAULT_RATIO if ratio is None else ratio].name
     model_id = alias or runtime.bundle.path.name
     typer.echo(
         f"serving {model_id} on http://{host}:{port}/v1 (books up to {llm.max_book_tokens():,} tokens); "

@@ -2,7 +2,10 @@
 
 `Bundle.open` checks that the three files are whole GGUF files of the right kinds and that they belong
 together (the fingerprints uio.gguf recorded at conversion), so the runtime never mixes a head with a
-model it was not trained for.
+model it was not trained for. The fingerprints of model.gguf and encoder.lora.gguf sample their data;
+newer heads also hold a checksum of every byte of both (older ones do not), which verify() compares (the
+model's once per file version: uio_gguf/format/digest.py), so damage anywhere is refused. Memory
+files are keyed on every byte of all three files either way (memory_key).
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from gguf import Keys
 
 from uio_gguf.errors import UIOError
 from uio_gguf.format import schema
+from uio_gguf.format.digest import cached_sha256
 from uio_gguf.format.gguf_file import GGUFFile, read_gguf
 
 FINGERPRINT_BLOCKS = 16  # sampled blocks of tensor data
 FINGERPRINT_BLOCK_BYTES = 1 << 16
+SAMPLED = f"sampled: the header and {FINGERPRINT_BLOCKS} blocks of {FINGERPRINT_BLOCK_BYTES >> 10} KiB"
 ADAPTERS = ("encoder", "transfer")
 
 
@@ -86,6 +91,11 @@ class Bundle:
         self.model_fingerprint: str = _required(head, schema.KEY_MODEL_FINGERPRINT)
         self.encoder_fingerprint: str = _required(head, schema.KEY_ENCODER_FINGERPRINT)
         self.head_fingerprint: str = gguf_fingerprint(head.path, whole=True)
+        # every byte of model.gguf and encoder.lora.gguf, recorded at conversion (None in older heads)
+        self.checksums: dict[str, str | None] = {
+            schema.MODEL_FILE: head.get(schema.KEY_MODEL_CHECKSUM),
+            schema.ENCODER_FILE: head.get(schema.KEY_ENCODER_CHECKSUM),
+        }
         self._alpha = {
             "encoder": float(_required(encoder, schema.ADAPTER_LORA_ALPHA)),
             "transfer": float(_required(head, schema.KEY_TRANSFER_ALPHA)),
@@ -133,12 +143,32 @@ class Bundle:
             schema.ENCODER_FILE: (self.encoder_fingerprint, gguf_fingerprint(self.encoder_path)),
         }
 
+    @property
+    def model_digest(self) -> str:
+        """sha256 of every byte of model.gguf (computed once per file version, then cached)."""
+        return cached_sha256(self.model_path)
+
+    @property
+    def encoder_digest(self) -> str:
+        """sha256 of every byte of encoder.lora.gguf (a few MB)."""
+        return cached_sha256(self.encoder_path)
+
+    def digests(self) -> dict[str, str]:
+        return {schema.MODEL_FILE: self.model_digest, schema.ENCODER_FILE: self.encoder_digest}
+
     def verify(self) -> None:
         for name, (recorded, actual) in self.fingerprint_status().items():
             if recorded != actual:
                 raise UIOError(
                     f"the files of bundle {self.path} do not belong together: {name} is {_short(actual)}..., "
-                    f"{schema.HEAD_FILE} was made for {_short(recorded)}... (convert the checkpoint again)"
+                    f"{schema.HEAD_FILE} was made for {_short(recorded)}... (a file from another conversion, or "
+                    "damaged: convert the checkpoint again)"
+                )
+        for name, recorded in self.checksums.items():
+            if recorded is not None and recorded != self.digests()[name]:
+                raise UIOError(
+                    f"{self.path / name} is damaged: its bytes do not match the checksum {schema.HEAD_FILE} "
+                    "recorded at conversion (restore the file or convert the checkpoint again)"
                 )
 
     # ----- contents ------------------------------------------------------------------------------
@@ -173,10 +203,14 @@ class Bundle:
         for tensor in self._model.tensors.values():
             types[tensor.type.name] = types.get(tensor.type.name, 0) + 1
         token_embd = self._model.tensors.get("token_embd.weight")
-        fingerprints = {
-            name: {"recorded": recorded, "actual": actual, "matches": recorded == actual}
-            for name, (recorded, actual) in self.fingerprint_status().items()
-        }
+        fingerprints = {}
+        for name, (recorded, actual) in self.fingerprint_status().items():
+            checksum = self.checksums[name]
+            entry = {"recorded": recorded, "actual": actual, "matches": recorded == actual, "verified": SAMPLED}
+            if checksum is not None:
+                entry |= {"checksum": checksum, "verified": "every byte (its checksum)"}
+                entry["matches"] = entry["matches"] and checksum == self.digests()[name]
+            fingerprints[name] = entry
         return {
             "bundle": str(self.path),
             "architecture": arch,
@@ -306,7 +340,15 @@ def format_info(info: dict) -> str:
     rows += [("trained steps", info["trained_steps"]), ("format version", info["format_version"]), ("fingerprints", "")]
     for name, fp in info["fingerprints"].items():
         status = "ok" if fp["matches"] else f"MISMATCH ({schema.HEAD_FILE} expects {fp['recorded']})"
-        rows.append((f"  {name}", f"{fp['actual']}  {status}"))
-    rows += [(f"  {schema.HEAD_FILE}", info["head_fingerprint"]), ("  base (training)", info["base_fingerprint"])]
+        if not fp["matches"] and fp["recorded"] == fp["actual"]:
+            status = "DAMAGED (its bytes do not match the checksum recorded at conversion)"
+        verified = fp["verified"]
+        if verified == SAMPLED:  # an older head: damage between the sampled blocks goes unseen
+            verified += "; no checksum of every byte recorded: convert again to have one"
+        rows.append((f"  {name}", f"{fp['actual']}  {status}, {verified}"))
+    rows += [
+        (f"  {schema.HEAD_FILE}", f"{info['head_fingerprint']}  every byte"),
+        ("  base (training)", info["base_fingerprint"]),
+    ]
     width = max(len(label) for label, _ in rows) + 2
     return "\n".join(f"{label:<{width}}{value}".rstrip() for label, value in rows)

@@ -44,6 +44,10 @@ KEY_MODEL_FINGERPRINT = "uio.model.fingerprint"  # str, gguf_fingerprint(model.g
 KEY_ENCODER_FINGERPRINT = "uio.encoder.fingerprint"  # str, gguf_fingerprint(encoder.lora.gguf)
 KEY_TRAINED_STEPS = "uio.trained_steps"  # u32, optimizer steps of the checkpoint (0 = untrained)
 KEY_HEAD_CHECKSUM = "uio.head.checksum"  # str, bundle.head_checksum of this file (absent in older heads)
+# str, digest.file_sha256 of every byte of model.gguf / encoder.lora.gguf (absent in older heads, which are
+# checked by their sampled fingerprints alone)
+KEY_MODEL_CHECKSUM = "uio.model.checksum"
+KEY_ENCODER_CHECKSUM = "uio.encoder.checksum"
 
 ROPE_NORM = "norm"  # adjacent pairs (LLaMA after the converter's Q/K row permutation)
 ROPE_NEOX = "neox"  # halves (Qwen2)

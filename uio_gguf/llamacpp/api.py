@@ -8,7 +8,6 @@ and each handle is freed exactly once.
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +16,9 @@ import numpy as np
 
 from uio_gguf.errors import UIOError
 from uio_gguf.handles import Handle
+from uio_gguf.llamacpp.threads import default_threads
 
 _backend_ready = False
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _init_backend(verbose: bool) -> None:
@@ -130,7 +125,7 @@ class ContextSettings:
     flash_attn: bool = False
     type_k: int = llama_cpp.GGML_TYPE_F16
     type_v: int = llama_cpp.GGML_TYPE_F16
-    n_threads: int = 0  # 0: llama.cpp's default
+    n_threads: int = 0  # 0: the CPUs idle at start (uio_gguf.llamacpp.threads)
     cb_eval: object = None  # a ggml_backend_sched_eval_callback (ctypes), or None
     cb_eval_user_data: object = None
 
@@ -154,8 +149,8 @@ class Context(Handle):
         params.type_k = settings.type_k
         params.type_v = settings.type_v
         # llama.cpp's own default is 4 threads, whatever the machine: on 2 CPUs that halves decode speed
-        # (SmolLM2 Q4_1, 2 CPUs: 29.9 tokens/s with 4 threads, 50.9 with 2)
-        params.n_threads = params.n_threads_batch = settings.n_threads or usable_cpus()
+        # (SmolLM2 Q4_1, 2 CPUs: 29.9 tokens/s with 4 threads, 50.9 with 2); a busy CPU is left out
+        params.n_threads = params.n_threads_batch = settings.n_threads or default_threads()
         if settings.cb_eval is not None:
             params.cb_eval = settings.cb_eval
             params.cb_eval_user_data = settings.cb_eval_user_data

@@ -27,7 +27,9 @@ MAX_HELD_CHARS = 400  # a sentence that never ends is released in parts this lon
 
 
 def _same(sentence: str) -> str:
-    return " ".join(sentence.lower().split())
+    """A sentence as compared: case, spacing and its closing . ! ? aside (a line that ends without one
+    repeats as the sentence that has one)."""
+    return " ".join(sentence.lower().split()).rstrip(".!?")
 
 
 class LoopGuard:
@@ -50,7 +52,7 @@ class LoopGuard:
         while match := SENTENCE_END.search(self.current):
             sentence, self.current = self.current[: match.end()], self.current[match.end() :]
             key, body = _same(sentence), sentence.rstrip()
-            if not key:  # a blank line: part of the space between sentences
+            if not sentence.strip():  # a blank line: part of the space between sentences
                 self.space += sentence
                 continue
             if self._said_before(key):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,13 +35,25 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        """Values without a meaning are refused (one line), not silently read as something else."""
+        """Values without a meaning are refused (one line), not silently read as something else. An empty
+        stop string is ignored (it would end every answer before its first token)."""
+        self.stop = [s for s in self.stop if s]
         checks = [
             (self.max_tokens >= 0, f"max tokens must be 0 or more, not {self.max_tokens}"),
-            (self.temperature >= 0, f"the temperature must be 0 (greedy) or more, not {self.temperature}"),
+            (
+                math.isfinite(self.temperature) and self.temperature >= 0,
+                f"the temperature must be 0 (greedy) or a finite number above it, not {self.temperature}",
+            ),
             (self.top_k >= 0, f"top-k must be 0 (off) or more, not {self.top_k}"),
             (0 <= self.top_p <= 1, f"top-p must lie between 0 and 1, not {self.top_p}"),
-            (self.dry_multiplier >= 0, f"the DRY multiplier must be 0 (off) or more, not {self.dry_multiplier}"),
+            (
+                math.isfinite(self.dry_multiplier) and self.dry_multiplier >= 0,
+                f"the DRY multiplier must be 0 (off) or a finite number above it, not {self.dry_multiplier}",
+            ),
+            (
+                math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
+                f"the repetition penalty must be a finite number above 0 (1: off), not {self.repeat_penalty}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import llama_cpp
 import numpy as np
 
-from uio_gguf.errors import UIOError
+from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.llamacpp.api import Batch, Context, ContextSettings
 from uio_gguf.llamacpp.sampling import AnswerOutcome, Sampler, SamplingParams, stream_answer
@@ -337,16 +337,22 @@ class Session(Handle):
         return state
 
     # ----- tokens -----------------------------------------------------------------------------
-    def feed(self, tokens, all_logits: bool = False) -> np.ndarray | None:
+    def feed(
+        self, tokens, all_logits: bool = False, should_stop: Callable[[], bool] | None = None
+    ) -> np.ndarray | None:
         """Decodes tokens into the conversation, compressing at every segment boundary.
 
         Returns the logits of every token (n, n_vocab) with all_logits, else of the last token only
-        (n_vocab,). The last token's logits stay readable through `self.last_index` for sampling."""
+        (n_vocab,). The last token's logits stay readable through `self.last_index` for sampling.
+        should_stop: polled before each batch (a long turn compresses many segments); true raises Stopped,
+        leaving the session part-fed (to be closed)."""
         tokens = [int(t) for t in tokens]
         self.tokens_seen += len(tokens)
         rows = []
         last = None
         while tokens:
+            if should_stop is not None and should_stop():
+                raise Stopped
             take = min(self.raw_window - len(self.raw), self.batch.capacity, len(tokens))
             chunk, tokens = tokens[:take], tokens[take:]
             self._check_room(take)

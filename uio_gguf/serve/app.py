@@ -2,9 +2,10 @@
 
 POST /v1/chat/completions (streamed as server-sent events ending in `data: [DONE]`, or not), GET /v1/models,
 GET /health; the web page at / and its book API (uio_gguf/serve/web.py). `parallel` requests run at once,
-each in a worker thread with a decoder context of its own; up to `queue` more wait, past that the answer is 503. An answer whose client leaves stops at its next
-token (a non-streamed one is checked every quarter of a second). Errors have the OpenAI shape
-{"error": {"message", "type", "param", "code"}}.
+each in a worker thread with a decoder context of its own; up to `queue` more wait, past that the answer is
+503. A request whose client leaves stops at its next segment compressed or token decoded (checked every
+quarter of a second until the answer streams); so do all of them when the server is told to stop (SIGTERM,
+Ctrl-C), which then exits at once. Errors have the OpenAI shape {"error": {"message", "type", "param", "code"}}.
 
 This module needs the `serve` extra (fastapi, uvicorn, sse-starlette); nothing else imports it at module level.
 """
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException
 
-from uio_gguf.errors import ContextLengthError, UIOError
+from uio_gguf.errors import ContextLengthError, Stopped, UIOError
 from uio_gguf.text.book import DEFAULT_MAX_UPLOAD_MB
 
 
@@ -37,10 +38,11 @@ class Message(BaseModel):
 
 class ChatRequest(BaseModel):
     """The fields UIO uses; the other OpenAI fields are accepted and ignored (as llama-cpp-python does
-    for many)."""
+    for many), except those whose request we could not honour (checked by `unsupported`)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
+    n: int | None = None  # choices per request: one is what we make (refused otherwise)
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     temperature: float = Field(0.8, ge=0.0, le=2.0)  # llama-cpp-python's server defaults
@@ -52,6 +54,17 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     loop_guard: bool = True  # UIO's own (extra_body): stop where the answer starts to repeat itself
     book: str | None = None  # UIO's own (extra_body): the id of a book of /v1/books, read before the first question
+
+
+def unsupported(body: ChatRequest) -> tuple[str, str] | None:
+    """(message, param) for a request this server would answer other than asked, else None (the CLI's -n 0
+    is an empty answer; here, as in OpenAI's API, a length of 0 is refused, not read as no limit)."""
+    if body.n not in (None, 1):
+        return f"n must be 1: this server makes one choice per request, not {body.n}", "n"
+    for name in ("max_tokens", "max_completion_tokens"):
+        if getattr(body, name) == 0:
+            return f"{name} must be 1 or more, not 0", name
+    return None
 
 
 class APIError(Exception):
@@ -111,6 +124,7 @@ def create_app(
     app = FastAPI(title="uio-gguf", version="1")
     limit = RequestLimit(parallel, queue)
     library = app.state.library = Library(llm.runtime, llm.n_ctx, max_upload_mb)
+    app.state.stopping = stopping = threading.Event()  # set by run() when the server is told to stop
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -129,7 +143,14 @@ def create_app(
             return error_response(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
         first = errors[0] if errors else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(422, f"{param}: {first.get('msg', 'invalid')}", "invalid_request_error", None, param)
+        message = first.get("msg", "invalid")  # a body of the wrong shape (a JSON array) has no field to name
+        return error_response(
+            422,
+            f"{param}: {message}" if param else f"the request body: {message}",
+            "invalid_request_error",
+            None,
+            param,
+        )
 
     @app.exception_handler(HTTPException)
     async def on_http(_request, err: HTTPException):
@@ -154,10 +175,12 @@ def create_app(
                 404, f"the model {body.model!r} does not exist (this server has {model_id!r})", "invalid_request_error",
                 "model_not_found", "model",
             )  # fmt: skip
+        if refused := unsupported(body):
+            raise APIError(400, refused[0], "invalid_request_error", "unsupported", refused[1])
         messages = [m.model_dump() for m in body.messages]
         if body.book is not None:
             messages = await anyio.to_thread.run_sync(lambda: _with_book(library, body.book, messages))
-        stop = threading.Event()
+        stop = threading.Event()  # the client left
         kwargs = {
             "messages": messages,
             "stream": body.stream,
@@ -169,23 +192,29 @@ def create_app(
             "seed": body.seed,
             "loop_guard": body.loop_guard,
             "model": model_id,
-            "should_stop": stop.is_set,
+            "should_stop": lambda: stop.is_set() or stopping.is_set(),
             "report": body.book is not None,  # the page shows the sources under the answer
         }
         await limit.acquire()
-        watcher = None if body.stream else asyncio.create_task(_watch(request, stop))
+        # Watched while the book is read (streamed or not) and while a plain answer is made; a stream's
+        # own sender notices a client that leaves once it streams.
+        watcher = asyncio.create_task(_watch(request, stop))
         try:
             result = await anyio.to_thread.run_sync(lambda: llm.create_chat_completion(**kwargs))
         except UIOError as err:
             limit.release()
             code = "context_length_exceeded" if isinstance(err, ContextLengthError) else None
             raise APIError(400, str(err), "invalid_request_error", code, "messages") from None
+        except Stopped:
+            limit.release()
+            if stopping.is_set():
+                raise APIError(503, "the server is shutting down", "server_error", "shutting_down") from None
+            raise APIError(499, "the client left before the answer", "invalid_request_error", "cancelled") from None
         except BaseException:
             limit.release()
             raise
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            watcher.cancel()
         if not body.stream:
             limit.release()
             return result
@@ -262,4 +291,11 @@ async def _events(queue: asyncio.Queue, stop: threading.Event):
 def run(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn waits for the requests in progress: they stop at their next segment or token, so a
+            # book being compressed does not hold the exit for minutes
+            app.state.stopping.set()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()

@@ -32,9 +32,10 @@ from dataclasses import asdict, dataclass
 
 from uio_gguf.chat import sources
 from uio_gguf.chat.conversation import Conversation
-from uio_gguf.errors import UIOError
+from uio_gguf.errors import Stopped, UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.llamacpp.sampling import SamplingParams
+from uio_gguf.llamacpp.template import render
 from uio_gguf.memory.runtime import ANSWER_RESERVE
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -70,12 +71,12 @@ class KeptConversation(Conversation):
         self.history += [message, self.messages[-1]]
         self.messages = list(self.history)
 
-    def read_answer(self, message: tuple[str, str], question: str, answer: str) -> None:
+    def read_answer(self, message: tuple[str, str], question: str, answer: str, should_stop) -> None:
         """Reads in a user turn and the assistant's answer as the client sent them (no generation)."""
-        for _ in self.turn(message, question, SamplingParams(max_tokens=0), lambda: False):
+        for _ in self.turn(message, question, SamplingParams(max_tokens=0), should_stop):
             pass
         if answer:
-            self.session.feed(self.model.tokenize(answer))
+            self.session.feed(self.model.tokenize(answer), should_stop=should_stop)
         self.seen_text += answer
         self.history[-1] = ("assistant", answer)
         self.messages = list(self.history)
@@ -92,10 +93,14 @@ def normalize(messages) -> list[tuple[str, str]]:
         if role not in ROLES:
             raise ValueError(f"messages[{i}]: role must be one of {', '.join(ROLES)}, not {role!r}")
         content = message.get("content")
-        if isinstance(content, list):  # content parts: the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if content is None:
-            content = ""
+        if content is None:  # not read as empty text: the client meant something we cannot see
+            raise ValueError(f"messages[{i}]: content is null (only text messages are supported)")
+        if isinstance(content, list):  # content parts: text only (an image answered as if absent misleads)
+            kinds = {p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content}
+            if kinds - {"text"}:
+                found = ", ".join(sorted(map(str, kinds - {"text"})))
+                raise ValueError(f"messages[{i}]: content parts of type {found} are not supported (text only)")
+            content = "".join(p.get("text", "") for p in content)
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}]: content must be a string or a list of text parts")
         role = ROLES[role]
@@ -167,7 +172,14 @@ class UIOLlama(Handle):
             return {**asdict(self.counters), "kept": len(self._kept)}
 
     # ----- conversations ----------------------------------------------------------------------------
-    def _checkout(self, msgs: list[tuple[str, str]]) -> KeptConversation:
+    def _check_length(self, msgs: list[tuple[str, str]]) -> None:
+        """The whole conversation gets the first turn's length check before anything is read: a later turn
+        too long to fit is refused at once, not after minutes of compressing it into a full window."""
+        model = self.runtime.model
+        n_tokens = len(model.tokenize(render(model.chat_template(), msgs, True), add_special=True))
+        self.runtime.check_length(n_tokens, self.n_ctx)
+
+    def _checkout(self, msgs: list[tuple[str, str]], should_stop) -> KeptConversation:
         """The kept conversation that `msgs` extends (taken out while in use), or a new one."""
         with self._lock:
             self.counters.requests += 1
@@ -189,7 +201,16 @@ class UIOLlama(Handle):
             book_lock = self._book_locks.setdefault(key, threading.Lock())
         with book_lock:
             question = content[len(book) + len(sep) :]
-            kept = KeptConversation(self.runtime, msgs[:first], book, sep, question, n_ctx=self.n_ctx, **self.options)
+            kept = KeptConversation(
+                self.runtime,
+                msgs[:first],
+                book,
+                sep,
+                question,
+                n_ctx=self.n_ctx,
+                should_stop=should_stop,
+                **self.options,
+            )
         with self._lock:
             if kept.stats.from_file:
                 self.counters.from_file += 1
@@ -203,13 +224,13 @@ class UIOLlama(Handle):
             while len(self._kept) > self.keep:
                 self._kept.popitem(last=False)[1].close()
 
-    def _prepare(self, msgs: list[tuple[str, str]]) -> KeptConversation:
+    def _prepare(self, msgs: list[tuple[str, str]], should_stop) -> KeptConversation:
         """A conversation that has read every message but the last (the question to answer)."""
-        kept = self._checkout(msgs)
+        kept = self._checkout(msgs, should_stop)
         try:
             i = len(kept.history)
             while i < len(msgs) - 1:
-                kept.read_answer(msgs[i], self._question(kept, msgs[i]), msgs[i + 1][1])
+                kept.read_answer(msgs[i], self._question(kept, msgs[i]), msgs[i + 1][1], should_stop)
                 i += 2
         except BaseException:
             kept.close()
@@ -240,6 +261,7 @@ class UIOLlama(Handle):
         """llama_cpp.Llama.create_chat_completion's arguments (the sampling ones UIO has; the others are
         accepted and ignored) and return values. max_tokens None or <= 0: up to the runtime's answer reserve.
         should_stop (not in llama-cpp-python): polled per token; true ends the answer (finish_reason stop).
+        Also polled per segment while the book and the turns are read: true there raises Stopped.
         loop_guard (not in llama-cpp-python): stop where the answer starts to repeat itself (finish_reason
         stop; uio_gguf.llamacpp.loop_guard). report (not in llama-cpp-python): the completion (or the last
         chunk) also holds `uio`: the passages recall brought back and the memory figures (uio_gguf.chat.sources).
@@ -259,8 +281,16 @@ class UIOLlama(Handle):
             stop=[stop] if isinstance(stop, str) else list(stop or []),
             loop_guard=bool(loop_guard),
         )
-        kept = self._prepare(msgs)
-        answer = self._answer(kept, msgs[-1], params, should_stop or (lambda: False), report)
+        should_stop = should_stop or (lambda: False)
+        self._check_length(msgs)
+        try:
+            if should_stop():  # e.g. a request that waited for a slot while the server began to shut down
+                raise Stopped
+            kept = self._prepare(msgs, should_stop)
+        except Stopped:
+            self._count_cancelled()
+            raise
+        answer = self._answer(kept, msgs[-1], params, should_stop, report)
         meta = {"id": _chat_id(), "created": int(time.time()), "model": model or self.model_path}
         return self._chunks(kept, answer, meta) if stream else self._completion(kept, answer, meta)
 
@@ -276,8 +306,10 @@ class UIOLlama(Handle):
         question = self._question(kept, message)
         try:
             yield from kept.turn(message, question, params, stop_now)
-        except BaseException:  # the consumer left (GeneratorExit) or decoding failed: not reusable
+        except BaseException as err:  # the consumer left (GeneratorExit) or decoding failed: not reusable
             kept.close()
+            if isinstance(err, Stopped):  # while the question was read
+                self._count_cancelled()
             raise
         session = kept.session
         prompt = session.tokens_seen - session.generated
@@ -287,9 +319,12 @@ class UIOLlama(Handle):
             sources.report(kept, question) if report else None,
         )
         if stopped["flag"]:
-            with self._lock:
-                self.counters.cancelled += 1
+            self._count_cancelled()
         self._checkin(kept)
+
+    def _count_cancelled(self) -> None:
+        with self._lock:
+            self.counters.cancelled += 1
 
     def _completion(self, kept: KeptConversation, answer: Iterator[str], meta: dict) -> dict:
         text = "".join(answer)

@@ -25,16 +25,24 @@ def save(path: Path, format: str, key: str, checksum: str, **arrays: np.ndarray)
     trim_memory_dir(keep=path)
 
 
+def _open(path: Path):
+    """np.load on a regular file only: a FIFO in the cache would block the read for ever, a directory or a
+    device fail in their own ways. Raises ValueError for anything else."""
+    if not Path(path).is_file():
+        raise ValueError("not a regular file")
+    return np.load(path, allow_pickle=False)
+
+
 def read_meta(path: Path) -> dict:
-    """The meta record alone (the arrays stay on disk). Raises on a missing or unreadable file."""
-    with np.load(path, allow_pickle=False) as data:
+    """The meta record alone (the arrays stay on disk). Raises on a missing, unreadable or non-regular file."""
+    with _open(path) as data:
         return json.loads(str(data["meta"]))
 
 
 def load(path: Path, format: str, key: str, names: tuple[str, ...]) -> tuple[str, dict[str, np.ndarray]] | None:
     """(the recorded checksum, the named arrays) of a file made for `key`; None for another key.
-    Raises on a damaged file (truncated zip, bad JSON, a missing array, another format)."""
-    with np.load(path, allow_pickle=False) as data:
+    Raises on a damaged file (truncated zip, bad JSON, a missing array, another format) or a non-regular one."""
+    with _open(path) as data:
         meta = json.loads(str(data["meta"]))
         arrays = {name: data[name] for name in names}
     if meta.get("format") != format:

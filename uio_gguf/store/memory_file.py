@@ -1,7 +1,8 @@
 """Memory files: the compressed memory of a document, saved so a second question starts instantly.
 
-The key hashes everything the memory depends on: the base model and UIO head (their fingerprints),
-the segment length, the ratio and the tokens compressed. The file holds K (before RoPE) and V of each
+The key hashes everything the memory depends on: every byte of the base model, the encoder LoRA and the
+UIO head (so a damaged file never reuses the memory made with the whole one), the segment length, the ratio
+and the tokens compressed. The file holds K (before RoPE) and V of each
 segment and a checksum over them; a damaged or foreign file is detected and the memory recomputed.
 Files are written atomically (temporary file, then rename).
 """
@@ -32,7 +33,14 @@ def memory_key(bundle, tokens: np.ndarray, dtype=MEMORY_DTYPE) -> str:
     """dtype: what the memory is made and stored in (the runtime's encoder.head.memory_dtype); an f32
     memory is another file than the f16 one (keys of f16 memory are as before it was a part)."""
     digest = hashlib.sha256()
-    for part in (bundle.model_fingerprint, bundle.head_fingerprint, str(bundle.segment), str(bundle.ratio)):
+    parts = (
+        bundle.model_digest,
+        bundle.encoder_digest,
+        bundle.head_fingerprint,
+        str(bundle.segment),
+        str(bundle.ratio),
+    )
+    for part in parts:
         digest.update(part.encode() + b"\0")
     if np.dtype(dtype) != np.dtype(MEMORY_DTYPE):
         digest.update(np.dtype(dtype).name.encode() + b"\0")
@@ -100,15 +108,17 @@ def locate(runtime, tokens) -> tuple[str, Path]:
 
 
 def load_or_compress(
-    runtime, tokens, use_files: bool = True, compress=None, progress=None
+    runtime, tokens, use_files: bool = True, compress=None, progress=None, write=None
 ) -> tuple[SegmentMemory, bool]:
     """The memory of `tokens` (whole segments): read from its memory file, or else made by `compress`
-    (default runtime.compress; `progress` is passed on) and saved. -> (memory, whether it was read)."""
+    (default runtime.compress; `progress` is passed on) and saved: through write(save, what, path) when
+    given (Conversation: a disk that is full warns instead of failing). -> (memory, whether it was read)."""
     key, path = locate(runtime, tokens)
     memory = load(path, key) if use_files else None
     if memory is not None:
         return memory, True
     memory = (compress or runtime.compress)(tokens, progress=progress)
     if use_files and len(memory.k):
-        save(path, key, memory, runtime.encoder.head.memory_dtype)
+        dtype = runtime.encoder.head.memory_dtype
+        (write or (lambda do, _what, _path: do()))(lambda: save(path, key, memory, dtype), "memory file", path)
     return memory, False

@@ -43,7 +43,9 @@ def state_key(memory_key: str, remainder, raw_window: int, settings) -> str:
 
 
 def path_for(memory_path: Path, key: str) -> Path:
-    return Path(memory_path).with_name(f"{key}.start.npz")
+    """Beside its memory file and named after it: the cache keeps or drops the two together (uio_gguf/cache.py)."""
+    memory_path = Path(memory_path)
+    return memory_path.with_name(f"{memory_path.stem}.{key}.start.npz")
 
 
 def save(path: Path, key: str, state) -> None:

@@ -34,7 +34,11 @@ def read_book(path: str | Path) -> str:
         raise UIOError(f"book not found: {path}")
     if not path.is_file():
         raise UIOError(f"not a file: {path}")
-    return book_text(path.read_bytes(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UIOError(f"cannot read the book {path}: {err.strerror or err}") from None
+    return book_text(data, str(path))
 
 
 def book_text(data: bytes, name: str) -> str:
