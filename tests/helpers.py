@@ -162,30 +162,41 @@ def assert_contiguous(runtime, session) -> None:
     assert session.ctx.seq_pos_max(DECODER_SEQ) == session.n_past - 1
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, tries: int = 600) -> None:
+    """Waits until the server at `base` answers /health with 200 (0.1 s a try)."""
+    import httpx
+
+    for _ in range(tries):
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no server at {base}")
+
+
 @contextmanager
 def serving(app):
     """Runs the ASGI app in a uvicorn server on a free port of 127.0.0.1, in a thread of this process;
     yields its base URL once /health answers."""
-    import httpx
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise AssertionError(f"no server at {base}")
+        wait_healthy(base)
         yield base
     finally:
         server.should_exit = True

@@ -4,10 +4,8 @@ and the drop-in class against a real llama_cpp.Llama on a text that fits the raw
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import threading
 import time
 
@@ -17,7 +15,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from tests.helpers import run_cli  # noqa: E402
+from tests.helpers import free_port, run_cli, serving, wait_healthy  # noqa: E402
 
 SEGMENT = 64  # a raw window that holds a short chat, for the llama.cpp comparison
 N_CTX = 1536  # books up to 1856 tokens: a small decoder context per conversation
@@ -40,40 +38,6 @@ def cache(tmp_path_factory):
         del os.environ["UIO_GGUF_CACHE"]
     else:
         os.environ["UIO_GGUF_CACHE"] = before
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(base: str, tries: int = 600) -> None:
-    for _ in range(tries):
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"no server at {base}")
-
-
-@contextlib.contextmanager
-def serving(app):
-    """The app in a uvicorn server on a thread of this process; yields its base url."""
-    import uvicorn
-
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
