@@ -11,30 +11,40 @@ from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.memory.session import DECODER_SEQ
 
 
-def _open(runtime, book):
-    from uio_gguf.chat.conversation import Conversation
+def _cells(runtime, session):
+    """(positions, K, V) of the conversation's cells, in position order."""
     from uio_gguf.native.bindings import kv_read
 
-    with Conversation(runtime, book, n_ctx=2048, recall_tokens=48) as chat:
+    positions, k, v = kv_read(runtime.plugin, session.ctx.ptr, session.layout, DECODER_SEQ)
+    order = np.argsort(positions)
+    return positions[order], k[:, order], v[:, order]
+
+
+def _open(runtime, book, keep=0):
+    from uio_gguf.chat.conversation import Conversation
+
+    with Conversation(runtime, book, n_ctx=2048, recall_tokens=48, keep=keep) as chat:
         s = chat.session
-        positions, k, v = kv_read(runtime.plugin, s.ctx.ptr, s.layout, DECODER_SEQ)
-        order = np.argsort(positions)
-        cells = (positions[order], k[:, order], v[:, order])
-        state = (s.n_mem, s.compressed_segments, list(s.raw), s.tokens_seen)
+        cells = _cells(runtime, s)
+        state = (s.n_mem, s.compressed_segments, list(s.raw), s.tokens_seen, list(s.sink))
         answer = "".join(chat.ask(QUESTION, SamplingParams(max_tokens=8)))
         return chat.stats, cells, state, answer, chat.memory_path
 
 
-def test_a_reopened_book_restores_its_start_cache_cell_for_cell(runtime, planted_book, monkeypatch, tmp_path):
+@pytest.mark.parametrize("keep", [0, 4])
+def test_a_reopened_book_restores_its_start_cache_cell_for_cell(runtime, planted_book, monkeypatch, tmp_path, keep):
     monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path))
-    first = _open(runtime, planted_book)
-    again = _open(runtime, planted_book)
+    first = _open(runtime, planted_book, keep)
+    again = _open(runtime, planted_book, keep)
     assert not first[0].from_file and not first[0].from_start_state
     assert again[0].from_file and again[0].from_start_state
     for a, b in zip(first[1], again[1]):
         assert np.array_equal(a, b)
     assert first[2] == again[2] and first[2][0] > 0 and first[2][2]  # memory and a raw remainder
     assert first[3] == again[3]
+    assert len(first[2][4]) == keep and again[1][0][0] == 0  # the kept tokens, at positions 0..
+    # another number of kept tokens is another cache
+    assert not _open(runtime, planted_book, 4 - keep)[0].from_start_state
     # another raw window is another cache: not restored from this file
     from uio_gguf.chat.conversation import Conversation
 
@@ -52,3 +62,27 @@ def test_a_damaged_start_state_is_rebuilt(runtime, planted_book, monkeypatch, tm
     assert again[0].from_file and not again[0].from_start_state
     assert again[3] == first[3]
     assert _open(runtime, planted_book)[0].from_start_state  # written again whole
+
+
+def test_kept_tokens_from_a_memory_file_are_the_cells_feed_leaves(runtime, planted_book, monkeypatch, tmp_path):
+    """Conversation(keep=4) opens a book from its memory (keep_sink + add_memory + the remainder fed): the
+    cache holds the same cells, at the same positions, as a session fed the whole document from its first
+    token, which keeps them when it compresses the first segment (Session.keep, matched against PyTorch in
+    test_eval_ppl)."""
+    from uio_gguf.chat.conversation import Conversation
+
+    monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path))
+    with Conversation(runtime, planted_book, n_ctx=2048, recall_tokens=0, keep=4) as chat:
+        opened = _cells(runtime, chat.session)
+        document, sink = chat.book_tokens, list(chat.session.sink)
+    session = runtime.new_session(n_ctx=2048)
+    try:
+        session.keep = 4
+        session.feed(document)
+        fed = _cells(runtime, session)
+        assert list(session.sink) == sink == [int(t) for t in document[:4]]
+    finally:
+        session.close()
+    assert np.array_equal(opened[0], fed[0]) and len(opened[0]) > 4 + runtime.slots
+    np.testing.assert_allclose(opened[1], fed[1], atol=1e-4)
+    np.testing.assert_allclose(opened[2], fed[2], atol=1e-4)

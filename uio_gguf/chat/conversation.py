@@ -36,6 +36,8 @@ from uio_gguf.store import memory_file, start_state
 # next to the question, chat keeps the training view by default; --raw-window 1024/2048 is for gist.
 DEFAULT_RAW_SEGMENTS = 1
 MIN_RAW_SEGMENTS = 8
+# The document's first tokens kept raw in front of the memory (Session.keep; docs/memory-vs-window.md).
+DEFAULT_KEEP = 0
 # How recall ranks the book's passages for a question (docs/design.md §6): BM25 on the question's words, or
 # the question's own attention over each segment's memory slots (uio_gguf.memory.attention_rank).
 RANKINGS = ("bm25", "attention")
@@ -70,6 +72,7 @@ class Conversation(Handle):
         compress: Callable | None = None,
         should_stop: Callable[[], bool] | None = None,
         must_save: bool = False,
+        keep: int = DEFAULT_KEEP,
     ):
         """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
         alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
@@ -81,7 +84,8 @@ class Conversation(Handle):
         when no memory file has it (default runtime.compress; eval qa passes a cache of segments).
         should_stop: polled after each segment compressed; true raises Stopped (the book half read: nothing is
         saved). must_save: a memory file that cannot be written (a full or read-only disk) is an error;
-        otherwise a warning, and the conversation goes on."""
+        otherwise a warning, and the conversation goes on. keep: the document's first tokens kept raw in
+        front of the memory (attention sinks, as llama.cpp's --keep; docs/memory-vs-window.md)."""
         if recall_ranking not in RANKINGS:
             raise UIOError(f"unknown recall ranking {recall_ranking!r} (choose from {', '.join(RANKINGS)})")
         if recall_tokens < 0:
@@ -102,7 +106,10 @@ class Conversation(Handle):
         runtime.check_length(len(self.book_tokens), n_ctx)
         self.recall_ranking = recall_ranking
         by_attention = recall_tokens > 0 and recall_ranking == "attention"
+        if not 0 <= keep <= runtime.segment:
+            raise UIOError(f"--keep must be between 0 and the segment length ({runtime.segment}), not {keep}")
         self.session = runtime.new_session(n_ctx, query_rows=QUERY_ROWS if by_attention else 0)
+        self.session.keep = keep
         self.session.raw_window = self._fit_raw_window(raw_window, recall_tokens)
         self.stats = CompressionStats()
         self.recall_tokens = recall_tokens
@@ -125,7 +132,7 @@ class Conversation(Handle):
         seg, s = self.runtime.segment, self.session
         if asked is not None and asked == seg:
             return seg
-        memory = len(self.book_tokens) // seg * self.runtime.slots
+        memory = s.keep + len(self.book_tokens) // seg * self.runtime.slots
         room = (s.ctx.n_ctx - memory - recall_tokens - ANSWER_RESERVE) // seg * seg
         target = DEFAULT_RAW_SEGMENTS * seg if asked is None else asked
         fit = min(target, room)
@@ -142,9 +149,10 @@ class Conversation(Handle):
         n_raw_window = len(self.book_tokens) - self.session.raw_window  # as feed would leave it: < R raw
         n_mem = min(n_full, n_raw_window // seg + 1) if n_raw_window >= 0 else 0
         remainder = self.book_tokens[n_mem * seg :]
+        sink = self.book_tokens[: self.session.keep] if n_mem else []  # feed keeps them at the first compression
         start = self._start_state(path, key, remainder) if use_memory_files else None
         if start and (saved := start_state.load(*start)) is not None:
-            if self.session.restore(saved, n_mem, remainder) and self._keys_after_restore(path, key, n_mem):
+            if self.session.restore(saved, n_mem, remainder, sink) and self._keys_after_restore(path, key, n_mem):
                 self.stats.from_file = self.stats.from_start_state = True
                 self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
                 return
@@ -162,6 +170,8 @@ class Conversation(Handle):
             self.runtime, compressed, use_memory_files, compress, progress=step, write=self._write
         )
         self.stats.tokens, self.stats.seconds = len(compressed), time.perf_counter() - started
+        if n_mem:
+            self.session.keep_sink(sink)
         self.session.add_memory(SegmentMemory(memory.k[:n_mem], memory.v[:n_mem]))
         self.session.feed(remainder)
         if use_memory_files and n_full and (start := self._start_state(path, key, remainder)):
@@ -200,7 +210,7 @@ class Conversation(Handle):
         if checksum is None:
             return None
         s = self.session
-        start_key = start_state.state_key(f"{key}:{checksum}", remainder, s.raw_window, s.ctx.settings)
+        start_key = start_state.state_key(f"{key}:{checksum}", remainder, s.raw_window, s.keep, s.ctx.settings)
         return start_state.path_for(memory_path, start_key), start_key
 
     # ----- turns ------------------------------------------------------------------------------------
@@ -255,7 +265,7 @@ class Conversation(Handle):
         s = self.session
         raw = len(s.raw) + n_question + max_tokens
         grown = (raw - s.raw_window) // s.segment * s.slots + s.slots if raw >= s.raw_window else 0
-        return max(0, s.ctx.n_ctx - s.n_mem - s.raw_window - grown)
+        return max(0, s.ctx.n_ctx - s.memory_end - s.raw_window - grown)
 
     def close(self) -> None:
         self.session.close()

@@ -54,6 +54,15 @@ RawWindow = Annotated[
         "one segment: the training view.",
     ),
 ]
+KeepTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--keep-tokens",
+        min=0,
+        help="The book's first tokens kept raw in front of the memory (attention sinks, as llama.cpp's --keep). "
+        "Default: see docs/memory-vs-window.md.",
+    ),
+]
 DryMultiplier = Annotated[
     float,
     typer.Option(
@@ -136,6 +145,7 @@ def chat(
     recall: Recall = DEFAULT_RECALL_TOKENS,
     recall_ranking: RecallRanking = "bm25",
     raw_window: RawWindow = None,
+    keep_tokens: KeepTokens = None,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
     loop_guard: LoopGuardOption = True,
@@ -189,6 +199,7 @@ def chat(
         recall_tokens=recall,
         raw_window=raw_window,
         recall_ranking=recall_ranking,
+        **({} if keep_tokens is None else {"keep": keep_tokens}),
     )
     bar.close()
     stats = conversation.stats
@@ -244,6 +255,7 @@ def demo(
     n_gpu_layers: GpuLayers = 0,
     recall: Recall = DEFAULT_RECALL_TOKENS,
     raw_window: RawWindow = None,
+    keep_tokens: KeepTokens = None,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
     loop_guard: LoopGuardOption = True,
@@ -272,6 +284,7 @@ def demo(
         recall=recall,
         recall_ranking="bm25",
         raw_window=raw_window,
+        keep_tokens=keep_tokens,
         repeat_penalty=repeat_penalty,
         dry=dry,
         loop_guard=loop_guard,

@@ -1,7 +1,7 @@
 """The decoder side: one conversation over [memory ; raw window] in a llama.cpp context.
 
-Sequence 0 holds the conversation: memory cells at positions 0 .. n_mem-1 (segment s at (s-1)·k ..
-s·k-1), then the recalled passages of the current question (docs/design.md §6; none unless
+Sequence 0 holds the conversation: with keep, the text's first tokens raw (attention sinks), then
+memory cells (segment s at (s-1)·k .. s·k-1 after them), then the recalled passages of the current question (docs/design.md §6; none unless
 set_recall is called), then the raw window. Sequence 1 is scratch: memory is loaded there and copied into sequence 0,
 which adds cells without touching the raw window. Whenever the raw window reaches `raw_window` tokens
 (R, default the segment length l), its oldest l tokens are compressed into k new slots right after the
@@ -110,14 +110,28 @@ class Session(Handle):
     @property
     def n_past(self) -> int:
         """Cells in use by the conversation: sink + memory + recall + raw window."""
-        return self._memory_end + len(self.recall) + len(self.raw)
+        return self.memory_end + len(self.recall) + len(self.raw)
 
     @property
-    def _memory_end(self) -> int:
+    def memory_end(self) -> int:
         """The position right after the memory (where the recall, then the raw window, start)."""
         return len(self.sink) + self.n_mem
 
     # ----- memory -----------------------------------------------------------------------------
+    def keep_sink(self, tokens) -> None:
+        """Decodes the text's first `keep` of `tokens` raw at positions 0.. of an empty conversation, for
+        memory added next (add_memory) to sit behind: the layout feed leaves when it compresses the
+        text's first segment with keep (causal, so the cells are the same)."""
+        if self.n_past:
+            raise RuntimeError("the kept tokens go into an empty conversation only")
+        tokens = [int(t) for t in tokens][: self.keep]
+        if not tokens:
+            return
+        self._check_room(len(tokens))
+        self.batch.fill(np.arange(len(tokens)), [[DECODER_SEQ]] * len(tokens), [False] * len(tokens), tokens=tokens)
+        self.ctx.decode(self.batch)
+        self.sink = tokens
+
     def add_memory(self, memory: SegmentMemory) -> None:
         """Appends the memory of whole segments (compressed elsewhere, e.g. read from a memory file)
         right after the existing memory. The raw window must be empty."""
@@ -132,8 +146,8 @@ class Session(Handle):
             return
         self._check_room(n_seg * self.slots)
         if self.recall or self.raw:  # they move up to make room right after the memory (K re-rotated at next decode)
-            self.ctx.seq_add(DECODER_SEQ, self._memory_end, -1, n_seg * self.slots)
-        positions = np.arange(self._memory_end, self._memory_end + n_seg * self.slots, dtype=np.int32)
+            self.ctx.seq_add(DECODER_SEQ, self.memory_end, -1, n_seg * self.slots)
+        positions = np.arange(self.memory_end, self.memory_end + n_seg * self.slots, dtype=np.int32)
         n_layer = memory.k.shape[1]
         # (N, n_layer, k, w) -> (n_layer, N·k, w): cells in position order, per layer, in one float32 copy
         # each (a 56K-token book's memory is 160 MB per array)
@@ -152,24 +166,23 @@ class Session(Handle):
         self.n_mem += n_seg * self.slots
         self.compressed_segments += n_seg
 
-    def restore(self, state, segments: int, raw) -> bool:
-        """Takes an empty conversation to a saved start state (uio_gguf.store.start_state): the memory of
-        `segments` segments, then the raw tokens `raw`. False, with the conversation left empty, when
-        the state does not hold exactly those cells."""
+    def restore(self, state, segments: int, raw, sink=()) -> bool:
+        """Takes an empty conversation to a saved start state (uio_gguf.store.start_state): the kept
+        tokens `sink`, the memory of `segments` segments, then the raw tokens `raw`. False, with the
+        conversation left empty, when the state does not hold exactly those cells."""
         if self.n_past:
             raise RuntimeError("a start state is restored into an empty conversation only")
-        if self.keep:
-            return False  # start states are saved without kept tokens
+        sink = [int(t) for t in sink]
         try:
             self.ctx.set_seq_state(state, DECODER_SEQ)
         except UIOError:
             self.ctx.seq_rm(DECODER_SEQ)
             return False
-        cells = segments * self.slots + len(raw)
-        if self.ctx.seq_pos_max(DECODER_SEQ) != cells - 1 or len(raw) >= self.raw_window:
+        cells = len(sink) + segments * self.slots + len(raw)
+        if self.ctx.seq_pos_max(DECODER_SEQ) != cells - 1 or len(raw) >= self.raw_window or len(sink) > self.keep:
             self.ctx.seq_rm(DECODER_SEQ)
             return False
-        self.n_mem, self.compressed_segments = segments * self.slots, segments
+        self.sink, self.n_mem, self.compressed_segments = sink, segments * self.slots, segments
         if self._keys is not None:
             self._keys = None  # the state holds no K to score against: remember_keys() gives it
         self.raw = [int(t) for t in raw]
@@ -201,7 +214,7 @@ class Session(Handle):
         seg = self.segment
         oldest, self.raw = self.raw[:seg], self.raw[seg:]
         memory = self.runtime.encoder.compress(np.asarray([oldest], dtype=np.int32))
-        raw_at = self._memory_end + len(self.recall)
+        raw_at = self.memory_end + len(self.recall)
         kept = 0
         if self.keep and raw_at == 0 and not self.compressed_segments:  # the text's first segment, at position 0
             kept = min(self.keep, seg)
@@ -287,7 +300,7 @@ class Session(Handle):
         decoded without it lean on their own first token instead; at 56K the answer then drifted from
         the recalled pass key (docs/design.md §6)."""
         tokens = [int(t) for t in tokens]
-        start, old = self._memory_end, len(self.recall)
+        start, old = self.memory_end, len(self.recall)
         lead = [int(t) for t in lead] if len(lead) <= start else []  # it needs positions before the passages
         self._check_room(len(tokens) - old)
         raw_at = start + old

@@ -4,7 +4,8 @@ Opening a book from its memory file still writes every memory cell (K rotated to
 decodes the raw remainder over all of them: 2-3 s for a 56K-token book's 7,056 cells on a 2-core CPU.
 The start state is that finished cache (memory cells and remainder) as llama.cpp saves one sequence
 (llama_state_seq_get_data), so reopening the book is a file read. Its key hashes the memory file's key
-and everything else the cells depend on: the remainder's tokens, the raw window, the cache's types,
+and everything else the cells depend on: the remainder's tokens, the raw window, the kept tokens, the
+cache's types,
 flash attention (it changes V's layout) and the llama-cpp-python version (the state format's owner).
 A checksum guards the bytes; a damaged or foreign file is ignored and the cache rebuilt the usual way.
 """
@@ -22,8 +23,8 @@ from uio_gguf.store import keyed_file
 FORMAT = "uio-start-state/1"
 
 
-def state_key(memory_key: str, remainder, raw_window: int, settings) -> str:
-    """settings: the decoder context's ContextSettings."""
+def state_key(memory_key: str, remainder, raw_window: int, keep: int, settings) -> str:
+    """keep: the tokens kept raw in front of the memory; settings: the decoder context's ContextSettings."""
     import llama_cpp
 
     digest = hashlib.sha256()
@@ -31,6 +32,7 @@ def state_key(memory_key: str, remainder, raw_window: int, settings) -> str:
         FORMAT,
         memory_key,
         raw_window,
+        keep,
         settings.type_k,
         settings.type_v,
         settings.flash_attn,
