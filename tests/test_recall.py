@@ -1,5 +1,6 @@
-"""Recall (docs/design.md §6): the question's passages brought back raw between the memory and the raw
-window, replaced at each question without piling up, at contiguous positions; the automatic ratio switch.
+"""Recall (docs/design.md §6): the question's passages brought back raw after the raw window read so far,
+right before the question, replaced at each question without piling up, at contiguous positions; the
+automatic ratio switch.
 
 The tiny LLaMA bundle (segment 16, ratio 4, f32 cache) over real prose, so the only differences between
 two ways of computing the same cache are float32 rounding."""
@@ -86,34 +87,40 @@ def test_conversation_recalls_the_planted_segment(runtime, planted_book):
         assert_contiguous(runtime, chat.session)
 
 
-def test_shifted_raw_window_equals_rotating_it_in_numpy(runtime, stream):
-    """set_recall moves the raw window up (llama.cpp seq_add, K re-rotated at the next decode): the
-    question's logits equal a cache where the same raw cells were rotated to their new positions here."""
+def test_a_replaced_recall_shifts_the_raw_cells_after_it(runtime, stream):
+    """set_recall puts the passages after the raw window read so far; the next set_recall removes them and
+    moves the raw cells read after them down (llama.cpp seq_add, K re-rotated at the next decode): the
+    question's logits equal a cache where those cells were rotated to their new positions here."""
     from uio_gguf.native.bindings import kv_read, kv_write
 
     memory = runtime.compress(stream[: 4 * SEGMENT])
-    raw, recalled, question = stream[64:70], stream[200:223], stream[300:305]
+    raw, first_recall, first_question = stream[64:70], stream[200:223], stream[300:305]
+    recalled, question = stream[230:241], stream[320:324]
     n_mem = 4 * SLOTS
     with runtime.new_session(n_ctx=256) as s:
         s.add_memory(memory)
         s.feed(raw)
+        s.set_recall(first_recall)
+        assert s.recall_start == n_mem + len(raw)  # right before the question
+        s.feed(first_question)
+        positions, k, v = kv_read(runtime.plugin, s.ctx.ptr, s.layout, DECODER_SEQ)
         s.set_recall(recalled)
+        assert s.recall_start == n_mem + len(raw) + len(first_question)
         got = s.feed(question)
         assert_contiguous(runtime, s)
-    with runtime.new_session(n_ctx=256) as first, runtime.new_session(n_ctx=256) as ref:
-        first.add_memory(memory)
-        first.feed(raw)
-        positions, k, v = kv_read(runtime.plugin, first.ctx.ptr, first.layout, DECODER_SEQ)
-        cells = np.flatnonzero(positions >= n_mem)
-        cells = cells[np.argsort(positions[cells])]
-        moved = positions[cells] + len(recalled)
-        k_moved = runtime.rope.rotate(k[:, cells], np.full(len(cells), len(recalled)))
+    after = np.flatnonzero(positions >= n_mem + len(raw) + len(first_recall))  # the first question's cells
+    after = after[np.argsort(positions[after])]
+    moved = positions[after] - len(first_recall)
+    k_moved = runtime.rope.rotate(k[:, after], np.full(len(after), -len(first_recall)))
+    with runtime.new_session(n_ctx=256) as ref:
         ref.add_memory(memory)
-        _decode_alone_at(ref, recalled, n_mem)  # first: llama.cpp decodes only past a sequence's last position
-        kv_write(runtime.plugin, ref.ctx.ptr, ref.layout, DECODER_SEQ, SCRATCH_SEQ, moved, k_moved, v[:, cells])
-        expected = _decode_at(ref, question, n_mem + len(recalled) + len(raw))
-    without_shift = np.abs(got - expected).max()
-    assert without_shift < 1e-4 * max(1.0, np.abs(expected).max()), without_shift
+        ref.feed(raw)
+        kv_write(runtime.plugin, ref.ctx.ptr, ref.layout, DECODER_SEQ, SCRATCH_SEQ, moved, k_moved, v[:, after])
+        at = n_mem + len(raw) + len(first_question)
+        _decode_alone_at(ref, recalled, at)
+        expected = _decode_at(ref, question, at + len(recalled))
+    err = np.abs(got - expected).max()
+    assert err < 1e-4 * max(1.0, np.abs(expected).max()), err
 
 
 def test_the_lead_token_goes_before_the_passages_and_stays_out(runtime, stream):
@@ -141,8 +148,9 @@ def test_the_lead_token_goes_before_the_passages_and_stays_out(runtime, stream):
 
 
 def test_three_questions_keep_memory_raw_and_the_current_recall_only(runtime, stream):
-    """Compressions while a recall is in place (the recall moves up past the new slots) and recalls
-    replaced three times: the cache ends as a fresh session fed [memory][recall 3][question 3]."""
+    """Compressions while a recall is in place (the segment around it is compressed and the recall moves
+    down to the front of the raw window, then up past the new slots) and recalls replaced three times:
+    the cache ends as a fresh session fed [memory][recall 3][question 3]."""
     raw0 = stream[64:70]
     questions = [stream[100:110], stream[120:136], stream[140:145]]  # 6+10 and 16 fill two segments
     recalls = [stream[200:220], stream[230:237], stream[250:283]]

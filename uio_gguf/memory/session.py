@@ -1,8 +1,9 @@
 """The decoder side: one conversation over [memory ; raw window] in a llama.cpp context.
 
 Sequence 0 holds the conversation: with keep, the text's first tokens raw (attention sinks), then
-memory cells (segment s at (s-1)·k .. s·k-1 after them), then the recalled passages of the current question (docs/design.md §6; none unless
-set_recall is called), then the raw window. Sequence 1 is scratch: memory is loaded there and copied into sequence 0,
+memory cells (segment s at (s-1)·k .. s·k-1 after them), then the raw window, with the recalled
+passages of the current question (docs/design.md §6; none unless set_recall is called) at the point of
+the raw window where they were recalled: right before the question. Sequence 1 is scratch: memory is loaded there and copied into sequence 0,
 which adds cells without touching the raw window. Whenever the raw window reaches `raw_window` tokens
 (R, default the segment length l), its oldest l tokens are compressed into k new slots right after the
 existing memory, their raw cells are dropped and the later ones shift down (docs/design.md §1, §6).
@@ -81,8 +82,9 @@ class Session(Handle):
         self.keep = keep
         self.sink: list[int] = []  # the text's first tokens kept raw at positions 0 .. len(sink)-1
         self.n_mem = 0  # memory cells (right after the sink: positions len(sink) .. len(sink)+n_mem-1)
-        self.recall: list[int] = []  # recalled tokens, right after the memory
-        self.raw: list[int] = []  # tokens of the raw window, right after the recall
+        self.raw: list[int] = []  # tokens of the raw window, right after the memory
+        self.recall: list[int] = []  # recalled tokens, between raw[:recall_at] and raw[recall_at:]
+        self.recall_at = 0
         self.compressed_segments = 0
         self.tokens_seen = 0  # tokens of text the conversation stands for (memory + raw)
         self.raw_window = raw_window
@@ -114,8 +116,13 @@ class Session(Handle):
 
     @property
     def memory_end(self) -> int:
-        """The position right after the memory (where the recall, then the raw window, start)."""
+        """The position right after the memory (where the raw window starts)."""
         return len(self.sink) + self.n_mem
+
+    @property
+    def recall_start(self) -> int:
+        """The position of the recall's first cell (right after the raw tokens read before it)."""
+        return self.memory_end + self.recall_at
 
     # ----- memory -----------------------------------------------------------------------------
     def keep_sink(self, tokens) -> None:
@@ -194,7 +201,7 @@ class Session(Handle):
         """Empties the conversation: no memory, recall or raw tokens."""
         self.ctx.seq_rm(DECODER_SEQ)
         self.n_mem = self.compressed_segments = self.tokens_seen = 0
-        self.sink, self.recall, self.raw = [], [], []
+        self.sink, self.recall, self.raw, self.recall_at = [], [], [], 0
         self._keys = [] if self._capture is not None else None
         self._last_logits = None
 
@@ -209,18 +216,28 @@ class Session(Handle):
 
     def _compress_oldest(self) -> None:
         """The raw window's oldest segment becomes k memory slots right after the memory; its raw cells
-        go and the later raw cells shift down (seq_rm + seq_add; K re-rotated at the next decode, once,
-        by the sum of the shifts). They keep the states they were decoded with."""
-        seg = self.segment
+        go and the later cells shift down (seq_rm + seq_add; K re-rotated at the next decode, once, by
+        the sum of the shifts). They keep the states they were decoded with. A recall that sits inside
+        that segment stays, moved down to the front of the raw window."""
+        seg, raw_at = self.segment, self.memory_end
+        before = min(self.recall_at, seg) if self.recall else seg  # the segment's tokens before the recall
+        after = seg - before  # and after it
         oldest, self.raw = self.raw[:seg], self.raw[seg:]
         memory = self.runtime.encoder.compress(np.asarray([oldest], dtype=np.int32))
-        raw_at = self.memory_end + len(self.recall)
         kept = 0
         if self.keep and raw_at == 0 and not self.compressed_segments:  # the text's first segment, at position 0
-            kept = min(self.keep, seg)
+            kept = min(self.keep, before)
             self.sink = oldest[:kept]
-        self.ctx.seq_rm(DECODER_SEQ, raw_at + kept, raw_at + seg)
-        if self.raw:
+        self.ctx.seq_rm(DECODER_SEQ, raw_at + kept, raw_at + before)
+        if self.recall:
+            recall_start = raw_at + self.recall_at  # as before this compression (the sink may have grown)
+            recall_end = recall_start + len(self.recall)
+            if after:
+                self.ctx.seq_rm(DECODER_SEQ, recall_end, recall_end + after)
+            self.ctx.seq_add(DECODER_SEQ, recall_start, recall_end, kept - before)
+            self.ctx.seq_add(DECODER_SEQ, recall_end + after, -1, kept - seg)
+            self.recall_at = max(0, self.recall_at - seg)
+        elif self.raw:
             self.ctx.seq_add(DECODER_SEQ, raw_at + seg, -1, kept - seg)
         self._write_memory(memory)
 
@@ -285,10 +302,11 @@ class Session(Handle):
 
     # ----- recall -----------------------------------------------------------------------------
     def set_recall(self, tokens, lead=()) -> None:
-        """Replaces the recalled passages with `tokens`, as raw cells right after the memory and before
-        the raw window (docs/design.md §6). The previous recall's cells are removed and the raw window's
-        cells shift (llama.cpp seq_rm + seq_add; K is re-rotated at the next decode), so the cache stays
-        [memory][recall][raw] at contiguous positions however many times it is replaced.
+        """Replaces the recalled passages with `tokens`, as raw cells after the raw window read so far, so
+        that the question fed next follows them (docs/design.md §6). The previous recall's cells are
+        removed and the raw cells after them shift down (llama.cpp seq_rm + seq_add; K is re-rotated at
+        the next decode), so the cache stays [memory][raw][recall][raw] at contiguous positions however
+        many times it is replaced. A recall that the raw window's compression reaches is removed then.
 
         The passages are decoded in a small context of their own, at their final positions, and their
         cells moved in (llama.cpp's sequence state): they attend over each other only, as a plain prompt
@@ -300,21 +318,27 @@ class Session(Handle):
         decoded without it lean on their own first token instead; at 56K the answer then drifted from
         the recalled pass key (docs/design.md §6)."""
         tokens = [int(t) for t in tokens]
-        start, old = self.memory_end, len(self.recall)
+        self._check_room(len(tokens) - len(self.recall))
+        self._remove_recall()
+        self.recall_at, start = len(self.raw), self.n_past
         lead = [int(t) for t in lead] if len(lead) <= start else []  # it needs positions before the passages
-        self._check_room(len(tokens) - old)
-        raw_at = start + old
-        if old:
-            self.ctx.seq_rm(DECODER_SEQ, start, raw_at)
-        if self.raw and len(tokens) != old:
-            self.ctx.seq_add(DECODER_SEQ, raw_at, -1, len(tokens) - old)
-        self.recall = []
         self._last_logits = None  # what follows must be fed before sampling
         if tokens:
             self.ctx.set_seq_state(self._decode_alone(lead + tokens, start - len(lead), keep_from=start), SCRATCH_SEQ)
             self.ctx.seq_cp(SCRATCH_SEQ, DECODER_SEQ)  # shares the cells: nothing is copied
             self.ctx.seq_rm(SCRATCH_SEQ)
         self.recall = tokens
+
+    def _remove_recall(self) -> None:
+        """Removes the recall's cells; the raw cells after them shift down."""
+        if not self.recall:
+            return
+        start, n = self.recall_start, len(self.recall)
+        self.ctx.seq_rm(DECODER_SEQ, start, start + n)
+        if self.recall_at < len(self.raw):
+            self.ctx.seq_add(DECODER_SEQ, start + n, -1, -n)
+        self.recall = []
+        self._last_logits = None
 
     def _decode_alone(self, tokens: list[int], start: int, keep_from: int):
         """The cells at positions >= keep_from of `tokens` decoded by themselves at positions start.., as a
@@ -405,7 +429,7 @@ class Session(Handle):
     def take_back(self, n: int) -> int:
         """Removes the last n tokens fed from the raw window (those a compression has already taken into
         the memory stay); returns how many it removed. The next feed decodes after what is left."""
-        n = min(n, len(self.raw))
+        n = min(n, len(self.raw) - (self.recall_at if self.recall else 0))  # the tokens after the recall
         if n <= 0:
             return 0
         self.ctx.seq_rm(DECODER_SEQ, self.n_past - n, -1)
