@@ -107,7 +107,7 @@ class Conversation(Handle):
         self.recall_ranking = recall_ranking
         by_attention = recall_tokens > 0 and recall_ranking == "attention"
         if not 0 <= keep <= runtime.segment:
-            raise UIOError(f"--keep must be between 0 and the segment length ({runtime.segment}), not {keep}")
+            raise UIOError(f"the kept tokens must be 0 to the segment length ({runtime.segment}), not {keep}")
         self.session = runtime.new_session(n_ctx, query_rows=QUERY_ROWS if by_attention else 0)
         self.session.keep = keep
         self.session.raw_window = self._fit_raw_window(raw_window, recall_tokens)

@@ -67,6 +67,24 @@ Threads = Annotated[
         "would hold every thread back).",
     ),
 ]
+RawWindow = Annotated[
+    int | None,
+    typer.Option(
+        "--raw-window",
+        help="The most recent tokens kept raw (the book's tail, the question, the recent turns); older ones are "
+        "compressed a segment at a time. Default: one segment, the layout that answers best "
+        "(docs/memory-vs-window.md); less where the memory leaves no room.",
+    ),
+]
+KeepTokens = Annotated[
+    int | None,
+    typer.Option(
+        "--keep-tokens",
+        min=0,
+        help="The book's first tokens kept raw in front of the memory (attention sinks, as llama.cpp's --keep; "
+        "with a raw window over one segment, 4 reads better: docs/memory-vs-window.md). Default: 0.",
+    ),
+]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="Use flash attention.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log.")]

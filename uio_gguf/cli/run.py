@@ -15,9 +15,11 @@ from uio_gguf.cli.options import (
     FlashAttn,
     ForceNCtx,
     GpuLayers,
+    KeepTokens,
     LoopGuardOption,
     Model,
     NCtx,
+    RawWindow,
     Threads,
     Verbose,
     app,
@@ -43,24 +45,6 @@ RecallRanking = Annotated[
         "--recall-ranking",
         help="How recall ranks the book's passages: bm25 (the question's words) or attention (the question's "
         "attention over each segment's memory slots; see docs/evaluation.md for both measured).",
-    ),
-]
-RawWindow = Annotated[
-    int | None,
-    typer.Option(
-        "--raw-window",
-        help="The most recent tokens kept raw (the book's tail, the question, the recent turns); older ones are "
-        "compressed a segment at a time. Default: one segment (the training view; 1024 or 2048 read better, see docs); less where the memory leaves no room; "
-        "one segment: the training view.",
-    ),
-]
-KeepTokens = Annotated[
-    int | None,
-    typer.Option(
-        "--keep-tokens",
-        min=0,
-        help="The book's first tokens kept raw in front of the memory (attention sinks, as llama.cpp's --keep). "
-        "Default: see docs/memory-vs-window.md.",
     ),
 ]
 DryMultiplier = Annotated[

@@ -9,9 +9,11 @@ from uio_gguf.cli.options import (
     FlashAttn,
     ForceNCtx,
     GpuLayers,
+    KeepTokens,
     Model,
     NCtx,
     Ratio,
+    RawWindow,
     Threads,
     Verbose,
     app,
@@ -47,6 +49,8 @@ def serve(
     force_n_ctx: ForceNCtx = False,
     threads: Threads = None,
     keep: int = typer.Option(4, "--keep", min=0, help="Finished conversations kept open to be continued."),
+    raw_window: RawWindow = None,
+    keep_tokens: KeepTokens = None,
     alias: str | None = typer.Option(None, "--alias", help="The model id clients use (default: the bundle's name)."),
     max_upload_mb: float = typer.Option(
         DEFAULT_MAX_UPLOAD_MB, "--max-upload-mb", min=0.001, help="The largest book the web page takes, in MB."
@@ -64,7 +68,7 @@ def serve(
     runtime = open_runtime(
         model, ratio, n_gpu_layers, flash_attn, verbose, n_ctx=n_ctx, force_n_ctx=force_n_ctx, threads=threads
     )
-    llm = UIOLlama(runtime=runtime, n_ctx=n_ctx, keep=keep)
+    llm = UIOLlama(runtime=runtime, n_ctx=n_ctx, keep=keep, raw_window=raw_window, keep_tokens=keep_tokens)
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
         from uio_gguf.format.shipped import shipped_bundles
 

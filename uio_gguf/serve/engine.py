@@ -139,10 +139,13 @@ class UIOLlama(Handle):
         recall_tokens: int | None = None,
         verbose: bool = False,
         runtime=None,
+        raw_window: int | None = None,
+        keep_tokens: int | None = None,
     ):
         """bundle: a bundle directory (None: the embedded SmolLM2 bundle); n_ctx: the decoder window
         (None: the model's trained context); recall_tokens: Conversation's recall budget per question
-        (None: its default; 0: off); runtime: an open UIORuntime to use instead (not closed here)."""
+        (None: its default; 0: off); runtime: an open UIORuntime to use instead (not closed here);
+        raw_window, keep_tokens: Conversation's raw_window and keep (None: its defaults)."""
         if runtime is None:
             from uio_gguf.memory.runtime import UIORuntime
 
@@ -156,8 +159,9 @@ class UIOLlama(Handle):
         self.n_ctx = n_ctx
         self.keep = keep
         self.options = {"use_memory_files": use_memory_files}  # passed on to each Conversation
-        if recall_tokens is not None:
-            self.options["recall_tokens"] = recall_tokens
+        for name, value in (("recall_tokens", recall_tokens), ("raw_window", raw_window), ("keep", keep_tokens)):
+            if value is not None:
+                self.options[name] = value
         self.model_path = str(runtime.bundle.model_path)
         self.counters = Counters()
         self._kept: OrderedDict[tuple, KeptConversation] = OrderedDict()
