@@ -4,7 +4,7 @@ The first turn is rendered with a marker where the book goes; everything before 
 book is the document part: its full segments are compressed (or read from a memory file), the
 remainder and the question are decoded as raw tokens. Later turns append what the template adds.
 With recall on (the default), each question first brings back the book's passages that BM25 ranks
-best for it, as raw tokens between the memory and the raw window (uio_gguf.chat.recall, docs/design.md §6).
+best for it, as raw tokens right before the question (uio_gguf.chat.recall, docs/design.md §6).
 The raw window keeps the last R tokens raw (default DEFAULT_RAW_SEGMENTS segments), not only the current
 segment: the book's tail, the question and the recent turns are read as text (docs/design.md §6).
 """
@@ -31,9 +31,9 @@ from uio_gguf.store import memory_file, start_state
 # 8192 tokens: uio 17.848, R=256 23.888, R=512 18.446, R=1024 16.723, R=2048 15.652 (window 25.722).
 # Shorter windows than 8 segments lose against R = l (their shifted cells were decoded over the
 # segment that left), so a window that cannot have MIN_RAW_SEGMENTS falls back to one segment.
-# But the demo (recall 1024) answers 7419 at R = 128 and 512, and not at 1024 ("rawio ...") or 2048
-# ("`False`"): a long raw window puts the recalled passage far from the question. Until the recall sits
-# next to the question, chat keeps the training view by default; --raw-window 1024/2048 is for gist.
+# But the demo (recall 1024) answers 7419 at R = 128 and 512, and not at 1024 or 2048, with or without 4
+# kept tokens, and with the recall right before the question too (session 27: "The access code is:",
+# "```"): chat keeps the training view by default; --raw-window 1024 --keep-tokens 4 is for gist.
 DEFAULT_RAW_SEGMENTS = 1
 MIN_RAW_SEGMENTS = 8
 # The document's first tokens kept raw in front of the memory (Session.keep; docs/memory-vs-window.md).
