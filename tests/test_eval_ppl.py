@@ -111,6 +111,7 @@ def test_same_cell_baselines_are_plain_llama_cpp_windows(setup):
     report = evaluate([runtime], [Text("prose", stream)], lengths, baselines=("same", "window"), raw_windows=(64,))
     ppl = {(r["method"], r["length"]): r["ppl"] for r in report["results"]}
     assert report["raw_window_of"] == {"uio-r4": SEGMENT, "chat-r4": 64}
+    assert report["raw_baseline_of"] == {"uio-r4": "raw-16", "chat-r4": "raw-64"}
     # 12 segments compressed before the 199th input (one each time the raw window was full), 4 slots each
     assert memory_cells(199, SEGMENT, RATIO, SEGMENT) == 12 * 4 + SEGMENT
     for n in lengths:
@@ -245,3 +246,19 @@ def test_partial_reports_hold_whole_columns_only(setup):
     done = [{(r["domain"], r["method"]) for r in report["results"] if r["ppl"] is not None} for report in seen]
     assert done[:3] == [set(), {("in", "uio-r4")}, {("in", "uio-r4"), ("out", "uio-r4")}]
     assert done[5] == {(d, m) for d in ("in", "out") for m in ("uio-r4", "window")}
+
+
+def test_a_column_with_kept_tokens_closes_its_gap_against_its_own_raw_window(setup):
+    """--keep: the chat column keeps 4 tokens in front of its memory, so its raw-R baseline keeps them too
+    (raw-64+keep4), and the gap table measures it against that one."""
+    from uio_gguf.evals.ppl import Text, evaluate, format_report, gap_closed
+
+    runtime, _, stream = setup
+    report = evaluate([runtime], [Text("prose", stream)], [100], baselines=("same",), raw_windows=(64,), chat_keep=4)
+    assert report["raw_baseline_of"] == {"uio-r4": "raw-16", "chat-r4+keep4": "raw-64+keep4"}
+    ppl = {r["method"]: r["ppl"] for r in report["results"]}
+    gap = gap_closed(ppl["chat-r4+keep4"], ppl["raw-64+keep4"], ppl["sliding-same:chat-r4+keep4"])
+    lines = format_report(report).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("share of the same-cell gap closed"))
+    assert lines[at + 1].split() == ["tokens", "uio-r4", "chat-r4+keep4"]
+    assert lines[at + 2].split()[2] == f"{gap:.0%}"

@@ -210,13 +210,18 @@ def methods(
     )
 
 
+def raw_label(raw_window: int, kept: int) -> str:
+    """The name of the raw-R baseline of a memory column with raw window R that keeps `kept` tokens."""
+    return f"raw-{raw_window}" + (f"+keep{kept}" if kept else "")
+
+
 def same_cell_methods(columns: list[tuple], lengths: list[int], keep: int = SINK_TOKENS) -> list[Method]:
     """raw-R (once per raw window R and kept tokens) and, for each length, sliding-same:C of each column C:
     (name, runtime, raw window R, tokens C keeps in front of its memory). The memory has to beat both:
     raw-R is what it adds to, sliding-same what its cells would hold as plain tokens."""
     raw, same = {}, []
     for name, rt, r, kept in columns:
-        label = f"raw-{r}" + (f"+keep{kept}" if kept else "")
+        label = raw_label(r, kept)
         raw.setdefault(label, Method(label, partial(raw_logits, rt, raw_window=r, keep=kept)))
         for n in lengths:
             cells = kept + memory_cells(n - 1, rt.segment, rt.slots, r)  # the last token is only a target
@@ -327,9 +332,16 @@ def evaluate(
             "full_window": _full_window(runtimes, full_window),
             "full_keep": full_keep,
             "raw_windows": [m.logits.keywords["raw_window"] for m in chosen if m.name.startswith("chat-")],
-            # each memory column's raw window R: its raw-R and sliding-same columns
+            # each memory column's raw window R, and the raw-R baseline it is measured against
             "raw_window_of": {
                 m.name: m.logits.keywords.get("raw_window") or runtimes[0].segment
+                for m in chosen
+                if m.name.startswith(("uio-", "chat-"))
+            },
+            "raw_baseline_of": {
+                m.name: raw_label(
+                    m.logits.keywords.get("raw_window") or runtimes[0].segment, m.logits.keywords.get("keep", 0)
+                )
                 for m in chosen
                 if m.name.startswith(("uio-", "chat-"))
             },
@@ -395,10 +407,10 @@ def format_report(report: dict) -> str:
         r = cell[(d, m, n)]
         return f"{r['ppl']:.3f}" if r["ppl"] is not None else "-"
 
-    raw_of = report.get("raw_window_of", {})
+    raw_of = report.get("raw_baseline_of", {})
 
     def gap(d: str, m: str, n: int) -> str:
-        names = (f"raw-{raw_of[m]}" + (f"+keep{report['keep']}" if "+keep" in m else ""), f"sliding-same:{m}", m)
+        names = (raw_of.get(m), f"sliding-same:{m}", m)
         raw, same, uio = (cell[(d, name, n)]["ppl"] if (d, name, n) in cell else None for name in names)
         return f"{gap_closed(uio, raw, same):.0%}" if None not in (raw, same, uio) and raw != same else "-"
 
