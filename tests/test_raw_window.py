@@ -132,7 +132,7 @@ def test_conversation_keeps_the_books_tail_raw_and_recalls_only_the_memory(runti
 
 def test_recall_stays_contiguous_with_a_longer_raw_window(runtime, planted_book):
     """Three turns whose questions and answers fill the raw window past R: segments are compressed out of
-    it while a recall is in place, recalls are replaced, and the cache stays [memory][recall][raw],
+    it while a recall is in place, recalls are replaced, and the cache stays [memory][raw][recall][raw],
     contiguous, with fewer than R raw tokens."""
     from uio_gguf.chat.conversation import Conversation
 

@@ -234,7 +234,8 @@ class Session(Handle):
             recall_end = recall_start + len(self.recall)
             if after:
                 self.ctx.seq_rm(DECODER_SEQ, recall_end, recall_end + after)
-            self.ctx.seq_add(DECODER_SEQ, recall_start, recall_end, kept - before)
+            # the raw tokens between the segment and the recall (if any), and the recall, move down
+            self.ctx.seq_add(DECODER_SEQ, raw_at + before, recall_end, kept - before)
             self.ctx.seq_add(DECODER_SEQ, recall_end + after, -1, kept - seg)
             self.recall_at = max(0, self.recall_at - seg)
         elif self.raw:
