@@ -203,7 +203,8 @@ def test_rag_with_no_budget_equals_window(runtime, base):
 
 def test_sliding_recall_spends_the_memory_cells_on_the_book_tail(runtime, base):
     """sliding+recall reads what rag reads plus, in the cells uio's memory takes, the book's last raw
-    tokens before the remainder: the same prompt with no budget as a plain window of those cells."""
+    tokens before the remainder: the same prompt with no budget as a plain window of those cells. Both
+    read the recall right before the question."""
     sample = eval_qa.make_sample("passkey", 0.3, random.Random(2))
     doc = eval_qa.splice(runtime.model, base, sample.needles)
     n_full = len(doc.tokens) // runtime.segment * runtime.segment
@@ -213,12 +214,13 @@ def test_sliding_recall_spends_the_memory_cells_on_the_book_tail(runtime, base):
         rag = eval_qa.method_tokens(runtime, doc, sample.question, "rag", budget)
         sliding = eval_qa.method_tokens(runtime, doc, sample.question, "sliding+recall", budget)
         assert len(sliding) == len(rag) + memory_cells
-        tail = doc.tokens[n_full - memory_cells :]
-        assert np.array_equal(sliding[len(sliding) - len(tail) - len(question) :], np.concatenate([tail, question]))
-        assert np.array_equal(
-            sliding[: len(rag) - len(question) - (len(doc.tokens) - n_full)],
-            rag[: len(rag) - len(question) - (len(doc.tokens) - n_full)],
-        )
+        tail, remainder = doc.tokens[n_full - memory_cells :], len(doc.tokens) - n_full
+        assert np.array_equal(sliding[: doc.skip], rag[: doc.skip])  # the opening
+        assert np.array_equal(sliding[doc.skip : doc.skip + len(tail)], tail)
+        # then what rag reads after its remainder: the recall (if any) and the question
+        assert np.array_equal(sliding[doc.skip + len(tail) :], rag[doc.skip + remainder :])
+        assert np.array_equal(sliding[len(sliding) - len(question) :], question)
+        assert (len(sliding) - len(question) - doc.skip - len(tail) > 0) == (budget > 0)
 
 
 def test_window_equals_full_8k_when_the_text_fits(make_tiny_bundle, prose):

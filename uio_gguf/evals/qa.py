@@ -8,7 +8,8 @@ Methods (the book goes in the first user turn of the chat template, as `uio-gguf
   full-8k     no memory: every token, in the model's trained window with llama.cpp's context shift (the
               first 4 tokens stay, the older half of the others goes when full; as eval ppl's full-8k)
   rag         no memory: window plus the passages that recall (uio_gguf.chat.recall) brings back for the
-              question, with uio+recall's budget, between the opening and the remainder
+              question, with uio+recall's budget, between the remainder and the question (where
+              uio+recall reads them)
   sliding+recall  no memory: rag with the raw tokens the memory's cells could hold instead (the book's
               last tokens, as many as uio's memory cells + the remainder: a plain sliding window of the
               same cells, the opening kept as llama.cpp's --keep), then the question. What a llama.cpp
@@ -179,9 +180,9 @@ def _uio_answer(
 
 
 def method_tokens(runtime, doc: Document, question: str, method: str, recall_tokens: int) -> np.ndarray:
-    """The prompt a memoryless method reads: all of it (full-8k), or the opening, recall (rag,
-    sliding+recall) and the raw remainder UIO keeps (sliding+recall: as many more of the book's last
-    tokens as uio's memory has cells), then the question."""
+    """The prompt a memoryless method reads: all of it (full-8k), or the opening, the raw remainder UIO
+    keeps (sliding+recall: as many more of the book's last tokens as uio's memory has cells), the recall
+    (rag, sliding+recall; right before the question, where uio+recall reads it), then the question."""
     from uio_gguf.chat.recall import Recall
 
     q = _question_tokens(runtime.model, question)
@@ -196,7 +197,7 @@ def method_tokens(runtime, doc: Document, question: str, method: str, recall_tok
     raw_from = n_full
     if method == "sliding+recall":  # the memory's cells spent on the book's last raw tokens instead
         raw_from -= n_full // runtime.segment * runtime.slots
-    return np.concatenate([doc.tokens[: doc.skip], recalled, doc.tokens[max(doc.skip, raw_from) :], q])
+    return np.concatenate([doc.tokens[: doc.skip], doc.tokens[max(doc.skip, raw_from) :], recalled, q])
 
 
 def answer(cache: SegmentCache, doc: Document, question: str, method: str, params, recall_tokens: int) -> Answer:
