@@ -85,3 +85,4 @@ def serve(
     finally:
         llm.close()
         runtime.close()
+    typer.echo("uio-gguf serve: stopped", err=True)

@@ -297,5 +297,8 @@ def run(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
             # book being compressed does not hold the exit for minutes
             app.state.stopping.set()
             super().handle_exit(sig, frame)
+            # uvicorn raises the signal again once it has shut down, which kills the process before the
+            # caller closes the model: a stop asked for is a normal exit here
+            getattr(self, "_captured_signals", []).clear()
 
     Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
