@@ -128,6 +128,50 @@ def test_a_second_upload_joins_the_running_job_and_a_cancel_stops_it(served, pro
     assert progress_events(base, first["id"])[-1]["state"] == "ready"
 
 
+def test_a_compression_stops_when_the_server_stops(served, prose):
+    """SIGTERM sets the app's `stopping` (serve.app.run): the book's job ends at its next batch, says why,
+    and writes no memory file."""
+    from uio_gguf.store import memory_file
+
+    base, llm, library = served
+    try:
+        with Gate(llm.runtime.encoder):
+            book = upload(base, prose[10000:13000]).json()
+            library.stopping.set()
+        events = progress_events(base, book["id"])
+        assert events[-1]["state"] == "cancelled" and "server stopped" in events[-1]["message"]
+        assert not memory_file.path_for(job_key(library, book["id"])).exists()
+    finally:
+        library.stopping.clear()
+
+
+def test_an_upload_the_disk_cannot_hold_is_507_and_nothing_is_kept(served, prose, monkeypatch):
+    """A full disk (the write fails with ENOSPC) is an OpenAI-shaped 507 with one line, no half-kept book,
+    and the server goes on."""
+    import errno
+    import os
+
+    from uio_gguf.serve import library as library_module
+
+    base, _, library = served
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    def listed() -> int:
+        return len(httpx.get(f"{base}/v1/books", headers=AUTH).json()["data"])
+
+    before = listed()
+    monkeypatch.setattr(library_module, "_write", full)
+    reply = upload(base, prose[13000:16000])
+    error = reply.json()["error"]
+    assert reply.status_code == 507 and error["code"] == "insufficient_storage"
+    assert error["message"] == "the server cannot keep the book: No space left on device"
+    assert listed() == before
+    monkeypatch.undo()
+    assert upload(base, prose[13000:16000]).status_code == 200 and listed() == before + 1
+
+
 def job_key(library, book_id: str) -> str:
     return library.meta(book_id)["memory_key"]
 

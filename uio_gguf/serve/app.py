@@ -123,8 +123,8 @@ def create_app(
 
     app = FastAPI(title="uio-gguf", version="1")
     limit = RequestLimit(parallel, queue)
-    library = app.state.library = Library(llm.runtime, llm.n_ctx, max_upload_mb)
     app.state.stopping = stopping = threading.Event()  # set by run() when the server is told to stop
+    library = app.state.library = Library(llm.runtime, llm.n_ctx, max_upload_mb, stopping)
 
     def check_key(request: Request) -> None:
         if api_key is None:

@@ -30,8 +30,13 @@ class UnknownBook(UIOError):
     pass
 
 
+class NoRoom(UIOError):
+    """The server could not keep an upload (a full or read-only disk)."""
+
+
 class Cancelled(Exception):
-    """Raised inside a compression (from its progress callback) that a client cancelled."""
+    """Raised inside a compression (from its progress callback) that a client cancelled, or when the
+    server stops: its message says which."""
 
 
 @dataclass
@@ -55,8 +60,16 @@ class Job:
 class Library:
     """The books of one runtime (its bundle): upload, compress, list. Thread-safe."""
 
-    def __init__(self, runtime, n_ctx: int | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB):
+    def __init__(
+        self,
+        runtime,
+        n_ctx: int | None = None,
+        max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+        stopping: threading.Event | None = None,
+    ):
+        """stopping: set when the server is told to stop; running compressions end at their next batch."""
         self.runtime, self.n_ctx = runtime, n_ctx
+        self.stopping = stopping or threading.Event()
         self.max_upload_mb = max_upload_mb
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         bundle = runtime.bundle
@@ -101,8 +114,11 @@ class Library:
                 "memory_key": key,
                 "added": time.time(),
             }
-            _write(folder / f"{book_id}.txt", text)
-            _write(folder / f"{book_id}.json", json.dumps(meta))  # last: a book is listed once its text is there
+            try:
+                _write(folder / f"{book_id}.txt", text)
+                _write(folder / f"{book_id}.json", json.dumps(meta))  # last: a book is listed once its text is there
+            except OSError as err:  # atomic writes: nothing half-written is left
+                raise NoRoom(f"the server cannot keep the book: {err.strerror or err}") from None
         return self.open(book_id)
 
     def open(self, book_id: str) -> dict:
@@ -118,18 +134,22 @@ class Library:
     def _compress(self, book_id: str, job: Job) -> None:
         def progress(n_segments: int) -> None:  # after each batch the encoder compressed
             job.done += n_segments * self.runtime.segment
+            check()
+
+        def check() -> None:
             if job.cancel.is_set():
-                raise Cancelled
+                raise Cancelled("the compression was cancelled")
+            if self.stopping.is_set():
+                raise Cancelled("the server stopped before the compression ended")
 
         try:
-            if job.cancel.is_set():
-                raise Cancelled
+            check()
             job.started = time.perf_counter()
             tokens = self._compressed(document_tokens(self.runtime.model, self.text(book_id)))
             memory_file.load_or_compress(self.runtime, tokens, progress=progress)
             job.state = "ready"
-        except Cancelled:
-            job.state, job.message = "cancelled", "the compression was cancelled"
+        except Cancelled as stop:
+            job.state, job.message = "cancelled", str(stop)
         except Exception as err:  # reported on the book's events, never lost in a thread
             job.state, job.message = "failed", str(err)
 

@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from sse_starlette.sse import EventSourceResponse
 
 from uio_gguf.errors import UIOError
-from uio_gguf.serve.library import Library, UnknownBook
+from uio_gguf.serve.library import Library, NoRoom, UnknownBook
 
 PAGE = files("uio_gguf.serve") / "page"
 # The page runs only its own script and styles: a book's text can never become code (it is set as text, too).
@@ -65,6 +65,8 @@ def add_page(app: FastAPI, library: Library, check_key, api_error) -> None:
                     body += part
             library.check_size(received)
             return await anyio.to_thread.run_sync(lambda: library.add(bytes(body), name[:200]))
+        except NoRoom as err:
+            raise api_error(507, str(err), "insufficient_storage") from None
         except UIOError as err:
             code = "upload_too_large" if "upload is" in str(err) else "invalid_book"
             raise api_error(413 if code == "upload_too_large" else 400, str(err), code) from None
