@@ -13,6 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# The process's umask, read once at import (reading it means setting it): mkstemp and mkdtemp create
+# owner-only files, while a result should get the permissions open() and mkdir() would have given it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
@@ -25,6 +30,7 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -48,6 +54,7 @@ def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
         yield tmp
         if path.exists() and not replace:
             return
+        os.chmod(tmp, 0o777 & ~_UMASK)
         old = previous_dir(path)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
