@@ -42,7 +42,9 @@ def _grads(model) -> torch.Tensor:
     ).double()
 
 
-def _by_hand(model, crop: Crop, raw: dict[int, int], keep: int, window: int | None = None) -> tuple[float, torch.Tensor]:
+def _by_hand(
+    model, crop: Crop, raw: dict[int, int], keep: int, window: int | None = None
+) -> tuple[float, torch.Tensor]:
     """(J, its gradient) written out: window t decodes [first `keep` tokens ; m_1..m_{t-j-1} ; segments
     t-j..t] and scores its last l logits against segment t's targets; with `window` S, memories older
     than t - S enter detached (TBPTT)."""
@@ -144,7 +146,8 @@ def test_sinks_are_the_text_start_decoded_by_the_plain_model(setup):
 
 
 @pytest.mark.parametrize(
-    "estimator, per_pass", [("full", 1), ("full", 3), ("tbptt", 1), ("incremental", 1), ("unbiased", 1), ("unbiased", 2)]
+    "estimator, per_pass",
+    [("full", 1), ("full", 3), ("tbptt", 1), ("incremental", 1), ("unbiased", 1), ("unbiased", 2)],
 )
 def test_each_estimator_is_the_gradient_written_out_over_the_drawn_raw_windows(setup, estimator, per_pass):
     """With S = T-1 no graph is cut or sampled, so every estimator (per-segment and batched: raw windows
@@ -208,7 +211,7 @@ def test_reservoir_table_reads_only_memories_before_the_raw_window_and_is_unbias
         if s > t - raw[t] - 1:
             assert value == 0, (t, s)
         else:
-            assert value == pytest.approx(1.0, abs=0.12), (t, s, value)
+            assert value == pytest.approx(1.0, abs=0.1), (t, s, value)  # 0.047 at most measured
 
 
 def test_unbiased_mean_over_reservoirs_is_the_full_gradient_with_raw_windows():
@@ -225,5 +228,5 @@ def test_unbiased_mean_over_reservoirs_is_the_full_gradient_with_raw_windows():
     n = 120
     for i in range(n):
         total += flat_gradient(model, crop, "unbiased", 1, random.Random(1000 + i), True, params, view=view)
-    assert _rel(total / n, full) < 0.15
-    assert _rel(flat_gradient(model, crop, "unbiased", 1, random.Random(999), True, params, view=view), full) > 0.05
+    assert _rel(total / n, full) < 0.1  # 0.037 measured
+    assert _rel(flat_gradient(model, crop, "unbiased", 1, random.Random(999), True, params, view=view), full) > 0.3
