@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from tests.helpers import rel_diff, tiny_model_and_crop
 from uio_gguf.train.check import flat_gradient
 from uio_gguf.train.estimators import Crop, View, estimate_gradient
 from uio_gguf.train.tiny import tiny_uio
@@ -16,24 +17,12 @@ SEG, RATIO, T, KEEP = 16, 4, 6, 3
 VIEW = View(keep=KEEP, raw_segments=(1, 2, 3))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (tests/test_estimators.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = tiny_uio(segment=SEG, ratio=RATIO)
-    tokens = torch.randint(0, 256, (2, T * SEG + 1), generator=torch.Generator().manual_seed(0))
-    return model, Crop(tokens, SEG)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    return tiny_model_and_crop(T, SEG, RATIO)
 
 
 def _grads(model) -> torch.Tensor:
@@ -158,10 +147,10 @@ def test_each_estimator_is_the_gradient_written_out_over_the_drawn_raw_windows(s
     seed = _varied_seed(windows)
     expected_loss, expected = _by_hand(model, crop, VIEW.draw(windows, random.Random(seed)), KEEP)
     got = flat_gradient(model, crop, estimator, T - 1, random.Random(seed), windows_per_pass=per_pass, view=VIEW)
-    assert _rel(got, expected) < 1e-5
+    assert rel_diff(got, expected) < 1e-5
     loss = estimate_gradient(model, crop, estimator, T - 1, random.Random(seed), True, per_pass, view=VIEW)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
-    assert _rel(expected, flat_gradient(model, crop, "full")) > 1e-3  # the view changes the gradient
+    assert rel_diff(expected, flat_gradient(model, crop, "full")) > 1e-3  # the view changes the gradient
 
 
 @pytest.mark.parametrize("per_pass", [1, 2])
@@ -174,9 +163,9 @@ def test_truncated_estimators_reach_only_the_memories_before_the_raw_window(setu
     _, expected = _by_hand(model, crop, VIEW.draw(windows, random.Random(seed)), KEEP, window=2)
     for estimator in ("tbptt", "incremental"):
         got = flat_gradient(model, crop, estimator, 2, random.Random(seed), windows_per_pass=per_pass, view=VIEW)
-        assert _rel(got, expected) < 1e-5, estimator
+        assert rel_diff(got, expected) < 1e-5, estimator
     _, untruncated = _by_hand(model, crop, VIEW.draw(windows, random.Random(seed)), KEEP)
-    assert _rel(expected, untruncated) > 1e-3
+    assert rel_diff(expected, untruncated) > 1e-3
 
 
 def test_loss_windows_draw_then_raw_windows(setup):
@@ -190,7 +179,7 @@ def test_loss_windows_draw_then_raw_windows(setup):
     raw = VIEW.draw(windows, rng)
     _, expected = _by_hand(model, crop, raw, KEEP)
     got = flat_gradient(model, crop, "unbiased", T - 1, random.Random(2), loss_windows=1, view=VIEW)
-    assert _rel(got, expected) < 1e-5
+    assert rel_diff(got, expected) < 1e-5
 
 
 def test_reservoir_table_reads_only_memories_before_the_raw_window_and_is_unbiased():
@@ -228,5 +217,5 @@ def test_unbiased_mean_over_reservoirs_is_the_full_gradient_with_raw_windows():
     n = 120
     for i in range(n):
         total += flat_gradient(model, crop, "unbiased", 1, random.Random(1000 + i), True, params, view=view)
-    assert _rel(total / n, full) < 0.1  # 0.037 measured
-    assert _rel(flat_gradient(model, crop, "unbiased", 1, random.Random(999), True, params, view=view), full) > 0.3
+    assert rel_diff(total / n, full) < 0.1  # 0.037 measured
+    assert rel_diff(flat_gradient(model, crop, "unbiased", 1, random.Random(999), True, params, view=view), full) > 0.3
