@@ -227,8 +227,8 @@ def _streamed(model: UIOModel, crop: Crop, policy, raw: dict[int, int], sinks) -
         if leaf.grad is not None:
             memory.backward(leaf.grad)
 
-    total, last = 0.0, max(raw)
-    for t in range(2, last + 1):
+    total = 0.0
+    for t in range(2, max(raw) + 1):
         s = t - 1  # the segment that just completed
         keep, evicted = policy.admit(s)
         for e in evicted:
