@@ -27,6 +27,22 @@ QUESTION = DEMO_QUESTION
 CROP_SEGMENT, CROP_SEGMENTS = 128, 3
 
 
+def rel_diff(a, b) -> float:
+    """|a - b| / |b| of two flat gradients."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tiny_model_and_crop(segments: int, segment: int = 16, ratio: int = 4, batch: int = 2):
+    """The estimator tests' tiny random UIO model and a crop of `segments` segments of random tokens."""
+    import torch
+
+    from uio_gguf.train.estimators import Crop
+    from uio_gguf.train.tiny import tiny_uio
+
+    tokens = torch.randint(0, 256, (batch, segments * segment + 1), generator=torch.Generator().manual_seed(0))
+    return tiny_uio(segment=segment, ratio=ratio), Crop(tokens, segment)
+
+
 def llama_logits(model_path, tokens, lora=None, kv_type: int = 0, n_threads: int = 2):
     """llama.cpp's logits (n_tokens, n_vocab) for one sequence, every position, through the low-level API:
     the model from model_path, optionally a LoRA adapter file (llama_adapter_lora_init +

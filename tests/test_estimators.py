@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from tests.helpers import rel_diff, tiny_model_and_crop
 from uio_gguf.train.check import encoder_side, flat_gradient
 from uio_gguf.train.estimators import Crop
 from uio_gguf.train.tiny import tiny_uio
@@ -12,25 +13,12 @@ from uio_gguf.train.tiny import tiny_uio
 SEG, RATIO, T = 16, 4, 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and on a busy CPU two OpenMP threads that wait on each
-    other made the sampling test 15 times slower (16 s -> 250 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    model = tiny_uio(segment=SEG, ratio=RATIO)
-    tokens = torch.randint(0, 256, (2, T * SEG + 1), generator=torch.Generator().manual_seed(0))
-    return model, Crop(tokens, SEG)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    return tiny_model_and_crop(T, SEG, RATIO)
 
 
 @pytest.mark.parametrize("window", [1, 2, 3])
@@ -39,21 +27,21 @@ def test_incremental_equals_tbptt(setup, window):
     tbptt = flat_gradient(model, crop, "tbptt", window)
     incremental = flat_gradient(model, crop, "incremental", window)
     assert tbptt.norm() > 0
-    assert _rel(incremental, tbptt) < 1e-5
+    assert rel_diff(incremental, tbptt) < 1e-5
 
 
 def test_tbptt_with_full_window_equals_full_and_short_window_differs(setup):
     model, crop = setup
     full = flat_gradient(model, crop, "full")
-    assert _rel(flat_gradient(model, crop, "tbptt", T - 1), full) < 1e-6
-    assert _rel(flat_gradient(model, crop, "incremental", T - 1), full) < 1e-5
-    assert _rel(flat_gradient(model, crop, "tbptt", 1), full) > 1e-3  # truncation is visible
+    assert rel_diff(flat_gradient(model, crop, "tbptt", T - 1), full) < 1e-6
+    assert rel_diff(flat_gradient(model, crop, "incremental", T - 1), full) < 1e-5
+    assert rel_diff(flat_gradient(model, crop, "tbptt", 1), full) > 1e-3  # truncation is visible
 
 
 def test_unbiased_with_reservoir_covering_everything_is_exact(setup):
     model, crop = setup
     full = flat_gradient(model, crop, "full")
-    assert _rel(flat_gradient(model, crop, "unbiased", T - 1, random.Random(0)), full) < 1e-5
+    assert rel_diff(flat_gradient(model, crop, "unbiased", T - 1, random.Random(0)), full) < 1e-5
 
 
 def test_unbiased_mean_converges_to_full_and_no_factor_stays_short():
@@ -70,12 +58,12 @@ def test_unbiased_mean_converges_to_full_and_no_factor_stays_short():
         return total / n
 
     few, many = mean_of(25, True), mean_of(200, True)
-    err_few, err_many = _rel(few, full), _rel(many, full)
+    err_few, err_many = rel_diff(few, full), rel_diff(many, full)
     assert err_many < 0.1, err_many
     assert err_many < 0.6 * err_few, (err_few, err_many)  # error falls as samples grow
     no_factor = mean_of(200, False)
     assert no_factor.norm() / full.norm() < 0.8  # measurably short of the full gradient
-    assert _rel(no_factor, full) > 3 * err_many
+    assert rel_diff(no_factor, full) > 3 * err_many
 
 
 @pytest.mark.parametrize(
@@ -90,7 +78,7 @@ def test_batched_windows_give_the_same_gradient_and_loss(setup, estimator, windo
     model, crop = setup
     grads = [flat_gradient(model, crop, estimator, window, random.Random(3), windows_per_pass=n) for n in (1, per_pass)]
     assert grads[0].norm() > 0
-    assert _rel(grads[1], grads[0]) < 1e-5
+    assert rel_diff(grads[1], grads[0]) < 1e-5
     losses = [estimate_gradient(model, crop, estimator, window, random.Random(3), True, n) for n in (1, per_pass)]
     assert abs(losses[1] - losses[0]) < 1e-5 * abs(losses[0])
 
@@ -139,8 +127,8 @@ def test_one_random_window_is_an_unbiased_estimate_of_the_crop(setup, estimator,
             flat_gradient(model, crop, estimator, T - 1, random.Random(seed), windows_per_pass=per_pass, loss_windows=1)
         )
         losses.append(estimate_gradient(model, crop, estimator, T - 1, random.Random(seed), True, per_pass, 1))
-    assert _rel(grads[0], full) > 0.1  # one window alone is far from the crop's gradient
-    assert _rel(torch.stack(grads).mean(0), full) < 1e-5
+    assert rel_diff(grads[0], full) > 0.1  # one window alone is far from the crop's gradient
+    assert rel_diff(torch.stack(grads).mean(0), full) < 1e-5
     assert abs(sum(losses) / len(losses) - full_loss) < 1e-5 * full_loss
 
 
@@ -149,8 +137,8 @@ def test_loss_windows_covering_the_crop_change_nothing(setup):
     the gradient are those of a run without it."""
     model, crop = setup
     plain = flat_gradient(model, crop, "unbiased", 1, random.Random(5))
-    assert _rel(flat_gradient(model, crop, "unbiased", 1, random.Random(5), loss_windows=T - 1), plain) == 0
-    assert _rel(flat_gradient(model, crop, "unbiased", 1, random.Random(5), loss_windows=2), plain) > 1e-3
+    assert rel_diff(flat_gradient(model, crop, "unbiased", 1, random.Random(5), loss_windows=T - 1), plain) == 0
+    assert rel_diff(flat_gradient(model, crop, "unbiased", 1, random.Random(5), loss_windows=2), plain) > 1e-3
 
 
 def _labelled(crop: Crop, scored: dict[int, list[tuple[int, int]]]) -> Crop:
@@ -189,7 +177,7 @@ def test_labels_score_only_their_tokens_in_every_estimator(setup):
     assert abs(estimate_gradient(model, labelled, "full") - by_hand.item()) < 1e-5
     for estimator, per_pass in [("full", 1), ("incremental", 1), ("unbiased", 1), ("unbiased", 2), ("full", T - 1)]:
         got = flat_gradient(model, labelled, estimator, T - 1, random.Random(0), windows_per_pass=per_pass)
-        assert _rel(got, expected) < 1e-5, (estimator, per_pass)
+        assert rel_diff(got, expected) < 1e-5, (estimator, per_pass)
 
 
 def test_labels_on_every_token_are_the_plain_crop(setup):
@@ -198,7 +186,8 @@ def test_labels_on_every_token_are_the_plain_crop(setup):
     for per_pass in (1, 2):
         plain = flat_gradient(model, crop, "unbiased", 2, random.Random(4), windows_per_pass=per_pass)
         assert (
-            _rel(flat_gradient(model, every, "unbiased", 2, random.Random(4), windows_per_pass=per_pass), plain) < 1e-6
+            rel_diff(flat_gradient(model, every, "unbiased", 2, random.Random(4), windows_per_pass=per_pass), plain)
+            < 1e-6
         )
 
 

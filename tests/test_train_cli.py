@@ -306,3 +306,62 @@ def test_crop_shapes_keep_tokens_and_scored_windows_per_step():
     args = TrainArgs(base="", data=[], out="", segments=4, long_segments=8, batch=2, loss_windows=2)
     assert crop_shapes(args) == [CropShape(4, 2, 2), CropShape(8, 1, 4)]
     assert crop_shapes(TrainArgs(base="", data=[], out="", segments=4, batch=2)) == [CropShape(4, 2, None)]
+
+
+def test_keep_tokens_and_raw_segments_train_another_view_are_recorded_and_resume_exactly(
+    make_tiny_model_dir, book, tmp_path
+):
+    """--keep-tokens 3 --raw-segments 1-3 trains the runtime's layout (another loss than the default's;
+    the default values give the default run to the bit); the checkpoint records both, a killed run
+    resumes onto the same weights (the raw windows are drawn from the saved rng), a resume that changes
+    them is refused, and bad values are one clear line."""
+    model_dir = make_tiny_model_dir("llama")
+    view = ("--keep-tokens", "3", "--raw-segments", "1-3")
+    _train(model_dir, book, tmp_path / "plain", "--steps", "2")
+    _train(model_dir, book, tmp_path / "defaults", "--steps", "2", "--keep-tokens", "0", "--raw-segments", "1")
+    _train(model_dir, book, tmp_path / "view", "--steps", "2", *view)
+    killed = tmp_path / "killed"
+    assert _train(model_dir, book, killed, "--steps", "2", *view, "--kill-after", "1", check=False).returncode != 0
+    _train(model_dir, None, killed, "--steps", "2", *view, "--resume")
+
+    weights = {
+        run: checkpoint_weights(tmp_path / run / "checkpoint") for run in ("plain", "defaults", "view", "killed")
+    }
+    for name in weights["plain"]:
+        assert torch.equal(weights["plain"][name], weights["defaults"][name]), name
+        assert torch.equal(weights["view"][name], weights["killed"][name]), f"{name} differs after resume"
+    losses = {
+        run: [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("plain", "view", "killed")
+    }
+    assert losses["view"] == losses["killed"] and losses["view"][0] != losses["plain"][0]
+    train_args = json.loads((killed / "checkpoint" / "uio_config.json").read_text())["train_args"]
+    assert (train_args["keep_tokens"], train_args["raw_segments"]) == (3, [1, 2, 3])
+
+    changed = _train(model_dir, None, killed, "--steps", "3", "--keep-tokens", "3", "--resume", check=False)
+    assert changed.returncode != 0
+    assert changed.stderr.strip().splitlines()[-1].endswith("trained with --raw-segments 1-3; pass the same")
+
+    for extra, message in [
+        (("--raw-segments", "two"), "--raw-segments: 'two' is not a list of segment counts such as 1,2,4 or 1-16"),
+        (("--raw-segments", "1-4"), "--raw-segments 4 needs crops of more segments (--segments 4)"),
+        (("--keep-tokens", "16"), "--keep-tokens must lie between 0 and the segment length less one (15)"),
+    ]:
+        bad = _train(model_dir, book, tmp_path / "bad", "--steps", "1", *extra, check=False)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode != 0 and len(lines) == 1 and message in lines[0], bad.stderr
+
+
+def test_raw_segments_parse_and_format():
+    from uio_gguf.errors import UIOError
+    from uio_gguf.train.args import TrainArgs, format_raw_segments, parse_raw_segments
+
+    assert parse_raw_segments("1-4,8, 16") == (1, 2, 3, 4, 8, 16)
+    assert parse_raw_segments("3,1,3") == (1, 3)
+    assert format_raw_segments((1, 2, 3, 4, 8, 16)) == "1-4,8,16"
+    for bad in ("", "4-1", "1,,2", "-2"):
+        with pytest.raises(UIOError):
+            parse_raw_segments(bad)
+    args = TrainArgs(base="", data=[], out="", segment=16, ratio=4, segments=4, raw_segments=(0, 1))
+    with pytest.raises(UIOError, match="--raw-segments must be 1 or more segments each"):
+        args.validate()

@@ -7,7 +7,7 @@ import random
 import torch
 from tqdm import tqdm
 
-from uio_gguf.train.estimators import Crop, estimate_gradient
+from uio_gguf.train.estimators import Crop, View, estimate_gradient
 from uio_gguf.train.tiny import tiny_uio
 
 # arXiv 2406.18173, Table 4: mean ||g_est|| / ||g_full|| (without / with the max(1, (t-1)/S) factor).
@@ -37,10 +37,11 @@ def flat_gradient(
     params: list | None = None,
     windows_per_pass: int = 1,
     loss_windows: int | None = None,
+    view: View = View(),
 ) -> torch.Tensor:
     for p in model.trainable_parameters():
         p.grad = None
-    estimate_gradient(model, crop, estimator, window, rng, factor, windows_per_pass, loss_windows)
+    estimate_gradient(model, crop, estimator, window, rng, factor, windows_per_pass, loss_windows, view)
     params = model.trainable_parameters() if params is None else params
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]).double()
 

@@ -27,6 +27,12 @@ With loss_windows n < T-1, J is estimated from n windows drawn at random (withou
 2..T: 1/n · Σ_{t drawn} J_t, whose expectation is J. Segments after the last drawn window are not
 encoded and the other windows are not decoded, so a long crop costs its encoder passes and n decoder
 windows: the way to train on memories of hundreds of segments where the decoder is the expensive part.
+
+The decoder's view (View) can be the runtime's with a long raw window: window t reads
+[the crop's first N tokens raw at 0..N-1 (sinks) ; m_1..m_{t-j-1} ; segments t-j..t raw], j + 1 drawn
+for each scored window from the allowed raw-window lengths; J_t scores segment t alone. J_t then reads
+no m_s with s > t-j-1 (those segments are raw), so every table keeps only s <= t-j-1; the factor of
+each (t, s) is unchanged, so unbiased stays unbiased.
 """
 
 from __future__ import annotations
@@ -58,6 +64,22 @@ class Crop:
     def window(self, t: int) -> torch.Tensor:  # t = 1..T
         return self.tokens[:, (t - 1) * self.segment : t * self.segment]
 
+    def raw(self, t: int, j: int = 0) -> torch.Tensor:
+        """Segments t-j..t, the raw window of window t: (B, (j+1)·l)."""
+        return self.tokens[:, (t - j - 1) * self.segment : t * self.segment]
+
+    def raw_targets(self, t: int, j: int = 0) -> torch.Tensor:
+        """The targets of raw(t, j): segment t's; the earlier raw segments are context (IGNORE)."""
+        targets = self.targets(t)
+        if j == 0:
+            return targets
+        context = targets.new_full((targets.shape[0], j * self.segment), IGNORE)
+        return torch.cat([context, targets], dim=1)
+
+    def sinks(self, keep: int) -> torch.Tensor | None:
+        """The crop's first `keep` tokens, kept raw in front of the memory: (B, keep), or None."""
+        return self.tokens[:, :keep] if keep else None
+
     def targets(self, t: int) -> torch.Tensor:
         source = self.tokens if self.labels is None else self.labels
         return source[:, (t - 1) * self.segment + 1 : t * self.segment + 1]
@@ -65,6 +87,24 @@ class Crop:
     def scored_windows(self) -> list[int]:
         """The windows 2..T with a scored target (all of them without labels)."""
         return [t for t in range(2, self.n_segments + 1) if self.labels is None or (self.targets(t) != IGNORE).any()]
+
+
+@dataclass(frozen=True)
+class View:
+    """What the decoder reads in front of window t's segment (the runtime's layout, Session(keep=N,
+    raw_window=R)): the crop's first `keep` tokens raw at positions 0.. (attention sinks), the memory of
+    the segments before the raw window, and a raw window of j + 1 segments, j + 1 drawn from
+    `raw_segments`. The default, View(0, (1,)), is the training view [m_1..m_{t-1} ; segment t]."""
+
+    keep: int = 0
+    raw_segments: tuple[int, ...] = (1,)
+
+    def draw(self, windows: list[int], rng: random.Random) -> dict[int, int]:
+        """{t: j} for the scored windows: j + 1 uniform over raw_segments, clipped to t - 2 so that every
+        window reads m_1 at least (a window without memory has no gradient, as J_1). No draw from rng
+        when there is one choice, so such runs stay as they were."""
+        choices = sorted(set(self.raw_segments))
+        return {t: min((choices[0] if len(choices) == 1 else rng.choice(choices)) - 1, t - 2) for t in windows}
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -89,9 +129,11 @@ def estimate_gradient(
     factor: bool = True,
     windows_per_pass: int = 1,
     loss_windows: int | None = None,
+    view: View = View(),
 ) -> float:
     """Accumulates the estimator's gradient of J into .grad of the trainable parameters; returns J (its
-    estimate from `loss_windows` random windows when that is set and below T-1)."""
+    estimate from `loss_windows` random windows when that is set and below T-1). `view`: the decoder's
+    layout (sinks, raw windows of several segments); the raw windows are drawn before the reservoir."""
     if crop.n_segments < 2:
         raise ValueError("a crop needs at least 2 segments (memory is built from earlier segments)")
     if estimator not in ESTIMATORS:
@@ -103,13 +145,15 @@ def estimate_gradient(
     windows = draw_windows(crop.n_segments, loss_windows, rng) if crop.labels is None else crop.scored_windows()
     if not windows:
         raise ValueError("the crop's labels score nothing in windows 2..T")
+    raw = view.draw(windows, rng)  # {t: j}: window t reads segments t-j..t raw
+    sinks = crop.sinks(view.keep)
     size = crop.n_segments if estimator == "full" else window
     policy = _Reservoir(window, rng, factor) if estimator == "unbiased" else _SlidingWindow(size)
     if windows_per_pass > 1:
-        return _batched(model, crop, _table(policy, windows[-1]), windows_per_pass, windows)
+        return _batched(model, crop, _table(policy, windows[-1], raw), windows_per_pass, raw, sinks)
     if estimator in ("full", "tbptt"):
-        return _reference(model, crop, size, windows)  # the plain-BPTT reference
-    return _streamed(model, crop, policy, windows)
+        return _reference(model, crop, size, raw, sinks)  # the plain-BPTT reference
+    return _streamed(model, crop, policy, raw, sinks)
 
 
 def draw_windows(T: int, loss_windows: int | None, rng: random.Random) -> list[int]:
@@ -123,14 +167,15 @@ def draw_windows(T: int, loss_windows: int | None, rng: random.Random) -> list[i
     return sorted(rng.sample(every, loss_windows))
 
 
-def _reference(model: UIOModel, crop: Crop, window: int, windows: list[int]) -> float:
-    """BPTT in one backward pass; memories older than `window` enter J_t detached."""
-    memories = [model.encode(crop.window(s)) for s in range(1, windows[-1])]
+def _reference(model: UIOModel, crop: Crop, window: int, raw: dict[int, int], sinks) -> float:
+    """BPTT in one backward pass; memories older than `window` enter J_t detached. raw: {t: j}, the
+    scored windows and their raw windows; window t reads m_1..m_{t-j-1}."""
+    memories = [model.encode(crop.window(s)) for s in range(1, max(t - j for t, j in raw.items()))]
     total = 0.0
-    for t in windows:
-        used = [m if s >= t - window else m.detach() for s, m in enumerate(memories[: t - 1], start=1)]
-        total = total + model.window_loss(crop.window(t), crop.targets(t), torch.cat(used, dim=2))
-    loss = total / len(windows)
+    for t, j in raw.items():
+        used = [m if s >= t - window else m.detach() for s, m in enumerate(memories[: t - j - 1], start=1)]
+        total = total + model.window_loss(crop.raw(t, j), crop.raw_targets(t, j), torch.cat(used, dim=2), sinks)
+    loss = total / len(raw)
     loss.backward()
     return loss.item()
 
@@ -172,7 +217,7 @@ class _Reservoir:
         return max(1.0, (t - 1) / self.size) if self.use_factor else 1.0
 
 
-def _streamed(model: UIOModel, crop: Crop, policy, windows: list[int]) -> float:
+def _streamed(model: UIOModel, crop: Crop, policy, raw: dict[int, int], sinks) -> float:
     graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # s -> (m_s with its encoder graph, leaf copy)
     values: list[torch.Tensor] = []  # m_s without graph, for every s
 
@@ -182,8 +227,8 @@ def _streamed(model: UIOModel, crop: Crop, policy, windows: list[int]) -> float:
         if leaf.grad is not None:
             memory.backward(leaf.grad)
 
-    total, scored = 0.0, set(windows)
-    for t in range(2, windows[-1] + 1):
+    total = 0.0
+    for t in range(2, max(raw) + 1):
         s = t - 1  # the segment that just completed
         keep, evicted = policy.admit(s)
         for e in evicted:
@@ -195,11 +240,11 @@ def _streamed(model: UIOModel, crop: Crop, policy, windows: list[int]) -> float:
         else:
             with torch.no_grad():
                 values.append(model.encode(crop.window(s)))
-        if t not in scored:  # the reservoir still stepped: later windows see the same draws
+        if t not in raw:  # the reservoir still stepped: later windows see the same draws
             continue
-        c = policy.factor(t)
-        used = [_ScaleGrad.apply(graphs[r][1], c) if r in graphs else values[r - 1] for r in range(1, t)]
-        loss = model.window_loss(crop.window(t), crop.targets(t), torch.cat(used, dim=2)) / len(windows)
+        c, j = policy.factor(t), raw[t]
+        used = [_ScaleGrad.apply(graphs[r][1], c) if r in graphs else values[r - 1] for r in range(1, t - j)]
+        loss = model.window_loss(crop.raw(t, j), crop.raw_targets(t, j), torch.cat(used, dim=2), sinks) / len(raw)
         loss.backward()
         total += loss.item()
     for s in list(graphs):
@@ -207,23 +252,24 @@ def _streamed(model: UIOModel, crop: Crop, policy, windows: list[int]) -> float:
     return total
 
 
-def _table(policy, T: int) -> dict[int, dict[int, float]]:
+def _table(policy, T: int, raw: dict[int, int]) -> dict[int, dict[int, float]]:
     """For each window t = 2..T: {s: factor} of the memories whose encoder graph J_t reaches (the policy
-    stepped exactly as _streamed steps it, so the rng draws are the same)."""
+    stepped exactly as _streamed steps it, so the rng draws are the same): the retained s that J_t reads,
+    s <= t - j - 1 with j = raw[t] (0 for windows not scored)."""
     table, retained = {}, set()
     for t in range(2, T + 1):
         keep, evicted = policy.admit(t - 1)
         retained.difference_update(evicted)
         if keep:
             retained.add(t - 1)
-        table[t] = {s: policy.factor(t) for s in retained}
+        table[t] = {s: policy.factor(t) for s in retained if s < t - raw.get(t, 0)}
     return table
 
 
-def _batched(
-    model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], per_pass: int, windows: list[int]
-) -> float:
-    batch, k = crop.tokens.shape[0], model.config.slots
+def _batched(model: UIOModel, crop: Crop, table: dict[int, dict[int, float]], per_pass: int, raw, sinks) -> float:
+    batch, l, k = crop.tokens.shape[0], crop.segment, model.config.slots
+    windows = sorted(raw)
+    n_memory = {t: t - j - 1 for t, j in raw.items()}  # segments of memory window t reads
 
     def encode(segments: list[int]) -> dict[int, torch.Tensor]:
         if not segments:
@@ -234,25 +280,34 @@ def _batched(
     graphed = sorted(set().union(*(table[t] for t in windows)))
     graphs = encode(graphed)
     with torch.no_grad():
-        values = encode([s for s in range(1, windows[-1]) if s not in graphs])
+        values = encode([s for s in range(1, max(n_memory.values()) + 1) if s not in graphs])
     leaves = {s: m.detach().requires_grad_(True) for s, m in graphs.items()}
     values.update({s: leaf.detach() for s, leaf in leaves.items()})
 
     total = 0.0
     for first in range(0, len(windows), per_pass):
         chunk = windows[first : first + per_pass]
-        longest = chunk[-1] - 1  # segments of memory of the chunk's last window
-        rows = []
+        longest = max(n_memory[t] for t in chunk)
+        widest = max(raw[t] for t in chunk) + 1  # raw segments of the chunk's widest raw window
+        rows, tokens, targets = [], [], []
         for t in chunk:
-            used = [_ScaleGrad.apply(leaves[s], table[t][s]) if s in table[t] else values[s] for s in range(1, t)]
-            padding = values[1].new_zeros(batch, values[1].shape[1], (longest - (t - 1)) * k, values[1].shape[3])
+            used = [
+                _ScaleGrad.apply(leaves[s], table[t][s]) if s in table[t] else values[s]
+                for s in range(1, n_memory[t] + 1)
+            ]
+            padding = values[1].new_zeros(batch, values[1].shape[1], (longest - n_memory[t]) * k, values[1].shape[3])
             rows.append(torch.cat(used + [padding], dim=2))
+            # a shorter raw window is padded at its end: causal, so no real token sees it, and it scores nothing
+            extra = (widest - raw[t] - 1) * l
+            tokens.append(torch.nn.functional.pad(crop.raw(t, raw[t]), (0, extra)))
+            targets.append(torch.nn.functional.pad(crop.raw_targets(t, raw[t]), (0, extra), value=IGNORE))
         logits = model.decode(
-            torch.cat([crop.window(t) for t in chunk]),
+            torch.cat(tokens),
             torch.cat(rows),
-            [(t - 1) * k for t in chunk for _ in range(batch)],
+            [n_memory[t] * k for t in chunk for _ in range(batch)],
+            None if sinks is None else sinks.repeat(len(chunk), 1),
         )
-        targets = torch.cat([crop.targets(t) for t in chunk]).view(len(chunk), -1)  # one row per window
+        targets = torch.cat(targets).view(len(chunk), -1)  # one row per window
         # the sum of the windows' mean losses (over their scored tokens), as _streamed adds them
         nll = torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none"

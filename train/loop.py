@@ -11,7 +11,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,120 +19,26 @@ import torch
 
 from uio_gguf.errors import UIOError
 from uio_gguf.train import checkpoint as ckpt
+from uio_gguf.train.args import CropShape, TrainArgs, crop_shapes, format_raw_segments
 from uio_gguf.train.base import fingerprint, load_base, load_config
 from uio_gguf.train.chat_recall import ChatRecallCrops, ChatRecallPool
 from uio_gguf.train.data import TOKENS_FILE, prepare_tokens, read_run_text
 from uio_gguf.train.distributed import Ranks
-from uio_gguf.train.estimators import ESTIMATORS, Crop, estimate_gradient
+from uio_gguf.train.estimators import Crop, View, estimate_gradient
 from uio_gguf.train.from_bundle import checkpoint_from_bundle, is_bundle
 from uio_gguf.train.model import UIOConfig, UIOModel
 from uio_gguf.train.retrieval import RetrievalCrops
 
 INIT_FROM_BUNDLE = "init-checkpoint"  # where --init BUNDLE rebuilds the bundle's checkpoint, inside OUT
-
-
-@dataclass
-class TrainArgs:
-    base: str
-    data: list[str]
-    out: str
-    heldout: list[str] = field(default_factory=list)  # held-out files; default: every 10th --data document
-    segment: int = 1024
-    ratio: int = 32
-    segments: int = 8  # T: segments per crop
-    batch: int = 1  # crops per step on each process (torchrun: N processes train on N x batch crops a step)
-    steps: int = 1000
-    estimator: str = "unbiased"
-    window: int = 2  # S
-    windows_per_pass: int = 1  # decoder windows per call (train.estimators: >1 batches the crop, for GPUs)
-    loss_windows: int | None = None  # score this many random windows of each crop (None: all of them)
-    long_segments: int | None = None  # every second step: fewer crops of this many segments (crop_shapes)
-    rank: int = 32
-    alpha: float = 128.0
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.1
-    warmup: float = 0.01  # share of the steps
-    clip: float = 1.0
-    eval_every: int = 100
-    eval_crops: int = 4
-    save_every: int = 100
-    seed: int = 0
-    resume: bool = False
-    device: str = "auto"
-    retrieval_share: float = 0.0  # share of crops turned into pass-key / key-value recall (train.retrieval)
-    chat_recall_share: float = (
-        0.0  # share of steps whose crops are chat pass-key turns scored on the answer (train.chat_recall)
-    )
-    init: str | None = None  # start from this checkpoint's (or bundle's) weights (fresh optimizer and schedule)
-    max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time; --resume goes on
-    prepare_only: bool = False  # tokenize into OUT/tokens.npz and stop
-    kill_after: int | None = field(default=None, repr=False)  # tests: SIGKILL self after this step's save
-
-    def validate(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise UIOError(f"unknown estimator '{self.estimator}' (choose from {', '.join(ESTIMATORS)})")
-        UIOConfig(segment=self.segment, ratio=self.ratio)  # raises on a ratio that does not divide
-        if self.segments < 2:
-            raise UIOError("--segments must be at least 2 (memory comes from earlier segments)")
-        if self.window < 1:
-            raise UIOError("--window must be at least 1")
-        if self.windows_per_pass < 1:
-            raise UIOError("--windows-per-pass must be at least 1")
-        if self.eval_crops < 1:
-            raise UIOError("--eval-crops must be at least 1")
-        if self.loss_windows is not None and self.loss_windows < 1:
-            raise UIOError("--loss-windows must be at least 1")
-        for name in ("retrieval_share", "chat_recall_share"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise UIOError(f"--{name.replace('_', '-')} must lie between 0 and 1")
-        if self.long_segments is not None:
-            self._validate_long_segments()
-
-    def _validate_long_segments(self) -> None:
-        long = self.long_segments
-        if long <= self.segments:
-            raise UIOError(f"--long-segments must exceed --segments ({self.segments})")
-        if self.batch * self.segments % long:
-            raise UIOError(
-                f"--long-segments {long} needs --batch × --segments ({self.batch} × {self.segments}) to be a "
-                "multiple of it: a long step holds as many tokens as a short one, in fewer crops"
-            )
-        if self.loss_windows is not None and self.loss_windows * long % self.segments:
-            raise UIOError(
-                f"--long-segments {long} needs --loss-windows × {long} to be a multiple of --segments "
-                f"({self.segments}): a long crop scores the same share of its windows"
-            )
-        if self.retrieval_share > 0 or self.chat_recall_share > 0:
-            raise UIOError(
-                "--long-segments does not combine with --retrieval-share or --chat-recall-share "
-                "(their tasks are built for crops of --segments)"
-            )
-
-
-@dataclass(frozen=True)
-class CropShape:
-    """The crops of one step (on each process): how many, of how many segments, with how many scored windows."""
-
-    segments: int
-    batch: int
-    loss_windows: int | None
-
-
-def crop_shapes(args: TrainArgs) -> list[CropShape]:
-    """The shapes the steps take in turn: crops of --segments, and with --long-segments every second step
-    (the 2nd, 4th, ...) crops that long, fewer of them so that the step holds the same tokens, each
-    scoring the same share of its windows. One run then reads the memory at both lengths."""
-    shapes = [CropShape(args.segments, args.batch, args.loss_windows)]
-    if args.long_segments is not None:
-        shapes.append(
-            CropShape(
-                args.long_segments,
-                args.batch * args.segments // args.long_segments,
-                None if args.loss_windows is None else args.loss_windows * args.long_segments // args.segments,
-            )
-        )
-    return shapes
+# What --resume refuses to change, with the value of a run that did not record it: they decide which
+# crops come next (the recall shares, --long-segments) or what the estimator's rng draws (the view).
+FIXED_ON_RESUME = {
+    "retrieval_share": 0.0,
+    "chat_recall_share": 0.0,
+    "long_segments": None,
+    "keep_tokens": 0,
+    "raw_segments": (1,),
+}
 
 
 def take_shape(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
@@ -159,12 +65,13 @@ def take_shape(args: TrainArgs) -> tuple[TrainArgs, Path | None]:
     if saved.distinct_slots:
         raise UIOError(f"{source} has distinct slot embeddings, which training does not offer")
     if args.resume:
-        # they decide which crops come next
-        for name, default in (("retrieval_share", 0.0), ("chat_recall_share", 0.0), ("long_segments", None)):
+        for name, default in FIXED_ON_RESUME.items():
             value = config.get("train_args", {}).get(name, default)
+            value = tuple(value) if isinstance(value, list) else value  # JSON gives a tuple back as a list
             if value != getattr(args, name):
                 option = f"--{name.replace('_', '-')}"
-                trained = f"without {option}" if value is None else f"with {option} {value}"
+                shown = format_raw_segments(value) if name == "raw_segments" else value
+                trained = f"without {option}" if value is None else f"with {option} {shown}"
                 raise UIOError(f"--resume: this run was trained {trained}; pass the same")
     shape = {"segment": saved.segment, "ratio": saved.ratio, "rank": saved.rank, "alpha": saved.alpha}
     if any(getattr(args, k) != v for k, v in shape.items()):
@@ -200,14 +107,16 @@ def lr_lambda(steps: int, warmup: float):
 
 
 @torch.no_grad()
-def heldout_loss(model: UIOModel, crops: np.ndarray, segment: int, device) -> float:
-    """Mean loss of windows 2..T of the held-out crops, each window reading the memory before it."""
+def heldout_loss(model: UIOModel, crops: np.ndarray, segment: int, device, keep: int = 0) -> float:
+    """Mean loss of windows 2..T of the held-out crops, each window reading the memory before it (behind
+    the crop's first `keep` tokens, as the run trains with --keep-tokens; the raw window one segment)."""
     losses = []
     for row in crops:
         crop = Crop(torch.as_tensor(row[None], device=device), segment)
         memory = [model.encode(crop.window(s)) for s in range(1, crop.n_segments)]
         for t in range(2, crop.n_segments + 1):
-            losses.append(model.window_loss(crop.window(t), crop.targets(t), torch.cat(memory[: t - 1], dim=2)).item())
+            used = torch.cat(memory[: t - 1], dim=2)
+            losses.append(model.window_loss(crop.window(t), crop.targets(t), used, crop.sinks(keep)).item())
     return float(np.mean(losses))
 
 
@@ -374,6 +283,7 @@ def _train(args: TrainArgs, ranks: Ranks, progress: bool = True) -> Path:
                 estimator_rng,
                 windows_per_pass=args.windows_per_pass,
                 loss_windows=shape.loss_windows,
+                view=View(args.keep_tokens, args.raw_segments),
             )
             ranks.average_gradients(params)  # before clipping: every rank clips and steps the same gradient
             loss = ranks.average(loss, device)
@@ -395,7 +305,9 @@ def _train(args: TrainArgs, ranks: Ranks, progress: bool = True) -> Path:
                 record["segments"] = shape.segments
             if ranks.main:  # the log and the held-out perplexity are rank 0's
                 if heldout is not None and (step % args.eval_every == 0 or step == args.steps):
-                    record["heldout_ppl"] = math.exp(heldout_loss(model, heldout, args.segment, device))
+                    record["heldout_ppl"] = math.exp(
+                        heldout_loss(model, heldout, args.segment, device, args.keep_tokens)
+                    )
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.set_postfix(

@@ -87,21 +87,17 @@ def score_segment(
     model, ids: list[int], memory: torch.Tensor, t: int, raw_window: int, layout: Layout, attentions=False
 ):
     """(summed NLL of segment t's targets, its outputs) under the layout; t counts segments from 0."""
-    from transformers import DynamicCache
-
     l, k = model.config.segment, model.config.slots
     first_raw = max(0, t - raw_window // l + 1)  # segments first_raw..t are raw
     raw = torch.tensor([ids[first_raw * l : (t + 1) * l + 1]])
     inputs, targets = raw[:, :-1], raw[0, -l:]
     sinks = ids[: layout.sinks] if first_raw * l >= layout.sinks else []
-    cache = DynamicCache(config=model.base.config)
-    if sinks:
-        model.base(input_ids=torch.tensor([sinks]), position_ids=torch.arange(len(sinks))[None], cache=cache)
     n_mem = first_raw * k if layout.memory else 0
+    kv = []
     if n_mem:
         h = memory[:first_raw].permute(1, 0, 2, 3).reshape(1, model.n_layers, n_mem, -1)
-        for index, (key, value) in enumerate(_memory_kv(model, h, len(sinks), layout)):
-            cache.update(key * layout.k_scale, value * layout.v_scale, index)
+        kv = [(key * layout.k_scale, value * layout.v_scale) for key, value in _memory_kv(model, h, len(sinks), layout)]
+    cache = model.prefix_cache(torch.tensor([sinks]) if sinks else None, kv)  # training's decoder prefix
     prefix = len(sinks) + n_mem
     start = first_raw * l if layout.positions == "spaced" else prefix + layout.gap
     out = model.base(

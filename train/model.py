@@ -3,7 +3,8 @@
 encoder : F + LoRA(q, v), input [segment ; k memory slots], step-expansion mask
           -> h_mem[L] = input RMSNorm output at the slot rows, for every layer L
 transfer: K_mem = h_mem · (W_K + ΔW_K),  V_mem = h_mem · (W_V + ΔW_V), RoPE at the memory positions
-decoder : F unchanged, the memory written in front of the raw window as a KV-cache prefix
+decoder : F unchanged, the memory written in front of the raw window as a KV-cache prefix, optionally
+          behind the text's first tokens kept raw at positions 0.. (sinks, llama.cpp's --keep)
 """
 
 from __future__ import annotations
@@ -62,11 +63,15 @@ def memory_prefix_mask(n_memory: int, n_raw: int, dtype: torch.dtype) -> torch.T
     return _additive(allowed, dtype)
 
 
-def padded_memory_mask(memory_lengths: torch.Tensor, n_memory: int, n_raw: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (B, 1, n_raw, n_memory + n_raw), on memory_lengths' device: row b sees its first
-    memory_lengths[b] memory rows (the rest is padding) and its raw tokens causally."""
+def padded_memory_mask(
+    memory_lengths: torch.Tensor, n_memory: int, n_raw: int, dtype: torch.dtype, n_sinks: int = 0
+) -> torch.Tensor:
+    """Additive mask (B, 1, n_raw, n_sinks + n_memory + n_raw), on memory_lengths' device: row b sees the
+    sinks, its first memory_lengths[b] memory rows (the rest is padding) and its raw tokens causally."""
     device = memory_lengths.device
     visible = torch.arange(n_memory, device=device)[None, :] < memory_lengths[:, None]  # (B, n_memory)
+    sinks = torch.ones(len(memory_lengths), n_sinks, dtype=torch.bool, device=device)
+    visible = torch.cat([sinks, visible], dim=1)  # (B, n_sinks + n_memory)
     causal = torch.ones(n_raw, n_raw, dtype=torch.bool, device=device).tril()
     allowed = torch.cat([visible[:, None, :].expand(-1, n_raw, -1), causal.expand(len(memory_lengths), -1, -1)], dim=2)
     return _additive(allowed, dtype)
@@ -192,36 +197,59 @@ class UIOModel(nn.Module):
         return out
 
     # ----- decoder -----------------------------------------------------------------------------
-    def decode(
-        self, tokens: torch.Tensor, memory: torch.Tensor | None = None, memory_lengths: list[int] | None = None
-    ) -> torch.Tensor:
-        """Logits of the raw window `tokens` (B, n) after the memory prefix (B, n_layers, M, d).
+    def prefix_cache(self, sinks: torch.Tensor | None, memory_kv: list[tuple[torch.Tensor, torch.Tensor]]):
+        """The decoder's cache in front of the raw window, [sinks ; memory]: the sink tokens (B, N)
+        decoded by the base model at positions 0..N-1 (no adapter: the decoder is the unchanged model),
+        then each layer's memory K/V (memory_kv, rotated at N..) appended after them."""
+        from transformers import DynamicCache
 
+        cache = DynamicCache(config=self.base.config)
+        if sinks is not None and sinks.shape[1]:
+            positions = torch.arange(sinks.shape[1], device=sinks.device).expand(sinks.shape[0], -1)
+            with torch.no_grad():  # frozen weights over token ids: nothing here has a gradient
+                self.base.model(input_ids=sinks, position_ids=positions, cache=cache, use_cache=True)
+        for index, (k, v) in enumerate(memory_kv):
+            cache.update(k, v, index)
+        return cache
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_lengths: list[int] | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of the raw window `tokens` (B, n) after [sinks ; memory], memory (B, n_layers, M, d).
+
+        sinks: (B, N) the text's first tokens kept raw at positions 0..N-1 in front of the memory
+        (llama.cpp's --keep, Session(keep=N)); the memory then sits at N.., the raw window after it.
         memory_lengths: per row, how many of the M memory rows are its memory (the rest is padding it
         does not see; its raw tokens start at that position), so windows with memories of different
         lengths can share one call. Default: all M."""
-        from transformers import DynamicCache
-
         n_raw = tokens.shape[1]
+        n_sink = 0 if sinks is None else sinks.shape[1]
         n_mem = 0 if memory is None else memory.shape[2]
-        cache = DynamicCache(config=self.base.config)
-        if n_mem:
-            for index, (k, v) in enumerate(self.memory_kv(memory)):
-                cache.update(k, v, index)
+        cache = self.prefix_cache(sinks, self.memory_kv(memory, first_position=n_sink) if n_mem else [])
         dtype = self.base.get_input_embeddings().weight.dtype
         if memory_lengths is None:
-            mask = memory_prefix_mask(n_mem, n_raw, dtype).to(tokens.device)
-            positions = (
-                torch.arange(n_mem, n_mem + n_raw, device=tokens.device).unsqueeze(0).expand(tokens.shape[0], -1)
-            )
+            mask = memory_prefix_mask(n_sink + n_mem, n_raw, dtype).to(tokens.device)
+            first = torch.tensor([n_sink + n_mem], device=tokens.device).expand(tokens.shape[0])
         else:
             lengths = torch.as_tensor(memory_lengths, device=tokens.device)
-            mask = padded_memory_mask(lengths, n_mem, n_raw, dtype)
-            positions = lengths[:, None] + torch.arange(n_raw, device=tokens.device)[None, :]
+            mask = padded_memory_mask(lengths, n_mem, n_raw, dtype, n_sinks=n_sink)
+            first = n_sink + lengths
+        positions = first[:, None] + torch.arange(n_raw, device=tokens.device)[None, :]  # (B, n_raw)
         out = self.base(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         return out.logits
 
-    def window_loss(self, tokens: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
-        """J_t: mean next-token loss of a raw window given the memory before it."""
-        logits = self.decode(tokens, memory)
+    def window_loss(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor,
+        memory: torch.Tensor | None,
+        sinks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """J_t: mean next-token loss of a raw window given [sinks ; memory] before it (IGNORE targets,
+        e.g. those of a raw window's earlier segments, score nothing)."""
+        logits = self.decode(tokens, memory, sinks=sinks)
         return nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)

@@ -2,7 +2,7 @@
 # The next training run of the shipped heads (docs/training-log.md#the-next-run), in three steps and a CPU probe:
 #
 #   bash train/next_run.sh prepare   # CPU, here: training text with prose, tokenized (tokens.npz, ~10 MB)
-#   bash train/next_run.sh train     # one GPU: both heads side by side, each stopped after $MINUTES
+#   bash train/next_run.sh train     # one GPU (waits GPU_WAIT_MINUTES for one): both heads side by side, each stopped after $MINUTES
 #   bash train/next_run.sh check     # CPU, here: convert (each run and its midpoint), then perplexity in and out of domain, and pass keys
 #   bash train/next_run.sh cpu       # without a GPU: one bounded CPU run of one head ($CPU_MINUTES, 60)
 #
@@ -24,6 +24,17 @@
 #     16K crops alone gained in domain at 4K-8K and lost at 16K-32K; 32K crops alone gained only at 32K;
 #     the two in turn, halfway, gained in domain at every length (sessions 24 and 25):
 #     docs/training-log.md#the-next-run. LONG_SEGMENTS= turns them off.)
+#   - the decoder trains on the layout the runtime is to use: the crop's first 4 tokens kept raw at
+#     positions 0..3 in front of the memory (KEEP=4, `--keep-tokens`; llama.cpp's --keep, chat's
+#     --keep-tokens) and a raw window of 1 to 16 segments (128 to 2,048 tokens) behind it, one length
+#     drawn for each scored window (RAW_SEGMENTS=1-16, `--raw-segments`), scored on its last segment.
+#     Why (docs/memory-vs-window.md): in llama.cpp a raw window longer than a segment slides and keeps
+#     the states it was decoded with; with 4 kept tokens, memory + R = 1,024 reads the libpng manual at
+#     4K at 12.07 against 12.22 for R alone and 12.27 for a plain window of the same cells, but the
+#     heads were only ever trained on [memory ; one segment] without sinks, where the memory stands in
+#     for a raw window instead of adding to one. KEEP=0 RAW_SEGMENTS=1 is the old view. The raw windows
+#     make a scored window ~8.5 segments long on average: more decoder work per step (see the step
+#     times in the log against the previous run's).
 set -euo pipefail
 
 RUNS=${RUNS:-runs/next}
@@ -37,7 +48,23 @@ BASE=$(python -c 'from uio_gguf.format.embedded import default_model_path as p; 
 # 128 and 256; LONG_SEGMENTS= for crops of one length, as CHAT_RECALL above 0 and SEGMENTS=256 need).
 LONG_SEGMENTS=${LONG_SEGMENTS-256}
 RECIPE=(--segments "${SEGMENTS:-128}" ${LONG_SEGMENTS:+--long-segments "$LONG_SEGMENTS"} --loss-windows "${LOSS_WINDOWS:-16}" --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
+        --keep-tokens "${KEEP:-4}" --raw-segments "${RAW_SEGMENTS:-1-16}"
         --lr "${LR:-2e-4}" --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
+
+# `train` needs CUDA: without it, poll every 30 s for GPU_WAIT_MINUTES (default 0: do not wait), then
+# stop with one line rather than train on the CPU by mistake.
+wait_for_gpu() {
+    local waited=0
+    [[ ${GPU_WAIT_MINUTES:-0} =~ ^[0-9]+$ ]] || { echo "train: GPU_WAIT_MINUTES must be whole minutes" >&2; exit 2; }
+    until python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; do
+        if (( waited >= ${GPU_WAIT_MINUTES:-0} * 60 )); then
+            echo "train: no CUDA GPU (torch.cuda.is_available() is false after ${GPU_WAIT_MINUTES:-0} min): run it where one is, or set GPU_WAIT_MINUTES" >&2
+            exit 1
+        fi
+        sleep 30
+        waited=$((waited + 30))
+    done
+}
 
 # A head must also keep what the answers rest on: pass keys at 16K through chat's path with recall
 # (30 keys at depths 0.1, 0.5 and 0.9, each filler holding one key a depth). The perplexity tables do
@@ -67,6 +94,7 @@ prepare)
     mkdir -p "$RUNS/r32" && cp "$RUNS/r8/tokens.npz" "$RUNS/r32/tokens.npz"
     ;;
 train)
+    [[ $DEVICE == cuda* ]] && wait_for_gpu
     for R in 8 32; do
         uio-gguf train --base "$BASE" --out "$RUNS/r$R" --init "uio_gguf/bundles/smollm2-135m-l128-r$R" \
             "${RECIPE[@]}" --batch 4 --steps 400 --max-minutes "$MINUTES" --save-every 10 --device "$DEVICE" \
@@ -89,7 +117,8 @@ cpu)
     uio-gguf train --base "$BASE" --out "$RUNS/$NAME" --init "$INIT" \
         "${RECIPE[@]}" --batch "${BATCH:-4}" --steps "${STEPS:-12}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
     uio-gguf convert "$RUNS/$NAME/checkpoint" -o "$RUNS/bundle-$NAME" --base-gguf "$BASE" --force
-    uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-$NAME" --baselines none --no-chat \
+    # the training view and the layout the recipe trains for (KEEP kept tokens + memory + R = 1,024)
+    uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-$NAME" --baselines none --raw-windows 1024 --keep "${KEEP:-4}" \
         --json "$RUNS/$NAME.ppl.json"
     passkeys "$RUNS/bundle-$NAME" "$RUNS/$NAME.passkey.json"
     ;;
@@ -105,10 +134,16 @@ check)
     # more of the out-of-domain gap at 8K without closing less in domain at any length, and keeps its pass keys.
     uio-gguf eval ppl --lengths 4096,8192,16384,32768 -m "$RUNS/bundle-r8" -m "$RUNS/bundle-r8-mid" \
         -m "$RUNS/bundle-r32" -m "$RUNS/bundle-r32-mid" --baselines none --no-chat --json "$RUNS/ppl.json"
+    # The layout the run trained for: 4 kept tokens + memory + R = 1,024, beside R alone and a plain
+    # window of the same cells (--baselines same), the shipped heads too (docs/memory-vs-window.md: the
+    # shipped r8 reads the libpng manual at 4K at 12.07 there, R alone at 12.22, the plain window 12.27).
+    uio-gguf eval ppl --lengths 4096,8192 -m uio_gguf/bundles/smollm2-135m-l128-r8 -m "$RUNS/bundle-r8" \
+        -m "$RUNS/bundle-r8-mid" -m uio_gguf/bundles/smollm2-135m-l128-r32 -m "$RUNS/bundle-r32" -m "$RUNS/bundle-r32-mid" \
+        --raw-windows 1024 --keep "${KEEP:-4}" --baselines same --json "$RUNS/ppl-keep.json"
     for HEAD in r8 r8-mid r32 r32-mid; do passkeys "$RUNS/bundle-$HEAD" "$RUNS/$HEAD.passkey.json"; done
     ;;
 *)
-    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR SEGMENTS LONG_SEGMENTS LOSS_WINDOWS; prepare: PROSE_SHARE)" >&2
+    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES GPU_WAIT_MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR SEGMENTS LONG_SEGMENTS LOSS_WINDOWS KEEP RAW_SEGMENTS; prepare: PROSE_SHARE)" >&2
     exit 2
     ;;
 esac

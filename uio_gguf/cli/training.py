@@ -43,6 +43,14 @@ def train(
         None,
         help="Every second step trains on crops of this many segments instead of --segments: fewer crops, so that the step holds as many tokens (--batch × --segments / N), each scoring --loss-windows × N / --segments windows. One run then reads the memory at two lengths. --batch × --segments must be a multiple of N; not with the recall shares.",
     ),
+    keep_tokens: int = typer.Option(
+        0,
+        help="The decoder reads the crop's first N tokens raw at positions 0.. in front of the memory (attention sinks, as llama.cpp's --keep and chat's --keep-tokens), then the memory, then the raw window. 0: none (docs/training.md).",
+    ),
+    raw_segments: str = typer.Option(
+        "1",
+        help="Raw-window lengths, in segments, one drawn at random for each scored window: e.g. 1-16 or 1,2,4,8. Window t then reads segments t-j..t raw behind the memory of the segments before them and is scored on segment t alone. 1: the memory of every earlier segment and segment t (docs/training.md).",
+    ),
     rank: int = typer.Option(32, help="LoRA rank of the encoder and transfer adapters."),
     alpha: float = typer.Option(128.0, help="LoRA alpha."),
     lr: float = typer.Option(1e-4, help="Peak learning rate (AdamW, 1% warm-up, cosine)."),
@@ -80,7 +88,7 @@ def train(
     """Train the UIO memory (encoder LoRA, transfer head, memory embedding) over a frozen base model.
     On several GPUs: `torchrun --nproc_per_node N --no-python uio-gguf train ...` (docs/training.md)."""
     require_training_stack()
-    from uio_gguf.train.loop import TrainArgs
+    from uio_gguf.train.args import TrainArgs, parse_raw_segments
     from uio_gguf.train.loop import train as run_training
 
     args = TrainArgs(
@@ -98,6 +106,8 @@ def train(
         windows_per_pass=windows_per_pass,
         loss_windows=loss_windows,
         long_segments=long_segments,
+        keep_tokens=keep_tokens,
+        raw_segments=parse_raw_segments(raw_segments),
         rank=rank,
         alpha=alpha,
         lr=lr,
