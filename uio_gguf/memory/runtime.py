@@ -19,6 +19,7 @@ from uio_gguf.errors import ContextLengthError, UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.llamacpp.api import Model
 from uio_gguf.memory.encoder import Encoder, SegmentMemory
+from uio_gguf.memory.recall_states import RecallStates
 from uio_gguf.memory.rope import Rope
 from uio_gguf.memory.session import Session
 
@@ -86,6 +87,7 @@ class UIORuntime(Handle):
             self.prefill_model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads, kv_type=self.kv_type
         )
         self._query_projection = None  # read at the first recall ranked by attention
+        self.recall_states = RecallStates()  # recalls its sessions decoded, reused by later questions
 
     @property
     def segment(self) -> int:
