@@ -84,7 +84,13 @@ class UIORuntime(Handle):
         # attention work: it pays on a GPU (parallelism), not on a CPU.
         segments_per_batch = segments_per_batch or (4 if n_gpu_layers else 1)
         self.encoder = Encoder(
-            self.prefill_model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads, kv_type=self.kv_type
+            self.prefill_model,
+            self.bundle,
+            self.plugin,
+            segments_per_batch,
+            flash_attn,
+            n_threads,
+            kv_type=self.kv_type,
         )
         self._query_projection = None  # read at the first recall ranked by attention
         self.recall_states = RecallStates()  # recalls its sessions decoded, reused by later questions
