@@ -81,7 +81,7 @@ def test_the_encoder_on_f16_weights_makes_the_f32_memory_to_fp16_rounding(f32_bu
     for a, b in ((exact.k, half.k), (exact.v, half.v)):
         rel = np.abs(a - b).max() / np.abs(a).max()
         print(f"f16 encoder vs f32: max relative difference {rel:.2e}")
-        assert 0 < rel < 2e-2, rel
+        assert 0 < rel < 5e-3, rel
     assert keys["model"] != keys["f16"]
     # the model's own weights keep the keys memory files had before formats
     assert keys["model"] == memory_file.memory_key(Bundle.open(f32_bundle), tokens, np.float32)
