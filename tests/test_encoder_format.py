@@ -92,3 +92,20 @@ def test_a_runtime_refuses_an_unknown_format(f32_bundle):
 
     with pytest.raises(UIOError, match="unknown weight format"):
         UIORuntime(f32_bundle, encoder_format="q3")
+
+
+def test_compress_takes_the_encoder_format_and_keeps_a_memory_file_per_format(f32_bundle, cache_env, tmp_path, prose):
+    from tests.helpers import run_cli
+
+    book = tmp_path / "book.txt"
+    book.write_text(prose[:4000])
+    for fmt in ("f16", "model", "f16"):
+        result = run_cli(
+            "compress", str(book), "-m", str(f32_bundle), "--encoder-format", fmt, env=cache_env, check=True
+        )
+        assert ("copy of model.gguf" in result.stderr) == (fmt == "f16" and "cached" not in result.stdout)
+    memory = [f for f in (tmp_path / "cache" / "memory").glob("*.npz") if not f.name.endswith(".start.npz")]
+    assert len(memory) == 2  # one per format: the second f16 run read its own file
+    assert "cached" in result.stdout
+    bad = run_cli("compress", str(book), "-m", str(f32_bundle), "--encoder-format", "q3", env=cache_env)
+    assert bad.returncode == 1 and "unknown weight format 'q3'" in bad.stderr

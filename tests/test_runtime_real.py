@@ -64,6 +64,8 @@ def test_encoder_formats_on_the_q4_1_file_against_pytorch(smollm2, smollm2_f32_b
                 got = session.feed(stream, all_logits=True)
         h_err = float(np.abs(h - expected_h).mean() / np.abs(expected_h).mean())
         found[fmt] = (h_err, float((got.argmax(-1) == expected.argmax(-1)).mean()), float(kl(expected, got).mean()))
-        print(f"encoder on {fmt}: h_mem mean rel. error {h_err:.2e}, logits top-1 {found[fmt][1]:.2%}, KL {found[fmt][2]:.2e}")
+        print(
+            f"encoder on {fmt}: h_mem mean rel. error {h_err:.2e}, logits top-1 {found[fmt][1]:.2%}, KL {found[fmt][2]:.2e}"
+        )
     assert found["f16"][0] < found["q4_1"][0]  # the F16 kernels keep activations in fp16, Q4_1's round them to 8 bits
     assert found["f16"][1] >= found["q4_1"][1] - 0.02 and found["f16"][2] <= 2 * found["q4_1"][2] + 1e-3

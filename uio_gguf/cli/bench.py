@@ -10,6 +10,7 @@ import typer
 
 from uio_gguf.cli.options import (
     DEFAULT_RATIO,
+    ENCODER_FORMAT_HELP,
     FlashAttn,
     GpuLayers,
     Model,
@@ -48,10 +49,8 @@ def bench(
     encoder_format: str = typer.Option(
         "auto",
         "--encoder-format",
-        help="Weights of the encoder pass and the recall's prefill: auto (F16 derived from a quantized model, the "
-        "fast CPU kernels), model (the bundle's file as it is), f16, f32, q8_0, q4_0, q4_1. Several, comma "
-        "separated, are measured one after the other in this run (plain llama.cpp with the first only: it "
-        "runs on the decoder's weights, which they do not change).",
+        help=ENCODER_FORMAT_HELP + " Several, comma separated, are measured one after the other in this run (plain "
+        "llama.cpp with the first only: it runs on the decoder's weights, which they do not change).",
     ),
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
