@@ -16,10 +16,12 @@ For each length L (tokens of the chat document: the template's opening, then the
           greedy tokens.
   ttft    a new Conversation on the same book, whose memory now comes from its memory file, asked one
           question: seconds until the answer's first token is sampled (memory alone, then with the
-          default recall budget, as `chat` runs).
+          default recall budget, as `chat` runs; then once more, the recall's cells kept from before).
   limit   per segment the encoder reads l tokens and k slot rows (docs/design.md §1), so ingest cannot
           beat a short-context prefill of segment-sized chunks (each decoded from position 0 in a
-          cleared context) × l/(l+k); ingest is also given as a share of that limit.
+          cleared context, on the encoder's weights) × l/(l+k); ingest is also given as a share of that limit.
+The encoder pass and the recall's prefill run on the runtime's encoder format (--encoder-format,
+uio_gguf/format/derived.py), the decoder's token steps and the plain sides on the bundle's model file.
 KV bytes: the cells in use (llama.cpp's last position of the sequence + 1; positions are contiguous)
 × the bytes of a cell (layers × (K + V widths) × the cache type's size). Both sides take the argmax
 of the logits, so a decoded token costs them the same work outside llama.cpp.
@@ -77,12 +79,12 @@ def greedy_rate(step: Callable[[int], np.ndarray], token: int, n: int) -> float:
 
 def short_prefill_rate(runtime, tokens: np.ndarray) -> tuple[float, int]:
     """(tokens/s, tokens timed): segment-sized chunks of `tokens`, each prefilled from position 0 in a
-    cleared segment-sized context, as the encoder reads a segment (its micro-batch too)."""
+    cleared segment-sized context, as the encoder reads a segment (its micro-batch and its weights too)."""
     seg = runtime.segment
     n = min(len(tokens), LIMIT_TOKENS) // seg * seg
     if n == 0:
         raise UIOError(f"a length must hold at least one segment ({seg} tokens)")
-    with PlainContext(runtime, n_ctx=seg, n_batch=seg) as plain:
+    with PlainContext(runtime, n_ctx=seg, n_batch=seg, model=runtime.prefill_model) as plain:
         started = time.perf_counter()
         for chunk in np.asarray(tokens[:n]).reshape(-1, seg):
             plain.clear()
@@ -263,8 +265,9 @@ def run(
     }
     seg, k = runtime.segment, runtime.slots
     with private_memory_files():
-        with PlainContext(runtime, n_ctx=seg, n_batch=seg) as warm:  # weights paged in before anything is timed
-            warm.feed(model.tokenize(text)[:seg])
+        for weights in {id(m): m for m in (model, runtime.prefill_model)}.values():
+            with PlainContext(runtime, n_ctx=seg, n_batch=seg, model=weights) as warm:  # paged in before timing
+                warm.feed(model.tokenize(text)[:seg])
         for length in lengths:
             book, copies = book_of_length(model, text, length)
             log(f"length {length}: uio ingest")
@@ -367,9 +370,10 @@ def format_table(report: dict) -> str:
         f"machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs; load average "
         f"{report['load_average_before'][0]:.2f} before, {report['load_average_after'][0]:.2f} after "
         "(the run's own threads count in the second)",
-        f"ingest limit = short-context prefill of {m['segment']}-token chunks × {m['segment']}/"
-        f"({m['segment']}+{m['slots']}); first token: a new conversation whose memory comes from the "
-        f"memory file, asked {s['question']!r} (recall: {DEFAULT_RECALL_TOKENS} tokens)",
+        f"ingest limit = short-context prefill of {m['segment']}-token chunks on the encoder's weights × "
+        f"{m['segment']}/({m['segment']}+{m['slots']}); first token: a new conversation whose memory comes from the "
+        f"memory file, asked {s['question']!r} (recall: {DEFAULT_RECALL_TOKENS} tokens; again: one more "
+        "conversation asked the same, its recalled passages' cells kept from the one before)",
         f"sliding-same = a plain llama.cpp window with uio's KV cells (the same KV size), reading the whole text "
         f"with context shift (the first {SINK_TOKENS} tokens kept)",
     ]
