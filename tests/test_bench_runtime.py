@@ -101,3 +101,28 @@ def test_uio_decode_after_a_book_of_whole_segments(tiny_bundle):
     assert uio["tokens"] == n and uio["ttft_from_file"] is True
     cell = runtime.model.n_layer * 2 * runtime.model.n_head_kv * runtime.model.head_dim * 2  # f16 K and V
     assert_uio_cells(uio, n + 3, cell)
+
+
+def test_bench_compares_encoder_formats_in_one_run(tiny_bundle, cache_env, tmp_path):
+    """--encoder-format model,f16: a report per format (plain llama.cpp with the first only), each naming
+    its weights, and a table that puts them side by side; a later question reuses the recall."""
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "bench", "-m", str(tiny_bundle), "--lengths", "48", "--threads", "1", "--decode-tokens", "2",
+        "--encoder-format", "model,f16", "--json", str(out), env=cache_env, check=True,
+    )  # fmt: skip
+    reports = json.loads(out.read_text())["formats"]
+    assert [r["model"]["encoder_format"] for r in reports] == ["f32", "f16"]  # the tiny bundle's model is F32
+    assert all(r["model"]["decoder_format"] == "f32" for r in reports)
+    assert reports[1]["model"]["encoder_weights_bytes"] < reports[0]["model"]["encoder_weights_bytes"]
+    assert reports[0]["rows"][0]["plain"] is not None and reports[1]["rows"][0]["plain"] is None
+    for report in reports:
+        uio = report["rows"][0]["uio"]
+        assert uio["ttft_from_file"] is True and uio["ttft_recall_again_s"] > 0
+        assert uio["recall_reused"] is (uio["recall_tokens"] > 0)
+    assert "| encoder weights | length |" in result.stdout and "| f16 | 48 |" in result.stdout
+
+
+def test_bench_refuses_an_unknown_encoder_format(tiny_bundle, cache_env):
+    result = run_cli("bench", "-m", str(tiny_bundle), "--lengths", "48", "--encoder-format", "q3", env=cache_env)
+    assert result.returncode == 1 and "--encoder-format takes" in result.stderr and "Traceback" not in result.stderr

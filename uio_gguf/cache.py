@@ -1,6 +1,6 @@
 """Where uio-gguf keeps what it builds or computes once: $UIO_GGUF_CACHE, else $XDG_CACHE_HOME/uio-gguf,
 else ~/.cache/uio-gguf. Subfolders: native/ (the compiled plugin), bundles/ (default bundles put
-together), memory/ (memory files of compressed books, and their start states; memory/books/: the
+together), models/ (copies of a bundle's model in the encoder's weight format, uio_gguf/format/derived.py), memory/ (memory files of compressed books, and their start states; memory/books/: the
 texts of the books opened on the server's web page, uio_gguf/serve/library.py).
 
 memory/ grows with every book opened (a 56K-token book's memory is 160 MB at ratio 8), so it is kept

@@ -16,10 +16,12 @@ For each length L (tokens of the chat document: the template's opening, then the
           greedy tokens.
   ttft    a new Conversation on the same book, whose memory now comes from its memory file, asked one
           question: seconds until the answer's first token is sampled (memory alone, then with the
-          default recall budget, as `chat` runs).
+          default recall budget, as `chat` runs; then once more, the recall's cells kept from before).
   limit   per segment the encoder reads l tokens and k slot rows (docs/design.md §1), so ingest cannot
           beat a short-context prefill of segment-sized chunks (each decoded from position 0 in a
-          cleared context) × l/(l+k); ingest is also given as a share of that limit.
+          cleared context, on the encoder's weights) × l/(l+k); ingest is also given as a share of that limit.
+The encoder pass and the recall's prefill run on the runtime's encoder format (--encoder-format,
+uio_gguf/format/derived.py), the decoder's token steps and the plain sides on the bundle's model file.
 KV bytes: the cells in use (llama.cpp's last position of the sequence + 1; positions are contiguous)
 × the bytes of a cell (layers × (K + V widths) × the cache type's size). Both sides take the argmax
 of the logits, so a decoded token costs them the same work outside llama.cpp.
@@ -40,6 +42,7 @@ import numpy as np
 from uio_gguf.chat.conversation import Conversation
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.errors import UIOError
+from uio_gguf.format import derived
 from uio_gguf.llamacpp.plain import SINK_TOKENS, PlainContext
 from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import document_tokens
@@ -76,12 +79,12 @@ def greedy_rate(step: Callable[[int], np.ndarray], token: int, n: int) -> float:
 
 def short_prefill_rate(runtime, tokens: np.ndarray) -> tuple[float, int]:
     """(tokens/s, tokens timed): segment-sized chunks of `tokens`, each prefilled from position 0 in a
-    cleared segment-sized context, as the encoder reads a segment (its micro-batch too)."""
+    cleared segment-sized context, as the encoder reads a segment (its micro-batch and its weights too)."""
     seg = runtime.segment
     n = min(len(tokens), LIMIT_TOKENS) // seg * seg
     if n == 0:
         raise UIOError(f"a length must hold at least one segment ({seg} tokens)")
-    with PlainContext(runtime, n_ctx=seg, n_batch=seg) as plain:
+    with PlainContext(runtime, n_ctx=seg, n_batch=seg, model=runtime.prefill_model) as plain:
         started = time.perf_counter()
         for chunk in np.asarray(tokens[:n]).reshape(-1, seg):
             plain.clear()
@@ -160,8 +163,27 @@ def measure_uio(runtime, book: str, n_decode: int) -> dict:
                 pass
             report[name] = time.perf_counter() - started
             from_file.append(again.stats.from_file)
-    report["ttft_from_file"] = all(from_file)  # both read the memory the ingest saved
+    # A later question whose recall this runtime decoded before (uio_gguf/memory/recall_states.py): a new
+    # conversation asked the same question again takes the recalled passages' saved cells.
+    started = time.perf_counter()
+    with Conversation(runtime, book, use_memory_files=True, recall_tokens=DEFAULT_RECALL_TOKENS) as again:
+        for _ in again.ask(DEMO_QUESTION, SamplingParams(max_tokens=1)):
+            pass
+        report["ttft_recall_again_s"] = time.perf_counter() - started
+        report["recall_tokens"] = len(again.session.recall)
+        report["recall_reused"] = again.session.recall_decoded == 0 and again.session.recall_reused > 0
+        from_file.append(again.stats.from_file)
+    report["ttft_from_file"] = all(from_file)  # all read the memory the ingest saved
     return report
+
+
+def resident_mib() -> float | None:
+    """This process's resident memory now (VmRSS; None where /proc does not say): the mapped weights
+    read so far count in it."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) / 1024
+    return None
 
 
 @contextlib.contextmanager
@@ -223,6 +245,12 @@ def run(
             "n_ctx_train": model.n_ctx_train,
             "kv_type": "f32" if runtime.kv_type == llama_cpp.GGML_TYPE_F32 else "f16",
             "kv_cell_bytes": runtime.kv_cell_bytes,
+            # the weights the encoder pass and the recall's prefill run on (uio_gguf/format/derived.py), and
+            # the decoder's (the bundle's model file)
+            "encoder_format": runtime.encoder_weights,
+            "encoder_weights_bytes": os.path.getsize(runtime.prefill_model.path),
+            "decoder_format": derived.label(runtime.bundle.model_path, derived.MODEL),
+            "decoder_weights_bytes": os.path.getsize(runtime.model.path),
         },
         "settings": {
             "threads": runtime.n_threads,
@@ -237,8 +265,9 @@ def run(
     }
     seg, k = runtime.segment, runtime.slots
     with private_memory_files():
-        with PlainContext(runtime, n_ctx=seg, n_batch=seg) as warm:  # weights paged in before anything is timed
-            warm.feed(model.tokenize(text)[:seg])
+        for weights in {id(m): m for m in (model, runtime.prefill_model)}.values():
+            with PlainContext(runtime, n_ctx=seg, n_batch=seg, model=weights) as warm:  # paged in before timing
+                warm.feed(model.tokenize(text)[:seg])
         for length in lengths:
             book, copies = book_of_length(model, text, length)
             log(f"length {length}: uio ingest")
@@ -276,6 +305,7 @@ def run(
             report["rows"].append(row)
             on_row(report)
     report["load_average_after"] = os.getloadavg()
+    report["resident_mib"] = resident_mib()
     return report
 
 
@@ -322,8 +352,12 @@ def format_table(report: dict) -> str:
         out.append(line("plain prefill time, s", plain(lambda r: f"{r['plain']['prefill_s']:.1f}")))
     out.append(line("uio first token from the memory file, s", lambda r: f"{r['uio']['ttft_s']:.2f}"))
     out.append(line("the same with recall, s", lambda r: f"{r['uio']['ttft_recall_s']:.2f}"))
+    out.append(line("again, its recall decoded before, s", lambda r: f"{r['uio']['ttft_recall_again_s']:.2f}"))
     notes = [
         "",
+        f"encoder weights {m['encoder_format']} ({_mib(m['encoder_weights_bytes'])}; the encoder pass and the "
+        f"recall's prefill), decoder weights {m['decoder_format']} ({_mib(m['decoder_weights_bytes'])})"
+        + (f"; resident {report['resident_mib']:,.0f} MiB at the end" if report.get("resident_mib") else ""),
         f"model {m['bundle']} (segment {m['segment']}, ratio {m['ratio']}: {m['slots']} slots per segment), "
         f"{m['kv_type']} KV cache ({m['kv_cell_bytes']:,} bytes a cell), trained window {m['n_ctx_train']:,} tokens; "
         f"{s['threads']} threads, {s['segments_per_batch']} segment(s) per encoder batch, "
@@ -336,9 +370,10 @@ def format_table(report: dict) -> str:
         f"machine: {report['machine']['cpu']}, {report['machine']['cpus']} CPUs; load average "
         f"{report['load_average_before'][0]:.2f} before, {report['load_average_after'][0]:.2f} after "
         "(the run's own threads count in the second)",
-        f"ingest limit = short-context prefill of {m['segment']}-token chunks × {m['segment']}/"
-        f"({m['segment']}+{m['slots']}); first token: a new conversation whose memory comes from the "
-        f"memory file, asked {s['question']!r} (recall: {DEFAULT_RECALL_TOKENS} tokens)",
+        f"ingest limit = short-context prefill of {m['segment']}-token chunks on the encoder's weights × "
+        f"{m['segment']}/({m['segment']}+{m['slots']}); first token: a new conversation whose memory comes from the "
+        f"memory file, asked {s['question']!r} (recall: {DEFAULT_RECALL_TOKENS} tokens; again: one more "
+        "conversation asked the same, its recalled passages' cells kept from the one before)",
         f"sliding-same = a plain llama.cpp window with uio's KV cells (the same KV size), reading the whole text "
         f"with context shift (the first {SINK_TOKENS} tokens kept)",
     ]
@@ -352,3 +387,27 @@ def format_table(report: dict) -> str:
             "the machine was shared with other jobs (load average above 1 before the run): figures are lower than idle"
         )
     return "\n".join(out + notes)
+
+
+def format_comparison(reports: list[dict]) -> str:
+    """One row per (encoder format, length) of several runs of the same lengths: what the format changes."""
+    out = [
+        "| encoder weights | length | ingest, tok/s | ingest limit, tok/s | uio decode, tok/s | first token, s "
+        "| with recall, s | again, recall decoded before, s | weights, MiB | resident, MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for report in reports:
+        m = report["model"]
+        weights = m["encoder_weights_bytes"] + (
+            m["decoder_weights_bytes"] if m["encoder_format"] != m["decoder_format"] else 0
+        )
+        for r in report["rows"]:
+            u = r["uio"]
+            out.append(
+                f"| {m['encoder_format']} | {_short(r['length'])} | {u['ingest_tok_s']:,.0f} | "
+                f"{r['limit']['ingest_limit_tok_s']:,.0f} | {u['decode_tok_s']:,.1f} | {u['ttft_s']:.2f} | "
+                f"{u['ttft_recall_s']:.2f} | {u['ttft_recall_again_s']:.2f} | {weights / 2**20:,.0f} | "
+                + (f"{report['resident_mib']:,.0f}" if report.get("resident_mib") else "-")
+                + " |"
+            )
+    return "\n".join(out)

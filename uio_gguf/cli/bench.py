@@ -10,6 +10,7 @@ import typer
 
 from uio_gguf.cli.options import (
     DEFAULT_RATIO,
+    ENCODER_FORMAT_HELP,
     FlashAttn,
     GpuLayers,
     Model,
@@ -45,6 +46,12 @@ def bench(
     plain: bool = typer.Option(
         True, "--plain/--no-plain", help="--no-plain: UIO alone (for lengths full attention cannot afford)."
     ),
+    encoder_format: str = typer.Option(
+        "auto",
+        "--encoder-format",
+        help=ENCODER_FORMAT_HELP + " Several, comma separated, are measured one after the other in this run (plain "
+        "llama.cpp with the first only: it runs on the decoder's weights, which they do not change).",
+    ),
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
 ):
@@ -53,6 +60,7 @@ def bench(
     a first token when the memory comes from its memory file, and ingest against its limit."""
 
     from uio_gguf.bench import runtime as runner
+    from uio_gguf.format import derived
     from uio_gguf.format.shipped import default_bundle_path
     from uio_gguf.llamacpp.threads import default_threads
     from uio_gguf.memory.runtime import UIORuntime
@@ -70,24 +78,47 @@ def bench(
         raise UIOError(f"--segments-per-batch must be 0 (automatic) or more, not {segments_per_batch}")
     body = read_book(text) if text is not None else packaged.read(packaged.DEMO_BOOK)
     name = str(text) if text is not None else "uio_gguf/data/demo_book.txt (the demo book)"
-    with UIORuntime(
-        model if model is not None else default_bundle_path(DEFAULT_RATIO if ratio is None else ratio),
-        n_gpu_layers=n_gpu_layers,
-        flash_attn=flash_attn,
-        segments_per_batch=segments_per_batch,
-        n_threads=threads,
-        verbose=verbose,
-    ) as runtime:
-        report = runner.run(
-            runtime,
-            asked,
-            body,
-            name,
-            n_decode=decode_tokens,
-            plain=plain,
-            log=lambda line: typer.echo(line, err=True),
-            on_row=lambda partial: json_out and json_out.write_text(json.dumps({**partial, **extra}, indent=2)),
-        )
-    report.update(extra)
-    typer.echo(runner.format_table(report))
-    write_json(json_out, report)
+    formats = [f.strip() for f in encoder_format.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in derived.FORMATS]
+    if not formats or unknown:
+        raise UIOError(f"--encoder-format takes {', '.join(derived.FORMATS)}, comma separated, not {encoder_format!r}")
+    reports = []
+    for i, fmt in enumerate(formats):
+        with UIORuntime(
+            model if model is not None else default_bundle_path(DEFAULT_RATIO if ratio is None else ratio),
+            n_gpu_layers=n_gpu_layers,
+            flash_attn=flash_attn,
+            segments_per_batch=segments_per_batch,
+            n_threads=threads,
+            verbose=verbose,
+            encoder_format=fmt,
+        ) as runtime:
+            done = list(reports)
+
+            def saved(partial, done=done):
+                if json_out:
+                    json_out.write_text(json.dumps(_joined([*done, partial], extra), indent=2))
+
+            report = runner.run(
+                runtime,
+                asked,
+                body,
+                name,
+                n_decode=decode_tokens,
+                plain=plain and i == 0,
+                log=lambda line, fmt=fmt: typer.echo(f"[{fmt}] {line}" if len(formats) > 1 else line, err=True),
+                on_row=saved,
+            )
+        reports.append(report)
+    for report in reports:
+        if len(reports) > 1:
+            typer.echo(f"\n### encoder weights {report['model']['encoder_format']}\n")
+        typer.echo(runner.format_table(report))
+    if len(reports) > 1:
+        typer.echo("\n" + runner.format_comparison(reports))
+    write_json(json_out, _joined(reports, extra))
+
+
+def _joined(reports: list[dict], extra: dict) -> dict:
+    """One format's report as it always was; several: {"formats": [report, ...]}."""
+    return {**reports[0], **extra} if len(reports) == 1 else {"formats": reports, **extra}

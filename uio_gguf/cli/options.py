@@ -86,6 +86,12 @@ KeepTokens = Annotated[
     ),
 ]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
+ENCODER_FORMAT_HELP = (
+    "Weights of the encoder pass and the recall's prefill (uio_gguf/format/derived.py): auto (an F16 copy of a "
+    "quantized model, written once into the cache: llama.cpp's fast CPU kernels, within fp16 of the weights the "
+    "head was trained on; a float model as it is), model (the bundle's file as it is), f16, f32, q8_0, q4_0, q4_1."
+)
+EncoderFormat = Annotated[str, typer.Option("--encoder-format", help=ENCODER_FORMAT_HELP)]
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="Use flash attention.")]
 Verbose = Annotated[bool, typer.Option("--verbose", help="Show llama.cpp's log.")]
 
@@ -133,6 +139,7 @@ def open_runtime(
     n_ctx: int | None = None,
     force_n_ctx: bool = False,
     threads: int | None = None,
+    encoder_format: str = "auto",
 ):
     """The runtime of a bundle, or of the shipped bundle of `ratio`. n_ctx is checked against the model
     (check_n_ctx). With a book, its length is checked here; without -m and --ratio (ratio None), a book
@@ -145,7 +152,12 @@ def open_runtime(
 
     def opened(path):
         return UIORuntime(
-            path, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, n_threads=threads or 0, verbose=verbose
+            path,
+            n_gpu_layers=n_gpu_layers,
+            flash_attn=flash_attn,
+            n_threads=threads or 0,
+            verbose=verbose,
+            encoder_format=encoder_format,
         )
 
     check_ratio(bundle, ratio)

@@ -12,6 +12,7 @@ import typer
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.cli.options import (
     AutoRatio,
+    EncoderFormat,
     FlashAttn,
     ForceNCtx,
     GpuLayers,
@@ -83,6 +84,7 @@ def compress(
     ratio: AutoRatio = None,
     n_gpu_layers: GpuLayers = 0,
     threads: Threads = None,
+    encoder_format: EncoderFormat = "auto",
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
 ):
@@ -93,7 +95,9 @@ def compress(
     if out is not None:
         _check_output_file(out)  # before the work, not after it
     text = read_book(book)
-    runtime = open_runtime(model, ratio, n_gpu_layers, flash_attn, verbose, book=text, threads=threads)
+    runtime = open_runtime(
+        model, ratio, n_gpu_layers, flash_attn, verbose, book=text, threads=threads, encoder_format=encoder_format
+    )
     bar, update = progress_bar("compressing")
     conversation = Conversation(runtime, text, progress=update, recall_tokens=0, must_save=True)
     bar.close()
@@ -133,6 +137,7 @@ def chat(
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
     loop_guard: LoopGuardOption = True,
+    encoder_format: EncoderFormat = "auto",
     flash_attn: FlashAttn = False,
     no_cache: bool = typer.Option(
         False, "--no-cache", help="Do not read or write memory files (nor the start caches beside them)."
@@ -172,6 +177,7 @@ def chat(
         n_ctx=n_ctx,
         force_n_ctx=force_n_ctx,
         threads=threads,
+        encoder_format=encoder_format,
     )
     bar, update = progress_bar("compressing")
     conversation = Conversation(

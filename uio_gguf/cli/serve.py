@@ -6,6 +6,7 @@ import typer
 
 from uio_gguf.cli.options import (
     DEFAULT_RATIO,
+    EncoderFormat,
     FlashAttn,
     ForceNCtx,
     GpuLayers,
@@ -55,6 +56,7 @@ def serve(
     max_upload_mb: float = typer.Option(
         DEFAULT_MAX_UPLOAD_MB, "--max-upload-mb", min=0.001, help="The largest book the web page takes, in MB."
     ),
+    encoder_format: EncoderFormat = "auto",
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
 ):
@@ -66,7 +68,15 @@ def serve(
 
     check_n_ctx(n_ctx)
     runtime = open_runtime(
-        model, ratio, n_gpu_layers, flash_attn, verbose, n_ctx=n_ctx, force_n_ctx=force_n_ctx, threads=threads
+        model,
+        ratio,
+        n_gpu_layers,
+        flash_attn,
+        verbose,
+        n_ctx=n_ctx,
+        force_n_ctx=force_n_ctx,
+        threads=threads,
+        encoder_format=encoder_format,
     )
     llm = UIOLlama(runtime=runtime, n_ctx=n_ctx, keep=keep, raw_window=raw_window, keep_tokens=keep_tokens)
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's

@@ -22,6 +22,7 @@ HEAD_FILE = "uio.gguf"
 # ----- llama.cpp's own keys that we write (adapter files) or read (base model) ---------------------
 GENERAL_TYPE = "general.type"
 GENERAL_ARCHITECTURE = "general.architecture"
+GENERAL_FILE_TYPE = "general.file_type"  # llama.cpp's LLAMA_FTYPE_* of a model file (uio_gguf/format/derived.py)
 ADAPTER_TYPE = "adapter.type"
 ADAPTER_LORA_ALPHA = "adapter.lora.alpha"
 ADAPTER_GENERAL_TYPE = "adapter"  # value of general.type in a LoRA adapter

@@ -44,6 +44,20 @@ def model_params(n_gpu_layers: int = 0, vocab_only: bool = False):
     return params
 
 
+def quantize_model(source: str | Path, target: str | Path, ftype: int, n_threads: int = 0) -> None:
+    """Writes `source`'s weights in llama.cpp file type `ftype` (a LLAMA_FTYPE_*) to `target`, through
+    llama.cpp's own quantizer: quantized tensors are dequantized first (allow_requantize), so F16 or F32
+    gives the source's weights as float, rounded to that type."""
+    if not _backend_ready:
+        _init_backend(False)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = n_threads or default_threads()
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
+        raise UIOError(f"llama.cpp could not write {source} as file type {ftype} to {target}")
+
+
 class Model(Handle):
     """A GGUF loaded by llama.cpp, with the few hyper-parameters UIO needs."""
 

@@ -29,12 +29,13 @@ def chunks(tokens, size: int) -> Iterator[np.ndarray]:
 class PlainContext(Handle):
     """One sequence in a plain llama.cpp context (no memory), with the runtime's cache settings."""
 
-    def __init__(self, runtime, n_ctx: int, n_batch: int, keep: int | None = None, drop: int | None = None):
+    def __init__(self, runtime, n_ctx: int, n_batch: int, keep: int | None = None, drop: int | None = None, model=None):
         """keep: with a number, decode() shifts the context when it is full, keeping that many first
         tokens and dropping `drop` cells after them (None: the older half of the others); keep None: the
-        caller sees to it that everything fits."""
+        caller sees to it that everything fits. model: another of the runtime's models (default: the
+        decoder's, runtime.model)."""
         self.ctx = Context(
-            runtime.model,
+            model or runtime.model,
             ContextSettings(
                 n_ctx=n_ctx,
                 n_batch=n_batch,

@@ -19,6 +19,7 @@ from uio_gguf.errors import ContextLengthError, UIOError
 from uio_gguf.handles import Handle
 from uio_gguf.llamacpp.api import Model
 from uio_gguf.memory.encoder import Encoder, SegmentMemory
+from uio_gguf.memory.recall_states import RecallStates
 from uio_gguf.memory.rope import Rope
 from uio_gguf.memory.session import Session
 
@@ -42,7 +43,15 @@ class UIORuntime(Handle):
         segments_per_batch: int = 0,
         n_threads: int = 0,
         verbose: bool = False,
+        encoder_format: str = "auto",
     ):
+        """encoder_format: the weights the encoder pass and the recall's prefill run on
+        (uio_gguf/format/derived.py): "auto" (F16 derived from a quantized model: llama.cpp's fast batched
+        CPU kernels, within fp16 rounding of the weights the heads were trained on; a float model as it is),
+        "model" (the bundle's model file as it is), or a file type, "f16", "f32", "q8_0", "q4_0", "q4_1"
+        (the model itself when it already is that type). The decoder's token-by-token steps always run on
+        the model file as it is."""
+        from uio_gguf.format import derived
         from uio_gguf.format.bundle import Bundle
         from uio_gguf.native.build import load_plugin
 
@@ -53,6 +62,15 @@ class UIORuntime(Handle):
         self.bundle = bundle if not isinstance(bundle, (str, Path)) else Bundle.open(bundle)
         self.plugin = load_plugin()
         self.model = Model(self.bundle.model_path, n_gpu_layers=n_gpu_layers, verbose=verbose)
+        # MODEL, or the derived format the encoder runs on (memory made on it is another memory: memory_file.locate)
+        self.encoder_format = derived.resolve(self.bundle.model_path, encoder_format)
+        self.encoder_weights = derived.label(self.bundle.model_path, encoder_format)  # "q4_1", "f16", ... for reports
+        # The model of many-token prompts without the decoder's cache (the encoder's segments, a recall's
+        # passages): the decoder's own, or a second copy of the weights in the encoder format.
+        self.prefill_model = self.model
+        if self.encoder_format != derived.MODEL:
+            path = derived.weights_path(self.bundle.model_path, encoder_format, self.bundle.model_digest)
+            self.prefill_model = Model(path, n_gpu_layers=n_gpu_layers, verbose=verbose)
         if self.model.n_layer != self.bundle.n_layer:
             raise UIOError(
                 f"the UIO head has {self.bundle.n_layer} layers, the model {self.model.n_layer}: not made for each other"
@@ -66,9 +84,16 @@ class UIORuntime(Handle):
         # attention work: it pays on a GPU (parallelism), not on a CPU.
         segments_per_batch = segments_per_batch or (4 if n_gpu_layers else 1)
         self.encoder = Encoder(
-            self.model, self.bundle, self.plugin, segments_per_batch, flash_attn, n_threads, kv_type=self.kv_type
+            self.prefill_model,
+            self.bundle,
+            self.plugin,
+            segments_per_batch,
+            flash_attn,
+            n_threads,
+            kv_type=self.kv_type,
         )
         self._query_projection = None  # read at the first recall ranked by attention
+        self.recall_states = RecallStates()  # recalls its sessions decoded, reused by later questions
 
     @property
     def segment(self) -> int:
@@ -131,5 +156,7 @@ class UIORuntime(Handle):
         """Frees the encoder and the model; sessions made by this runtime must be closed first."""
         if hasattr(self, "encoder"):
             self.encoder.close()
+        if getattr(self, "prefill_model", None) is not None and self.prefill_model is not getattr(self, "model", None):
+            self.prefill_model.close()
         if hasattr(self, "model"):
             self.model.close()

@@ -89,6 +89,9 @@ class Session(Handle):
         self.tokens_seen = 0  # tokens of text the conversation stands for (memory + raw)
         self.raw_window = raw_window
         self._recall_ctx: Context | None = None  # made at the first recall (set_recall)
+        # recalls decoded before by this runtime's sessions (None: a runtime without them decodes each anew)
+        self._recall_states = getattr(runtime, "recall_states", None)
+        self.recall_decoded = self.recall_reused = 0  # recalled tokens decoded / taken from recall_states
         # the memory's K before RoPE, float16, per write: (n_layer, cells, n_embd_k_gqa)
         self._keys: list[np.ndarray] | None = [] if query_rows else None
         self._last_logits: np.ndarray | None = None  # the last token fed (None: nothing to sample from)
@@ -343,33 +346,63 @@ class Session(Handle):
 
     def _decode_alone(self, tokens: list[int], start: int, keep_from: int):
         """The cells at positions >= keep_from of `tokens` decoded by themselves at positions start.., as a
-        llama.cpp sequence state."""
-        need = -(-len(tokens) // 256) * 256  # llama.cpp pads a context to 256 cells anyway
-        if self._recall_ctx is None or self._recall_ctx.n_ctx < need:
-            if self._recall_ctx is not None:
-                self._recall_ctx.close()
-            s = self.ctx.settings
-            self._recall_ctx = Context(
-                self.runtime.model,
-                ContextSettings(
-                    n_ctx=need,
-                    n_batch=self.batch.capacity,
-                    n_ubatch=self.batch.capacity,
-                    flash_attn=s.flash_attn,
-                    type_k=s.type_k,
-                    type_v=s.type_v,
-                    n_threads=s.n_threads,
-                ),
-            )
-        ctx = self._recall_ctx
+        llama.cpp sequence state. The same tokens decoded before for this runtime (at any start) are not
+        decoded again: their saved cells are moved to the new positions (uio_gguf/memory/recall_states.py).
+        The decode runs on the runtime's prefill model (the encoder's weight format)."""
+        s = self.ctx.settings
+        key = (tuple(tokens), keep_from - start, s.type_k, s.type_v, s.flash_attn)
+        saved = self._recall_states.get(key) if self._recall_states is not None else None
+        if saved is not None:
+            self.recall_reused += len(tokens)
+            return saved.state if saved.start == keep_from else self._moved(saved, keep_from, len(tokens))
+        ctx = self._recall_context(len(tokens))
         ctx.clear()
         for at in range(0, len(tokens), self.batch.capacity):
             chunk = tokens[at : at + self.batch.capacity]
             positions = np.arange(start + at, start + at + len(chunk))
             self.batch.fill(positions, [[0]] * len(chunk), [False] * len(chunk), tokens=chunk)
             ctx.decode(self.batch)
+        self.recall_decoded += len(tokens)
         if keep_from > start:
             ctx.seq_rm(0, start, keep_from)
+        state = ctx.seq_state(0)
+        ctx.clear()
+        if self._recall_states is not None:
+            self._recall_states.put(key, state, keep_from)
+        return state
+
+    def _recall_context(self, n_tokens: int) -> Context:
+        """The recall's own context, of at least n_tokens + 1 cells (one for _moved's shift)."""
+        need = -(-(n_tokens + 1) // 256) * 256  # llama.cpp pads a context to 256 cells anyway
+        if self._recall_ctx is None or self._recall_ctx.n_ctx < need:
+            if self._recall_ctx is not None:
+                self._recall_ctx.close()
+            s = self.ctx.settings
+            self._recall_ctx = Context(
+                getattr(self.runtime, "prefill_model", self.runtime.model),
+                ContextSettings(
+                    n_ctx=need,
+                    n_batch=self.batch.capacity,
+                    n_ubatch=self.batch.capacity,
+                    n_seq_max=2,
+                    flash_attn=s.flash_attn,
+                    type_k=s.type_k,
+                    type_v=s.type_v,
+                    n_threads=s.n_threads,
+                ),
+            )
+        return self._recall_ctx
+
+    def _moved(self, saved, keep_from: int, n_tokens: int):
+        """A saved recall's cells moved to start at keep_from: restored in the recall context, shifted
+        (llama.cpp re-rotates K at the next decode, so one token is decoded in another sequence), saved again."""
+        ctx = self._recall_context(n_tokens)
+        ctx.clear()
+        ctx.set_seq_state(saved.state, 0)
+        ctx.seq_add(0, -1, -1, keep_from - saved.start)
+        self.batch.fill([0], [[1]], [False], tokens=[self.runtime.model.eos])
+        ctx.decode(self.batch)
+        ctx.seq_rm(1)
         state = ctx.seq_state(0)
         ctx.clear()
         return state

@@ -17,6 +17,7 @@ import numpy as np
 
 from uio_gguf.cache import memory_dir
 from uio_gguf.errors import UIOError
+from uio_gguf.format.derived import MODEL
 from uio_gguf.memory.encoder import SegmentMemory
 from uio_gguf.memory.transfer import MEMORY_DTYPE
 from uio_gguf.store import keyed_file
@@ -29,9 +30,11 @@ def path_for(key: str) -> Path:
     return memory_dir() / f"{key}.npz"
 
 
-def memory_key(bundle, tokens: np.ndarray, dtype=MEMORY_DTYPE) -> str:
+def memory_key(bundle, tokens: np.ndarray, dtype=MEMORY_DTYPE, weights: str = MODEL) -> str:
     """dtype: what the memory is made and stored in (the runtime's encoder.head.memory_dtype); an f32
-    memory is another file than the f16 one (keys of f16 memory are as before it was a part)."""
+    memory is another file than the f16 one (keys of f16 memory are as before it was a part). weights: the
+    format the encoder ran on (the runtime's encoder_format, uio_gguf/format/derived.py): memory made on a
+    derived copy of the weights is another memory ("model", the bundle's file as it is: keys as before)."""
     digest = hashlib.sha256()
     parts = (
         bundle.model_digest,
@@ -44,6 +47,8 @@ def memory_key(bundle, tokens: np.ndarray, dtype=MEMORY_DTYPE) -> str:
         digest.update(part.encode() + b"\0")
     if np.dtype(dtype) != np.dtype(MEMORY_DTYPE):
         digest.update(np.dtype(dtype).name.encode() + b"\0")
+    if weights != MODEL:
+        digest.update(f"weights:{weights}".encode() + b"\0")
     digest.update(np.asarray(tokens, dtype=np.int32).tobytes())
     return digest.hexdigest()
 
@@ -102,8 +107,8 @@ def load(path: Path, key: str) -> SegmentMemory | None:
 
 def locate(runtime, tokens) -> tuple[str, Path]:
     """(key, path) of the memory file of `tokens` (whole segments) under the runtime's bundle, in the
-    dtype its encoder makes memory in."""
-    key = memory_key(runtime.bundle, tokens, runtime.encoder.head.memory_dtype)
+    dtype its encoder makes memory in, on the weights its encoder runs on."""
+    key = memory_key(runtime.bundle, tokens, runtime.encoder.head.memory_dtype, runtime.encoder_format)
     return key, path_for(key)
 
 
