@@ -15,6 +15,7 @@ between R - l and R - 1 raw tokens before it (chat's view).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import llama_cpp
 import numpy as np
@@ -89,8 +90,7 @@ class Session(Handle):
         self.tokens_seen = 0  # tokens of text the conversation stands for (memory + raw)
         self.raw_window = raw_window
         self._recall_ctx: Context | None = None  # made at the first recall (set_recall)
-        # recalls decoded before by this runtime's sessions (None: a runtime without them decodes each anew)
-        self._recall_states = getattr(runtime, "recall_states", None)
+        self._recall_states = runtime.recall_states  # recalls decoded before by this runtime's sessions
         self.recall_decoded = self.recall_reused = 0  # recalled tokens decoded / taken from recall_states
         # the memory's K before RoPE, float16, per write: (n_layer, cells, n_embd_k_gqa)
         self._keys: list[np.ndarray] | None = [] if query_rows else None
@@ -310,7 +310,8 @@ class Session(Handle):
         that the question fed next follows them (docs/design.md §6). The previous recall's cells are
         removed and the raw cells after them shift down (llama.cpp seq_rm + seq_add; K is re-rotated at
         the next decode), so the cache stays [memory][raw][recall][raw] at contiguous positions however
-        many times it is replaced. A recall that the raw window's compression reaches is removed then.
+        many times it is replaced. A recall that the raw window's compression reaches moves down to the
+        front of the raw window (_compress_oldest).
 
         The passages are decoded in a small context of their own, at their final positions, and their
         cells moved in (llama.cpp's sequence state): they attend over each other only, as a plain prompt
@@ -351,7 +352,7 @@ class Session(Handle):
         The decode runs on the runtime's prefill model (the encoder's weight format)."""
         s = self.ctx.settings
         key = (tuple(tokens), keep_from - start, s.type_k, s.type_v, s.flash_attn)
-        saved = self._recall_states.get(key) if self._recall_states is not None else None
+        saved = self._recall_states.get(key)
         if saved is not None:
             self.recall_reused += len(tokens)
             return saved.state if saved.start == keep_from else self._moved(saved, keep_from, len(tokens))
@@ -367,8 +368,7 @@ class Session(Handle):
             ctx.seq_rm(0, start, keep_from)
         state = ctx.seq_state(0)
         ctx.clear()
-        if self._recall_states is not None:
-            self._recall_states.put(key, state, keep_from)
+        self._recall_states.put(key, state, keep_from)
         return state
 
     def _recall_context(self, n_tokens: int) -> Context:
@@ -377,20 +377,16 @@ class Session(Handle):
         if self._recall_ctx is None or self._recall_ctx.n_ctx < need:
             if self._recall_ctx is not None:
                 self._recall_ctx.close()
-            s = self.ctx.settings
-            self._recall_ctx = Context(
-                getattr(self.runtime, "prefill_model", self.runtime.model),
-                ContextSettings(
-                    n_ctx=need,
-                    n_batch=self.batch.capacity,
-                    n_ubatch=self.batch.capacity,
-                    n_seq_max=2,
-                    flash_attn=s.flash_attn,
-                    type_k=s.type_k,
-                    type_v=s.type_v,
-                    n_threads=s.n_threads,
-                ),
+            # the conversation's cache settings, without its attention capture
+            settings = replace(
+                self.ctx.settings,
+                n_ctx=need,
+                n_batch=self.batch.capacity,
+                n_ubatch=self.batch.capacity,
+                cb_eval=None,
+                cb_eval_user_data=None,
             )
+            self._recall_ctx = Context(self.runtime.prefill_model, settings)
         return self._recall_ctx
 
     def _moved(self, saved, keep_from: int, n_tokens: int):
