@@ -27,6 +27,10 @@ from uio_gguf.llamacpp.sampling import AnswerOutcome, Sampler, SamplingParams, s
 from uio_gguf.memory.encoder import SegmentMemory
 
 DECODER_SEQ, SCRATCH_SEQ = 0, 1
+# The recall's own context runs its batches in llama.cpp micro-batches of this many tokens: for a 910-token
+# recall on the F16 weights, 2 threads, 256 took 1.90 s (median of 6) where 512 took 2.10 s
+# (docs/benchmarks.md, issue 41): the smaller KQ products stay in cache.
+RECALL_UBATCH = 256
 
 
 class Session(Handle):
@@ -382,7 +386,7 @@ class Session(Handle):
                 self.ctx.settings,
                 n_ctx=need,
                 n_batch=self.batch.capacity,
-                n_ubatch=self.batch.capacity,
+                n_ubatch=min(RECALL_UBATCH, self.batch.capacity),
                 cb_eval=None,
                 cb_eval_user_data=None,
             )
