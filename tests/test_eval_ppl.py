@@ -262,3 +262,73 @@ def test_a_column_with_kept_tokens_closes_its_gap_against_its_own_raw_window(set
     at = next(i for i, line in enumerate(lines) if line.startswith("share of the same-cell gap closed"))
     assert lines[at + 1].split() == ["tokens", "uio-r4", "chat-r4+keep4"]
     assert lines[at + 2].split()[2] == f"{gap:.0%}"
+
+
+def test_reread_raw_window_equals_pytorch_training_view(setup):
+    """Session.reread: after each compression the raw window is decoded again behind the memory, so
+    segment t is read over [memory of 0..t-3][segments t-2..t raw], fresh: the view the heads train on,
+    which the PyTorch diagnosis computes (score_segment with a raw window of 3 segments). Without reread the
+    raw cells keep the states they were decoded with, and the same segments read differently."""
+    from uio_gguf.evals.ppl import Method, score, uio_logits
+    from uio_gguf.train.memory_diagnosis import Layout, compress, score_segment
+
+    runtime, model, stream = setup
+    ids = [int(t) for t in stream[: 7 * SEGMENT + 1]]
+    window = 3 * SEGMENT
+
+    def nll(reread):
+        method = Method("m", lambda tokens: uio_logits(runtime, tokens, raw_window=window, reread=reread))
+        return score(method, np.asarray(ids), [len(ids)], lambda n: None)[0]
+
+    fresh, stale = nll(True), nll(False)
+    memory = compress(model, ids)
+    for t in range(3, 7):
+        expected = score_segment(model, ids, memory, t, window, Layout())[0]
+        got = fresh[t * SEGMENT : (t + 1) * SEGMENT].sum()
+        assert got == pytest.approx(expected, rel=1e-4), t
+        assert abs(stale[t * SEGMENT : (t + 1) * SEGMENT].sum() - expected) > 1e-3, t
+
+
+def test_reread_raw_baseline_is_a_fresh_window(setup):
+    """raw-R+reread: segment t read over segments t-2..t alone from position 0, as a plain forward of them."""
+    from uio_gguf.evals.ppl import Method, reread_raw_logits, score
+
+    runtime, model, stream = setup
+    ids = [int(t) for t in stream[: 6 * SEGMENT + 1]]
+    method = Method("raw", lambda tokens: reread_raw_logits(runtime, tokens, raw_window=3 * SEGMENT))
+    nll = score(method, np.asarray(ids), [len(ids)], lambda n: None)[0]
+    for t in range(0, 6):
+        start = max(0, t - 2) * SEGMENT
+        window = torch.tensor([ids[start : (t + 1) * SEGMENT + 1]])
+        with torch.no_grad():
+            logits = model.decode(window[:, :-1], None)[0, -SEGMENT:]
+        expected = torch.nn.functional.cross_entropy(logits.float(), window[0, -SEGMENT:], reduction="sum").item()
+        assert nll[t * SEGMENT : (t + 1) * SEGMENT].sum() == pytest.approx(expected, rel=1e-4), t
+
+
+def test_reread_keeps_the_recall_and_equals_a_conversation_built_fresh(setup):
+    """With a recall in the raw window, a compression under reread decodes the raw tokens again around the
+    recall's cells: the next tokens read as in a session given that layout from scratch (the memory, the raw
+    tokens before the recall, the recall, the raw tokens after it)."""
+    runtime, _, stream = setup
+    window = 3 * SEGMENT
+    memory = runtime.compress(stream[: 2 * SEGMENT])
+    recalled, head, tail, question = stream[150:160], stream[32:40], stream[40 : 40 + window], stream[190:195]
+    with runtime.new_session(n_ctx=256) as s:
+        s.raw_window, s.reread = window, True
+        s.add_memory(memory)
+        s.feed(head)
+        s.set_recall(recalled)
+        s.feed(tail[:-8])  # reaches R: the oldest segment (head + the first 8 after the recall) is compressed
+        assert s.compressed_segments == 3 and s.recall_at == 0
+        got = s.feed(tail[-8:], all_logits=True)
+        got = np.concatenate([got, s.feed(question, all_logits=True)])
+    oldest = np.concatenate([head, tail[:8]])
+    with runtime.new_session(n_ctx=256) as ref:
+        ref.raw_window = window + SEGMENT  # no compression here
+        ref.add_memory(memory)
+        ref.add_memory(runtime.compress(oldest))
+        ref.set_recall(recalled)
+        expected = ref.feed(np.concatenate([tail[8:], question]), all_logits=True)[-len(got) :]
+    err = np.abs(got - expected).max()
+    assert err < 1e-4 * max(1.0, np.abs(expected).max()), err

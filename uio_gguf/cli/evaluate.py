@@ -79,6 +79,12 @@ def eval_ppl(
         help="Tokens the chat columns keep raw in front of their memory: the text's first tokens, as llama.cpp's "
         "--keep (attention sinks; docs/memory-vs-window.md). 0: none, as chat does today.",
     ),
+    reread: bool = typer.Option(
+        False,
+        "--reread",
+        help="The chat columns decode their raw window again behind the memory after each compression (the view "
+        "the heads are trained on; costs R/l more decoding), measured against a raw window that rereads too.",
+    ),
     raw_windows: str | None = typer.Option(
         None,
         "--raw-windows",
@@ -125,6 +131,7 @@ def eval_ppl(
         baselines=chosen,
         raw_windows=tuple(parse_lengths(raw_windows, "--raw-windows")) if raw_windows else (None if chat else ()),
         chat_keep=keep,
+        chat_reread=reread,
         partial=(lambda r: json_out.write_text(json.dumps(r, indent=2) + "\n")) if json_out else None,
     )
     bar.close()

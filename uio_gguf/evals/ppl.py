@@ -74,11 +74,13 @@ class Method:
 
 
 # ----- the methods ------------------------------------------------------------------------------------
-def uio_logits(runtime, tokens: np.ndarray, raw_window: int | None = None, keep: int = 0) -> Iterator[np.ndarray]:
+def uio_logits(
+    runtime, tokens: np.ndarray, raw_window: int | None = None, keep: int = 0, reread: bool = False
+) -> Iterator[np.ndarray]:
     raw_window = raw_window or runtime.segment
     cells = keep + len(tokens) // runtime.segment * runtime.slots + raw_window  # kept + all memory + raw window
     session = runtime.new_session(n_ctx=cells)
-    session.raw_window, session.keep = raw_window, keep
+    session.raw_window, session.keep, session.reread = raw_window, keep, reread
     try:
         for chunk in chunks(tokens, runtime.segment):
             yield session.feed(chunk, all_logits=True)
@@ -107,6 +109,26 @@ def shifted_logits(
     try:
         for chunk in chunks(tokens, plain.batch.capacity):
             yield plain.decode(chunk)
+    finally:
+        plain.close()
+
+
+def reread_raw_logits(runtime, tokens: np.ndarray, raw_window: int) -> Iterator[np.ndarray]:
+    """The raw window of a Session with reread, without its memory: when it reaches `raw_window` tokens its
+    oldest segment goes and the rest is decoded again from position 0 (its first token the attention sink
+    again), then the next segment after it."""
+    seg = runtime.segment
+    plain = PlainContext(runtime, n_ctx=raw_window, n_batch=min(raw_window, MAX_BATCH))
+    window: list[int] = []
+    try:
+        for chunk in chunks(tokens, seg):
+            if len(window) == raw_window:
+                window = window[seg:]
+                plain.clear()
+                if window:
+                    plain.feed(window)
+            yield plain.decode(chunk)
+            window.extend(int(t) for t in chunk)
     finally:
         plain.close()
 
@@ -159,11 +181,13 @@ def methods(
     raw_windows: tuple[int, ...] | None = None,
     lengths: list[int] | None = None,
     chat_keep: int = 0,
+    chat_reread: bool = False,
 ) -> list[Method]:
     """uio-r{ratio} for each runtime, then chat-r{ratio} (raw_windows: the raw windows R in tokens, one
     column each; None: chat's default; (): none), then the chosen baselines on the first runtime's model
     and segment (every method is deterministic, so a run may leave out baselines measured before).
-    lengths: the lengths the sliding-same baselines are made for (one method each)."""
+    lengths: the lengths the sliding-same baselines are made for (one method each). chat_reread: the chat
+    columns decode their raw window again behind the memory after each compression (Session.reread)."""
     base = runtimes[0]
     for rt in runtimes[1:]:
         if rt.bundle.model_fingerprint != base.bundle.model_fingerprint:
@@ -189,13 +213,13 @@ def methods(
         raise UIOError(f"--keep takes 0 to {base.segment - 1} tokens (fewer than a segment), not {chat_keep}")
     if any(r < base.segment for r in raw_windows):
         raise UIOError(f"a raw window holds at least one segment ({base.segment} tokens)")
-    chat, columns = [], [(n, rt, rt.segment, 0) for n, rt in zip(names, runtimes)]
+    chat, columns = [], [(n, rt, rt.segment, 0, False) for n, rt in zip(names, runtimes)]
     for r in raw_windows:
         for n, rt in zip(names, runtimes):
             name = n.replace("uio-", "chat-", 1) + ("" if len(raw_windows) == 1 else f"-raw{r}")
-            name += f"+keep{chat_keep}" if chat_keep else ""
-            chat.append(Method(name, partial(uio_logits, rt, raw_window=r, keep=chat_keep)))
-            columns.append((name, rt, r, chat_keep))
+            name += (f"+keep{chat_keep}" if chat_keep else "") + ("+reread" if chat_reread else "")
+            chat.append(Method(name, partial(uio_logits, rt, raw_window=r, keep=chat_keep, reread=chat_reread)))
+            columns.append((name, rt, r, chat_keep, chat_reread))
     same = same_cell_methods(columns, lengths or [], full_keep) if "same" in baselines else []
     every = {
         "window": Method("window", partial(window_logits, base)),
@@ -210,19 +234,25 @@ def methods(
     )
 
 
-def raw_label(raw_window: int, kept: int) -> str:
-    """The name of the raw-R baseline of a memory column with raw window R that keeps `kept` tokens."""
-    return f"raw-{raw_window}" + (f"+keep{kept}" if kept else "")
+def raw_label(raw_window: int, kept: int, reread: bool = False) -> str:
+    """The name of the raw-R baseline of a memory column with raw window R that keeps `kept` tokens (and
+    reads its raw window again after each compression)."""
+    return f"raw-{raw_window}" + (f"+keep{kept}" if kept else "") + ("+reread" if reread else "")
 
 
 def same_cell_methods(columns: list[tuple], lengths: list[int], keep: int = SINK_TOKENS) -> list[Method]:
-    """raw-R (once per raw window R and kept tokens) and, for each length, sliding-same:C of each column C:
-    (name, runtime, raw window R, tokens C keeps in front of its memory). The memory has to beat both:
-    raw-R is what it adds to, sliding-same what its cells would hold as plain tokens."""
+    """raw-R (once per raw window R, kept tokens and reread) and, for each length, sliding-same:C of each
+    column C: (name, runtime, raw window R, tokens C keeps in front of its memory, whether C rereads its raw
+    window). The memory has to beat both: raw-R is what it adds to, sliding-same what its cells would hold
+    as plain tokens. A column that rereads its raw window is measured against a raw window that rereads too
+    (a window kept fresh with no memory; the kept tokens play no part there, its first token is the sink)."""
     raw, same = {}, []
-    for name, rt, r, kept in columns:
-        label = raw_label(r, kept)
-        raw.setdefault(label, Method(label, partial(raw_logits, rt, raw_window=r, keep=kept)))
+    for name, rt, r, kept, reread in columns:
+        label = raw_label(r, 0 if reread else kept, reread)
+        logits = (
+            partial(reread_raw_logits, rt, raw_window=r) if reread else partial(raw_logits, rt, raw_window=r, keep=kept)
+        )
+        raw.setdefault(label, Method(label, logits))
         for n in lengths:
             cells = kept + memory_cells(n - 1, rt.segment, rt.slots, r)  # the last token is only a target
             same.append(Method(f"sliding-same:{name}", partial(shifted_logits, rt, window=cells, keep=keep), n))
@@ -275,10 +305,12 @@ def evaluate(
     raw_windows: tuple[int, ...] | None = None,
     partial: Callable[[dict], None] | None = None,
     chat_keep: int = 0,
+    chat_reread: bool = False,
 ) -> dict:
     """The report that `uio-gguf eval ppl` prints and writes as JSON; `partial` gets the report so far
     after each method has read each text (cells not yet done have ppl None). chat_keep: tokens the chat
-    columns keep raw in front of their memory (Session's keep)."""
+    columns keep raw in front of their memory (Session's keep); chat_reread: they decode their raw window
+    again after each compression (Session's reread)."""
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
         raise UIOError("every length must be at least 2 tokens")
@@ -287,7 +319,7 @@ def evaluate(
             raise UIOError(
                 f"{text.name} has {len(text.tokens):,} tokens, fewer than every length (the shortest is {lengths[0]:,})"
             )
-    chosen = methods(runtimes, full_window, full_keep, baselines, raw_windows, lengths, chat_keep)
+    chosen = methods(runtimes, full_window, full_keep, baselines, raw_windows, lengths, chat_keep, chat_reread)
     longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
 
     def read(method: Method, text: Text) -> int:
@@ -340,12 +372,15 @@ def evaluate(
             },
             "raw_baseline_of": {
                 m.name: raw_label(
-                    m.logits.keywords.get("raw_window") or runtimes[0].segment, m.logits.keywords.get("keep", 0)
+                    m.logits.keywords.get("raw_window") or runtimes[0].segment,
+                    0 if m.logits.keywords.get("reread") else m.logits.keywords.get("keep", 0),
+                    m.logits.keywords.get("reread", False),
                 )
                 for m in chosen
                 if m.name.startswith(("uio-", "chat-"))
             },
             "keep": chat_keep,
+            "reread": chat_reread,
             "texts": [{"name": t.name, "tokens": len(t.tokens), "domain": t.domain} for t in texts],
             "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
             "results": results,

@@ -93,6 +93,10 @@ class Session(Handle):
         self.compressed_segments = 0
         self.tokens_seen = 0  # tokens of text the conversation stands for (memory + raw)
         self.raw_window = raw_window
+        # After each compression, decode the raw window again behind the memory as it now stands (reread):
+        # the view the heads are trained and diagnosed on. Without it the raw cells keep the states they
+        # were decoded with, beside tokens that have since left the window (docs/memory-vs-window.md).
+        self.reread = False
         self._recall_ctx: Context | None = None  # made at the first recall (set_recall)
         self._recall_states = runtime.recall_states  # recalls decoded before by this runtime's sessions
         self.recall_decoded = self.recall_reused = 0  # recalled tokens decoded / taken from recall_states
@@ -248,6 +252,37 @@ class Session(Handle):
         elif self.raw:
             self.ctx.seq_add(DECODER_SEQ, raw_at + seg, -1, kept - seg)
         self._write_memory(memory)
+        if self.reread:
+            self._reread_raw()
+
+    def _reread_raw(self) -> None:
+        """Decodes the raw window's tokens again at their positions behind the memory, so that each
+        attends over [kept][memory][the raw tokens before it] as the training view has it; the raw window's
+        first token becomes its attention sink again. A recall keeps its cells (decoded alone, they read
+        nothing of the raw window); the raw tokens before and after it are decoded again around it. The
+        last raw token's logits are left for sampling (those of the view read again)."""
+        at = self.memory_end
+        before, after = (self.raw[: self.recall_at], self.raw[self.recall_at :]) if self.recall else (self.raw, [])
+        after_at = at + len(before) + len(self.recall)
+        self.ctx.seq_rm(DECODER_SEQ, at, at + len(before))
+        if after:
+            self.ctx.seq_rm(DECODER_SEQ, after_at, -1)
+        # causal by position: the tokens before the recall do not see its cells at later positions
+        self._decode_at(before, at, last_logits=not after)
+        self._decode_at(after, after_at, last_logits=True)
+
+    def _decode_at(self, tokens: list[int], start: int, last_logits: bool) -> None:
+        """Decodes tokens into the conversation at positions start.., batch by batch (no logits, or the
+        last token's only)."""
+        cap = self.batch.capacity
+        for at in range(0, len(tokens), cap):
+            chunk = tokens[at : at + cap]
+            final = last_logits and at + cap >= len(tokens)
+            outputs = [final and i == len(chunk) - 1 for i in range(len(chunk))]
+            self.batch.fill(
+                np.arange(start + at, start + at + len(chunk)), [[DECODER_SEQ]] * len(chunk), outputs, tokens=chunk
+            )
+            self.ctx.decode(self.batch)
 
     # ----- the question's attention over the memory (recall ranking) -------------------------------
     @property
