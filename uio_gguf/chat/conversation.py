@@ -73,6 +73,7 @@ class Conversation(Handle):
         should_stop: Callable[[], bool] | None = None,
         must_save: bool = False,
         keep: int = DEFAULT_KEEP,
+        reread: bool = False,
     ):
         """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
         alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
@@ -85,7 +86,9 @@ class Conversation(Handle):
         should_stop: polled after each segment compressed; true raises Stopped (the book half read: nothing is
         saved). must_save: a memory file that cannot be written (a full or read-only disk) is an error;
         otherwise a warning, and the conversation goes on. keep: the document's first tokens kept raw in
-        front of the memory (attention sinks, as llama.cpp's --keep; docs/memory-vs-window.md)."""
+        front of the memory (attention sinks, as llama.cpp's --keep; docs/memory-vs-window.md). reread: after
+        each compression the raw window is decoded again behind the memory (Session.reread), as the book's
+        end is when it is opened; only a raw window over one segment has anything to read again."""
         if recall_ranking not in RANKINGS:
             raise UIOError(f"unknown recall ranking {recall_ranking!r} (choose from {', '.join(RANKINGS)})")
         if recall_tokens < 0:
@@ -109,7 +112,7 @@ class Conversation(Handle):
         if not 0 <= keep <= runtime.segment:
             raise UIOError(f"the kept tokens must be 0 to the segment length ({runtime.segment}), not {keep}")
         self.session = runtime.new_session(n_ctx, query_rows=QUERY_ROWS if by_attention else 0)
-        self.session.keep = keep
+        self.session.keep, self.session.reread = keep, reread
         self.session.raw_window = self._fit_raw_window(raw_window, recall_tokens)
         self.stats = CompressionStats()
         self.recall_tokens = recall_tokens

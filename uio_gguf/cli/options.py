@@ -85,6 +85,15 @@ KeepTokens = Annotated[
         "with a raw window over one segment, 4 reads better: docs/memory-vs-window.md). Default: 0.",
     ),
 ]
+Reread = Annotated[
+    bool,
+    typer.Option(
+        "--reread",
+        help="After each compression, decode the raw window again behind the memory (the view the heads are trained "
+        "on; with a raw window over one segment it reads better than a plain window of the same cells, at R/l "
+        "times the decoding when a turn passes R: docs/memory-vs-window.md).",
+    ),
+]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
 ENCODER_FORMAT_HELP = (
     "Weights of the encoder pass and the recall's prefill (uio_gguf/format/derived.py): auto (an F16 copy of a "

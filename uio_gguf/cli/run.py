@@ -21,6 +21,7 @@ from uio_gguf.cli.options import (
     Model,
     NCtx,
     RawWindow,
+    Reread,
     Threads,
     Verbose,
     app,
@@ -134,6 +135,7 @@ def chat(
     recall_ranking: RecallRanking = "bm25",
     raw_window: RawWindow = None,
     keep_tokens: KeepTokens = None,
+    reread: Reread = False,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
     loop_guard: LoopGuardOption = True,
@@ -190,6 +192,7 @@ def chat(
         raw_window=raw_window,
         recall_ranking=recall_ranking,
         **({} if keep_tokens is None else {"keep": keep_tokens}),
+        reread=reread,
     )
     bar.close()
     stats = conversation.stats
@@ -246,6 +249,7 @@ def demo(
     recall: Recall = DEFAULT_RECALL_TOKENS,
     raw_window: RawWindow = None,
     keep_tokens: KeepTokens = None,
+    reread: Reread = False,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
     loop_guard: LoopGuardOption = True,
@@ -275,6 +279,7 @@ def demo(
         recall_ranking="bm25",
         raw_window=raw_window,
         keep_tokens=keep_tokens,
+        reread=reread,
         repeat_penalty=repeat_penalty,
         dry=dry,
         loop_guard=loop_guard,

@@ -15,6 +15,7 @@ from uio_gguf.cli.options import (
     NCtx,
     Ratio,
     RawWindow,
+    Reread,
     Threads,
     Verbose,
     app,
@@ -52,6 +53,7 @@ def serve(
     keep: int = typer.Option(4, "--keep", min=0, help="Finished conversations kept open to be continued."),
     raw_window: RawWindow = None,
     keep_tokens: KeepTokens = None,
+    reread: Reread = False,
     alias: str | None = typer.Option(None, "--alias", help="The model id clients use (default: the bundle's name)."),
     max_upload_mb: float = typer.Option(
         DEFAULT_MAX_UPLOAD_MB, "--max-upload-mb", min=0.001, help="The largest book the web page takes, in MB."
@@ -78,7 +80,9 @@ def serve(
         threads=threads,
         encoder_format=encoder_format,
     )
-    llm = UIOLlama(runtime=runtime, n_ctx=n_ctx, keep=keep, raw_window=raw_window, keep_tokens=keep_tokens)
+    llm = UIOLlama(
+        runtime=runtime, n_ctx=n_ctx, keep=keep, raw_window=raw_window, keep_tokens=keep_tokens, reread=reread
+    )
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
         from uio_gguf.format.shipped import shipped_bundles
 

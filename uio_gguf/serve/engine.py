@@ -141,11 +141,12 @@ class UIOLlama(Handle):
         runtime=None,
         raw_window: int | None = None,
         keep_tokens: int | None = None,
+        reread: bool = False,
     ):
         """bundle: a bundle directory (None: the embedded SmolLM2 bundle); n_ctx: the decoder window
         (None: the model's trained context); recall_tokens: Conversation's recall budget per question
         (None: its default; 0: off); runtime: an open UIORuntime to use instead (not closed here);
-        raw_window, keep_tokens: Conversation's raw_window and keep (None: its defaults)."""
+        raw_window, keep_tokens, reread: Conversation's raw_window, keep and reread (None: its defaults)."""
         if runtime is None:
             from uio_gguf.memory.runtime import UIORuntime
 
@@ -158,7 +159,7 @@ class UIOLlama(Handle):
         self.runtime = runtime
         self.n_ctx = n_ctx
         self.keep = keep
-        self.options = {"use_memory_files": use_memory_files}  # passed on to each Conversation
+        self.options = {"use_memory_files": use_memory_files, "reread": reread}  # passed on to each Conversation
         for name, value in (("recall_tokens", recall_tokens), ("raw_window", raw_window), ("keep", keep_tokens)):
             if value is not None:
                 self.options[name] = value
