@@ -223,6 +223,35 @@ def test_sliding_recall_spends_the_memory_cells_on_the_book_tail(runtime, base):
         assert (len(sliding) - len(question) - doc.skip - len(tail) > 0) == (budget > 0)
 
 
+def test_a_longer_raw_window_is_the_same_tail_for_every_method(runtime, base):
+    """--raw-window R: uio+recall's conversation keeps the book's last tokens raw as chat does with R, and
+    rag and sliding+recall read that same tail (sliding+recall: after the raw tokens the memory's cells
+    could hold instead, fewer of them than with one segment, as the memory covers fewer segments)."""
+    from uio_gguf.chat.conversation import Conversation
+
+    window = 3 * SEGMENT
+    sample = eval_qa.make_sample("passkey", 0.3, random.Random(2))
+    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    cache = eval_qa.SegmentCache(runtime)
+    eval_qa.load_base(cache, base, use_memory_files=False)
+    got = eval_qa.answer(cache, doc, sample.question, "uio+recall", PARAMS, 64, raw_window=window)
+    with Conversation(runtime, doc.book, use_memory_files=False, recall_tokens=64, raw_window=window) as conversation:
+        tail = [int(t) for t in conversation.session.raw]
+        n_mem = conversation.session.compressed_segments
+        want = "".join(conversation.ask(sample.question, PARAMS))
+    assert got.text == want and window - SEGMENT <= len(tail) < window
+    assert n_mem * SEGMENT + len(tail) == len(doc.tokens)
+    memory_cells = n_mem * runtime.slots
+    window_prompt = eval_qa.method_tokens(runtime, doc, sample.question, "window", 0, window)
+    assert np.array_equal(window_prompt[doc.skip : doc.skip + len(tail)], tail)
+    rag = eval_qa.method_tokens(runtime, doc, sample.question, "rag", 64, window)
+    sliding = eval_qa.method_tokens(runtime, doc, sample.question, "sliding+recall", 64, window)
+    assert len(sliding) == len(rag) + memory_cells
+    before = doc.tokens[n_mem * SEGMENT - memory_cells : n_mem * SEGMENT]
+    assert np.array_equal(sliding[doc.skip : doc.skip + memory_cells + len(tail)], np.concatenate([before, tail]))
+    assert np.array_equal(sliding[doc.skip + memory_cells :], rag[doc.skip :])
+
+
 def test_window_equals_full_8k_when_the_text_fits(make_tiny_bundle, prose):
     from uio_gguf.memory.runtime import UIORuntime
 

@@ -56,6 +56,13 @@ class CompressionStats:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
+def memory_segments(n_tokens: int, segment: int, raw_window: int) -> int:
+    """How many of a book's segments a conversation keeps as memory: all but the tail a raw window of
+    raw_window tokens holds, as feed would leave it (fewer than raw_window tokens raw)."""
+    tail_from = n_tokens - raw_window
+    return min(n_tokens // segment, tail_from // segment + 1) if tail_from >= 0 else 0
+
+
 class Conversation(Handle):
     def __init__(
         self,
@@ -149,8 +156,7 @@ class Conversation(Handle):
         started = time.perf_counter()
         self.memory_path = path
         # the segments the raw window holds are read as text (their memory stays in the file for later)
-        n_raw_window = len(self.book_tokens) - self.session.raw_window  # as feed would leave it: < R raw
-        n_mem = min(n_full, n_raw_window // seg + 1) if n_raw_window >= 0 else 0
+        n_mem = memory_segments(len(self.book_tokens), seg, self.session.raw_window)
         remainder = self.book_tokens[n_mem * seg :]
         sink = self.book_tokens[: self.session.keep] if n_mem else []  # feed keeps them at the first compression
         start = self._start_state(path, key, remainder) if use_memory_files else None

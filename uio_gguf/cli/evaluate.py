@@ -236,6 +236,12 @@ def eval_qa(
         "-n",
         help="Most tokens per answer (greedy). Default: 128 for multivalue (three numbers), 48 for the others.",
     ),
+    raw_window: int | None = typer.Option(
+        None,
+        "--raw-window",
+        help="The raw tail of the book the uio methods keep (chat's --raw-window); window, rag and sliding+recall "
+        "read the same tail. Default: one segment, the training view.",
+    ),
     loop_guard: LoopGuardOption = True,
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the fillers' memory files."),
     json_out: Path | None = typer.Option(
@@ -284,6 +290,7 @@ def eval_qa(
         loop_guard=loop_guard,
         use_memory_files=not no_cache,
         fillers=fillers,
+        raw_window=raw_window,
         progress=update,
         partial=(lambda r: json_out.write_text(json.dumps(name_filler(r), indent=2) + "\n")) if json_out else None,
     )

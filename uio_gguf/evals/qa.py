@@ -18,8 +18,10 @@ Methods (the book goes in the first user turn of the chat template, as `uio-gguf
   uio+recall  the memory and recall (chat's default budget), passages ranked by BM25
   uio+attn    the same, segments ranked by the question's attention over their memory slots
               (uio_gguf.memory.attention_rank)
-Both read the training view: the raw window is one segment (the remainder), which window and rag read
-too; chat's longer default raw window (uio_gguf.chat.conversation.DEFAULT_RAW_SEGMENTS) is not a column yet.
+All read the training view by default: the raw window is one segment (the remainder), which window and
+rag read too. --raw-window R gives the uio methods a raw window of R tokens (the book's tail that a
+conversation keeps raw); window, rag and sliding+recall then read that tail too, and sliding+recall
+spends the memory's (fewer) cells on the raw tokens before it.
 Greedy answers of at most --max-tokens tokens. Per cell: accuracy, the share of answers that end by
 themselves (end of turn before the token limit), the share with a loop (a 4-gram of words repeated 3+
 times) and the median time to first token (for uio: the memory already made, as from a memory file).
@@ -151,18 +153,24 @@ def _plain_answer(runtime, tokens: np.ndarray, params, window: int, started: flo
 
 
 def _uio_answer(
-    cache: SegmentCache, doc: Document, question: str, params, recall_tokens: int, ranking: str = "bm25"
+    cache: SegmentCache,
+    doc: Document,
+    question: str,
+    params,
+    recall_tokens: int,
+    ranking: str = "bm25",
+    raw_window: int | None = None,
 ) -> Answer:
     from uio_gguf.chat.conversation import Conversation
 
     started = time.perf_counter()
-    # the training view (raw window = one segment), whose raw part window and rag read too
+    # default: the training view (raw window = one segment), whose raw part window and rag read too
     conversation = Conversation(
         cache.runtime,
         doc.book,
         use_memory_files=False,
         recall_tokens=recall_tokens,
-        raw_window=cache.runtime.segment,
+        raw_window=raw_window or cache.runtime.segment,
         recall_ranking=ranking,
         compress=cache.compress,
     )
@@ -179,35 +187,47 @@ def _uio_answer(
         conversation.close()
 
 
-def method_tokens(runtime, doc: Document, question: str, method: str, recall_tokens: int) -> np.ndarray:
-    """The prompt a memoryless method reads: all of it (full-8k), or the opening, the raw remainder UIO
-    keeps (sliding+recall: as many more of the book's last tokens as uio's memory has cells), the recall
+def method_tokens(
+    runtime, doc: Document, question: str, method: str, recall_tokens: int, raw_window: int | None = None
+) -> np.ndarray:
+    """The prompt a memoryless method reads: all of it (full-8k), or the opening, the raw tail UIO keeps
+    with a raw window of raw_window tokens (default one segment: the remainder after the last full
+    segment; sliding+recall: as many more of the book's last tokens as uio's memory has cells), the recall
     (rag, sliding+recall; right before the question, where uio+recall reads it), then the question."""
+    from uio_gguf.chat.conversation import memory_segments
     from uio_gguf.chat.recall import Recall
 
     q = _question_tokens(runtime.model, question)
     if method == "full-8k":
         return np.concatenate([doc.tokens, q])
-    n_full = len(doc.tokens) // runtime.segment * runtime.segment
+    n_mem = memory_segments(len(doc.tokens), runtime.segment, raw_window or runtime.segment)
+    raw_from = n_mem * runtime.segment
     recalled = np.zeros(0, dtype=np.int32)
-    if method in ("rag", "sliding+recall") and recall_tokens and n_full:
-        recalled = Recall(runtime.model, doc.tokens[:n_full], runtime.segment, doc.skip).recall_tokens(
+    if method in ("rag", "sliding+recall") and recall_tokens and raw_from:
+        recalled = Recall(runtime.model, doc.tokens[:raw_from], runtime.segment, doc.skip).recall_tokens(
             question, recall_tokens
         )
-    raw_from = n_full
     if method == "sliding+recall":  # the memory's cells spent on the book's last raw tokens instead
-        raw_from -= n_full // runtime.segment * runtime.slots
+        raw_from -= n_mem * runtime.slots
     return np.concatenate([doc.tokens[: doc.skip], doc.tokens[max(doc.skip, raw_from) :], recalled, q])
 
 
-def answer(cache: SegmentCache, doc: Document, question: str, method: str, params, recall_tokens: int) -> Answer:
+def answer(
+    cache: SegmentCache,
+    doc: Document,
+    question: str,
+    method: str,
+    params,
+    recall_tokens: int,
+    raw_window: int | None = None,
+) -> Answer:
     runtime = cache.runtime
     if method in RANKING:
         budget = recall_tokens if method != "uio" else 0
-        return _uio_answer(cache, doc, question, params, budget, RANKING[method])
+        return _uio_answer(cache, doc, question, params, budget, RANKING[method], raw_window)
     if method in PLAIN_METHODS:
         started = time.perf_counter()  # rag's ranking counts, as uio+recall's does
-        tokens = method_tokens(runtime, doc, question, method, recall_tokens)
+        tokens = method_tokens(runtime, doc, question, method, recall_tokens, raw_window)
         return _plain_answer(runtime, tokens, params, runtime.model.n_ctx_train, started)
     raise UIOError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
 
@@ -237,11 +257,13 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     partial: Callable[[dict], None] | None = None,
     fillers: int = 1,
+    raw_window: int | None = None,
 ) -> dict:
     """The report that `uio-gguf eval qa` prints and writes as JSON. partial(report so far) is called
     after every answer (a long run stopped midway keeps what it measured). fillers: texts drawn per
     length, trial t reading filler t % fillers; with one, every trial of a depth hides its needle in the
-    same passage, so the trials sample keys, not contexts (docs/evaluation.md)."""
+    same passage, so the trials sample keys, not contexts (docs/evaluation.md). raw_window: the raw tail
+    every method reads (None: one segment, the training view)."""
     from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
     from uio_gguf.llamacpp.sampling import SamplingParams
 
@@ -251,6 +273,8 @@ def evaluate(
         raise UIOError(f"--fillers must be from 1 to --trials ({trials}), not {fillers}")
     if recall_tokens < 0:
         raise UIOError(f"the recall budget must be 0 or more tokens, not {recall_tokens}")
+    if raw_window is not None and raw_window < runtime.segment:
+        raise UIOError(f"the raw window must hold at least one segment ({runtime.segment} tokens), not {raw_window}")
     if any(m.startswith("uio") for m in methods):
         limit = runtime.max_tokens()
         if max(lengths) + 64 > limit:
@@ -277,6 +301,7 @@ def evaluate(
             "ratio": runtime.bundle.ratio,
             "segment": runtime.segment,
             "recall_tokens": recall_tokens,
+            "raw_window": raw_window or runtime.segment,
             "max_tokens": budgets,
             "loop_guard": loop_guard,
             "filler": filler,
@@ -301,7 +326,7 @@ def evaluate(
                     doc = splice(runtime.model, bases[trial % fillers], sample.needles)
                     for method in methods:
                         before = cache.compressed
-                        got = answer(cache, doc, sample.question, method, params[task], recall_tokens)
+                        got = answer(cache, doc, sample.question, method, params[task], recall_tokens, raw_window)
                         right = [found(a, got.text) for a in sample.answers]
                         samples.append(
                             {
