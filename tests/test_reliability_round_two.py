@@ -228,7 +228,7 @@ def test_a_ctrl_c_inside_a_finalizer_interrupts_the_command_without_exception_ig
             "def finalize():",
             "    handle = Handle()",
             "    del handle",
-            "    time.sleep(10)",  # the interrupt comes ~0.05 s after the finalizer; 10 s leaves room for a loaded CPU
+            "    time.sleep(3)",  # the timer interrupts ~0.05 s after the finalizer (seen when the sleep ends): room for a loaded CPU
             "    print('not interrupted')",
             "sys.argv[1:] = ['finalize']",
             "main()",
