@@ -24,17 +24,18 @@
 #     16K crops alone gained in domain at 4K-8K and lost at 16K-32K; 32K crops alone gained only at 32K;
 #     the two in turn, halfway, gained in domain at every length (sessions 24 and 25):
 #     docs/training-log.md#the-next-run. LONG_SEGMENTS= turns them off.)
-#   - the decoder trains on the layout the runtime is to use: the crop's first 4 tokens kept raw at
-#     positions 0..3 in front of the memory (KEEP=4, `--keep-tokens`; llama.cpp's --keep, chat's
-#     --keep-tokens) and a raw window of 1 to 16 segments (128 to 2,048 tokens) behind it, one length
-#     drawn for each scored window (RAW_SEGMENTS=1-16, `--raw-segments`), scored on its last segment.
-#     Why (docs/memory-vs-window.md): in llama.cpp a raw window longer than a segment slides and keeps
-#     the states it was decoded with; with 4 kept tokens, memory + R = 1,024 reads the libpng manual at
-#     4K at 12.07 against 12.22 for R alone and 12.27 for a plain window of the same cells, but the
-#     heads were only ever trained on [memory ; one segment] without sinks, where the memory stands in
-#     for a raw window instead of adding to one. KEEP=0 RAW_SEGMENTS=1 is the old view. The raw windows
-#     make a scored window ~8.5 segments long on average: more decoder work per step (see the step
-#     times in the log against the previous run's).
+#   - the decoder trains on the layout the runtime is to use: the memory, then a raw window of 1 to 16
+#     segments (128 to 2,048 tokens) decoded fresh behind it, one length drawn for each scored window
+#     (RAW_SEGMENTS=1-16, `--raw-segments`), scored on its last segment: the runtime's `--reread` layout
+#     (docs/memory-vs-window.md, session 28), where the shipped r8 head's memory + R = 1,024 already
+#     beats a plain window of the same cells at 8K and 16K in both domains (10.48 against 10.88 and
+#     10.77 against 10.84 in domain), but the heads were only ever trained on [memory ; one segment],
+#     where the memory stands in for a raw window instead of adding to one. No kept tokens (KEEP=0): in
+#     that fresh view the raw window's first token is the sink, and 4 kept tokens in front of the memory
+#     cost 0.13 in the diagnosis (9.21 against 9.08); KEEP=4 trains llama.cpp's sliding `--keep-tokens 4`
+#     layout instead. KEEP=0 RAW_SEGMENTS=1 is the old view. The raw windows make a scored window ~8.5
+#     segments long on average: more decoder work per step (see the step times in the log against the
+#     previous run's).
 set -euo pipefail
 
 RUNS=${RUNS:-runs/next}
@@ -48,7 +49,7 @@ BASE=$(python -c 'from uio_gguf.format.embedded import default_model_path as p; 
 # 128 and 256; LONG_SEGMENTS= for crops of one length, as CHAT_RECALL above 0 and SEGMENTS=256 need).
 LONG_SEGMENTS=${LONG_SEGMENTS-256}
 RECIPE=(--segments "${SEGMENTS:-128}" ${LONG_SEGMENTS:+--long-segments "$LONG_SEGMENTS"} --loss-windows "${LOSS_WINDOWS:-16}" --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
-        --keep-tokens "${KEEP:-4}" --raw-segments "${RAW_SEGMENTS:-1-16}"
+        --keep-tokens "${KEEP:-0}" --raw-segments "${RAW_SEGMENTS:-1-16}"
         --lr "${LR:-2e-4}" --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
 
 # `train` needs CUDA: without it, poll every 30 s for GPU_WAIT_MINUTES (default 0: do not wait), then
@@ -117,8 +118,8 @@ cpu)
     uio-gguf train --base "$BASE" --out "$RUNS/$NAME" --init "$INIT" \
         "${RECIPE[@]}" --batch "${BATCH:-4}" --steps "${STEPS:-12}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
     uio-gguf convert "$RUNS/$NAME/checkpoint" -o "$RUNS/bundle-$NAME" --base-gguf "$BASE" --force
-    # the training view and the layout the recipe trains for (KEEP kept tokens + memory + R = 1,024)
-    uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-$NAME" --baselines none --raw-windows 1024 --keep "${KEEP:-4}" \
+    # the training view and the layout the recipe trains for (memory + R = 1,024 read again; KEEP kept tokens)
+    uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-$NAME" --baselines none --raw-windows 1024 --reread --keep "${KEEP:-0}" \
         --json "$RUNS/$NAME.ppl.json"
     passkeys "$RUNS/bundle-$NAME" "$RUNS/$NAME.passkey.json"
     ;;
@@ -134,12 +135,12 @@ check)
     # more of the out-of-domain gap at 8K without closing less in domain at any length, and keeps its pass keys.
     uio-gguf eval ppl --lengths 4096,8192,16384,32768 -m "$RUNS/bundle-r8" -m "$RUNS/bundle-r8-mid" \
         -m "$RUNS/bundle-r32" -m "$RUNS/bundle-r32-mid" --baselines none --no-chat --json "$RUNS/ppl.json"
-    # The layout the run trained for: 4 kept tokens + memory + R = 1,024, beside R alone and a plain
+    # The layout the run trained for: memory + R = 1,024 read again (--reread), beside R alone and a plain
     # window of the same cells (--baselines same), the shipped heads too (docs/memory-vs-window.md: the
-    # shipped r8 reads the libpng manual at 4K at 12.07 there, R alone at 12.22, the plain window 12.27).
+    # shipped r8 reads the libpng manual at 8K at 10.48 there, R alone at 10.97, the plain window 10.88).
     uio-gguf eval ppl --lengths 4096,8192 -m uio_gguf/bundles/smollm2-135m-l128-r8 -m "$RUNS/bundle-r8" \
         -m "$RUNS/bundle-r8-mid" -m uio_gguf/bundles/smollm2-135m-l128-r32 -m "$RUNS/bundle-r32" -m "$RUNS/bundle-r32-mid" \
-        --raw-windows 1024 --keep "${KEEP:-4}" --baselines same --json "$RUNS/ppl-keep.json"
+        --raw-windows 1024 --reread --keep "${KEEP:-0}" --baselines same --json "$RUNS/ppl-reread.json"
     for HEAD in r8 r8-mid r32 r32-mid; do passkeys "$RUNS/bundle-$HEAD" "$RUNS/$HEAD.passkey.json"; done
     ;;
 *)
