@@ -236,8 +236,10 @@ def methods(
 
 def raw_label(raw_window: int, kept: int, reread: bool = False) -> str:
     """The name of the raw-R baseline of a memory column with raw window R that keeps `kept` tokens (and
-    reads its raw window again after each compression)."""
-    return f"raw-{raw_window}" + (f"+keep{kept}" if kept else "") + ("+reread" if reread else "")
+    reads its raw window again after each compression: then the baseline rereads too, and keeps nothing)."""
+    if reread:
+        return f"raw-{raw_window}+reread"
+    return f"raw-{raw_window}" + (f"+keep{kept}" if kept else "")
 
 
 def same_cell_methods(columns: list[tuple], lengths: list[int], keep: int = SINK_TOKENS) -> list[Method]:
@@ -248,7 +250,7 @@ def same_cell_methods(columns: list[tuple], lengths: list[int], keep: int = SINK
     (a window kept fresh with no memory; the kept tokens play no part there, its first token is the sink)."""
     raw, same = {}, []
     for name, rt, r, kept, reread in columns:
-        label = raw_label(r, 0 if reread else kept, reread)
+        label = raw_label(r, kept, reread)
         logits = (
             partial(reread_raw_logits, rt, raw_window=r) if reread else partial(raw_logits, rt, raw_window=r, keep=kept)
         )
@@ -373,7 +375,7 @@ def evaluate(
             "raw_baseline_of": {
                 m.name: raw_label(
                     m.logits.keywords.get("raw_window") or runtimes[0].segment,
-                    0 if m.logits.keywords.get("reread") else m.logits.keywords.get("keep", 0),
+                    m.logits.keywords.get("keep", 0),
                     m.logits.keywords.get("reread", False),
                 )
                 for m in chosen

@@ -146,8 +146,7 @@ class Session(Handle):
         if not tokens:
             return
         self._check_room(len(tokens))
-        self.batch.fill(np.arange(len(tokens)), [[DECODER_SEQ]] * len(tokens), [False] * len(tokens), tokens=tokens)
-        self.ctx.decode(self.batch)
+        self._decode_at(tokens, 0, last_logits=False)
         self.sink = tokens
 
     def add_memory(self, memory: SegmentMemory) -> None:
@@ -321,15 +320,7 @@ class Session(Handle):
         head, tail = tokens[:-rows], tokens[-rows:]
         self._last_logits = None  # what follows must be fed before sampling
         try:
-            for start in range(0, len(head), cap):
-                chunk = head[start : start + cap]
-                self.batch.fill(
-                    np.arange(at + start, at + start + len(chunk)),
-                    [[DECODER_SEQ]] * len(chunk),
-                    [False] * len(chunk),
-                    tokens=chunk,
-                )
-                self.ctx.decode(self.batch)
+            self._decode_at(head, at, last_logits=False)
             positions = np.arange(at + len(head), at + len(tokens))
             self.batch.fill(positions, [[DECODER_SEQ]] * rows, [i == rows - 1 for i in range(rows)], tokens=tail)
             self._capture.decode(self.ctx, self.batch, rows)
