@@ -64,6 +64,21 @@ def test_a_damaged_start_state_is_rebuilt(runtime, planted_book, monkeypatch, tm
     assert _open(runtime, planted_book)[0].from_start_state  # written again whole
 
 
+def test_a_start_state_with_one_byte_changed_is_rebuilt(runtime, planted_book, monkeypatch, tmp_path):
+    """The zip's CRC-32 is the state's only checksum: one bit changed in the middle of the saved cells (a
+    length and a zip that are still whole) must be caught, not restored."""
+    monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path))
+    first = _open(runtime, planted_book)
+    (state_file,) = first[4].parent.glob("*.start.npz")
+    data = bytearray(state_file.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    state_file.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="start state .* is damaged .*CRC"):
+        again = _open(runtime, planted_book)
+    assert again[0].from_file and not again[0].from_start_state
+    assert again[3] == first[3]
+
+
 def test_kept_tokens_from_a_memory_file_are_the_cells_feed_leaves(runtime, planted_book, monkeypatch, tmp_path):
     """Conversation(keep=4) opens a book from its memory (keep_sink + add_memory + the remainder fed): the
     cache holds the same cells, at the same positions, as a session fed the whole document from its first

@@ -1,8 +1,9 @@
 """Keyed cache files: an .npz of arrays plus a meta record of what they are (format), what they were
-made for (key) and a checksum over them, written atomically.
+made for (key) and a checksum over them (or none: the zip's CRC-32 of each array), written atomically.
 
 Memory files (uio_gguf.store.memory_file) and start states (uio_gguf.store.start_state) are both kept this way;
-each computes its own checksum, so the arrays are read back once and checked by their owner. A file
+a memory file checks its own SHA-256 over K and V, a start state the zip's CRC-32 alone (its state
+is read once, in the first question's time). A file
 written into the memory cache keeps that folder under its size limit; a file read is marked used
 (uio_gguf/cache.py).
 """
@@ -18,7 +19,9 @@ from uio_gguf.atomic import atomic_file
 from uio_gguf.cache import mark_used, trim_memory_dir
 
 
-def save(path: Path, format: str, key: str, checksum: str, **arrays: np.ndarray) -> None:
+def save(path: Path, format: str, key: str, checksum: str | None, **arrays: np.ndarray) -> None:
+    """checksum: the owner's own over the arrays, or None where the zip's CRC-32 (checked by np.load as it
+    reads an array) is guard enough."""
     meta = json.dumps({"format": format, "key": key, "checksum": checksum})
     with atomic_file(path, suffix=".npz") as tmp:
         np.savez(tmp, meta=np.array(meta), **arrays)
