@@ -57,23 +57,24 @@ def test_baselines_agree_and_differ_where_they_must(setup):
 
     small = _nll(runtime, stream, full_window=64)
     assert "full-64" in small
-    # identical until the 64-token window is first full (batches of 30), then it sees less
-    assert np.abs(small["full-64"][:60] - small["full"][:60]).max() < 1e-5
-    assert np.abs(small["full-64"][60:] - small["full"][60:]).max() > 1e-3
+    # identical until the 64-token window is first full (batches of 30, the third cut at its last cell),
+    # then it sees less
+    assert np.abs(small["full-64"][:64] - small["full"][:64]).max() < 1e-5
+    assert np.abs(small["full-64"][64:] - small["full"][64:]).max() > 1e-3
 
 
 def _torch_shifted_logits(base, tokens: np.ndarray, window: int, keep: int, batch: int, drop=None) -> np.ndarray:
-    """llama.cpp's context shift redone on the HF model: when the next batch does not fit, the cached
-    K/V after the first `keep` lose the older half (or `drop` cells), and the later keys are rotated back
-    by as many positions."""
+    """llama.cpp's context shift redone on the HF model: batches fill the window to its last cell; when
+    the next token does not fit, the cached K/V after the first `keep` lose the older half (or `drop`
+    cells), and the later keys are rotated back by as many positions."""
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import rotate_half
 
     cache, n_past, out = DynamicCache(config=base.config), 0, []
     with torch.no_grad():
-        for start in range(0, len(tokens), batch):
-            chunk = torch.as_tensor(tokens[start : start + batch], dtype=torch.long)[None]
-            if n_past + chunk.shape[1] > window:
+        start = 0
+        while start < len(tokens):
+            if n_past == window:
                 n = drop or (n_past - keep) // 2
                 probe = torch.zeros(1, 1, base.config.hidden_size)
                 cos, sin = (t[:, None] for t in base.model.rotary_emb(probe, torch.tensor([[-n]])))
@@ -84,6 +85,8 @@ def _torch_shifted_logits(base, tokens: np.ndarray, window: int, keep: int, batc
                     k = torch.cat([k[:, :, :keep], later * cos + rotate_half(later) * sin], 2)
                     shifted.update(k, torch.cat([v[:, :, :keep], v[:, :, keep + n :]], 2), i)
                 cache, n_past = shifted, n_past - n
+            chunk = torch.as_tensor(tokens[start : start + min(batch, window - n_past)], dtype=torch.long)[None]
+            start += chunk.shape[1]
             positions = torch.arange(n_past, n_past + chunk.shape[1])[None]
             out.append(base(input_ids=chunk, position_ids=positions, cache=cache, use_cache=True).logits[0].numpy())
             n_past += chunk.shape[1]

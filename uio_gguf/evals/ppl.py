@@ -18,8 +18,8 @@ For a length L every method predicts the same targets: tokens 1..L-1 of the text
   full-8k       full attention inside the model's trained window W (n_ctx_train): when the cache is
                 full, the text's first 4 tokens stay and the older half of the others is dropped, the
                 rest shifted down (llama.cpp's context shift, as with its --keep: seq_rm + seq_add, K
-                re-rotated at the next decode; checked between batches of up to 512 tokens), so a token
-                sees those 4 plus the last ~W/2 to W tokens. Why pin 4: a model that loses the first
+                re-rotated at the next decode; the window filled to its last cell first, a batch cut
+                there), so a token sees those 4 plus the last ~W/2 to W tokens. Why pin 4: a model that loses the first
                 tokens (its attention sinks, StreamingLLM) breaks down. SmolLM2 on tokens 512-1023 of a
                 held-out text at W=512: ppl 28.8 with nothing pinned, 10.9 with 4; window-only 12.3.
   full          plain full attention over all L tokens, positions past W included.
@@ -103,7 +103,7 @@ def window_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
 def shifted_logits(
     runtime, tokens: np.ndarray, window: int, keep: int, drop: int | None = None
 ) -> Iterator[np.ndarray]:
-    """A plain context of `window` cells; when the next batch does not fit, `drop` cells after the first
+    """A plain context of `window` cells; when it is full to its last cell, `drop` cells after the first
     `keep` go (None: the older half of them, llama.cpp's context shift)."""
     plain = PlainContext.shifting(runtime, window, keep, drop)
     try:

@@ -1,8 +1,8 @@
 """PlainContext: one sequence in a plain llama.cpp context, without memory. The baselines UIO is
 measured against (eval ppl, eval qa) and the plain side of `uio-gguf bench` decode in it.
 
-With `keep`, a decode that would pass the context's end first makes room as llama.cpp's context shift
-does (its --keep): the first `keep` tokens stay, the older half of the others goes, the rest shift down
+With `keep`, a decode that would pass the context's end fills it to its last cell, then makes room as
+llama.cpp's context shift does (its --keep): the first `keep` tokens stay, the older half of the others goes, the rest shift down
 (seq_rm + seq_add, K re-rotated at the next decode). Why keep 4: a model that loses its first tokens
 (its attention sinks, StreamingLLM) breaks down: uio_gguf/evals/ppl.py gives the measurement.
 """
@@ -66,9 +66,19 @@ class PlainContext(Handle):
     def decode(self, tokens, all_logits: bool = True) -> np.ndarray | None:
         """One batch after the tokens already in: the logits of every token (n, n_vocab); without
         all_logits only the last token's are computed (ctx.logits(-1)) and None is returned."""
-        n = len(tokens)
-        if self.keep is not None and self.n_past + n > self.n_ctx:
+        room = self.n_ctx - self.n_past
+        if self.keep is not None and len(tokens) > room:
+            # the window is filled to its last cell before it shifts, as llama.cpp's generation loop fills it
+            # token by token: a batch cut at the shift, not the whole batch moved past it (which left up
+            # to a batch of cells unused)
+            head = self._decode(tokens[:room], all_logits) if room > 0 else None
             self.drop(self.keep, self.shift or (self.n_past - self.keep) // 2)
+            tail = self.decode(tokens[max(room, 0) :], all_logits)
+            return np.concatenate([head, tail]) if all_logits and head is not None else tail
+        return self._decode(tokens, all_logits)
+
+    def _decode(self, tokens, all_logits: bool) -> np.ndarray | None:
+        n = len(tokens)
         outputs = [True] * n if all_logits else [i == n - 1 for i in range(n)]
         self.batch.fill(np.arange(self.n_past, self.n_past + n), [[0]] * n, outputs, tokens=tokens)
         self.ctx.decode(self.batch)
