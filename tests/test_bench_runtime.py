@@ -123,6 +123,27 @@ def test_bench_compares_encoder_formats_in_one_run(tiny_bundle, cache_env, tmp_p
     assert "| encoder weights | length |" in result.stdout and "| f16 | 48 |" in result.stdout
 
 
+def test_first_token_times_are_the_median_of_the_runs_asked(tiny_bundle, cache_env, tmp_path):
+    """--first-token-runs 3: three new conversations timed for each first-token figure, the report giving
+    each run and their median; 0 is refused in one line."""
+    import statistics
+
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "bench", "-m", str(tiny_bundle), "--lengths", "48", "--threads", "1", "--decode-tokens", "2",
+        "--no-plain", "--first-token-runs", "3", "--json", str(out), env=cache_env, check=True,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    uio = report["rows"][0]["uio"]
+    assert report["settings"]["first_token_runs"] == 3
+    for name in ("ttft_s", "ttft_recall_s", "ttft_recall_again_s"):
+        assert len(uio[f"{name}_runs"]) == 3 and uio[name] == statistics.median(uio[f"{name}_runs"])
+    assert uio["ttft_from_file"] is True and "each the median of 3 runs" in result.stdout
+    refused = run_cli("bench", "-m", str(tiny_bundle), "--lengths", "48", "--first-token-runs", "0", env=cache_env)
+    assert refused.returncode == 1 and "--first-token-runs must be 1 or more" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def test_bench_refuses_an_unknown_encoder_format(tiny_bundle, cache_env):
     result = run_cli("bench", "-m", str(tiny_bundle), "--lengths", "48", "--encoder-format", "q3", env=cache_env)
     assert result.returncode == 1 and "--encoder-format takes" in result.stderr and "Traceback" not in result.stderr

@@ -16,7 +16,8 @@ For each length L (tokens of the chat document: the template's opening, then the
           greedy tokens.
   ttft    a new Conversation on the same book, whose memory now comes from its memory file, asked one
           question: seconds until the answer's first token is sampled (memory alone, then with the
-          default recall budget, as `chat` runs; then once more, the recall's cells kept from before).
+          default recall budget, as `chat` runs, the runtime's saved recalls cleared first; then once
+          more, the recall's cells kept from before). With first_token_runs N, the median of N rounds.
   limit   per segment the encoder reads l tokens and k slot rows (docs/design.md §1), so ingest cannot
           beat a short-context prefill of segment-sized chunks (each decoded from position 0 in a
           cleared context, on the encoder's weights) × l/(l+k); ingest is also given as a share of that limit.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -128,7 +130,8 @@ def measure_sliding(runtime, tokens: np.ndarray, cells: int, n_decode: int) -> d
     }
 
 
-def measure_uio(runtime, book: str, n_decode: int) -> dict:
+def measure_uio(runtime, book: str, n_decode: int, runs: int = 1) -> dict:
+    """Ingest and decode once; each first-token time the median of `runs` new conversations."""
     cell = runtime.kv_cell_bytes
     started = time.perf_counter()
     with Conversation(runtime, book, use_memory_files=True, recall_tokens=0) as conv:
@@ -155,24 +158,29 @@ def measure_uio(runtime, book: str, n_decode: int) -> dict:
             "kv_cells": cells,
             "kv_bytes": cells * cell,
         }
-    from_file = []
-    for name, recall in (("ttft_s", 0), ("ttft_recall_s", DEFAULT_RECALL_TOKENS)):
+    from_file, times = [], {"ttft_s": [], "ttft_recall_s": [], "ttft_recall_again_s": []}
+
+    def first_token(name: str, recall: int) -> Conversation:
         started = time.perf_counter()
         with Conversation(runtime, book, use_memory_files=True, recall_tokens=recall) as again:
             for _ in again.ask(DEMO_QUESTION, SamplingParams(max_tokens=1)):
                 pass
-            report[name] = time.perf_counter() - started
+            times[name].append(time.perf_counter() - started)
             from_file.append(again.stats.from_file)
-    # A later question whose recall this runtime decoded before (uio_gguf/memory/recall_states.py): a new
-    # conversation asked the same question again takes the recalled passages' saved cells.
-    started = time.perf_counter()
-    with Conversation(runtime, book, use_memory_files=True, recall_tokens=DEFAULT_RECALL_TOKENS) as again:
-        for _ in again.ask(DEMO_QUESTION, SamplingParams(max_tokens=1)):
-            pass
-        report["ttft_recall_again_s"] = time.perf_counter() - started
+        return again
+
+    for _ in range(runs):
+        first_token("ttft_s", 0)
+        runtime.recall_states.clear()  # the first question of this runtime on these passages
+        first_token("ttft_recall_s", DEFAULT_RECALL_TOKENS)
+        # A later question whose recall this runtime decoded before (uio_gguf/memory/recall_states.py): a
+        # new conversation asked the same question again takes the recalled passages' saved cells.
+        again = first_token("ttft_recall_again_s", DEFAULT_RECALL_TOKENS)
         report["recall_tokens"] = len(again.session.recall)
         report["recall_reused"] = again.session.recall_decoded == 0 and again.session.recall_reused > 0
-        from_file.append(again.stats.from_file)
+    for name, seconds in times.items():
+        report[name] = statistics.median(seconds)
+        report[f"{name}_runs"] = seconds  # each run's, in order: this CPU's spread is ±0.3 s
     report["ttft_from_file"] = all(from_file)  # all read the memory the ingest saved
     return report
 
@@ -224,11 +232,14 @@ def run(
     plain: bool = True,
     log: Callable[[str], None] = lambda line: None,
     on_row: Callable[[dict], None] = lambda report: None,
+    first_token_runs: int = 1,
 ) -> dict:
     """The bench on an open runtime (its threads and offload are both sides'). Returns the report;
     on_row(report) is called after each length (a long run that is stopped keeps its finished rows)."""
     if n_decode < 1:
         raise UIOError(f"--decode-tokens must be 1 or more, not {n_decode}")
+    if first_token_runs < 1:
+        raise UIOError(f"--first-token-runs must be 1 or more, not {first_token_runs}")
     for length in lengths:
         if length < runtime.segment:
             raise UIOError(f"length {length} is shorter than a segment ({runtime.segment} tokens)")
@@ -257,6 +268,7 @@ def run(
             "segments_per_batch": runtime.encoder.per_batch,
             "flash_attn": runtime.flash_attn,
             "decode_tokens": n_decode,
+            "first_token_runs": first_token_runs,
             "plain": plain,
             "question": DEMO_QUESTION,
         },
@@ -271,7 +283,7 @@ def run(
         for length in lengths:
             book, copies = book_of_length(model, text, length)
             log(f"length {length}: uio ingest")
-            uio = measure_uio(runtime, book, n_decode)
+            uio = measure_uio(runtime, book, n_decode, first_token_runs)
             tokens = document_tokens(model, book)
             log(f"length {length}: short-context prefill (the ingest limit)")
             short, short_n = short_prefill_rate(runtime, tokens)
@@ -373,7 +385,8 @@ def format_table(report: dict) -> str:
         f"ingest limit = short-context prefill of {m['segment']}-token chunks on the encoder's weights × "
         f"{m['segment']}/({m['segment']}+{m['slots']}); first token: a new conversation whose memory comes from the "
         f"memory file, asked {s['question']!r} (recall: {DEFAULT_RECALL_TOKENS} tokens; again: one more "
-        "conversation asked the same, its recalled passages' cells kept from the one before)",
+        "conversation asked the same, its recalled passages' cells kept from the one before)"
+        + (f"; each the median of {runs} runs" if (runs := s.get("first_token_runs", 1)) > 1 else ""),
         f"sliding-same = a plain llama.cpp window with uio's KV cells (the same KV size), reading the whole text "
         f"with context shift (the first {SINK_TOKENS} tokens kept)",
     ]

@@ -52,6 +52,12 @@ def bench(
         help=ENCODER_FORMAT_HELP + " Several, comma separated, are measured one after the other in this run (plain "
         "llama.cpp with the first only: it runs on the decoder's weights, which they do not change).",
     ),
+    first_token_runs: int = typer.Option(
+        1,
+        "--first-token-runs",
+        help="New conversations timed for each first-token figure; the median is reported (the spread "
+        "between runs on a small CPU can be as large as the change measured).",
+    ),
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
 ):
@@ -108,6 +114,7 @@ def bench(
                 plain=plain and i == 0,
                 log=lambda line, fmt=fmt: typer.echo(f"[{fmt}] {line}" if len(formats) > 1 else line, err=True),
                 on_row=saved,
+                first_token_runs=first_token_runs,
             )
         reports.append(report)
     for report in reports:
