@@ -162,12 +162,23 @@ def test_an_upload_the_disk_cannot_hold_is_507_and_nothing_is_kept(served, prose
         return len(httpx.get(f"{base}/v1/books", headers=AUTH).json()["data"])
 
     before = listed()
+    written = library_module._write
     monkeypatch.setattr(library_module, "_write", full)
     reply = upload(base, prose[13000:16000])
     error = reply.json()["error"]
     assert reply.status_code == 507 and error["code"] == "insufficient_storage"
     assert error["message"] == "the server cannot keep the book: No space left on device"
     assert listed() == before
+    texts = sorted(library.folder().glob("*.txt"))
+
+    def full_after_the_text(path, text):  # the disk fills between the book's text and its listing
+        if path.suffix == ".json":
+            full(path, text)
+        written(path, text)
+
+    monkeypatch.setattr(library_module, "_write", full_after_the_text)
+    assert upload(base, prose[13000:16000]).status_code == 507 and listed() == before
+    assert sorted(library.folder().glob("*.txt")) == texts  # no text left behind that no listing names
     monkeypatch.undo()
     assert upload(base, prose[13000:16000]).status_code == 200 and listed() == before + 1
 

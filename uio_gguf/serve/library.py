@@ -114,10 +114,12 @@ class Library:
                 "memory_key": key,
                 "added": time.time(),
             }
+            text_path = folder / f"{book_id}.txt"
             try:
-                _write(folder / f"{book_id}.txt", text)
+                _write(text_path, text)
                 _write(folder / f"{book_id}.json", json.dumps(meta))  # last: a book is listed once its text is there
             except OSError as err:  # atomic writes: nothing half-written is left
+                text_path.unlink(missing_ok=True)  # nor a text that no listing names
                 raise NoRoom(f"the server cannot keep the book: {err.strerror or err}") from None
         return self.open(book_id)
 
