@@ -4,6 +4,7 @@ they must, differ where they must), and the perplexity is the PyTorch model's, t
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -127,6 +128,23 @@ def test_same_cell_baselines_are_plain_llama_cpp_windows(setup):
             logits = _torch_shifted_logits(model.base, stream[: n - 1], cells, SINK_TOKENS, batch)
             expected = math.exp(_torch_nll(logits, stream[1:n]).mean())
             assert ppl[(f"sliding-same:{column}", n)] == pytest.approx(expected, rel=1e-3), (column, n)
+
+
+def test_columns_compute_only_the_methods_named(setup):
+    """columns: a run of some columns gives the figures the whole run gives them (every method is
+    deterministic); a prefix that names none is a one-line error listing the run's columns."""
+    from uio_gguf.errors import UIOError
+    from uio_gguf.evals.ppl import Text, evaluate
+
+    runtime, _, stream = setup
+    run = partial(evaluate, [runtime], [Text("prose", stream)], [100, 200], baselines=("same",), raw_windows=(64,))
+    every, some = run(), run(columns=("chat-", "sliding-same:chat"))
+    assert some["methods"] == ["chat-r4", "sliding-same:chat-r4"]
+    whole = {(r["method"], r["length"]): r["ppl"] for r in every["results"]}
+    for r in some["results"]:
+        assert r["ppl"] == whole[(r["method"], r["length"])]
+    with pytest.raises(UIOError, match="names none of this run's columns .*uio-r4, chat-r4"):
+        run(columns=("chta-",))
 
 
 def test_kept_tokens_in_front_of_the_memory_equal_pytorch(setup):

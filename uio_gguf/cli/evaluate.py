@@ -91,6 +91,12 @@ def eval_ppl(
         help="Raw windows R for the chat columns (memory + the last R raw tokens), comma separated, e.g. "
         "128,512,1024,2048 (default: chat's). Implies --chat.",
     ),
+    columns: str | None = typer.Option(
+        None,
+        "--columns",
+        help="Compute only the columns whose names start with these, comma separated (e.g. chat-,sliding-same:chat): "
+        "every method is deterministic, so columns an earlier run measured need not be read again.",
+    ),
     json_out: Path | None = typer.Option(
         None,
         "--json",
@@ -132,6 +138,7 @@ def eval_ppl(
         raw_windows=tuple(parse_lengths(raw_windows, "--raw-windows")) if raw_windows else (None if chat else ()),
         chat_keep=keep,
         chat_reread=reread,
+        columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else (),
         partial=(lambda r: json_out.write_text(json.dumps(r, indent=2) + "\n")) if json_out else None,
     )
     bar.close()

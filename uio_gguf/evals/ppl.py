@@ -308,11 +308,13 @@ def evaluate(
     partial: Callable[[dict], None] | None = None,
     chat_keep: int = 0,
     chat_reread: bool = False,
+    columns: tuple[str, ...] = (),
 ) -> dict:
     """The report that `uio-gguf eval ppl` prints and writes as JSON; `partial` gets the report so far
     after each method has read each text (cells not yet done have ppl None). chat_keep: tokens the chat
     columns keep raw in front of their memory (Session's keep); chat_reread: they decode their raw window
-    again after each compression (Session's reread)."""
+    again after each compression (Session's reread). columns: only the methods whose names start with one
+    of these (every method is deterministic: columns measured by an earlier run need not be rerun)."""
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
         raise UIOError("every length must be at least 2 tokens")
@@ -322,6 +324,11 @@ def evaluate(
                 f"{text.name} has {len(text.tokens):,} tokens, fewer than every length (the shortest is {lengths[0]:,})"
             )
     chosen = methods(runtimes, full_window, full_keep, baselines, raw_windows, lengths, chat_keep, chat_reread)
+    if columns:
+        named = list(dict.fromkeys(m.name for m in chosen))
+        chosen = [m for m in chosen if m.name.startswith(tuple(columns))]
+        if not chosen:
+            raise UIOError(f"--columns {','.join(columns)} names none of this run's columns ({', '.join(named)})")
     longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
 
     def read(method: Method, text: Text) -> int:
