@@ -134,7 +134,7 @@ def test_columns_compute_only_the_methods_named(setup):
     """columns: a run of some columns gives the figures the whole run gives them (every method is
     deterministic); a prefix that names none is a one-line error listing the run's columns."""
     from uio_gguf.errors import UIOError
-    from uio_gguf.evals.ppl import Text, evaluate
+    from uio_gguf.evals.ppl import Text, evaluate, format_report
 
     runtime, _, stream = setup
     run = partial(evaluate, [runtime], [Text("prose", stream)], [100, 200], baselines=("same",), raw_windows=(64,))
@@ -143,6 +143,11 @@ def test_columns_compute_only_the_methods_named(setup):
     whole = {(r["method"], r["length"]): r["ppl"] for r in every["results"]}
     for r in some["results"]:
         assert r["ppl"] == whole[(r["method"], r["length"])]
+    # the report prints whatever the columns leave out (here the raw-R each gap needs, then every memory column)
+    assert "sliding-same:chat-r4" in format_report(some)
+    alone = run(columns=("sliding-same:",))
+    assert alone["methods"] == ["sliding-same:uio-r4", "sliding-same:chat-r4"]
+    assert "share of" not in format_report(alone)
     with pytest.raises(UIOError, match="names none of this run's columns .*uio-r4, chat-r4"):
         run(columns=("chta-",))
 

@@ -459,7 +459,7 @@ def format_report(report: dict) -> str:
         return f"{gap_closed(uio, raw, same):.0%}" if None not in (raw, same, uio) and raw != same else "-"
 
     lines = table("perplexity of tokens 1..L-1 (lower is better)", methods_, ppl)
-    if any(m.startswith("sliding-same:") for m in methods_):
+    if uio_columns and any(m.startswith("sliding-same:") for m in methods_):  # --columns may leave either out
         title = (
             "share of the same-cell gap closed: (raw-R - C) / (raw-R - sliding-same:C), C a memory column with "
             "raw window R (100%: the memory's cells are worth the raw tokens they could hold; below 0: worse than no memory)"
