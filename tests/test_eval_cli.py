@@ -87,6 +87,12 @@ def test_eval_ppl_baselines_can_be_left_out(tiny_bundle, text, cache_env, tmp_pa
         run_cli("eval", "ppl", str(text), "-m", str(tiny_bundle), "--lengths", "32", "--keep", "16", env=cache_env),
         "--keep takes 0 to 15 tokens",
     )
+    _one_line_error(
+        run_cli(
+            "eval", "ppl", str(text), "-m", str(tiny_bundle), "--lengths", "32", "--columns", "nope", env=cache_env
+        ),
+        "--columns nope names none of this run's columns",
+    )
 
 
 def test_eval_ppl_reports_out_of_domain_text_in_a_table_of_its_own(tiny_bundle, text, cache_env, tmp_path):
