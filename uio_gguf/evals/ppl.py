@@ -19,8 +19,8 @@ For a length L every method predicts the same targets: tokens 1..L-1 of the text
                 full, the text's first 4 tokens stay and the older half of the others is dropped, the
                 rest shifted down (llama.cpp's context shift, as with its --keep: seq_rm + seq_add, K
                 re-rotated at the next decode; the window filled to its last cell first, a batch cut
-                there), so a token sees those 4 plus the last ~W/2 to W tokens. Why pin 4: a model that loses the first
-                tokens (its attention sinks, StreamingLLM) breaks down. SmolLM2 on tokens 512-1023 of a
+                there), so a token sees those 4 plus the last ~W/2 to W tokens. Why pin 4: a model that
+                loses the first tokens (its attention sinks, StreamingLLM) breaks down. SmolLM2 on tokens 512-1023 of a
                 held-out text at W=512: ppl 28.8 with nothing pinned, 10.9 with 4; window-only 12.3.
   full          plain full attention over all L tokens, positions past W included.
 Every method is causal, so one pass over a text's first L_max tokens gives each shorter length as a
@@ -325,10 +325,11 @@ def evaluate(
             )
     chosen = methods(runtimes, full_window, full_keep, baselines, raw_windows, lengths, chat_keep, chat_reread)
     if columns:
-        named = list(dict.fromkeys(m.name for m in chosen))
-        chosen = [m for m in chosen if m.name.startswith(tuple(columns))]
-        if not chosen:
-            raise UIOError(f"--columns {','.join(columns)} names none of this run's columns ({', '.join(named)})")
+        kept = [m for m in chosen if m.name.startswith(tuple(columns))]
+        if not kept:
+            named = ", ".join(dict.fromkeys(m.name for m in chosen))
+            raise UIOError(f"--columns {','.join(columns)} names none of this run's columns ({named})")
+        chosen = kept
     longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
 
     def read(method: Method, text: Text) -> int:

@@ -2,8 +2,8 @@
 measured against (eval ppl, eval qa) and the plain side of `uio-gguf bench` decode in it.
 
 With `keep`, a decode that would pass the context's end fills it to its last cell, then makes room as
-llama.cpp's context shift does (its --keep): the first `keep` tokens stay, the older half of the others goes, the rest shift down
-(seq_rm + seq_add, K re-rotated at the next decode). Why keep 4: a model that loses its first tokens
+llama.cpp's context shift does (its --keep): the first `keep` tokens stay, the older half of the others
+goes, the rest shift down (seq_rm + seq_add, K re-rotated at the next decode). Why keep 4: a model that loses its first tokens
 (its attention sinks, StreamingLLM) breaks down: uio_gguf/evals/ppl.py gives the measurement.
 """
 
@@ -71,9 +71,9 @@ class PlainContext(Handle):
             # the window is filled to its last cell before it shifts, as llama.cpp's generation loop fills it
             # token by token: a batch cut at the shift, not the whole batch moved past it (which left up
             # to a batch of cells unused)
-            head = self._decode(tokens[:room], all_logits) if room > 0 else None
+            head = self._decode(tokens[:room], all_logits) if room else None  # room >= 0: n_past <= n_ctx
             self.drop(self.keep, self.shift or (self.n_past - self.keep) // 2)
-            tail = self.decode(tokens[max(room, 0) :], all_logits)
+            tail = self.decode(tokens[room:], all_logits)
             return np.concatenate([head, tail]) if all_logits and head is not None else tail
         return self._decode(tokens, all_logits)
 

@@ -2,10 +2,9 @@
 made for (key) and a checksum over them (or none: the zip's CRC-32 of each array), written atomically.
 
 Memory files (uio_gguf.store.memory_file) and start states (uio_gguf.store.start_state) are both kept this way;
-a memory file checks its own SHA-256 over K and V, a start state the zip's CRC-32 alone (its state
-is read once, in the first question's time). A file
-written into the memory cache keeps that folder under its size limit; a file read is marked used
-(uio_gguf/cache.py).
+a memory file checks its own SHA-256 over K and V, a start state the zip's CRC-32 alone (its state is
+read once, in the first question's time). A file written into the memory cache keeps that folder under
+its size limit; a file read is marked used (uio_gguf/cache.py).
 """
 
 from __future__ import annotations
