@@ -358,3 +358,51 @@ def test_reread_keeps_the_recall_and_equals_a_conversation_built_fresh(setup):
         expected = ref.feed(np.concatenate([tail[8:], question]), all_logits=True)[-len(got) :]
     err = np.abs(got - expected).max()
     assert err < 1e-4 * max(1.0, np.abs(expected).max()), err
+
+
+@pytest.mark.parametrize("sink", [0, 1])
+def test_memory_window_equals_pytorch_with_the_latest_segments(setup, sink):
+    """Session.limit_memory: the decoder holds the memory of at most 2 segments (the text's first one
+    always, with a sink), the oldest dropped and the later cells moved down as the text goes on; with reread
+    segment t reads [memory of the kept segments][segments t-1..t raw], which the PyTorch diagnosis computes
+    (Layout(memory_segments=2, memory_sink=)). Without the window the same segments read differently."""
+    from uio_gguf.evals.ppl import Method, score, uio_logits
+    from uio_gguf.train.memory_diagnosis import Layout, compress, score_segment
+
+    runtime, model, stream = setup
+    ids = [int(t) for t in stream[: 8 * SEGMENT + 1]]
+    window, cells = 2 * SEGMENT, 2 * runtime.slots
+
+    def nll(memory_window):
+        logits = partial(uio_logits, runtime, raw_window=window, reread=True, memory_window=memory_window)
+        method = Method("m", partial(logits, memory_sink=sink) if memory_window else logits)
+        return score(method, np.asarray(ids), [len(ids)], lambda n: None)[0]
+
+    limited, whole = nll(cells), nll(None)
+    memory = compress(model, ids)
+    for t in range(4, 8):  # 3 to 6 segments compressed: the window has dropped some
+        expected = score_segment(model, ids, memory, t, window, Layout(memory_segments=2, memory_sink=sink))[0]
+        got = limited[t * SEGMENT : (t + 1) * SEGMENT].sum()
+        assert got == pytest.approx(expected, rel=1e-4), t
+        assert abs(whole[t * SEGMENT : (t + 1) * SEGMENT].sum() - expected) > 1e-3, t
+
+
+def test_memory_window_same_cell_baseline_and_refusals(setup):
+    """sliding-same of a column with a memory window has the window's cells, not the whole memory's; a
+    window that is not whole segments, or a sink without a window, is a one-line error."""
+    from uio_gguf.errors import UIOError
+    from uio_gguf.evals.ppl import memory_cells, methods
+
+    runtime, _, _ = setup
+    chosen = methods([runtime], raw_windows=(2 * SEGMENT,), lengths=[200], chat_memory=(2 * runtime.slots, 1))
+    same = {m.name: m for m in chosen}["sliding-same:chat-r4+mem8s1"]
+    assert same.logits.keywords["window"] == 2 * runtime.slots + 2 * SEGMENT  # the memory window + R
+    assert memory_cells(199, SEGMENT, runtime.slots, 2 * SEGMENT) > memory_cells(
+        199, SEGMENT, runtime.slots, 2 * SEGMENT, 2 * runtime.slots
+    )
+    with pytest.raises(UIOError, match="multiple of 4 cells"):
+        methods([runtime], raw_windows=(2 * SEGMENT,), chat_memory=(6, 0))
+    with pytest.raises(UIOError, match="holds more than --memory-sink's 2"):
+        methods([runtime], raw_windows=(2 * SEGMENT,), chat_memory=(8, 2))
+    with pytest.raises(UIOError, match="needs --memory-window"):
+        methods([runtime], raw_windows=(2 * SEGMENT,), chat_memory=(None, 1))

@@ -40,6 +40,8 @@ class Layout:
     gap: int = 0  # extra positions between the memory and the raw window
     k_scale: float = 1.0
     v_scale: float = 1.0
+    memory_segments: int = 0  # the memory of at most this many segments (0: all): the latest ones, after the sink
+    memory_sink: int = 0  # with memory_segments: the text's first segments whose memory always stays
 
 
 EXPERIMENTS = {
@@ -92,10 +94,13 @@ def score_segment(
     raw = torch.tensor([ids[first_raw * l : (t + 1) * l + 1]])
     inputs, targets = raw[:, :-1], raw[0, -l:]
     sinks = ids[: layout.sinks] if first_raw * l >= layout.sinks else []
-    n_mem = first_raw * k if layout.memory else 0
+    held = list(range(first_raw)) if layout.memory else []
+    if layout.memory_segments and len(held) > layout.memory_segments:  # Session.limit_memory
+        held = held[: layout.memory_sink] + held[layout.memory_sink - layout.memory_segments :]
+    n_mem = len(held) * k
     kv = []
     if n_mem:
-        h = memory[:first_raw].permute(1, 0, 2, 3).reshape(1, model.n_layers, n_mem, -1)
+        h = memory[held].permute(1, 0, 2, 3).reshape(1, model.n_layers, n_mem, -1)
         kv = [(key * layout.k_scale, value * layout.v_scale) for key, value in _memory_kv(model, h, len(sinks), layout)]
     cache = model.prefix_cache(torch.tensor([sinks]) if sinks else None, kv)  # training's decoder prefix
     prefix = len(sinks) + n_mem

@@ -85,6 +85,18 @@ def eval_ppl(
         help="The chat columns decode their raw window again behind the memory after each compression (the view "
         "the heads are trained on; costs R/l more decoding), measured against a raw window that rereads too.",
     ),
+    memory_window: int | None = typer.Option(
+        None,
+        "--memory-window",
+        help="The chat columns hold at most this many memory cells (a multiple of the slots per segment): the "
+        "oldest segments' cells go first, so the decoder's cells stop growing with the text "
+        "(docs/memory-vs-window.md). Default: the memory of every segment.",
+    ),
+    memory_sink: int = typer.Option(
+        0,
+        "--memory-sink",
+        help="With --memory-window: the text's first N segments' memory always stays (attention sinks).",
+    ),
     raw_windows: str | None = typer.Option(
         None,
         "--raw-windows",
@@ -138,6 +150,7 @@ def eval_ppl(
         raw_windows=tuple(parse_lengths(raw_windows, "--raw-windows")) if raw_windows else (None if chat else ()),
         chat_keep=keep,
         chat_reread=reread,
+        chat_memory=(memory_window, memory_sink),
         columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else (),
         partial=(lambda r: json_out.write_text(json.dumps(r, indent=2) + "\n")) if json_out else None,
     )

@@ -75,12 +75,21 @@ class Method:
 
 # ----- the methods ------------------------------------------------------------------------------------
 def uio_logits(
-    runtime, tokens: np.ndarray, raw_window: int | None = None, keep: int = 0, reread: bool = False
+    runtime,
+    tokens: np.ndarray,
+    raw_window: int | None = None,
+    keep: int = 0,
+    reread: bool = False,
+    memory_window: int | None = None,
+    memory_sink: int = 0,
 ) -> Iterator[np.ndarray]:
+    """memory_window, memory_sink: Session.limit_memory (None: the memory of every segment)."""
     raw_window = raw_window or runtime.segment
-    cells = keep + len(tokens) // runtime.segment * runtime.slots + raw_window  # kept + all memory + raw window
+    memory = len(tokens) // runtime.segment * runtime.slots
+    cells = keep + min(memory, memory_window or memory) + raw_window  # kept + memory + raw window
     session = runtime.new_session(n_ctx=cells)
     session.raw_window, session.keep, session.reread = raw_window, keep, reread
+    session.limit_memory(memory_window, memory_sink)
     try:
         for chunk in chunks(tokens, runtime.segment):
             yield session.feed(chunk, all_logits=True)
@@ -139,12 +148,12 @@ def raw_logits(runtime, tokens: np.ndarray, raw_window: int, keep: int = 0) -> I
     return shifted_logits(runtime, tokens, window=raw_window + keep, keep=keep, drop=runtime.segment)
 
 
-def memory_cells(n_inputs: int, segment: int, slots: int, raw_window: int) -> int:
+def memory_cells(n_inputs: int, segment: int, slots: int, raw_window: int, memory_window: int | None = None) -> int:
     """The KV cells a uio/chat column uses to read n_inputs tokens: the memory of the segments it has
-    compressed before the last token (one whenever the raw window reached raw_window tokens) plus a full
-    raw window."""
+    compressed before the last token (one whenever the raw window reached raw_window tokens; at most
+    memory_window cells of them) plus a full raw window."""
     compressed = max(0, (n_inputs - 1 - raw_window) // segment + 1)
-    return compressed * slots + raw_window
+    return min(compressed * slots, memory_window or compressed * slots) + raw_window
 
 
 def full_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
@@ -182,12 +191,14 @@ def methods(
     lengths: list[int] | None = None,
     chat_keep: int = 0,
     chat_reread: bool = False,
+    chat_memory: tuple[int | None, int] = (None, 0),
 ) -> list[Method]:
     """uio-r{ratio} for each runtime, then chat-r{ratio} (raw_windows: the raw windows R in tokens, one
     column each; None: chat's default; (): none), then the chosen baselines on the first runtime's model
     and segment (every method is deterministic, so a run may leave out baselines measured before).
     lengths: the lengths the sliding-same baselines are made for (one method each). chat_reread: the chat
-    columns decode their raw window again behind the memory after each compression (Session.reread)."""
+    columns decode their raw window again behind the memory after each compression (Session.reread).
+    chat_memory: (memory window in cells, sink segments) of the chat columns (Session.limit_memory)."""
     base = runtimes[0]
     for rt in runtimes[1:]:
         if rt.bundle.model_fingerprint != base.bundle.model_fingerprint:
@@ -213,13 +224,32 @@ def methods(
         raise UIOError(f"--keep takes 0 to {base.segment - 1} tokens (fewer than a segment), not {chat_keep}")
     if any(r < base.segment for r in raw_windows):
         raise UIOError(f"a raw window holds at least one segment ({base.segment} tokens)")
-    chat, columns = [], [(n, rt, rt.segment, 0, False) for n, rt in zip(names, runtimes)]
+    memory_window, memory_sink = chat_memory
+    if memory_window is not None and (memory_window % base.slots or memory_window // base.slots <= memory_sink):
+        raise UIOError(
+            f"--memory-window takes a multiple of {base.slots} cells (the slots of a segment) that holds more than "
+            f"--memory-sink's {memory_sink} segment(s), not {memory_window}"
+        )
+    if memory_sink and memory_window is None:
+        raise UIOError("--memory-sink needs --memory-window")
+    chat, columns = [], [(n, rt, rt.segment, 0, False, None) for n, rt in zip(names, runtimes)]
     for r in raw_windows:
         for n, rt in zip(names, runtimes):
             name = n.replace("uio-", "chat-", 1) + ("" if len(raw_windows) == 1 else f"-raw{r}")
             name += (f"+keep{chat_keep}" if chat_keep else "") + ("+reread" if chat_reread else "")
-            chat.append(Method(name, partial(uio_logits, rt, raw_window=r, keep=chat_keep, reread=chat_reread)))
-            columns.append((name, rt, r, chat_keep, chat_reread))
+            if memory_window:
+                name += f"+mem{memory_window}" + (f"s{memory_sink}" if memory_sink else "")
+            logits = partial(
+                uio_logits,
+                rt,
+                raw_window=r,
+                keep=chat_keep,
+                reread=chat_reread,
+                memory_window=memory_window,
+                memory_sink=memory_sink,
+            )
+            chat.append(Method(name, logits))
+            columns.append((name, rt, r, chat_keep, chat_reread, memory_window))
     same = same_cell_methods(columns, lengths or [], full_keep) if "same" in baselines else []
     every = {
         "window": Method("window", partial(window_logits, base)),
@@ -245,18 +275,18 @@ def raw_label(raw_window: int, kept: int, reread: bool = False) -> str:
 def same_cell_methods(columns: list[tuple], lengths: list[int], keep: int = SINK_TOKENS) -> list[Method]:
     """raw-R (once per raw window R, kept tokens and reread) and, for each length, sliding-same:C of each
     column C: (name, runtime, raw window R, tokens C keeps in front of its memory, whether C rereads its raw
-    window). The memory has to beat both: raw-R is what it adds to, sliding-same what its cells would hold
+    window, C's memory window or None). The memory has to beat both: raw-R is what it adds to, sliding-same what its cells would hold
     as plain tokens. A column that rereads its raw window is measured against a raw window that rereads too
     (a window kept fresh with no memory; the kept tokens play no part there, its first token is the sink)."""
     raw, same = {}, []
-    for name, rt, r, kept, reread in columns:
+    for name, rt, r, kept, reread, memory_window in columns:
         label = raw_label(r, kept, reread)
         logits = (
             partial(reread_raw_logits, rt, raw_window=r) if reread else partial(raw_logits, rt, raw_window=r, keep=kept)
         )
         raw.setdefault(label, Method(label, logits))
         for n in lengths:
-            cells = kept + memory_cells(n - 1, rt.segment, rt.slots, r)  # the last token is only a target
+            cells = kept + memory_cells(n - 1, rt.segment, rt.slots, r, memory_window)  # the last token: a target
             same.append(Method(f"sliding-same:{name}", partial(shifted_logits, rt, window=cells, keep=keep), n))
     return list(raw.values()) + same
 
@@ -309,11 +339,13 @@ def evaluate(
     chat_keep: int = 0,
     chat_reread: bool = False,
     columns: tuple[str, ...] = (),
+    chat_memory: tuple[int | None, int] = (None, 0),
 ) -> dict:
     """The report that `uio-gguf eval ppl` prints and writes as JSON; `partial` gets the report so far
     after each method has read each text (cells not yet done have ppl None). chat_keep: tokens the chat
     columns keep raw in front of their memory (Session's keep); chat_reread: they decode their raw window
-    again after each compression (Session's reread). columns: only the methods whose names start with one
+    again after each compression (Session's reread); chat_memory: their memory window in cells and its sink
+    segments (Session.limit_memory). columns: only the methods whose names start with one
     of these (every method is deterministic: columns measured by an earlier run need not be rerun)."""
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
@@ -323,7 +355,9 @@ def evaluate(
             raise UIOError(
                 f"{text.name} has {len(text.tokens):,} tokens, fewer than every length (the shortest is {lengths[0]:,})"
             )
-    chosen = methods(runtimes, full_window, full_keep, baselines, raw_windows, lengths, chat_keep, chat_reread)
+    chosen = methods(
+        runtimes, full_window, full_keep, baselines, raw_windows, lengths, chat_keep, chat_reread, chat_memory
+    )
     if columns:
         kept = [m for m in chosen if m.name.startswith(tuple(columns))]
         if not kept:
@@ -391,6 +425,8 @@ def evaluate(
             },
             "keep": chat_keep,
             "reread": chat_reread,
+            "memory_window": chat_memory[0],
+            "memory_sink": chat_memory[1],
             "texts": [{"name": t.name, "tokens": len(t.tokens), "domain": t.domain} for t in texts],
             "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
             "results": results,

@@ -97,6 +97,12 @@ class Session(Handle):
         # the view the heads are trained and diagnosed on. Without it the raw cells keep the states they
         # were decoded with, beside tokens that have since left the window (docs/memory-vs-window.md).
         self.reread = False
+        # The most memory cells the decoder holds (None: every segment's). When a write would pass it, the
+        # oldest segments' cells go, after the first `memory_sink` segments of the text, which stay, and the
+        # later cells move down (seq_rm + seq_add, as the raw window slides): a constant number of memory
+        # cells at any length, the memory of the text's latest segments (docs/memory-vs-window.md).
+        self.memory_window: int | None = None
+        self.memory_sink = 0
         self._recall_ctx: Context | None = None  # made at the first recall (set_recall)
         self._recall_states = runtime.recall_states  # recalls decoded before by this runtime's sessions
         self.recall_decoded = self.recall_reused = 0  # recalled tokens decoded / taken from recall_states
@@ -136,6 +142,16 @@ class Session(Handle):
         return self.memory_end + self.recall_at
 
     # ----- memory -----------------------------------------------------------------------------
+    def limit_memory(self, cells: int | None, sink_segments: int = 0) -> None:
+        """Holds at most `cells` memory cells from the next write on (None: no limit), the first
+        `sink_segments` segments of the text always among them (see memory_window)."""
+        if cells is not None and (cells % self.slots or cells // self.slots <= sink_segments or sink_segments < 0):
+            raise UIOError(
+                f"the memory window must be a whole number of segments' slots ({self.slots} each) and hold more "
+                f"than its {sink_segments} sink segment(s), not {cells} cells"
+            )
+        self.memory_window, self.memory_sink = cells, (sink_segments if cells is not None else 0)
+
     def keep_sink(self, tokens) -> None:
         """Decodes the text's first `keep` of `tokens` raw at positions 0.. of an empty conversation, for
         memory added next (add_memory) to sit behind: the layout feed leaves when it compresses the
@@ -161,6 +177,9 @@ class Session(Handle):
         n_seg = len(memory.k)
         if n_seg == 0:
             return
+        self.compressed_segments += n_seg
+        memory = self._fit_memory_window(memory)
+        n_seg = len(memory.k)
         self._check_room(n_seg * self.slots)
         if self.recall or self.raw:  # they move up to make room right after the memory (K re-rotated at next decode)
             self.ctx.seq_add(DECODER_SEQ, self.memory_end, -1, n_seg * self.slots)
@@ -181,7 +200,38 @@ class Session(Handle):
 
         kv_write(self.runtime.plugin, self.ctx.ptr, self.layout, DECODER_SEQ, SCRATCH_SEQ, positions, k, v)
         self.n_mem += n_seg * self.slots
-        self.compressed_segments += n_seg
+
+    def _fit_memory_window(self, memory: SegmentMemory) -> SegmentMemory:
+        """Makes room for `memory` inside memory_window: drops the oldest segments held after the sink
+        segments, and leaves out the oldest of `memory` itself when it alone passes the window. Returns
+        what is left of `memory` to write."""
+        if self.memory_window is None:
+            return memory
+        limit = self.memory_window // self.slots  # segments
+        held, incoming = self.n_mem // self.slots, len(memory.k)
+        over = held + incoming - limit
+        if over <= 0:
+            return memory
+        if self._capture is not None:  # its scores index every compressed segment
+            raise UIOError("recall ranked by attention reads the whole memory: it takes no memory window")
+        dropped = min(over, max(0, held - self.memory_sink))
+        if dropped:
+            self._drop_memory(dropped)
+        left_out = over - dropped
+        if not left_out:
+            return memory
+        sink_part = max(0, self.memory_sink - held)  # incoming segments that complete the sink
+        keep = list(range(sink_part)) + list(range(sink_part + left_out, incoming))
+        return SegmentMemory(memory.k[keep], memory.v[keep], None if memory.h is None else memory.h[keep])
+
+    def _drop_memory(self, segments: int) -> None:
+        """Removes the memory cells of `segments` segments right after the sink segments; every later cell
+        moves down (K re-rotated at the next decode)."""
+        first = len(self.sink) + self.memory_sink * self.slots
+        cells = segments * self.slots
+        self.ctx.seq_rm(DECODER_SEQ, first, first + cells)
+        self.ctx.seq_add(DECODER_SEQ, first + cells, -1, -cells)
+        self.n_mem -= cells
 
     def restore(self, state, segments: int, raw, sink=()) -> bool:
         """Takes an empty conversation to a saved start state (uio_gguf.store.start_state): the kept
