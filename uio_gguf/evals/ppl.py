@@ -7,7 +7,9 @@ For a length L every method predicts the same targets: tokens 1..L-1 of the text
   chat-r{ratio} Session.feed with chat's default raw window R (uio_gguf.chat.conversation.DEFAULT_RAW_SEGMENTS
                 segments, docs/design.md §6): a token sees the memory of every segment compressed
                 before it plus the last R - l .. R - 1 raw tokens (raw cells shifted down, not
-                recomputed, when the oldest segment is compressed).
+                recomputed, when the oldest segment is compressed). --reread decodes them again behind the
+                memory instead (Session.reread); --memory-window keeps only the latest segments' memory
+                (Session.limit_memory), and the column's name says so (+reread, +mem1024).
   raw-R         a uio or chat column's raw window alone, no memory: the same raw tokens at positions from
                 0, the oldest segment dropped (not compressed) whenever the window passes R tokens.
   sliding-same:C  a plain sliding window with the same KV cells as column C at each length (C's memory

@@ -239,6 +239,8 @@ class Session(Handle):
         conversation left empty, when the state does not hold exactly those cells."""
         if self.n_past:
             raise RuntimeError("a start state is restored into an empty conversation only")
+        if self.memory_window is not None:  # a state holds every segment's memory: limit it after restoring
+            raise RuntimeError("restore a start state before limit_memory")
         sink = [int(t) for t in sink]
         try:
             self.ctx.set_seq_state(state, DECODER_SEQ)
