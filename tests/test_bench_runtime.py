@@ -147,3 +147,18 @@ def test_first_token_times_are_the_median_of_the_runs_asked(tiny_bundle, cache_e
 def test_bench_refuses_an_unknown_encoder_format(tiny_bundle, cache_env):
     result = run_cli("bench", "-m", str(tiny_bundle), "--lengths", "48", "--encoder-format", "q3", env=cache_env)
     assert result.returncode == 1 and "--encoder-format takes" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_memory_window_holds_the_decoder_to_the_window(tiny_bundle, cache_env, tmp_path):
+    """--memory-window W: the book's memory in the decoder is W cells (the latest segments'), the run says
+    so, and the first questions are timed on the same layout (read from its start state)."""
+    out = tmp_path / "bench.json"
+    run_cli(
+        "bench", "-m", str(tiny_bundle), "--lengths", "400", "--threads", "1", "--decode-tokens", "2", "--no-plain",
+        "--memory-window", "32", "--json", str(out), env=cache_env, check=True,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    uio = report["rows"][0]["uio"]
+    assert report["settings"]["memory_window"] == 32
+    assert uio["memory_cells"] == 32 and uio["segments"] * 4 > 32  # 4 slots a segment: segments were left out
+    assert uio["kv_cells"] == 32 + uio["raw_cells"] and uio["ttft_from_file"] is True

@@ -70,6 +70,8 @@ def test_non_utf8_book_is_read_with_a_warning(tiny_bundle, cache_env, tmp_path, 
         ("binary", "looks like a binary file"),
         ("too_long", "holds at most"),
         ("mixed_bundle", "do not belong together"),
+        ("memory_window", "memory window must be a whole number of segments' slots"),
+        ("window_by_attention", "takes no memory window"),
     ],
 )
 def test_bad_input_gives_one_clear_line(case, message, tiny_bundle, book, cache_env, tmp_path, make_tiny_bundle):
@@ -84,6 +86,10 @@ def test_bad_input_gives_one_clear_line(case, message, tiny_bundle, book, cache_
         path.write_bytes(bytes(range(256)) * 8)
     elif case == "too_long":
         extra = ["--n-ctx", "1100"]  # 16-token segments, 4 slots each: room for 256 tokens
+    elif case == "memory_window":
+        extra = ["--memory-window", "6"]  # 4 slots a segment
+    elif case == "window_by_attention":
+        extra = ["--memory-window", "8", "--recall-ranking", "attention"]
     elif case == "mixed_bundle":
         model = tmp_path / "mixed"
         shutil.copytree(tiny_bundle, model)

@@ -101,3 +101,47 @@ def test_kept_tokens_from_a_memory_file_are_the_cells_feed_leaves(runtime, plant
     assert np.array_equal(opened[0], fed[0]) and len(opened[0]) > 4 + runtime.slots
     np.testing.assert_allclose(opened[1], fed[1], atol=1e-4)
     np.testing.assert_allclose(opened[2], fed[2], atol=1e-4)
+
+
+def test_a_memory_window_holds_the_latest_segments_and_restores_them(runtime, planted_book, monkeypatch, tmp_path):
+    """Conversation(memory_window=W): the decoder holds the memory of the book's latest W / slots segments
+    right from position 0 (the cells of a session given those segments alone), the recall still finds the
+    planted line whose memory the window left out, and a reopened book restores the same cells from its start
+    state (another window is another state)."""
+    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.memory.encoder import SegmentMemory
+
+    monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path))
+    seg, window = runtime.segment, 16 * runtime.slots
+
+    def open_(memory_window):
+        with Conversation(runtime, planted_book, n_ctx=2048, recall_tokens=48, memory_window=memory_window) as chat:
+            s = chat.session
+            cells, state = _cells(runtime, s), (s.n_mem, s.compressed_segments, list(s.raw), s.tokens_seen)
+            answer = "".join(chat.ask(QUESTION, SamplingParams(max_tokens=8)))
+            recalled = [chat.book_tokens[span.start : span.end] for span in chat.recalled]
+            return chat.stats, cells, state, answer, recalled, chat.book_tokens
+
+    first, again = open_(window), open_(window)
+    assert not first[0].from_start_state and again[0].from_start_state
+    for a, b in zip(first[1], again[1]):
+        assert np.array_equal(a, b)
+    assert first[2:4] == again[2:4]
+    n_mem, segments, raw, _ = first[2]
+    assert n_mem == window and segments > 16  # the window left segments out
+    book = first[5]
+
+    def text(tokens) -> str:
+        return b"".join(runtime.model.piece(int(t)) for t in tokens).decode("utf-8", "replace")
+
+    assert "7419" in text(book[: (segments - 16) * seg])  # the planted line's memory is outside the window ...
+    assert any("7419" in text(passage) for passage in first[4])  # ... and the recall brings it back
+    memory = runtime.compress(book[: segments * seg])
+    with runtime.new_session(n_ctx=2048) as ref:
+        ref.raw_window = len(raw) + 1 if len(raw) >= seg else seg
+        ref.add_memory(SegmentMemory(memory.k[-16:], memory.v[-16:]))
+        ref.feed(book[segments * seg :])
+        expected = _cells(runtime, ref)
+    for a, b in zip(first[1], expected):
+        assert a.shape == b.shape and np.allclose(a, b, atol=1e-5)
+    assert not open_(window // 2)[0].from_start_state  # another window: another start state

@@ -130,11 +130,12 @@ def measure_sliding(runtime, tokens: np.ndarray, cells: int, n_decode: int) -> d
     }
 
 
-def measure_uio(runtime, book: str, n_decode: int, runs: int = 1) -> dict:
-    """Ingest and decode once; each first-token time the median of `runs` new conversations."""
+def measure_uio(runtime, book: str, n_decode: int, runs: int = 1, memory_window: int | None = None) -> dict:
+    """Ingest and decode once; each first-token time the median of `runs` new conversations. memory_window:
+    Conversation's (the most memory cells the decoder holds)."""
     cell = runtime.kv_cell_bytes
     started = time.perf_counter()
-    with Conversation(runtime, book, use_memory_files=True, recall_tokens=0) as conv:
+    with Conversation(runtime, book, use_memory_files=True, recall_tokens=0, memory_window=memory_window) as conv:
         ingest_s = time.perf_counter() - started
         session = conv.session
         segments = session.compressed_segments
@@ -162,7 +163,9 @@ def measure_uio(runtime, book: str, n_decode: int, runs: int = 1) -> dict:
 
     def first_token(name: str, recall: int) -> Conversation:
         started = time.perf_counter()
-        with Conversation(runtime, book, use_memory_files=True, recall_tokens=recall) as again:
+        with Conversation(
+            runtime, book, use_memory_files=True, recall_tokens=recall, memory_window=memory_window
+        ) as again:
             for _ in again.ask(DEMO_QUESTION, SamplingParams(max_tokens=1)):
                 pass
             times[name].append(time.perf_counter() - started)
@@ -233,6 +236,7 @@ def run(
     log: Callable[[str], None] = lambda line: None,
     on_row: Callable[[dict], None] = lambda report: None,
     first_token_runs: int = 1,
+    memory_window: int | None = None,
 ) -> dict:
     """The bench on an open runtime (its threads and offload are both sides'). Returns the report;
     on_row(report) is called after each length (a long run that is stopped keeps its finished rows)."""
@@ -269,6 +273,7 @@ def run(
             "flash_attn": runtime.flash_attn,
             "decode_tokens": n_decode,
             "first_token_runs": first_token_runs,
+            "memory_window": memory_window,
             "plain": plain,
             "question": DEMO_QUESTION,
         },
@@ -283,7 +288,7 @@ def run(
         for length in lengths:
             book, copies = book_of_length(model, text, length)
             log(f"length {length}: uio ingest")
-            uio = measure_uio(runtime, book, n_decode, first_token_runs)
+            uio = measure_uio(runtime, book, n_decode, first_token_runs, memory_window)
             tokens = document_tokens(model, book)
             log(f"length {length}: short-context prefill (the ingest limit)")
             short, short_n = short_prefill_rate(runtime, tokens)

@@ -81,6 +81,7 @@ class Conversation(Handle):
         must_save: bool = False,
         keep: int = DEFAULT_KEEP,
         reread: bool = False,
+        memory_window: int | None = None,
     ):
         """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
         alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
@@ -95,7 +96,9 @@ class Conversation(Handle):
         otherwise a warning, and the conversation goes on. keep: the document's first tokens kept raw in
         front of the memory (attention sinks, as llama.cpp's --keep; docs/memory-vs-window.md). reread: after
         each compression the raw window is decoded again behind the memory (Session.reread), as the book's
-        end is when it is opened; only a raw window over one segment has anything to read again."""
+        end is when it is opened; only a raw window over one segment has anything to read again.
+        memory_window: the most memory cells the decoder holds, those of the book's latest segments
+        (Session.limit_memory; None: every segment's). The recall still reads the whole book."""
         if recall_ranking not in RANKINGS:
             raise UIOError(f"unknown recall ranking {recall_ranking!r} (choose from {', '.join(RANKINGS)})")
         if recall_tokens < 0:
@@ -118,8 +121,15 @@ class Conversation(Handle):
         by_attention = recall_tokens > 0 and recall_ranking == "attention"
         if not 0 <= keep <= runtime.segment:
             raise UIOError(f"the kept tokens must be 0 to the segment length ({runtime.segment}), not {keep}")
+        if by_attention and memory_window is not None:
+            raise UIOError("recall ranked by attention reads the whole memory: it takes no memory window")
         self.session = runtime.new_session(n_ctx, query_rows=QUERY_ROWS if by_attention else 0)
         self.session.keep, self.session.reread = keep, reread
+        try:
+            self.session.limit_memory(memory_window)
+        except UIOError:
+            self.session.close()
+            raise
         self.session.raw_window = self._fit_raw_window(raw_window, recall_tokens)
         self.stats = CompressionStats()
         self.recall_tokens = recall_tokens
@@ -142,7 +152,8 @@ class Conversation(Handle):
         seg, s = self.runtime.segment, self.session
         if asked is not None and asked == seg:
             return seg
-        memory = s.keep + len(self.book_tokens) // seg * self.runtime.slots
+        memory = len(self.book_tokens) // seg * self.runtime.slots
+        memory = s.keep + min(memory, s.memory_window or memory)
         room = (s.ctx.n_ctx - memory - recall_tokens - ANSWER_RESERVE) // seg * seg
         target = DEFAULT_RAW_SEGMENTS * seg if asked is None else asked
         fit = min(target, room)
@@ -219,7 +230,9 @@ class Conversation(Handle):
         if checksum is None:
             return None
         s = self.session
-        start_key = start_state.state_key(f"{key}:{checksum}", remainder, s.raw_window, s.keep, s.ctx.settings)
+        start_key = start_state.state_key(
+            f"{key}:{checksum}", remainder, s.raw_window, s.keep, s.ctx.settings, s.memory_window
+        )
         return start_state.path_for(memory_path, start_key), start_key
 
     # ----- turns ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from uio_gguf.cli.options import (
     ENCODER_FORMAT_HELP,
     FlashAttn,
     GpuLayers,
+    MemoryWindow,
     Model,
     Ratio,
     Verbose,
@@ -58,6 +59,7 @@ def bench(
         help="New conversations timed for each first-token figure; the median is reported (the spread "
         "between runs on a small CPU can be as large as the change measured).",
     ),
+    memory_window: MemoryWindow = None,
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
 ):
@@ -115,6 +117,7 @@ def bench(
                 log=lambda line, fmt=fmt: typer.echo(f"[{fmt}] {line}" if len(formats) > 1 else line, err=True),
                 on_row=saved,
                 first_token_runs=first_token_runs,
+                memory_window=memory_window,
             )
         reports.append(report)
     for report in reports:

@@ -94,6 +94,16 @@ Reread = Annotated[
         "times the decoding when a turn passes R: docs/memory-vs-window.md).",
     ),
 ]
+MemoryWindow = Annotated[
+    int | None,
+    typer.Option(
+        "--memory-window",
+        min=1,
+        help="The most memory cells the decoder holds: those of the book's latest segments (a multiple of the "
+        "slots per segment; e.g. 1024). The far memory reads no better than none (docs/memory-vs-window.md); "
+        "the recall still searches the whole book. Default: every segment's memory.",
+    ),
+]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
 ENCODER_FORMAT_HELP = (
     "Weights of the encoder pass and the recall's prefill (uio_gguf/format/derived.py): auto (an F16 copy of a "

@@ -18,6 +18,7 @@ from uio_gguf.cli.options import (
     GpuLayers,
     KeepTokens,
     LoopGuardOption,
+    MemoryWindow,
     Model,
     NCtx,
     RawWindow,
@@ -136,6 +137,7 @@ def chat(
     raw_window: RawWindow = None,
     keep_tokens: KeepTokens = None,
     reread: Reread = False,
+    memory_window: MemoryWindow = None,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
     loop_guard: LoopGuardOption = True,
@@ -193,6 +195,7 @@ def chat(
         recall_ranking=recall_ranking,
         **({} if keep_tokens is None else {"keep": keep_tokens}),
         reread=reread,
+        memory_window=memory_window,
     )
     bar.close()
     stats = conversation.stats
@@ -250,6 +253,7 @@ def demo(
     raw_window: RawWindow = None,
     keep_tokens: KeepTokens = None,
     reread: Reread = False,
+    memory_window: MemoryWindow = None,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
     loop_guard: LoopGuardOption = True,
@@ -280,6 +284,7 @@ def demo(
         raw_window=raw_window,
         keep_tokens=keep_tokens,
         reread=reread,
+        memory_window=memory_window,
         repeat_penalty=repeat_penalty,
         dry=dry,
         loop_guard=loop_guard,

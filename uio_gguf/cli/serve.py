@@ -11,6 +11,7 @@ from uio_gguf.cli.options import (
     ForceNCtx,
     GpuLayers,
     KeepTokens,
+    MemoryWindow,
     Model,
     NCtx,
     Ratio,
@@ -54,6 +55,7 @@ def serve(
     raw_window: RawWindow = None,
     keep_tokens: KeepTokens = None,
     reread: Reread = False,
+    memory_window: MemoryWindow = None,
     alias: str | None = typer.Option(None, "--alias", help="The model id clients use (default: the bundle's name)."),
     max_upload_mb: float = typer.Option(
         DEFAULT_MAX_UPLOAD_MB, "--max-upload-mb", min=0.001, help="The largest book the web page takes, in MB."
@@ -81,7 +83,13 @@ def serve(
         encoder_format=encoder_format,
     )
     llm = UIOLlama(
-        runtime=runtime, n_ctx=n_ctx, keep=keep, raw_window=raw_window, keep_tokens=keep_tokens, reread=reread
+        runtime=runtime,
+        n_ctx=n_ctx,
+        keep=keep,
+        raw_window=raw_window,
+        keep_tokens=keep_tokens,
+        reread=reread,
+        memory_window=memory_window,
     )
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
         from uio_gguf.format.shipped import shipped_bundles

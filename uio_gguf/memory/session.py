@@ -235,23 +235,23 @@ class Session(Handle):
 
     def restore(self, state, segments: int, raw, sink=()) -> bool:
         """Takes an empty conversation to a saved start state (uio_gguf.store.start_state): the kept
-        tokens `sink`, the memory of `segments` segments, then the raw tokens `raw`. False, with the
+        tokens `sink`, the memory of `segments` segments (those the memory window holds, if any: limit_memory
+        first), then the raw tokens `raw`. False, with the
         conversation left empty, when the state does not hold exactly those cells."""
         if self.n_past:
             raise RuntimeError("a start state is restored into an empty conversation only")
-        if self.memory_window is not None:  # a state holds every segment's memory: limit it after restoring
-            raise RuntimeError("restore a start state before limit_memory")
         sink = [int(t) for t in sink]
         try:
             self.ctx.set_seq_state(state, DECODER_SEQ)
         except UIOError:
             self.ctx.seq_rm(DECODER_SEQ)
             return False
-        cells = len(sink) + segments * self.slots + len(raw)
+        held = segments if self.memory_window is None else min(segments, self.memory_window // self.slots)
+        cells = len(sink) + held * self.slots + len(raw)
         if self.ctx.seq_pos_max(DECODER_SEQ) != cells - 1 or len(raw) >= self.raw_window or len(sink) > self.keep:
             self.ctx.seq_rm(DECODER_SEQ)
             return False
-        self.sink, self.n_mem, self.compressed_segments = sink, segments * self.slots, segments
+        self.sink, self.n_mem, self.compressed_segments = sink, held * self.slots, segments
         if self._keys is not None:
             self._keys = None  # the state holds no K to score against: remember_keys() gives it
         self.raw = [int(t) for t in raw]

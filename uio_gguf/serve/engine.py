@@ -142,11 +142,13 @@ class UIOLlama(Handle):
         raw_window: int | None = None,
         keep_tokens: int | None = None,
         reread: bool = False,
+        memory_window: int | None = None,
     ):
         """bundle: a bundle directory (None: the embedded SmolLM2 bundle); n_ctx: the decoder window
         (None: the model's trained context); recall_tokens: Conversation's recall budget per question
         (None: its default; 0: off); runtime: an open UIORuntime to use instead (not closed here);
-        raw_window, keep_tokens, reread: Conversation's raw_window, keep and reread (None: its defaults)."""
+        raw_window, keep_tokens, reread, memory_window: Conversation's raw_window, keep, reread and memory_window
+        (None: its defaults)."""
         if runtime is None:
             from uio_gguf.memory.runtime import UIORuntime
 
@@ -159,7 +161,8 @@ class UIOLlama(Handle):
         self.runtime = runtime
         self.n_ctx = n_ctx
         self.keep = keep
-        self.options = {"use_memory_files": use_memory_files, "reread": reread}  # passed on to each Conversation
+        # passed on to each Conversation
+        self.options = {"use_memory_files": use_memory_files, "reread": reread, "memory_window": memory_window}
         for name, value in (("recall_tokens", recall_tokens), ("raw_window", raw_window), ("keep", keep_tokens)):
             if value is not None:
                 self.options[name] = value

@@ -25,8 +25,11 @@ from uio_gguf.store import keyed_file
 FORMAT = "uio-start-state/1"
 
 
-def state_key(memory_key: str, remainder, raw_window: int, keep: int, settings) -> str:
-    """keep: the tokens kept raw in front of the memory; settings: the decoder context's ContextSettings."""
+def state_key(
+    memory_key: str, remainder, raw_window: int, keep: int, settings, memory_window: int | None = None
+) -> str:
+    """keep: the tokens kept raw in front of the memory; settings: the decoder context's ContextSettings;
+    memory_window: the most memory cells the state holds (None: every segment's)."""
     import llama_cpp
 
     digest = hashlib.sha256()
@@ -40,6 +43,8 @@ def state_key(memory_key: str, remainder, raw_window: int, keep: int, settings) 
         settings.flash_attn,
         llama_cpp.__version__,
     )
+    if memory_window is not None:  # (left out otherwise: the states saved before it keep their keys)
+        parts += (f"memory_window={memory_window}",)
     for part in parts:
         digest.update(str(part).encode() + b"\0")
     digest.update(np.asarray(remainder, dtype=np.int32).tobytes())
