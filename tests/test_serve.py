@@ -208,14 +208,15 @@ def test_a_history_the_server_did_not_write_is_read_in_as_sent(server, books):
 
 
 def test_the_cache_layout_options_reach_each_conversation(server, books):
-    """UIOLlama(raw_window=, keep_tokens=, reread=) (serve --raw-window, --keep-tokens, --reread): the
-    conversation it opens has that layout, and answers as a Conversation built with it by hand."""
+    """UIOLlama(raw_window=, keep_tokens=, reread=, memory_window=) (serve --raw-window, --keep-tokens,
+    --reread, --memory-window): the conversation it opens has that layout, and answers as a Conversation
+    built with it by hand."""
     from uio_gguf.chat.conversation import Conversation
     from uio_gguf.llamacpp.sampling import SamplingParams
     from uio_gguf.serve.engine import UIOLlama
 
     runtime, q = server[1].runtime, "Name one thing in it."
-    window = 4 * runtime.segment
+    window, memory = 4 * runtime.segment, runtime.slots  # the latest segment's memory only
     llm = UIOLlama(
         runtime=runtime,
         n_ctx=N_CTX,
@@ -224,14 +225,23 @@ def test_the_cache_layout_options_reach_each_conversation(server, books):
         raw_window=window,
         keep_tokens=4,
         reread=True,
+        memory_window=memory,
     )
     with llm:
         answer = llm.create_chat_completion([user(books[0], q)], temperature=0, max_tokens=8)
         (kept,) = llm._kept.values()
         assert kept.session.raw_window == window and kept.session.keep == 4 and len(kept.session.sink) == 4
-        assert kept.session.reread
+        assert kept.session.reread and kept.session.n_mem == memory < kept.session.compressed_segments * runtime.slots
     with Conversation(
-        runtime, books[0], n_ctx=N_CTX, use_memory_files=False, recall_tokens=0, raw_window=window, keep=4, reread=True
+        runtime,
+        books[0],
+        n_ctx=N_CTX,
+        use_memory_files=False,
+        recall_tokens=0,
+        raw_window=window,
+        keep=4,
+        reread=True,
+        memory_window=memory,
     ) as conv:
         expected = "".join(conv.ask(q, SamplingParams(max_tokens=8)))
     assert answer["choices"][0]["message"]["content"] == expected
