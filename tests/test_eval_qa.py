@@ -252,6 +252,28 @@ def test_a_longer_raw_window_is_the_same_tail_for_every_method(runtime, base):
     assert np.array_equal(sliding[doc.skip + memory_cells :], rag[doc.skip :])
 
 
+def test_a_memory_window_reaches_uio_and_bounds_the_sliding_window(runtime, base):
+    """--memory-window W: uio+recall answers as a conversation with that window, and sliding+recall spends W
+    cells (not the whole memory's) on the book's raw tokens before the tail."""
+    from uio_gguf.chat.conversation import Conversation
+
+    sample = eval_qa.make_sample("passkey", 0.3, random.Random(2))
+    doc = eval_qa.splice(runtime.model, base, sample.needles)
+    cache = eval_qa.SegmentCache(runtime)
+    eval_qa.load_base(cache, base, use_memory_files=False)
+    window = 2 * runtime.slots
+    got = eval_qa.answer(cache, doc, sample.question, "uio+recall", PARAMS, 64, memory_window=window)
+    with Conversation(
+        runtime, doc.book, use_memory_files=False, recall_tokens=64, raw_window=SEGMENT, memory_window=window
+    ) as conversation:
+        assert conversation.session.n_mem == window < conversation.session.compressed_segments * runtime.slots
+        want = "".join(conversation.ask(sample.question, PARAMS))
+    assert got.text == want
+    rag = eval_qa.method_tokens(runtime, doc, sample.question, "rag", 64)
+    sliding = eval_qa.method_tokens(runtime, doc, sample.question, "sliding+recall", 64, memory_window=window)
+    assert len(sliding) == len(rag) + window
+
+
 def test_window_equals_full_8k_when_the_text_fits(make_tiny_bundle, prose):
     from uio_gguf.memory.runtime import UIORuntime
 

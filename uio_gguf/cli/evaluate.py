@@ -11,6 +11,7 @@ from uio_gguf.cli.options import (
     FlashAttn,
     GpuLayers,
     LoopGuardOption,
+    MemoryWindow,
     Model,
     Ratio,
     Verbose,
@@ -262,6 +263,7 @@ def eval_qa(
         help="The raw tail of the book the uio methods keep (chat's --raw-window); window, rag and sliding+recall "
         "read the same tail. Default: one segment, the training view.",
     ),
+    memory_window: MemoryWindow = None,
     loop_guard: LoopGuardOption = True,
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the fillers' memory files."),
     json_out: Path | None = typer.Option(
@@ -311,6 +313,7 @@ def eval_qa(
         use_memory_files=not no_cache,
         fillers=fillers,
         raw_window=raw_window,
+        memory_window=memory_window,
         progress=update,
         partial=(lambda r: json_out.write_text(json.dumps(name_filler(r), indent=2) + "\n")) if json_out else None,
     )

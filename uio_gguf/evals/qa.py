@@ -160,6 +160,7 @@ def _uio_answer(
     recall_tokens: int,
     ranking: str = "bm25",
     raw_window: int | None = None,
+    memory_window: int | None = None,
 ) -> Answer:
     from uio_gguf.chat.conversation import Conversation
 
@@ -173,6 +174,7 @@ def _uio_answer(
         raw_window=raw_window or cache.runtime.segment,
         recall_ranking=ranking,
         compress=cache.compress,
+        memory_window=memory_window,
     )
     try:
         making = conversation.stats.seconds  # the memory's compression: a memory file's job in chat
@@ -188,12 +190,19 @@ def _uio_answer(
 
 
 def method_tokens(
-    runtime, doc: Document, question: str, method: str, recall_tokens: int, raw_window: int | None = None
+    runtime,
+    doc: Document,
+    question: str,
+    method: str,
+    recall_tokens: int,
+    raw_window: int | None = None,
+    memory_window: int | None = None,
 ) -> np.ndarray:
     """The prompt a memoryless method reads: all of it (full-8k), or the opening, the raw tail UIO keeps
     with a raw window of raw_window tokens (default one segment: the remainder after the last full
-    segment; sliding+recall: as many more of the book's last tokens as uio's memory has cells), the recall
-    (rag, sliding+recall; right before the question, where uio+recall reads it), then the question."""
+    segment; sliding+recall: as many more of the book's last tokens as uio's memory has cells, at most
+    memory_window), the recall (rag, sliding+recall; right before the question, where uio+recall reads it),
+    then the question."""
     from uio_gguf.chat.conversation import memory_segments
     from uio_gguf.chat.recall import Recall
 
@@ -208,7 +217,7 @@ def method_tokens(
             question, recall_tokens
         )
     if method == "sliding+recall":  # the memory's cells spent on the book's last raw tokens instead
-        raw_from -= n_mem * runtime.slots
+        raw_from -= min(n_mem * runtime.slots, memory_window or n_mem * runtime.slots)
     return np.concatenate([doc.tokens[: doc.skip], doc.tokens[max(doc.skip, raw_from) :], recalled, q])
 
 
@@ -220,14 +229,15 @@ def answer(
     params,
     recall_tokens: int,
     raw_window: int | None = None,
+    memory_window: int | None = None,
 ) -> Answer:
     runtime = cache.runtime
     if method in RANKING:
         budget = recall_tokens if method != "uio" else 0
-        return _uio_answer(cache, doc, question, params, budget, RANKING[method], raw_window)
+        return _uio_answer(cache, doc, question, params, budget, RANKING[method], raw_window, memory_window)
     if method in PLAIN_METHODS:
         started = time.perf_counter()  # rag's ranking counts, as uio+recall's does
-        tokens = method_tokens(runtime, doc, question, method, recall_tokens, raw_window)
+        tokens = method_tokens(runtime, doc, question, method, recall_tokens, raw_window, memory_window)
         return _plain_answer(runtime, tokens, params, runtime.model.n_ctx_train, started)
     raise UIOError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
 
@@ -258,12 +268,14 @@ def evaluate(
     partial: Callable[[dict], None] | None = None,
     fillers: int = 1,
     raw_window: int | None = None,
+    memory_window: int | None = None,
 ) -> dict:
     """The report that `uio-gguf eval qa` prints and writes as JSON. partial(report so far) is called
     after every answer (a long run stopped midway keeps what it measured). fillers: texts drawn per
     length, trial t reading filler t % fillers; with one, every trial of a depth hides its needle in the
     same passage, so the trials sample keys, not contexts (docs/evaluation.md). raw_window: the raw tail
-    every method reads (None: one segment, the training view)."""
+    every method reads (None: one segment, the training view). memory_window: the most memory cells the uio
+    methods hold (Conversation's; sliding+recall spends as many on raw tokens)."""
     from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
     from uio_gguf.llamacpp.sampling import SamplingParams
 
@@ -302,6 +314,7 @@ def evaluate(
             "segment": runtime.segment,
             "recall_tokens": recall_tokens,
             "raw_window": raw_window or runtime.segment,
+            "memory_window": memory_window,
             "max_tokens": budgets,
             "loop_guard": loop_guard,
             "filler": filler,
@@ -326,7 +339,9 @@ def evaluate(
                     doc = splice(runtime.model, bases[trial % fillers], sample.needles)
                     for method in methods:
                         before = cache.compressed
-                        got = answer(cache, doc, sample.question, method, params[task], recall_tokens, raw_window)
+                        got = answer(
+                            cache, doc, sample.question, method, params[task], recall_tokens, raw_window, memory_window
+                        )
                         right = [found(a, got.text) for a in sample.answers]
                         samples.append(
                             {
