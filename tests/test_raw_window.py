@@ -178,3 +178,22 @@ def test_dry_reaches_llamas_sampler(runtime, stream):
     plain, dry = answer(0.0), answer(100.0)
     counts = most_repeated_4gram(plain), most_repeated_4gram(dry)
     assert counts[0] >= 3 > counts[1], (counts, plain, dry)  # a loop (a 4-gram 3 times); DRY breaks it
+
+
+def test_the_default_memory_window_is_whole_segments_and_yields_to_attention_ranking(runtime, planted_book):
+    """Chat's default memory window is DEFAULT_MEMORY_WINDOW cut to whole segments; 0 asks for every segment's
+    memory; recall ranked by attention gets every segment's by default and refuses an explicit window."""
+    from uio_gguf.chat.conversation import DEFAULT_MEMORY_WINDOW, Conversation, resolve_memory_window
+    from uio_gguf.errors import UIOError
+
+    assert resolve_memory_window(None, 16) == DEFAULT_MEMORY_WINDOW and resolve_memory_window(None, 12) == 1020
+    assert resolve_memory_window(0, 16) is None and resolve_memory_window(None, 16, by_attention=True) is None
+    assert resolve_memory_window(64, 16) == 64
+    with pytest.raises(UIOError, match="takes no memory window"):
+        resolve_memory_window(64, 16, by_attention=True)
+    with pytest.raises(UIOError, match="0 .* or more cells"):
+        resolve_memory_window(-1, 16)
+    with Conversation(runtime, planted_book, n_ctx=2048, recall_tokens=0) as chat:
+        assert chat.session.memory_window == DEFAULT_MEMORY_WINDOW
+    with Conversation(runtime, planted_book, n_ctx=2048, recall_tokens=0, memory_window=0) as whole:
+        assert whole.session.memory_window is None

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterator
 import llama_cpp
 import numpy as np
 
-from uio_gguf.chat.conversation import Conversation
+from uio_gguf.chat.conversation import Conversation, resolve_memory_window
 from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
 from uio_gguf.errors import UIOError
 from uio_gguf.format import derived
@@ -273,7 +273,7 @@ def run(
             "flash_attn": runtime.flash_attn,
             "decode_tokens": n_decode,
             "first_token_runs": first_token_runs,
-            "memory_window": memory_window,
+            "memory_window": resolve_memory_window(memory_window, runtime.slots),  # None: every segment's
             "plain": plain,
             "question": DEMO_QUESTION,
         },

@@ -98,10 +98,11 @@ MemoryWindow = Annotated[
     int | None,
     typer.Option(
         "--memory-window",
-        min=1,
+        min=0,
         help="The most memory cells the decoder holds: those of the book's latest segments (a multiple of the "
-        "slots per segment; e.g. 1024). The far memory reads no better than none (docs/memory-vs-window.md); "
-        "the recall still searches the whole book. Default: every segment's memory.",
+        "slots per segment). The far memory reads no better than none, and the window keeps decoding fast on "
+        "long books (docs/memory-vs-window.md); the recall still searches the whole book. 0: every segment's "
+        "memory. Default: 1024 (every segment's with --recall-ranking attention).",
     ),
 ]
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]

@@ -174,7 +174,7 @@ def _uio_answer(
         raw_window=raw_window or cache.runtime.segment,
         recall_ranking=ranking,
         compress=cache.compress,
-        memory_window=memory_window,
+        memory_window=(memory_window or 0) if ranking == "bm25" else 0,  # 0: every segment's memory
     )
     try:
         making = conversation.stats.seconds  # the memory's compression: a memory file's job in chat
@@ -275,11 +275,14 @@ def evaluate(
     length, trial t reading filler t % fillers; with one, every trial of a depth hides its needle in the
     same passage, so the trials sample keys, not contexts (docs/evaluation.md). raw_window: the raw tail
     every method reads (None: one segment, the training view). memory_window: the most memory cells the uio
-    methods hold (Conversation's; sliding+recall spends as many on raw tokens)."""
+    methods hold (None: chat's default, 0: every segment's; resolve_memory_window), and sliding+recall spends as
+    many cells on raw tokens; uio+attn holds every segment's memory, which its ranking scores."""
+    from uio_gguf.chat.conversation import resolve_memory_window
     from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
     from uio_gguf.llamacpp.sampling import SamplingParams
 
     recall_tokens = DEFAULT_RECALL_TOKENS if recall_tokens is None else recall_tokens
+    memory_window = resolve_memory_window(memory_window, runtime.slots)  # cells, or None: every segment's
     check_grid(lengths, depths, trials)
     if not 1 <= fillers <= trials:
         raise UIOError(f"--fillers must be from 1 to --trials ({trials}), not {fillers}")

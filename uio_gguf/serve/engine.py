@@ -162,8 +162,13 @@ class UIOLlama(Handle):
         self.n_ctx = n_ctx
         self.keep = keep
         # passed on to each Conversation
-        self.options = {"use_memory_files": use_memory_files, "reread": reread, "memory_window": memory_window}
-        for name, value in (("recall_tokens", recall_tokens), ("raw_window", raw_window), ("keep", keep_tokens)):
+        self.options = {"use_memory_files": use_memory_files, "reread": reread}
+        for name, value in (
+            ("recall_tokens", recall_tokens),
+            ("raw_window", raw_window),
+            ("keep", keep_tokens),
+            ("memory_window", memory_window),
+        ):
             if value is not None:
                 self.options[name] = value
         self.model_path = str(runtime.bundle.model_path)
