@@ -177,10 +177,11 @@ class Session(Handle):
         n_seg = len(memory.k)
         if n_seg == 0:
             return
-        self.compressed_segments += n_seg
+        compressed = n_seg
         memory = self._fit_memory_window(memory)
         n_seg = len(memory.k)
         self._check_room(n_seg * self.slots)
+        self.compressed_segments += compressed  # every segment, held or left out by the memory window
         if self.recall or self.raw:  # they move up to make room right after the memory (K re-rotated at next decode)
             self.ctx.seq_add(DECODER_SEQ, self.memory_end, -1, n_seg * self.slots)
         positions = np.arange(self.memory_end, self.memory_end + n_seg * self.slots, dtype=np.int32)
