@@ -96,6 +96,7 @@ def eval_ppl(
     memory_sink: int = typer.Option(
         0,
         "--memory-sink",
+        min=0,
         help="With --memory-window: the text's first N segments' memory always stays (attention sinks).",
     ),
     raw_windows: str | None = typer.Option(
