@@ -402,7 +402,7 @@ def test_memory_window_same_cell_baseline_and_refusals(setup):
     )
     with pytest.raises(UIOError, match="multiple of 4 cells"):
         methods([runtime], raw_windows=(2 * SEGMENT,), chat_memory=(6, 0))
-    with pytest.raises(UIOError, match="holds more than --memory-sink's 2"):
+    with pytest.raises(UIOError, match="more than its 2 sink segment"):
         methods([runtime], raw_windows=(2 * SEGMENT,), chat_memory=(8, 2))
     with pytest.raises(UIOError, match="needs --memory-window"):
         methods([runtime], raw_windows=(2 * SEGMENT,), chat_memory=(None, 1))

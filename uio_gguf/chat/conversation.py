@@ -23,7 +23,7 @@ from uio_gguf.llamacpp.sampling import SamplingParams
 from uio_gguf.llamacpp.template import document_tokens, first_turn, opening, render
 from uio_gguf.memory.encoder import SegmentMemory
 from uio_gguf.memory.runtime import ANSWER_RESERVE
-from uio_gguf.memory.session import DECODER_SEQ
+from uio_gguf.memory.session import DECODER_SEQ, held_memory_cells
 from uio_gguf.store import memory_file, start_state
 
 # Chat's raw window in segments. eval ppl, held-out libpng manual, r8 (uio-r8 = the training view, R = 128):
@@ -47,10 +47,11 @@ QUERY_ROWS = 64  # the question's last tokens whose attention ranks the segments
 # 9.978 at 32K) and no answers (eval qa: 20/30 and 20/30 at 16K and 32K; docs/memory-vs-window.md), and it
 # keeps decode and the first question fast on long books (56K: 55 against 25 tokens/s; docs/benchmarks.md).
 DEFAULT_MEMORY_WINDOW = 1024
+WHOLE_MEMORY = 0  # a memory_window that holds every segment's memory
 
 
 def resolve_memory_window(asked: int | None, slots: int, by_attention: bool = False) -> int | None:
-    """The memory window a conversation uses: asked (cells), 0 for every segment's memory, or None for the
+    """The memory window a conversation uses: asked (cells), WHOLE_MEMORY (0) for every segment's memory, or None for the
     default (DEFAULT_MEMORY_WINDOW cut to whole segments; every segment's when the recall is ranked by
     attention, which scores the whole memory). -> cells, or None for every segment's."""
     if asked is None:
@@ -59,7 +60,7 @@ def resolve_memory_window(asked: int | None, slots: int, by_attention: bool = Fa
         raise UIOError(f"the memory window takes 0 (every segment's memory) or more cells, not {asked}")
     if asked and by_attention:
         raise UIOError("recall ranked by attention reads the whole memory: it takes no memory window")
-    return asked or None
+    return None if asked == WHOLE_MEMORY else asked
 
 
 @dataclass
@@ -171,7 +172,7 @@ class Conversation(Handle):
         if asked is not None and asked == seg:
             return seg
         memory = len(self.book_tokens) // seg * self.runtime.slots
-        memory = s.keep + min(memory, s.memory_window or memory)
+        memory = s.keep + held_memory_cells(memory, s.memory_window)
         room = (s.ctx.n_ctx - memory - recall_tokens - ANSWER_RESERVE) // seg * seg
         target = DEFAULT_RAW_SEGMENTS * seg if asked is None else asked
         fit = min(target, room)

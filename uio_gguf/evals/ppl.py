@@ -45,6 +45,7 @@ import numpy as np
 
 from uio_gguf.errors import UIOError
 from uio_gguf.llamacpp.plain import MAX_BATCH, SINK_TOKENS, PlainContext, chunks
+from uio_gguf.memory.session import check_memory_window, held_memory_cells
 from uio_gguf.text import packaged
 
 # the baselines' names for --baselines: same = sliding-same and raw-R beside every uio/chat column;
@@ -88,7 +89,7 @@ def uio_logits(
     """memory_window, memory_sink: Session.limit_memory (None: the memory of every segment)."""
     raw_window = raw_window or runtime.segment
     memory = len(tokens) // runtime.segment * runtime.slots
-    cells = keep + min(memory, memory_window or memory) + raw_window  # kept + memory + raw window
+    cells = keep + held_memory_cells(memory, memory_window) + raw_window  # kept + memory + raw window
     session = runtime.new_session(n_ctx=cells)
     session.raw_window, session.keep, session.reread = raw_window, keep, reread
     session.limit_memory(memory_window, memory_sink)
@@ -155,7 +156,7 @@ def memory_cells(n_inputs: int, segment: int, slots: int, raw_window: int, memor
     compressed before the last token (one whenever the raw window reached raw_window tokens; at most
     memory_window cells of them) plus a full raw window."""
     compressed = max(0, (n_inputs - 1 - raw_window) // segment + 1)
-    return min(compressed * slots, memory_window or compressed * slots) + raw_window
+    return held_memory_cells(compressed * slots, memory_window) + raw_window
 
 
 def full_logits(runtime, tokens: np.ndarray) -> Iterator[np.ndarray]:
@@ -227,11 +228,7 @@ def methods(
     if any(r < base.segment for r in raw_windows):
         raise UIOError(f"a raw window holds at least one segment ({base.segment} tokens)")
     memory_window, memory_sink = chat_memory
-    if memory_window is not None and (memory_window % base.slots or memory_window // base.slots <= memory_sink):
-        raise UIOError(
-            f"--memory-window takes a multiple of {base.slots} cells (the slots of a segment) that holds more than "
-            f"--memory-sink's {memory_sink} segment(s), not {memory_window}"
-        )
+    check_memory_window(memory_window, base.slots, memory_sink)  # before minutes of other columns
     if memory_sink and memory_window is None:
         raise UIOError("--memory-sink needs --memory-window")
     chat, columns = [], [(n, rt, rt.segment, 0, False, None) for n, rt in zip(names, runtimes)]

@@ -162,7 +162,7 @@ def _uio_answer(
     raw_window: int | None = None,
     memory_window: int | None = None,
 ) -> Answer:
-    from uio_gguf.chat.conversation import Conversation
+    from uio_gguf.chat.conversation import WHOLE_MEMORY, Conversation
 
     started = time.perf_counter()
     # default: the training view (raw window = one segment), whose raw part window and rag read too
@@ -174,7 +174,8 @@ def _uio_answer(
         raw_window=raw_window or cache.runtime.segment,
         recall_ranking=ranking,
         compress=cache.compress,
-        memory_window=(memory_window or 0) if ranking == "bm25" else 0,  # 0: every segment's memory
+        # memory_window here is resolved: None holds every segment's memory, which Conversation calls WHOLE_MEMORY
+        memory_window=WHOLE_MEMORY if memory_window is None or ranking != "bm25" else memory_window,
     )
     try:
         making = conversation.stats.seconds  # the memory's compression: a memory file's job in chat
@@ -205,6 +206,7 @@ def method_tokens(
     then the question."""
     from uio_gguf.chat.conversation import memory_segments
     from uio_gguf.chat.recall import Recall
+    from uio_gguf.memory.session import held_memory_cells
 
     q = _question_tokens(runtime.model, question)
     if method == "full-8k":
@@ -217,7 +219,7 @@ def method_tokens(
             question, recall_tokens
         )
     if method == "sliding+recall":  # the memory's cells spent on the book's last raw tokens instead
-        raw_from -= min(n_mem * runtime.slots, memory_window or n_mem * runtime.slots)
+        raw_from -= held_memory_cells(n_mem * runtime.slots, memory_window)
     return np.concatenate([doc.tokens[: doc.skip], doc.tokens[max(doc.skip, raw_from) :], recalled, q])
 
 

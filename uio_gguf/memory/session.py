@@ -33,6 +33,22 @@ DECODER_SEQ, SCRATCH_SEQ = 0, 1
 RECALL_UBATCH = 256
 
 
+def check_memory_window(cells: int | None, slots: int, sink_segments: int = 0) -> None:
+    """Raises UIOError unless a memory window of `cells` (None: none) holds whole segments' slots, more
+    segments than its `sink_segments` (Session.limit_memory; evals check it before their first column)."""
+    if cells is not None and (cells % slots or cells // slots <= sink_segments or sink_segments < 0):
+        raise UIOError(
+            f"the memory window must be a whole number of segments' slots (a multiple of {slots} cells) and hold "
+            f"more than its {sink_segments} sink segment(s), not {cells} cells"
+        )
+
+
+def held_memory_cells(cells: int, window: int | None) -> int:
+    """Of `cells` memory cells compressed, those the decoder holds under a memory window of `window` cells
+    (None or 0: every one)."""
+    return min(cells, window) if window else cells
+
+
 class Session(Handle):
     """One conversation. `runtime` supplies the model, the encoder, the RoPE and the native plugin."""
 
@@ -145,11 +161,7 @@ class Session(Handle):
     def limit_memory(self, cells: int | None, sink_segments: int = 0) -> None:
         """Holds at most `cells` memory cells from the next write on (None: no limit), the first
         `sink_segments` segments of the text always among them (see memory_window)."""
-        if cells is not None and (cells % self.slots or cells // self.slots <= sink_segments or sink_segments < 0):
-            raise UIOError(
-                f"the memory window must be a whole number of segments' slots ({self.slots} each) and hold more "
-                f"than its {sink_segments} sink segment(s), not {cells} cells"
-            )
+        check_memory_window(cells, self.slots, sink_segments)
         self.memory_window, self.memory_sink = cells, (sink_segments if cells is not None else 0)
 
     def keep_sink(self, tokens) -> None:
@@ -247,7 +259,7 @@ class Session(Handle):
         except UIOError:
             self.ctx.seq_rm(DECODER_SEQ)
             return False
-        held = segments if self.memory_window is None else min(segments, self.memory_window // self.slots)
+        held = held_memory_cells(segments * self.slots, self.memory_window) // self.slots
         cells = len(sink) + held * self.slots + len(raw)
         if self.ctx.seq_pos_max(DECODER_SEQ) != cells - 1 or len(raw) >= self.raw_window or len(sink) > self.keep:
             self.ctx.seq_rm(DECODER_SEQ)
