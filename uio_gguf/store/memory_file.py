@@ -65,7 +65,8 @@ def save(path: Path, key: str, memory: SegmentMemory, dtype=MEMORY_DTYPE) -> Pat
     """Writes the memory (K and V in `dtype`: MEMORY_DTYPE, what transfer.py rounds every memory to, so
     nothing is lost). A memory with non-finite values is refused, never saved."""
     path = Path(path)
-    k, v = memory.k.astype(dtype), memory.v.astype(dtype)
+    with np.errstate(over="ignore"):  # a value past dtype's range becomes inf, refused just below
+        k, v = memory.k.astype(dtype), memory.v.astype(dtype)
     if not (np.isfinite(k).all() and np.isfinite(v).all()):
         raise UIOError("refusing to save a memory with non-finite values (the UIO head is damaged?)")
     keyed_file.save(path, FORMAT, key, _checksum(k, v), k=k, v=v)
