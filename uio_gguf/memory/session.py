@@ -186,14 +186,13 @@ class Session(Handle):
         self.tokens_seen += len(memory.k) * self.segment
 
     def _write_memory(self, memory: SegmentMemory) -> None:
-        n_seg = len(memory.k)
-        if n_seg == 0:
+        compressed = len(memory.k)  # every segment given, held or left out by the memory window
+        if compressed == 0:
             return
-        compressed = n_seg
         memory = self._fit_memory_window(memory)
-        n_seg = len(memory.k)
+        n_seg = len(memory.k)  # the segments held
         self._check_room(n_seg * self.slots)
-        self.compressed_segments += compressed  # every segment, held or left out by the memory window
+        self.compressed_segments += compressed
         if self.recall or self.raw:  # they move up to make room right after the memory (K re-rotated at next decode)
             self.ctx.seq_add(DECODER_SEQ, self.memory_end, -1, n_seg * self.slots)
         positions = np.arange(self.memory_end, self.memory_end + n_seg * self.slots, dtype=np.int32)
