@@ -313,3 +313,22 @@ def test_prose_share_repeats_whole_train_prose_documents(fixture_dir, tmp_path, 
         "0.3",
     )
     assert result.returncode == 1 and "--prose-share needs a prose source in train" in result.stderr
+
+
+def test_a_packaged_evaluation_text_is_always_held_out(fixture_dir, tmp_path):
+    """A document that holds the shipped in-domain evaluation text (the libpng manual, here re-wrapped as a
+    package would ship it) goes to held-out even when the split holds nothing out: `eval ppl` reads that
+    text as held-out on every machine, whatever its packages make the split draw."""
+    from uio_gguf.text import packaged
+
+    folder = tmp_path / "texts"
+    shutil.copytree(fixture_dir, folder)
+    manual = packaged.read(packaged.HELDOUT["in"])
+    (folder / "libpng-manual.txt").write_text("\n".join(" ".join(manual.split()[i : i + 9]) for i in range(0, 4000, 9)))
+    out = tmp_path / "out"
+    args = DataArgs(out=str(out), sources=[], extra_dirs=[str(folder)], heldout_share=0, synthetic_share=0)
+    report = build(args, progress=False)
+    train, heldout = _records(out / "train.jsonl"), _records(out / "heldout.jsonl")
+    assert [r["text"][:20] for r in heldout] == ["libpng-manual.txt - "]
+    assert not any("libpng" in r["text"] for r in train)
+    assert len(train) == N_DOCS and report["heldout"]["docs"] == 1

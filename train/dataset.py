@@ -1,7 +1,8 @@
 """`uio-gguf data`: a reproducible training set from the sources of train.corpus_sources.
 
 Documents are filtered (long enough, English), de-duplicated, split into train / held-out by document
-(each source gives the same share to held-out, across its range of lengths), and the train side gets
+(each source gives the same share to held-out, across its range of lengths; a document holding one of the
+package's held-out evaluation texts is always held out), and the train side gets
 copies of its prose documents if asked (--prose-share) and synthetic long-range tasks (uio_gguf.train.synthetic)
 built from train text only, so held-out text never leaks into training.
 
@@ -77,6 +78,28 @@ def collect(sources: list[Source], min_chars: int, progress: bool) -> tuple[list
         except SourceMissing as err:
             missing.append({"source": source.name, "description": source.description, "install": str(err)})
     return documents, missing
+
+
+def _probes(text: str, count: int = 4, width: int = 200) -> list[str]:
+    """Passages of a text, whitespace-normalized, spread over its body (past the notice at its top)."""
+    flat = " ".join(text.split())
+    start = min(2000, len(flat) // 4)
+    step = max(1, (len(flat) - start - width) // count)
+    return [flat[start + i * step : start + i * step + width] for i in range(count)]
+
+
+def pin_evaluation_texts(documents: list[Document]) -> tuple[list[Document], list[Document]]:
+    """(pinned, rest): the documents holding a passage of a held-out text the package ships (the texts
+    `eval ppl` reads by default), which must go to held-out whatever the split draws. The split depends
+    on the machine's packages, and on another machine it once drew the libpng manual for train."""
+    from uio_gguf.text import packaged
+
+    probes = [p for name in packaged.HELDOUT.values() for p in _probes(packaged.read(name))]
+    pinned, rest = [], []
+    for doc in documents:
+        flat = " ".join(doc.text.split())
+        (pinned if any(p in flat for p in probes) else rest).append(doc)
+    return pinned, rest
 
 
 def split_by_document(documents: list[Document], share: float, rng: random.Random) -> tuple[list, list]:
@@ -233,7 +256,9 @@ def build(args: DataArgs, progress: bool = True) -> dict:
         documents = [documents[i] for i in kept]
     outside = {s.name for s in sources if s.out_of_domain}
     out_of_domain = [d for d in documents if d.source in outside]
-    train, heldout = split_by_document([d for d in documents if d.source not in outside], args.heldout_share, rng)
+    pinned, in_domain = pin_evaluation_texts([d for d in documents if d.source not in outside])
+    train, heldout = split_by_document(in_domain, args.heldout_share, rng)
+    heldout += pinned
     train += repeated_prose(train, sources, args, rng)
     train += synthetic_documents(train, args, rng)
     rng.shuffle(train)
