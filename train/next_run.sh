@@ -43,14 +43,19 @@ DATA=${DATA:-$RUNS/data}     # under runs/, which git ignores
 MINUTES=${MINUTES:-6}      # per head; both heads share the GPU, so this is also the wall time
 DEVICE=${DEVICE:-cuda}
 BASE=$(python -c 'from uio_gguf.format.embedded import default_model_path as p; print(p())')
-# The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ only in length and
-# device (and in batch where BATCH is set); SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes
+# The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ in length and device,
+# and, for the CPU's memory, in batch, scored windows and crop lengths (`cpu` below); SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes
 # every second step's crops longer and fewer (BATCH × SEGMENTS must be a multiple of it: an even BATCH for
 # 128 and 256; LONG_SEGMENTS= for crops of one length, as CHAT_RECALL above 0 and SEGMENTS=256 need).
-LONG_SEGMENTS=${LONG_SEGMENTS-256}
-RECIPE=(--segments "${SEGMENTS:-128}" ${LONG_SEGMENTS:+--long-segments "$LONG_SEGMENTS"} --loss-windows "${LOSS_WINDOWS:-16}" --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
-        --keep-tokens "${KEEP:-0}" --raw-segments "${RAW_SEGMENTS:-1-16}"
-        --lr "${LR:-2e-4}" --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
+# `recipe LOSS_WINDOWS LONG_SEGMENTS` sets RECIPE, the arguments given being the defaults for what the
+# environment leaves unset: `train` and `cpu` default differently (the CPU probe must fit 24 GB).
+recipe() {
+    LONG_SEGMENTS=${LONG_SEGMENTS-$2}
+    RECIPE=(--segments "${SEGMENTS:-128}" ${LONG_SEGMENTS:+--long-segments "$LONG_SEGMENTS"} --loss-windows "${LOSS_WINDOWS:-$1}"
+            --chat-recall-share "${CHAT_RECALL:-0}" --estimator unbiased --window 4
+            --keep-tokens "${KEEP:-0}" --raw-segments "${RAW_SEGMENTS:-1-16}"
+            --lr "${LR:-2e-4}" --eval-every 1000 --eval-crops 1 --seed "${SEED:-11}")
+}
 
 # `train` needs CUDA: without it, poll every 30 s for GPU_WAIT_MINUTES (default 0: do not wait), then
 # stop with one line rather than train on the CPU by mistake.
@@ -95,10 +100,13 @@ prepare)
     mkdir -p "$RUNS/r32" && cp "$RUNS/r8/tokens.npz" "$RUNS/r32/tokens.npz"
     ;;
 train)
+    # Memory is unmeasured on a GPU: on the CPU one head of this recipe went past 24 GB on its first step
+    # (session 32), and two run side by side here; if the GPU runs out, BATCH=2 halves it.
     [[ $DEVICE == cuda* ]] && wait_for_gpu
+    recipe 16 256
     for R in 8 32; do
         uio-gguf train --base "$BASE" --out "$RUNS/r$R" --init "uio_gguf/bundles/smollm2-135m-l128-r$R" \
-            "${RECIPE[@]}" --batch 4 --steps 400 --max-minutes "$MINUTES" --save-every 10 --device "$DEVICE" \
+            "${RECIPE[@]}" --batch "${BATCH:-4}" --steps 400 --max-minutes "$MINUTES" --save-every 10 --device "$DEVICE" \
             > "$RUNS/r$R.log" 2>&1 &
     done
     wait
@@ -106,7 +114,10 @@ train)
     ;;
 cpu)
     # No GPU lent: one bounded run on this CPU (one at a time, at most an hour), the recipe of `train`
-    # at batch 4 (BATCH) for the head R (default 8), 12 steps (STEPS; ~50-60 min). Tens of steps, not hundreds:
+    # made to fit a 24 GB machine: batch 2 (BATCH), 8 scored windows a crop (LOSS_WINDOWS), crops of one
+    # length (LONG_SEGMENTS=256 to alternate them as `train` does). With the raw windows of 1-16 segments,
+    # `train`'s batch 4 and 16 scored windows went past 24 GB on the first step and were killed (session
+    # 32); these settings peak at ~12.5 GB, ~240 s a step. For the head R (default 8), 12 steps (STEPS). Tens of steps, not hundreds:
     # it shows which way the recipe moves a head, then `eval ppl` at 8K in and out of domain.
     # A later run continues an earlier one with INIT (its checkpoint, with a fresh schedule: a run that
     # ends on its steps ends at lr 0), a NAME_SUFFIX of its own and another SEED (other crops).
@@ -115,8 +126,9 @@ cpu)
     INIT=${INIT:-uio_gguf/bundles/smollm2-135m-l128-r$R}
     [[ -f $RUNS/r8/tokens.npz ]] || { echo "cpu: no $RUNS/r8/tokens.npz: run \`bash train/next_run.sh prepare\` first" >&2; exit 1; }
     mkdir -p "$RUNS/$NAME" && cp "$RUNS/r8/tokens.npz" "$RUNS/$NAME/tokens.npz"
+    recipe 8 ""
     uio-gguf train --base "$BASE" --out "$RUNS/$NAME" --init "$INIT" \
-        "${RECIPE[@]}" --batch "${BATCH:-4}" --steps "${STEPS:-12}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
+        "${RECIPE[@]}" --batch "${BATCH:-2}" --steps "${STEPS:-12}" --max-minutes "${CPU_MINUTES:-60}" --save-every 5 --device cpu
     uio-gguf convert "$RUNS/$NAME/checkpoint" -o "$RUNS/bundle-$NAME" --base-gguf "$BASE" --force
     # the training view and the layout the recipe trains for (memory + R = 1,024 read again; KEEP kept tokens)
     uio-gguf eval ppl --lengths 8192 -m "$RUNS/bundle-$NAME" --baselines none --raw-windows 1024 --reread --keep "${KEEP:-0}" \
@@ -144,7 +156,7 @@ check)
     for HEAD in r8 r8-mid r32 r32-mid; do passkeys "$RUNS/bundle-$HEAD" "$RUNS/$HEAD.passkey.json"; done
     ;;
 *)
-    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES GPU_WAIT_MINUTES; cpu: R BATCH STEPS CPU_MINUTES INIT NAME_SUFFIX; all: CHAT_RECALL SEED LR SEGMENTS LONG_SEGMENTS LOSS_WINDOWS KEEP RAW_SEGMENTS; prepare: PROSE_SHARE)" >&2
+    echo "usage: bash train/next_run.sh prepare|train|check|cpu   (env: RUNS DATA MINUTES GPU_WAIT_MINUTES; cpu: R STEPS CPU_MINUTES INIT NAME_SUFFIX; all: BATCH CHAT_RECALL SEED LR SEGMENTS LONG_SEGMENTS LOSS_WINDOWS KEEP RAW_SEGMENTS; prepare: PROSE_SHARE)" >&2
     exit 2
     ;;
 esac
