@@ -61,6 +61,12 @@ def selected_sources(args: DataArgs) -> list[Source]:
     return chosen
 
 
+def _flat(text: str) -> str:
+    """The text with its whitespace normalized: the form in which duplicates and evaluation texts are found,
+    so that re-wrapped copies of a text match."""
+    return " ".join(text.split())
+
+
 def collect(sources: list[Source], min_chars: int, progress: bool) -> tuple[list[Document], list[dict]]:
     """Every usable document, in a fixed order; and the sources that are not installed."""
     from tqdm import tqdm
@@ -71,7 +77,7 @@ def collect(sources: list[Source], min_chars: int, progress: bool) -> tuple[list
             for doc in tqdm(
                 source.read(), desc=f"reading {source.name}", unit="doc", disable=not progress, leave=False
             ):
-                digest = hashlib.sha1(" ".join(doc.text.split()).encode()).digest()
+                digest = hashlib.sha1(_flat(doc.text).encode()).digest()
                 if len(doc.text) >= min_chars and digest not in seen and looks_english(doc.text):
                     seen.add(digest)
                     documents.append(doc)
@@ -81,8 +87,8 @@ def collect(sources: list[Source], min_chars: int, progress: bool) -> tuple[list
 
 
 def _probes(text: str, count: int = 4, width: int = 200) -> list[str]:
-    """Passages of a text, whitespace-normalized, spread over its body (past the notice at its top)."""
-    flat = " ".join(text.split())
+    """Passages of a text (_flat), spread over its body (past the notice at its top)."""
+    flat = _flat(text)
     start = min(2000, len(flat) // 4)
     step = max(1, (len(flat) - start - width) // count)
     return [flat[start + i * step : start + i * step + width] for i in range(count)]
@@ -97,7 +103,7 @@ def pin_evaluation_texts(documents: list[Document]) -> tuple[list[Document], lis
     probes = [p for name in packaged.HELDOUT.values() for p in _probes(packaged.read(name))]
     pinned, rest = [], []
     for doc in documents:
-        flat = " ".join(doc.text.split())
+        flat = _flat(doc.text)
         (pinned if any(p in flat for p in probes) else rest).append(doc)
     return pinned, rest
 
