@@ -43,12 +43,12 @@ DATA=${DATA:-$RUNS/data}     # under runs/, which git ignores
 MINUTES=${MINUTES:-6}      # per head; both heads share the GPU, so this is also the wall time
 DEVICE=${DEVICE:-cuda}
 BASE=$(python -c 'from uio_gguf.format.embedded import default_model_path as p; print(p())')
-# The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`), which differ in length and device,
-# and, for the CPU's memory, in batch, scored windows and crop lengths (`cpu` below); SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes
-# every second step's crops longer and fewer (BATCH × SEGMENTS must be a multiple of it: an even BATCH for
-# 128 and 256; LONG_SEGMENTS= for crops of one length, as CHAT_RECALL above 0 and SEGMENTS=256 need).
-# `recipe LOSS_WINDOWS LONG_SEGMENTS` sets RECIPE, the arguments given being the defaults for what the
-# environment leaves unset: `train` and `cpu` default differently (the CPU probe must fit 24 GB).
+# The recipe, shared by the GPU run (`train`) and its CPU probe (`cpu`). `recipe LOSS_WINDOWS LONG_SEGMENTS`
+# sets RECIPE, its arguments being the defaults where the environment sets none: the two differ in length
+# and device, and, for the CPU's 24 GB, in batch, scored windows and crop lengths (`cpu` below).
+# SEGMENTS and LOSS_WINDOWS change the crop, LONG_SEGMENTS makes every second step's crops longer and
+# fewer (BATCH × SEGMENTS must be a multiple of it: an even BATCH for 128 and 256; LONG_SEGMENTS= for
+# crops of one length, as CHAT_RECALL above 0 and SEGMENTS=256 need).
 recipe() {
     LONG_SEGMENTS=${LONG_SEGMENTS-$2}
     RECIPE=(--segments "${SEGMENTS:-128}" ${LONG_SEGMENTS:+--long-segments "$LONG_SEGMENTS"} --loss-windows "${LOSS_WINDOWS:-$1}"
@@ -117,8 +117,9 @@ cpu)
     # made to fit a 24 GB machine: batch 2 (BATCH), 8 scored windows a crop (LOSS_WINDOWS), crops of one
     # length (LONG_SEGMENTS=256 to alternate them as `train` does). With the raw windows of 1-16 segments,
     # `train`'s batch 4 and 16 scored windows went past 24 GB on the first step and were killed (session
-    # 32); these settings peak at ~12.5 GB, ~240 s a step. For the head R (default 8), 12 steps (STEPS). Tens of steps, not hundreds:
-    # it shows which way the recipe moves a head, then `eval ppl` at 8K in and out of domain.
+    # 32); these settings peak at ~12.5 GB, 140-270 s a step. For the head R (default 8), 12 steps
+    # (STEPS). Tens of steps, not hundreds: it shows which way the recipe moves a head, then `eval ppl`
+    # at 8K in and out of domain.
     # A later run continues an earlier one with INIT (its checkpoint, with a fresh schedule: a run that
     # ends on its steps ends at lr 0), a NAME_SUFFIX of its own and another SEED (other crops).
     R=${R:-8}
