@@ -244,7 +244,35 @@ def test_each_domain_is_scored_on_its_own_texts(setup):
     table = format_report(both)
     assert "in domain: manual" in table and "out of domain: book" in table
     gap = gap_closed(ppl[("out", "uio-r4")], ppl[("out", "raw-16")], ppl[("out", "sliding-same:uio-r4")])
-    assert table.split("out of domain: book")[2].splitlines()[2].split() == ["64", f"{gap:.0%}"]
+    share = table[table.index("share of the same-cell gap closed") :]
+    assert share.split("out of domain: book")[1].splitlines()[2].split() == ["64", "-" if gap is None else f"{gap:.0%}"]
+
+
+def test_the_report_states_the_floor_and_the_aim_and_no_share_of_a_gap_that_is_not_there(setup):
+    """Beside each memory column the report gives its perplexity against its raw window alone (the floor)
+    and against a plain window of its cells (the aim), signed; the share of the gap closed is left out
+    ("-") where the same cells read no better than the raw window alone (no gap: the ratio would mislead)."""
+    from uio_gguf.evals.ppl import Text, change, evaluate, format_report
+
+    runtime, _, stream = setup
+    report = evaluate([runtime], [Text("prose", stream)], [100], baselines=("same",), raw_windows=())
+    ppl = {r["method"]: r["ppl"] for r in report["results"]}
+
+    def block(text: str, title: str) -> list[str]:
+        return text[text.index(title) :].splitlines()[1:3]
+
+    text = format_report(report)
+    floor, aim = change(ppl["uio-r4"], ppl["raw-16"]), change(ppl["uio-r4"], ppl["sliding-same:uio-r4"])
+    assert [line.split() for line in block(text, "the memory against its raw window R alone")] == [
+        ["tokens", "uio-r4"],
+        ["100", floor],
+    ]
+    assert block(text, "the memory against a plain window of its cells")[1].split() == ["100", aim]
+    assert change(10.437, 10.731) == "-2.7%" and change(11.278, 11.132) == "+1.3%"
+    for r in report["results"]:  # the same cells read worse than the raw window alone
+        if r["method"] == "sliding-same:uio-r4":
+            r["ppl"] = ppl["raw-16"] * 1.01
+    assert block(format_report(report), "share of the same-cell gap closed")[1].split() == ["100", "-"]
 
 
 def test_the_packaged_texts_carry_their_licence_and_are_long_enough():

@@ -459,10 +459,17 @@ def tokenize_texts(model, named_texts: list[tuple[str, str]], domain: str = "in"
 
 
 # ----- the table ----------------------------------------------------------------------------------------
-def gap_closed(uio: float, raw: float, same: float) -> float:
+def gap_closed(uio: float, raw: float, same: float) -> float | None:
     """The share of the gap between the raw window alone and a plain sliding window of the same cells
-    that the memory closes: 1 when its cells are worth as much as raw tokens, below 0 when it hurts."""
-    return (raw - uio) / (raw - same)
+    that the memory closes: 1 when its cells are worth as much as raw tokens, below 0 when it hurts.
+    None when the same cells read no better than the raw window alone: there is no gap to close (a ratio
+    over a gap near 0 would read as thousands of percent either way)."""
+    return (raw - uio) / (raw - same) if raw > same else None
+
+
+def change(ppl: float, baseline: float) -> str:
+    """ppl against a baseline's, signed percent: -2.7% when the memory column reads 2.7% better."""
+    return f"{ppl / baseline - 1:+.1%}"
 
 
 def format_report(report: dict) -> str:
@@ -489,16 +496,37 @@ def format_report(report: dict) -> str:
 
     raw_of = report.get("raw_baseline_of", {})
 
-    def gap(d: str, m: str, n: int) -> str:
+    def baselines(d: str, m: str, n: int) -> tuple:
+        """(raw-R, sliding-same, the column itself) perplexities of memory column m, None where not run."""
         names = (raw_of.get(m), f"sliding-same:{m}", m)
-        raw, same, uio = (cell[(d, name, n)]["ppl"] if (d, name, n) in cell else None for name in names)
-        return f"{gap_closed(uio, raw, same):.0%}" if None not in (raw, same, uio) and raw != same else "-"
+        return tuple(cell[(d, name, n)]["ppl"] if (d, name, n) in cell else None for name in names)
+
+    def gap(d: str, m: str, n: int) -> str:
+        raw, same, uio = baselines(d, m, n)
+        share = gap_closed(uio, raw, same) if None not in (raw, same, uio) else None
+        return "-" if share is None else f"{share:.0%}"
+
+    def margin(against: int) -> Callable[[str, str, int], str]:
+        def value(d: str, m: str, n: int) -> str:
+            base, uio = baselines(d, m, n)[against], baselines(d, m, n)[2]
+            return "-" if None in (base, uio) else change(uio, base)
+
+        return value
 
     lines = table("perplexity of tokens 1..L-1 (lower is better)", methods_, ppl)
+    if uio_columns:
+        # the floor (never worse than R alone) and the aim (better than the same cells), as the issue states them
+        lines += [""] + table(
+            "the memory against its raw window R alone (raw-R; above 0: worse)", uio_columns, margin(0)
+        )
     if uio_columns and any(m.startswith("sliding-same:") for m in methods_):  # --columns may leave either out
+        lines += [""] + table(
+            "the memory against a plain window of its cells (sliding-same; above 0: worse)", uio_columns, margin(1)
+        )
         title = (
             "share of the same-cell gap closed: (raw-R - C) / (raw-R - sliding-same:C), C a memory column with "
-            "raw window R (100%: the memory's cells are worth the raw tokens they could hold; below 0: worse than no memory)"
+            "raw window R (100%: the memory's cells are worth the raw tokens they could hold; below 0: worse than no "
+            "memory; -: the same cells read no better than R alone, no gap to close)"
         )
         lines += [""] + table(title, uio_columns, gap)
     seconds = table(
