@@ -514,7 +514,7 @@ def format_report(report: dict) -> str:
         return value
 
     lines = table("perplexity of tokens 1..L-1 (lower is better)", methods_, ppl)
-    if uio_columns:
+    if any(raw_of.get(m) in methods_ for m in uio_columns):
         # the floor (never worse than R alone) and the aim (better than the same cells), as the issue states them
         lines += [""] + table(
             "the memory against its raw window R alone (raw-R; above 0: worse)", uio_columns, margin(0)
