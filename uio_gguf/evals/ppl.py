@@ -508,7 +508,8 @@ def format_report(report: dict) -> str:
 
     def margin(against: int) -> Callable[[str, str, int], str]:
         def value(d: str, m: str, n: int) -> str:
-            base, uio = baselines(d, m, n)[against], baselines(d, m, n)[2]
+            *compared, uio = baselines(d, m, n)
+            base = compared[against]
             return "-" if None in (base, uio) else change(uio, base)
 
         return value
