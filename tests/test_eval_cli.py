@@ -257,3 +257,26 @@ def test_eval_qa_domain_out_reads_the_packaged_out_of_domain_text(tiny_bundle, c
     untimed = {name: [{k: v for k, v in s.items() if k != "ttft"} for s in r["samples"]] for name, r in reports.items()}
     assert untimed["domain"] == untimed["file"] and len(untimed["file"]) == 2
     _one_line_error(run_cli("eval", "qa", "-m", str(tiny_bundle), "--domain", "sideways", env=cache_env), "--domain")
+
+
+def test_eval_ppl_resume_continues_the_json_of_a_stopped_run(tiny_bundle, text, cache_env, tmp_path):
+    """A run cut to some columns, then the whole command with --resume: the table holds every column, and
+    the cells measured before are the earlier run's to the last digit. A damaged file is refused in one
+    line and left as it was."""
+    out = tmp_path / "ppl.json"
+    command = ("eval", "ppl", str(text), "-m", str(tiny_bundle), "--lengths", "32,64", "--baselines", "same")
+    run_cli(*command, "--columns", "uio-", "--json", str(out), env=cache_env, check=True)
+    first = {(r["method"], r["length"]): r["ppl"] for r in json.loads(out.read_text())["results"]}
+    result = run_cli(*command, "--json", str(out), "--resume", env=cache_env, check=True)
+    report = json.loads(out.read_text())
+    assert report["methods"] == ["uio-r4", "chat-r4", "raw-16", "sliding-same:uio-r4", "sliding-same:chat-r4"]
+    assert all(r["ppl"] for r in report["results"])
+    for r in report["results"]:
+        if r["method"] == "uio-r4":
+            assert r["ppl"] == first[("uio-r4", r["length"])]
+    assert "sliding-same:chat-r4" in result.stdout
+
+    out.write_text('{"results": []}')
+    _one_line_error(run_cli(*command, "--json", str(out), "--resume", env=cache_env), "cannot resume from")
+    assert out.read_text() == '{"results": []}'
+    _one_line_error(run_cli(*command, "--resume", env=cache_env), "--resume continues")

@@ -434,3 +434,71 @@ def test_memory_window_same_cell_baseline_and_refusals(setup):
         methods([runtime], raw_windows=(2 * SEGMENT,), chat_memory=(8, 2))
     with pytest.raises(UIOError, match="needs --memory-window"):
         methods([runtime], raw_windows=(2 * SEGMENT,), chat_memory=(None, 1))
+
+
+def test_a_resumed_run_reads_only_what_the_earlier_one_lacks_and_reports_the_same(setup):
+    """--resume: passes of the earlier report with the same method, text and lengths are taken from it, the
+    rest read; the report is the one a run from scratch gives. A column of the same name that computes
+    something else (a single chat column's raw window is not in its name) is read again."""
+    from uio_gguf.evals.ppl import Text, evaluate
+
+    runtime, _, stream = setup
+    texts = [Text("prose", stream)]
+    whole = dict(baselines=("same", "window"), raw_windows=(64,))
+
+    def run(lengths, earlier=None, columns=(), **settings):
+        read = []
+        report = evaluate(
+            [runtime],
+            texts,
+            lengths,
+            columns=columns,
+            earlier=earlier,
+            progress=lambda d, t: read.append(t),
+            **{**whole, **settings},
+        )
+        return report, (read[-1] if read else 0)
+
+    fresh, all_tokens = run([64, 100])
+    first, _ = run([64, 100], columns=("uio-", "raw-"))
+    assert first["methods"] == ["uio-r4", "raw-16", "raw-64"]
+    resumed, rest = run([64, 100], earlier=first)
+    # uio-r4, raw-16 and raw-64 each read 99 tokens in the first run; only the others are read now
+    assert rest == all_tokens - 3 * 99
+    taken = lambda report, name: next(p for p in report["passes"] if p["method"] == name)  # noqa: E731
+    assert taken(resumed, "uio-r4") == taken(first, "uio-r4")  # its seconds too: the earlier run's
+    ppl = lambda report: {(r["method"], r["length"]): r["ppl"] for r in report["results"]}  # noqa: E731
+    assert ppl(resumed) == ppl(fresh) and None not in ppl(resumed).values()
+
+    # the same names with a raw window of 32: chat-r4 and its raw window are read again, not taken
+    other, read_again = run([64, 100], earlier=resumed, raw_windows=(32,))
+    assert "chat-r4" in other["methods"] and read_again > 0
+    assert ppl(other)[("chat-r4", 100)] != ppl(fresh)[("chat-r4", 100)]
+    assert ppl(other)[("uio-r4", 100)] == ppl(fresh)[("uio-r4", 100)]
+    # ... and the file keeps the passes of R = 64 it does not show: resuming R = 64 again reads nothing
+    back, nothing = run([64, 100], earlier=other)
+    assert nothing == 0 and ppl(back) == ppl(fresh)
+
+    # a longer length than the earlier run had: the one-pass columns are read again to it
+    longer, read_longer = run([64, 100, 150], earlier=fresh, columns=("uio-",))
+    assert read_longer == 149 and ppl(longer)[("uio-r4", 100)] == ppl(fresh)[("uio-r4", 100)]
+    # raw-64: --columns leaves it out and the file has no pass of it to 150 tokens, so it is not shown (its
+    # shorter pass stays in the file); a plain window made for 100 tokens is shown, from the file
+    assert "raw-64" not in longer["methods"] and taken(longer, "raw-64") == taken(fresh, "raw-64")
+    assert ppl(longer)[("sliding-same:uio-r4", 100)] == ppl(fresh)[("sliding-same:uio-r4", 100)]
+    assert ppl(longer)[("sliding-same:uio-r4", 150)] is None
+
+
+def test_resume_refuses_a_file_that_is_not_a_report_and_starts_afresh_without_one(tmp_path):
+    from uio_gguf.errors import UIOError
+    from uio_gguf.evals.ppl import read_earlier
+
+    path = tmp_path / "ppl.json"
+    assert read_earlier(path, resume=True) is None and read_earlier(path, resume=False) is None
+    with pytest.raises(UIOError, match="--json"):
+        read_earlier(None, resume=True)
+    for damaged in ('{"results": []}', "[1, 2]", '{"passes": [{"cells": {"64": {"nll": "x"}}}]}', "{tru"):
+        path.write_text(damaged)
+        with pytest.raises(UIOError, match="cannot resume from"):
+            read_earlier(path, resume=True)
+        assert path.read_text() == damaged

@@ -116,6 +116,13 @@ def eval_ppl(
         "--json",
         help="Also write the results here as JSON (after each method and text: a stopped run keeps them).",
     ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the run whose --json file this is: what it holds of the same columns, texts and "
+        "lengths (the same files, settings and tokens) is taken from it, and only the rest is read. The table "
+        "then shows every column of the command, those --columns leaves out with what the file holds.",
+    ),
     n_gpu_layers: GpuLayers = 0,
     flash_attn: FlashAttn = False,
     verbose: Verbose = False,
@@ -129,6 +136,7 @@ def eval_ppl(
 
     asked = parse_lengths(lengths)
     chosen = eval_ppl.parse_baselines(baselines)
+    earlier = eval_ppl.read_earlier(json_out, resume)
     texts = {"in": [(path.name, read_book(path)) for path in files or []]}
     texts["out"] = [(path.name, read_book(path)) for path in out_of_domain]
     if not texts["in"] and not texts["out"]:
@@ -155,6 +163,7 @@ def eval_ppl(
         chat_memory=(memory_window, memory_sink),
         columns=tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else (),
         partial=(lambda r: json_out.write_text(json.dumps(r, indent=2) + "\n")) if json_out else None,
+        earlier=earlier,
     )
     bar.close()
     write_json(json_out, report)  # first: a long run's figures are kept whatever happens to the table

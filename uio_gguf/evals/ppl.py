@@ -35,11 +35,14 @@ the kind of sources training drew on (manuals), out of domain is prose from sour
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -74,6 +77,28 @@ class Method:
     # a method made for one length only (sliding-same: its cells depend on the length), scored on that
     # prefix alone; None: every length is a prefix of one pass
     length: int | None = None
+
+
+def method_identity(method: Method) -> str:
+    """What a method computes, as a string two runs can compare (--resume): its function and settings, the
+    length it is made for, and the files it reads (the base model; the head and the encoder's weight format
+    for the memory columns). Column names leave some of this out (the raw window of a single chat column)."""
+    runtime, fn = method.logits.args[0], method.logits.func
+    bundle = runtime.bundle
+    files = [
+        bundle.model_fingerprint,
+        f"kv:{runtime.kv_type}",
+        f"fa:{runtime.flash_attn}",
+        f"segment:{runtime.segment}",
+    ]
+    if fn is uio_logits:
+        files += [bundle.head_fingerprint, f"encoder:{runtime.encoder_weights}", f"slots:{runtime.slots}"]
+    settings = ",".join(f"{k}={v}" for k, v in sorted(method.logits.keywords.items()))
+    return f"{fn.__name__}({settings}) length={method.length} " + " ".join(files)
+
+
+def text_digest(tokens: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:32]
 
 
 # ----- the methods ------------------------------------------------------------------------------------
@@ -339,13 +364,17 @@ def evaluate(
     chat_reread: bool = False,
     columns: tuple[str, ...] = (),
     chat_memory: tuple[int | None, int] = (None, 0),
+    earlier: dict | None = None,
 ) -> dict:
     """The report that `uio-gguf eval ppl` prints and writes as JSON; `partial` gets the report so far
     after each method has read each text (cells not yet done have ppl None). chat_keep: tokens the chat
     columns keep raw in front of their memory (Session's keep); chat_reread: they decode their raw window
     again after each compression (Session's reread); chat_memory: their memory window in cells and its sink
     segments (Session.limit_memory). columns: only the methods whose names start with one
-    of these (every method is deterministic: columns measured by an earlier run need not be rerun)."""
+    of these (every method is deterministic: columns measured by an earlier run need not be rerun).
+    earlier: a report of an earlier run (--resume): each method's pass over a text that it holds, with the
+    same method_identity, text and lengths, is taken from it instead of read again; the report then shows
+    every column of the run, those that `columns` leaves out with what the earlier report holds of them."""
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
         raise UIOError("every length must be at least 2 tokens")
@@ -354,16 +383,17 @@ def evaluate(
             raise UIOError(
                 f"{text.name} has {len(text.tokens):,} tokens, fewer than every length (the shortest is {lengths[0]:,})"
             )
-    chosen = methods(
+    every_method = methods(
         runtimes, full_window, full_keep, baselines, raw_windows, lengths, chat_keep, chat_reread, chat_memory
     )
+    chosen = every_method
     if columns:
-        kept = [m for m in chosen if m.name.startswith(tuple(columns))]
-        if not kept:
-            named = ", ".join(dict.fromkeys(m.name for m in chosen))
+        chosen = [m for m in every_method if m.name.startswith(tuple(columns))]
+        if not chosen:
+            named = ", ".join(dict.fromkeys(m.name for m in every_method))
             raise UIOError(f"--columns {','.join(columns)} names none of this run's columns ({named})")
-        chosen = kept
     longest = {t.name: max(n for n in lengths if n <= len(t.tokens)) for t in texts}
+    digests = {t.name: text_digest(t.tokens) for t in texts}
 
     def read(method: Method, text: Text) -> int:
         """How many tokens of the text the method reads: a one-length method its length (if the text has it)."""
@@ -371,7 +401,24 @@ def evaluate(
             return longest[text.name]
         return method.length if method.length <= len(text.tokens) else 0
 
-    total = sum(max(0, read(m, t) - 1) for t in texts for m in chosen)
+    def scored_lengths(method: Method, text: Text) -> list[int]:
+        n = read(method, text)
+        return [m for m in lengths if m <= n] if method.length is None else [n]
+
+    # (method name, its length, text name) -> one pass of a method over a text: its NLL and seconds per length
+    scored: dict[tuple, dict] = {}
+    earlier_passes = {(e["method_id"], e["text_sha"]): e for e in (earlier or {}).get("passes", [])}
+    for method in every_method:
+        for text in texts:
+            if not read(method, text):
+                continue
+            found = earlier_passes.get((method_identity(method), digests[text.name]))
+            if found and all(str(n) in found["cells"] for n in scored_lengths(method, text)):
+                scored[(method.name, method.length, text.name)] = {**found, "method": method.name, "text": text.name}
+    shown = [m for m in every_method if m in chosen or any(k[:2] == (m.name, m.length) for k in scored)]
+    todo = [(m, t) for m in chosen for t in texts if read(m, t) and (m.name, m.length, t.name) not in scored]
+
+    total = sum(read(m, t) - 1 for m, t in todo)
     done = 0
 
     def step(n: int) -> None:
@@ -381,12 +428,20 @@ def evaluate(
             progress(done, total)
 
     domains = [d for d in DOMAINS if any(t.domain == d for t in texts)]
-    totals = {(d, m.name, n): Totals() for d in domains for m in chosen for n in lengths}
     # a cell is done when every text of its domain that reaches its length has been scored
     due = {(d, n): sum(t.domain == d and n <= len(t.tokens) for t in texts) for d in domains for n in lengths}
-    order = list(dict.fromkeys(m.name for m in chosen))
+    order = list(dict.fromkeys(m.name for m in shown))
 
     def report() -> dict:
+        totals = {(d, name, n): Totals() for d in domains for name in order for n in lengths}
+        for (name, _, _), one in scored.items():
+            for n, cell in one["cells"].items():
+                if (one["domain"], name, int(n)) in totals:
+                    into = totals[(one["domain"], name, int(n))]
+                    into.nll += cell["nll"]
+                    into.tokens += cell["tokens"]
+                    into.seconds += cell["seconds"]
+                    into.texts += 1
         results = [
             {
                 "domain": domain,
@@ -399,6 +454,7 @@ def evaluate(
             for (domain, name, n), c in totals.items()
         ]
         results.sort(key=lambda r: (domains.index(r["domain"]), r["length"], order.index(r["method"])))
+        memory_columns = [m for m in shown if m.name.startswith(("uio-", "chat-"))]
         return {
             "lengths": lengths,
             "domains": domains,
@@ -406,12 +462,10 @@ def evaluate(
             "segment": runtimes[0].segment,
             "full_window": _full_window(runtimes, full_window),
             "full_keep": full_keep,
-            "raw_windows": [m.logits.keywords["raw_window"] for m in chosen if m.name.startswith("chat-")],
+            "raw_windows": [m.logits.keywords["raw_window"] for m in shown if m.name.startswith("chat-")],
             # each memory column's raw window R, and the raw-R baseline it is measured against
             "raw_window_of": {
-                m.name: m.logits.keywords.get("raw_window") or runtimes[0].segment
-                for m in chosen
-                if m.name.startswith(("uio-", "chat-"))
+                m.name: m.logits.keywords.get("raw_window") or runtimes[0].segment for m in memory_columns
             },
             "raw_baseline_of": {
                 m.name: raw_label(
@@ -419,8 +473,7 @@ def evaluate(
                     m.logits.keywords.get("keep", 0),
                     m.logits.keywords.get("reread", False),
                 )
-                for m in chosen
-                if m.name.startswith(("uio-", "chat-"))
+                for m in memory_columns
             },
             "keep": chat_keep,
             "reread": chat_reread,
@@ -429,26 +482,58 @@ def evaluate(
             "texts": [{"name": t.name, "tokens": len(t.tokens), "domain": t.domain} for t in texts],
             "skipped": {str(n): [t.name for t in texts if len(t.tokens) < n] for n in lengths},
             "results": results,
+            # every pass behind the cells, for --resume, and those of the earlier report that this run does
+            # not show (other columns, texts or lengths): a resumed file loses nothing
+            "passes": list(scored.values()) + [e for k, e in earlier_passes.items() if k not in pass_ids(scored.values())],
         }
 
     # method by method over every text: a run stopped midway (see `partial`) has whole columns
-    for method in chosen:
-        for text in texts:
-            if not read(method, text):
-                continue
-            tokens = text.tokens[: read(method, text)]
-            scored = lengths if method.length is None else [method.length]
-            nll, seconds = score(method, tokens, scored, step)
-            for n in scored:
-                if n <= len(tokens):
-                    cell = totals[(text.domain, method.name, n)]
-                    cell.nll += float(nll[: n - 1].sum())
-                    cell.tokens += n - 1
-                    cell.seconds += seconds[n]
-                    cell.texts += 1
-            if partial:
-                partial(report())
+    for method, text in todo:
+        tokens = text.tokens[: read(method, text)]
+        wanted = scored_lengths(method, text)
+        nll, seconds = score(method, tokens, wanted, step)
+        scored[(method.name, method.length, text.name)] = {
+            "method": method.name,
+            "text": text.name,
+            "domain": text.domain,
+            "method_id": method_identity(method),
+            "text_sha": digests[text.name],
+            "cells": {
+                str(n): {"nll": float(nll[: n - 1].sum()), "tokens": n - 1, "seconds": round(seconds[n], 3)}
+                for n in wanted
+            },
+        }
+        if partial:
+            partial(report())
     return report()
+
+
+def pass_ids(passes) -> set[tuple[str, str]]:
+    return {(p["method_id"], p["text_sha"]) for p in passes}
+
+
+def read_earlier(path: Path | None, resume: bool) -> dict | None:
+    """The report a --resume run continues: the --json file if it exists (None: nothing to resume, the run
+    starts afresh). A file that is not such a report is an error: resuming must not write over it."""
+    if not resume:
+        return None
+    if path is None:
+        raise UIOError("--resume continues the run of a --json file: give it with --json")
+    if not path.exists():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+        passes = earlier["passes"]
+        for one in passes:
+            for cell in one["cells"].values():
+                float(cell["nll"]), int(cell["tokens"]), float(cell["seconds"])
+            str(one["method_id"]), str(one["text_sha"]), str(one["domain"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UIOError(
+            f"cannot resume from {path}: not a report of eval ppl with its passes ({type(err).__name__}: {err}); "
+            "give another --json, or drop --resume"
+        ) from None
+    return earlier
 
 
 def tokenize_texts(model, named_texts: list[tuple[str, str]], domain: str = "in") -> list[Text]:
