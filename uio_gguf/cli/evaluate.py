@@ -119,9 +119,10 @@ def eval_ppl(
     resume: bool = typer.Option(
         False,
         "--resume",
-        help="Continue the run whose --json file this is: what it holds of the same columns, texts and "
-        "lengths (the same files, settings and tokens) is taken from it, and only the rest is read. The table "
-        "then shows every column of the command, those --columns leaves out with what the file holds.",
+        help="Continue the run whose --json file this is: each column's pass over a text that the file holds (the "
+        "same computation: files, settings and tokens) is taken from it, and only the rest is read (a pass to a "
+        "shorter length is read again). The table shows every column of the command, those --columns leaves out "
+        "with what the file holds; the file keeps every pass it held.",
     ),
     n_gpu_layers: GpuLayers = 0,
     flash_attn: FlashAttn = False,

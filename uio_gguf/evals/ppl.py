@@ -373,8 +373,9 @@ def evaluate(
     segments (Session.limit_memory). columns: only the methods whose names start with one
     of these (every method is deterministic: columns measured by an earlier run need not be rerun).
     earlier: a report of an earlier run (--resume): each method's pass over a text that it holds, with the
-    same method_identity, text and lengths, is taken from it instead of read again; the report then shows
-    every column of the run, those that `columns` leaves out with what the earlier report holds of them."""
+    same method_identity and text, is taken from it instead of read again (read again where it stops short
+    of a length asked); the report then shows every column of the run, those that `columns` leaves out
+    with what the earlier report holds of them."""
     lengths = sorted(set(lengths))
     if not lengths or lengths[0] < 2:
         raise UIOError("every length must be at least 2 tokens")
@@ -407,16 +408,19 @@ def evaluate(
 
     # (method name, its length, text name) -> one pass of a method over a text: its NLL and seconds per length
     scored: dict[tuple, dict] = {}
+    # an earlier pass to a shorter length shows its cells, and is read again (to every length) if chosen
     earlier_passes = {(e["method_id"], e["text_sha"]): e for e in (earlier or {}).get("passes", [])}
+    whole: set[tuple] = set()
     for method in every_method:
         for text in texts:
-            if not read(method, text):
-                continue
-            found = earlier_passes.get((method_identity(method), digests[text.name]))
-            if found and all(str(n) in found["cells"] for n in scored_lengths(method, text)):
-                scored[(method.name, method.length, text.name)] = {**found, "method": method.name, "text": text.name}
+            found = earlier_passes.get((method_identity(method), digests[text.name])) if read(method, text) else None
+            if found:
+                key = (method.name, method.length, text.name)
+                scored[key] = {**found, "method": method.name, "text": text.name}
+                if all(str(n) in found["cells"] for n in scored_lengths(method, text)):
+                    whole.add(key)
     shown = [m for m in every_method if m in chosen or any(k[:2] == (m.name, m.length) for k in scored)]
-    todo = [(m, t) for m in chosen for t in texts if read(m, t) and (m.name, m.length, t.name) not in scored]
+    todo = [(m, t) for m in chosen for t in texts if read(m, t) and (m.name, m.length, t.name) not in whole]
 
     total = sum(read(m, t) - 1 for m, t in todo)
     done = 0
@@ -484,7 +488,8 @@ def evaluate(
             "results": results,
             # every pass behind the cells, for --resume, and those of the earlier report that this run does
             # not show (other columns, texts or lengths): a resumed file loses nothing
-            "passes": list(scored.values()) + [e for k, e in earlier_passes.items() if k not in pass_ids(scored.values())],
+            "passes": list(scored.values())
+            + [e for k, e in earlier_passes.items() if k not in pass_ids(scored.values())],
         }
 
     # method by method over every text: a run stopped midway (see `partial`) has whole columns
