@@ -281,3 +281,55 @@ def test_eval_passkey_takes_a_recall_budget(tiny_bundle, cache_env, tmp_path):
     result = run_cli(*args, "--recall", "32", "--json", str(out), env=cache_env, check=True)
     assert "recall 32 tokens" in result.stdout
     assert json.loads(out.read_text())["recall_tokens"] == 32
+
+
+def test_a_recall_read_in_context_is_its_tokens_read_raw(runtime, stream):
+    """Session.recall_in_context: the passages are decoded in the conversation after the raw window, so
+    the question's logits are those of a session that reads the same tokens as raw text; decoded alone
+    (the default) they differ, since the passages then read nothing before them."""
+    memory = runtime.compress(stream[: 4 * SEGMENT])
+    raw, recalled, question = stream[64:70], stream[230:241], stream[320:324]
+    got = {}
+    for in_context in (True, False):
+        with runtime.new_session(n_ctx=256) as s:
+            s.raw_window, s.recall_in_context = 4 * SEGMENT, in_context
+            s.add_memory(memory)
+            s.feed(raw)
+            s.set_recall(recalled)
+            got[in_context] = s.feed(question)
+            assert s.recall_start == 4 * SLOTS + len(raw)
+            assert_contiguous(runtime, s)
+    with runtime.new_session(n_ctx=256) as ref:
+        ref.raw_window = 4 * SEGMENT
+        ref.add_memory(memory)
+        ref.feed(np.concatenate([raw, recalled]))
+        expected = ref.feed(question)
+    err = np.abs(got[True] - expected).max()
+    assert err < 1e-4 * max(1.0, np.abs(expected).max()), err
+    assert np.abs(got[False] - expected).max() > 1e-2
+
+
+def test_a_recall_read_in_context_is_read_again_with_the_raw_window(runtime, stream):
+    """With reread, a compression decodes the raw window again behind the new memory; a recall read in
+    context is read again in its place with it: the next logits are those of a fresh session given the
+    memory (the compressed segment's too) and the raw tokens with the passages among them as text."""
+    window = 3 * SEGMENT
+    memory = runtime.compress(stream[: 4 * SEGMENT])
+    raw, recalled, question = stream[64 : 64 + window], stream[230:241], stream[320:324]
+    with runtime.new_session(n_ctx=256) as s:
+        s.raw_window, s.reread, s.recall_in_context = window, True, True
+        s.add_memory(memory)
+        s.feed(raw[: SEGMENT + 4])
+        s.set_recall(recalled)
+        s.feed(raw[SEGMENT + 4 :])  # reaches R: the oldest segment is compressed, the rest read again
+        assert s.compressed_segments == 5 and s.recall_at == 4
+        assert_contiguous(runtime, s)
+        got = s.feed(question)
+    with runtime.new_session(n_ctx=256) as ref:
+        ref.raw_window = 4 * window
+        ref.add_memory(memory)
+        ref.add_memory(runtime.compress(raw[:SEGMENT]))
+        ref.feed(np.concatenate([raw[SEGMENT : SEGMENT + 4], recalled, raw[SEGMENT + 4 :]]))
+        expected = ref.feed(question)
+    err = np.abs(got - expected).max()
+    assert err < 1e-4 * max(1.0, np.abs(expected).max()), err

@@ -101,6 +101,7 @@ class Conversation(Handle):
         keep: int = DEFAULT_KEEP,
         reread: bool = False,
         memory_window: int | None = None,
+        recall_in_context: bool = False,
     ):
         """recall_tokens: the most tokens of the book brought back raw for each question (0: the memory
         alone, as in training). raw_window: R, the most recent tokens kept raw (None: DEFAULT_RAW_SEGMENTS
@@ -118,7 +119,8 @@ class Conversation(Handle):
         end is when it is opened; only a raw window over one segment has anything to read again.
         memory_window: the most memory cells the decoder holds, those of the book's latest segments
         (Session.limit_memory; None: DEFAULT_MEMORY_WINDOW, 0: every segment's; resolve_memory_window). The
-        recall still reads the whole book."""
+        recall still reads the whole book. recall_in_context: the recalled passages are decoded in the
+        conversation after the raw window, reading it and the memory (Session.recall_in_context), not alone."""
         if recall_ranking not in RANKINGS:
             raise UIOError(f"unknown recall ranking {recall_ranking!r} (choose from {', '.join(RANKINGS)})")
         if recall_tokens < 0:
@@ -144,6 +146,7 @@ class Conversation(Handle):
         memory_window = resolve_memory_window(memory_window, runtime.slots, by_attention)
         self.session = runtime.new_session(n_ctx, query_rows=QUERY_ROWS if by_attention else 0)
         self.session.keep, self.session.reread = keep, reread
+        self.session.recall_in_context = recall_in_context
         try:
             self.session.limit_memory(memory_window)
         except UIOError:

@@ -14,6 +14,7 @@ from uio_gguf.cli.options import (
     MemoryWindow,
     Model,
     Ratio,
+    RecallInContext,
     Verbose,
     app,
     open_runtime,
@@ -275,6 +276,7 @@ def eval_qa(
         "read the same tail. Default: one segment, the training view.",
     ),
     memory_window: MemoryWindow = None,
+    recall_in_context: RecallInContext = False,
     loop_guard: LoopGuardOption = True,
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the fillers' memory files."),
     json_out: Path | None = typer.Option(
@@ -325,6 +327,7 @@ def eval_qa(
         fillers=fillers,
         raw_window=raw_window,
         memory_window=memory_window,
+        recall_in_context=recall_in_context,
         progress=update,
         partial=(lambda r: json_out.write_text(json.dumps(name_filler(r), indent=2) + "\n")) if json_out else None,
     )

@@ -94,6 +94,16 @@ Reread = Annotated[
         "times the decoding when a turn passes R: docs/memory-vs-window.md).",
     ),
 ]
+RecallInContext = Annotated[
+    bool,
+    typer.Option(
+        "--recall-in-context/--recall-alone",
+        help="Decode the recalled passages in the conversation, after the raw window, reading the memory and the "
+        "raw window as a plain prompt of the same tokens reads them; --recall-alone decodes them by themselves "
+        "(reused between questions, cheaper with every segment's memory; with a long raw window SmolLM2-135M "
+        "then misses facts it reads in them: docs/memory-vs-window.md).",
+    ),
+]
 MemoryWindow = Annotated[
     int | None,
     typer.Option(

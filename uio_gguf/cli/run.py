@@ -22,6 +22,7 @@ from uio_gguf.cli.options import (
     Model,
     NCtx,
     RawWindow,
+    RecallInContext,
     Reread,
     Threads,
     Verbose,
@@ -138,6 +139,7 @@ def chat(
     keep_tokens: KeepTokens = None,
     reread: Reread = False,
     memory_window: MemoryWindow = None,
+    recall_in_context: RecallInContext = False,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
     loop_guard: LoopGuardOption = True,
@@ -196,6 +198,7 @@ def chat(
         **({} if keep_tokens is None else {"keep": keep_tokens}),
         reread=reread,
         memory_window=memory_window,
+        recall_in_context=recall_in_context,
     )
     bar.close()
     stats = conversation.stats
@@ -254,6 +257,7 @@ def demo(
     keep_tokens: KeepTokens = None,
     reread: Reread = False,
     memory_window: MemoryWindow = None,
+    recall_in_context: RecallInContext = False,
     repeat_penalty: RepeatPenalty = 1.0,
     dry: DryMultiplier = DEFAULT_DRY,
     loop_guard: LoopGuardOption = True,
@@ -285,6 +289,7 @@ def demo(
         keep_tokens=keep_tokens,
         reread=reread,
         memory_window=memory_window,
+        recall_in_context=recall_in_context,
         repeat_penalty=repeat_penalty,
         dry=dry,
         loop_guard=loop_guard,

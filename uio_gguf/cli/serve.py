@@ -16,6 +16,7 @@ from uio_gguf.cli.options import (
     NCtx,
     Ratio,
     RawWindow,
+    RecallInContext,
     Reread,
     Threads,
     Verbose,
@@ -56,6 +57,7 @@ def serve(
     keep_tokens: KeepTokens = None,
     reread: Reread = False,
     memory_window: MemoryWindow = None,
+    recall_in_context: RecallInContext = False,
     alias: str | None = typer.Option(None, "--alias", help="The model id clients use (default: the bundle's name)."),
     max_upload_mb: float = typer.Option(
         DEFAULT_MAX_UPLOAD_MB, "--max-upload-mb", min=0.001, help="The largest book the web page takes, in MB."
@@ -90,6 +92,7 @@ def serve(
         keep_tokens=keep_tokens,
         reread=reread,
         memory_window=memory_window,
+        recall_in_context=recall_in_context,
     )
     if alias is None and model is None:  # the shipped bundle's name, not its cache folder's
         from uio_gguf.format.shipped import shipped_bundles

@@ -161,6 +161,7 @@ def _uio_answer(
     ranking: str = "bm25",
     raw_window: int | None = None,
     memory_window: int | None = None,
+    recall_in_context: bool = False,
 ) -> Answer:
     from uio_gguf.chat.conversation import WHOLE_MEMORY, Conversation
 
@@ -176,6 +177,7 @@ def _uio_answer(
         compress=cache.compress,
         # memory_window here is resolved: None holds every segment's memory, which Conversation calls WHOLE_MEMORY
         memory_window=WHOLE_MEMORY if memory_window is None or ranking != "bm25" else memory_window,
+        recall_in_context=recall_in_context,
     )
     try:
         making = conversation.stats.seconds  # the memory's compression: a memory file's job in chat
@@ -232,11 +234,14 @@ def answer(
     recall_tokens: int,
     raw_window: int | None = None,
     memory_window: int | None = None,
+    recall_in_context: bool = False,
 ) -> Answer:
     runtime = cache.runtime
     if method in RANKING:
         budget = recall_tokens if method != "uio" else 0
-        return _uio_answer(cache, doc, question, params, budget, RANKING[method], raw_window, memory_window)
+        return _uio_answer(
+            cache, doc, question, params, budget, RANKING[method], raw_window, memory_window, recall_in_context
+        )
     if method in PLAIN_METHODS:
         started = time.perf_counter()  # rag's ranking counts, as uio+recall's does
         tokens = method_tokens(runtime, doc, question, method, recall_tokens, raw_window, memory_window)
@@ -271,6 +276,7 @@ def evaluate(
     fillers: int = 1,
     raw_window: int | None = None,
     memory_window: int | None = None,
+    recall_in_context: bool = False,
 ) -> dict:
     """The report that `uio-gguf eval qa` prints and writes as JSON. partial(report so far) is called
     after every answer (a long run stopped midway keeps what it measured). fillers: texts drawn per
@@ -278,7 +284,8 @@ def evaluate(
     same passage, so the trials sample keys, not contexts (docs/evaluation.md). raw_window: the raw tail
     every method reads (None: one segment, the training view). memory_window: the most memory cells the uio
     methods hold (None: chat's default, 0: every segment's; resolve_memory_window), and sliding+recall spends as
-    many cells on raw tokens; uio+attn holds every segment's memory, which its ranking scores."""
+    many cells on raw tokens; uio+attn holds every segment's memory, which its ranking scores.
+    recall_in_context: the uio methods decode the recalled passages in the conversation (Session.recall_in_context)."""
     from uio_gguf.chat.conversation import resolve_memory_window
     from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
     from uio_gguf.llamacpp.sampling import SamplingParams
@@ -320,6 +327,7 @@ def evaluate(
             "recall_tokens": recall_tokens,
             "raw_window": raw_window or runtime.segment,
             "memory_window": memory_window,
+            "recall_in_context": recall_in_context,
             "max_tokens": budgets,
             "loop_guard": loop_guard,
             "filler": filler,
@@ -345,7 +353,15 @@ def evaluate(
                     for method in methods:
                         before = cache.compressed
                         got = answer(
-                            cache, doc, sample.question, method, params[task], recall_tokens, raw_window, memory_window
+                            cache,
+                            doc,
+                            sample.question,
+                            method,
+                            params[task],
+                            recall_tokens,
+                            raw_window,
+                            memory_window,
+                            recall_in_context,
                         )
                         right = [found(a, got.text) for a in sample.answers]
                         samples.append(

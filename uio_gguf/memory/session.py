@@ -113,6 +113,11 @@ class Session(Handle):
         # the view the heads are trained and diagnosed on. Without it the raw cells keep the states they
         # were decoded with, beside tokens that have since left the window (docs/memory-vs-window.md).
         self.reread = False
+        # Decode the recalled passages in the conversation, after the raw window (they read the memory and
+        # the raw window, as a plain prompt of the same tokens reads them), instead of alone. Alone, their
+        # states never see the raw window: with a raw window of 1,024 tokens SmolLM2-135M missed the demo's
+        # access code that it read in the passage; in the conversation it answers at every R (docs/memory-vs-window.md).
+        self.recall_in_context = False
         # The most memory cells the decoder holds (None: every segment's). When a write would pass it, the
         # oldest segments' cells go, after the first `memory_sink` segments of the text, which stay, and the
         # later cells move down (seq_rm + seq_add, as the raw window slides): a constant number of memory
@@ -322,9 +327,14 @@ class Session(Handle):
         """Decodes the raw window's tokens again at their positions behind the memory, so that each
         attends over [kept][memory][the raw tokens before it] as the training view has it; the raw window's
         first token becomes its attention sink again. A recall keeps its cells (decoded alone, they read
-        nothing of the raw window); the raw tokens before and after it are decoded again around it. The
-        last raw token's logits are left for sampling (those of the view read again)."""
+        nothing of the raw window); the raw tokens before and after it are decoded again around it. A recall
+        read in context (recall_in_context) is read again with them, in its place. The last raw token's
+        logits are left for sampling (those of the view read again)."""
         at = self.memory_end
+        if self.recall and self.recall_in_context:
+            self.ctx.seq_rm(DECODER_SEQ, at, -1)
+            self._decode_at(self.raw[: self.recall_at] + self.recall + self.raw[self.recall_at :], at, last_logits=True)
+            return
         before, after = (self.raw[: self.recall_at], self.raw[self.recall_at :]) if self.recall else (self.raw, [])
         after_at = at + len(before) + len(self.recall)
         self.ctx.seq_rm(DECODER_SEQ, at, at + len(before))
@@ -415,14 +425,20 @@ class Session(Handle):
         lead: tokens decoded right before the passages in that context and left out of the conversation:
         the document's first token, on which the model's attention leans (an attention sink). Passages
         decoded without it lean on their own first token instead; at 56K the answer then drifted from
-        the recalled pass key (docs/design.md §6)."""
+        the recalled pass key (docs/design.md §6).
+
+        With recall_in_context the passages are decoded in the conversation instead, right after the raw
+        window, reading everything before them (no lead: the conversation has its own first cells); their
+        cost grows with the cells they read, which the memory window bounds."""
         tokens = [int(t) for t in tokens]
         self._check_room(len(tokens) - len(self.recall))
         self._remove_recall()
         self.recall_at, start = len(self.raw), self.n_past
         lead = [int(t) for t in lead] if len(lead) <= start else []  # it needs positions before the passages
         self._last_logits = None  # what follows must be fed before sampling
-        if tokens:
+        if tokens and self.recall_in_context:
+            self._decode_at(tokens, start, last_logits=False)
+        elif tokens:
             self.ctx.set_seq_state(self._decode_alone(lead + tokens, start - len(lead), keep_from=start), SCRATCH_SEQ)
             self.ctx.seq_cp(SCRATCH_SEQ, DECODER_SEQ)  # shares the cells: nothing is copied
             self.ctx.seq_rm(SCRATCH_SEQ)

@@ -143,12 +143,13 @@ class UIOLlama(Handle):
         keep_tokens: int | None = None,
         reread: bool = False,
         memory_window: int | None = None,
+        recall_in_context: bool = False,
     ):
         """bundle: a bundle directory (None: the embedded SmolLM2 bundle); n_ctx: the decoder window
         (None: the model's trained context); recall_tokens: Conversation's recall budget per question
         (None: its default; 0: off); runtime: an open UIORuntime to use instead (not closed here);
-        raw_window, keep_tokens, reread, memory_window: Conversation's raw_window, keep, reread and memory_window
-        (None: its defaults)."""
+        raw_window, keep_tokens, reread, memory_window, recall_in_context: Conversation's raw_window, keep,
+        reread, memory_window and recall_in_context (None: its defaults)."""
         if runtime is None:
             from uio_gguf.memory.runtime import UIORuntime
 
@@ -162,7 +163,7 @@ class UIOLlama(Handle):
         self.n_ctx = n_ctx
         self.keep = keep
         # passed on to each Conversation
-        self.options = {"use_memory_files": use_memory_files, "reread": reread}
+        self.options = {"use_memory_files": use_memory_files, "reread": reread, "recall_in_context": recall_in_context}
         for name, value in (
             ("recall_tokens", recall_tokens),
             ("raw_window", raw_window),
