@@ -309,15 +309,18 @@ def test_a_recall_read_in_context_is_its_tokens_read_raw(runtime, stream):
     assert np.abs(got[False] - expected).max() > 1e-2
 
 
-def test_a_recall_read_in_context_is_read_again_with_the_raw_window(runtime, stream):
-    """With reread, a compression decodes the raw window again behind the new memory; a recall read in
-    context is read again in its place with it: the next logits are those of a fresh session given the
-    memory (the compressed segment's too) and the raw tokens with the passages among them as text."""
+@pytest.mark.parametrize("in_context", [True, False])
+def test_a_recall_is_read_again_with_the_raw_window(runtime, stream, in_context):
+    """With reread, a compression decodes the raw window again behind the new memory. A recall read in
+    context is read again in its place with it; a recall decoded alone keeps its cells (llama.cpp decodes a
+    sequence only after its last cell, so they go and come back around the raw tokens before them). The
+    next logits are those of a fresh session given the memory (the compressed segment's too), the raw
+    tokens before the recall, the recall as it is read, and the raw tokens after it."""
     window = 3 * SEGMENT
     memory = runtime.compress(stream[: 4 * SEGMENT])
     raw, recalled, question = stream[64 : 64 + window], stream[230:241], stream[320:324]
     with runtime.new_session(n_ctx=256) as s:
-        s.raw_window, s.reread, s.recall_in_context = window, True, True
+        s.raw_window, s.reread, s.recall_in_context = window, True, in_context
         s.add_memory(memory)
         s.feed(raw[: SEGMENT + 4])
         s.set_recall(recalled)
@@ -329,7 +332,10 @@ def test_a_recall_read_in_context_is_read_again_with_the_raw_window(runtime, str
         ref.raw_window = 4 * window
         ref.add_memory(memory)
         ref.add_memory(runtime.compress(raw[:SEGMENT]))
-        ref.feed(np.concatenate([raw[SEGMENT : SEGMENT + 4], recalled, raw[SEGMENT + 4 :]]))
+        ref.recall_in_context = in_context
+        ref.feed(raw[SEGMENT : SEGMENT + 4])
+        ref.set_recall(recalled)
+        ref.feed(raw[SEGMENT + 4 :])
         expected = ref.feed(question)
     err = np.abs(got - expected).max()
     assert err < 1e-4 * max(1.0, np.abs(expected).max()), err

@@ -105,6 +105,7 @@ class Session(Handle):
         self.n_mem = 0  # memory cells (right after the sink: positions len(sink) .. len(sink)+n_mem-1)
         self.raw: list[int] = []  # tokens of the raw window, right after the memory
         self.recall: list[int] = []  # recalled tokens, between raw[:recall_at] and raw[recall_at:]
+        self._recall_lead: list[int] = []  # what the recall was decoded after, alone (set_recall's lead)
         self.recall_at = 0
         self.compressed_segments = 0
         self.tokens_seen = 0  # tokens of text the conversation stands for (memory + raw)
@@ -326,23 +327,23 @@ class Session(Handle):
     def _reread_raw(self) -> None:
         """Decodes the raw window's tokens again at their positions behind the memory, so that each
         attends over [kept][memory][the raw tokens before it] as the training view has it; the raw window's
-        first token becomes its attention sink again. A recall keeps its cells (decoded alone, they read
-        nothing of the raw window); the raw tokens before and after it are decoded again around it. A recall
-        read in context (recall_in_context) is read again with them, in its place. The last raw token's
-        logits are left for sampling (those of the view read again)."""
+        first token becomes its attention sink again. A recall decoded alone reads nothing of the raw window,
+        so it keeps its cells (taken again from the runtime's recall states: llama.cpp decodes a sequence's
+        tokens only after its last cell, so the recall's cells go while the raw tokens before them are decoded
+        again, then come back, then the raw tokens after them). A recall read in context (recall_in_context)
+        is read again with the raw tokens, in its place. The last raw token's logits are left for sampling
+        (those of the view read again)."""
         at = self.memory_end
         if self.recall and self.recall_in_context:
             self.ctx.seq_rm(DECODER_SEQ, at, -1)
             self._decode_at(self.raw[: self.recall_at] + self.recall + self.raw[self.recall_at :], at, last_logits=True)
             return
         before, after = (self.raw[: self.recall_at], self.raw[self.recall_at :]) if self.recall else (self.raw, [])
-        after_at = at + len(before) + len(self.recall)
-        self.ctx.seq_rm(DECODER_SEQ, at, at + len(before))
-        if after:
-            self.ctx.seq_rm(DECODER_SEQ, after_at, -1)
-        # causal by position: the tokens before the recall do not see its cells at later positions
+        self.ctx.seq_rm(DECODER_SEQ, at, -1)
         self._decode_at(before, at, last_logits=not after)
-        self._decode_at(after, after_at, last_logits=True)
+        if self.recall:
+            self._put_recall(at + len(before))
+        self._decode_at(after, at + len(before) + len(self.recall), last_logits=True)
 
     def _decode_at(self, tokens: list[int], start: int, last_logits: bool) -> None:
         """Decodes tokens into the conversation at positions start.., batch by batch (no logits, or the
@@ -434,15 +435,20 @@ class Session(Handle):
         self._check_room(len(tokens) - len(self.recall))
         self._remove_recall()
         self.recall_at, start = len(self.raw), self.n_past
-        lead = [int(t) for t in lead] if len(lead) <= start else []  # it needs positions before the passages
+        self._recall_lead = [int(t) for t in lead] if len(lead) <= start else []  # it needs positions before
         self._last_logits = None  # what follows must be fed before sampling
+        self.recall = tokens
         if tokens and self.recall_in_context:
             self._decode_at(tokens, start, last_logits=False)
         elif tokens:
-            self.ctx.set_seq_state(self._decode_alone(lead + tokens, start - len(lead), keep_from=start), SCRATCH_SEQ)
-            self.ctx.seq_cp(SCRATCH_SEQ, DECODER_SEQ)  # shares the cells: nothing is copied
-            self.ctx.seq_rm(SCRATCH_SEQ)
-        self.recall = tokens
+            self._put_recall(start)
+
+    def _put_recall(self, start: int) -> None:
+        """The recall decoded alone (after its lead) at positions start.., its cells given to the conversation."""
+        lead = self._recall_lead
+        self.ctx.set_seq_state(self._decode_alone(lead + self.recall, start - len(lead), keep_from=start), SCRATCH_SEQ)
+        self.ctx.seq_cp(SCRATCH_SEQ, DECODER_SEQ)  # shares the cells: nothing is copied
+        self.ctx.seq_rm(SCRATCH_SEQ)
 
     def _remove_recall(self) -> None:
         """Removes the recall's cells; the raw cells after them shift down."""
