@@ -40,6 +40,7 @@ def test_eval_ppl_prints_a_table_and_writes_json(tiny_bundle, text, cache_env, t
         "uio-r4",
         "chat-r4",
         "raw-16",
+        "raw-128",  # chat's default raw window: 8 segments
         "sliding-same:uio-r4",
         "sliding-same:chat-r4",
         "full-8k",
@@ -269,7 +270,14 @@ def test_eval_ppl_resume_continues_the_json_of_a_stopped_run(tiny_bundle, text, 
     first = {(r["method"], r["length"]): r["ppl"] for r in json.loads(out.read_text())["results"]}
     result = run_cli(*command, "--json", str(out), "--resume", env=cache_env, check=True)
     report = json.loads(out.read_text())
-    assert report["methods"] == ["uio-r4", "chat-r4", "raw-16", "sliding-same:uio-r4", "sliding-same:chat-r4"]
+    assert report["methods"] == [
+        "uio-r4",
+        "chat-r4",
+        "raw-16",
+        "raw-128",
+        "sliding-same:uio-r4",
+        "sliding-same:chat-r4",
+    ]
     assert all(r["ppl"] for r in report["results"])
     for r in report["results"]:
         if r["method"] == "uio-r4":

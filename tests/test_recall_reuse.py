@@ -64,7 +64,9 @@ def test_a_recall_moved_to_a_later_start_equals_a_fresh_decode(runtime, stream, 
 def test_a_second_question_on_the_same_passages_decodes_none_of_them(runtime, planted_book, fresh_states):
     from uio_gguf.chat.conversation import Conversation
 
-    with Conversation(runtime, planted_book, use_memory_files=False, recall_tokens=128, n_ctx=2048) as conv:
+    with Conversation(
+        runtime, planted_book, use_memory_files=False, recall_tokens=128, n_ctx=2048, recall_in_context=False
+    ) as conv:
         for _ in conv.ask(QUESTION, SamplingParams(max_tokens=2, temperature=0)):
             pass
         decoded = conv.session.recall_decoded

@@ -48,7 +48,7 @@ def test_a_reopened_book_restores_its_start_cache_cell_for_cell(runtime, planted
     # another raw window is another cache: not restored from this file
     from uio_gguf.chat.conversation import Conversation
 
-    with Conversation(runtime, planted_book, n_ctx=2048, recall_tokens=48, raw_window=8 * 16) as other:
+    with Conversation(runtime, planted_book, n_ctx=2048, recall_tokens=48, raw_window=runtime.segment) as other:
         assert other.stats.from_file and not other.stats.from_start_state
 
 
@@ -87,7 +87,8 @@ def test_kept_tokens_from_a_memory_file_are_the_cells_feed_leaves(runtime, plant
     from uio_gguf.chat.conversation import Conversation
 
     monkeypatch.setenv("UIO_GGUF_CACHE", str(tmp_path))
-    with Conversation(runtime, planted_book, n_ctx=2048, recall_tokens=0, keep=4) as chat:
+    # the training view (R = one segment), which a session fed the document keeps too
+    with Conversation(runtime, planted_book, n_ctx=2048, recall_tokens=0, keep=4, raw_window=runtime.segment) as chat:
         opened = _cells(runtime, chat.session)
         document, sink = chat.book_tokens, list(chat.session.sink)
     session = runtime.new_session(n_ctx=2048)
@@ -115,7 +116,9 @@ def test_a_memory_window_holds_the_latest_segments_and_restores_them(runtime, pl
     seg, window = runtime.segment, 16 * runtime.slots
 
     def open_(memory_window):
-        with Conversation(runtime, planted_book, n_ctx=2048, recall_tokens=48, memory_window=memory_window) as chat:
+        with Conversation(
+            runtime, planted_book, n_ctx=2048, recall_tokens=48, memory_window=memory_window, raw_window=seg
+        ) as chat:
             s = chat.session
             cells, state = _cells(runtime, s), (s.n_mem, s.compressed_segments, list(s.raw), s.tokens_seen)
             answer = "".join(chat.ask(QUESTION, SamplingParams(max_tokens=8)))

@@ -276,7 +276,7 @@ def eval_qa(
         "read the same tail. Default: one segment, the training view.",
     ),
     memory_window: MemoryWindow = None,
-    recall_in_context: RecallInContext = False,
+    recall_in_context: RecallInContext = None,
     loop_guard: LoopGuardOption = True,
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the fillers' memory files."),
     json_out: Path | None = typer.Option(

@@ -72,8 +72,9 @@ RawWindow = Annotated[
     typer.Option(
         "--raw-window",
         help="The most recent tokens kept raw (the book's tail, the question, the recent turns); older ones are "
-        "compressed a segment at a time. Default: one segment, the layout that answers best "
-        "(docs/memory-vs-window.md); less where the memory leaves no room.",
+        "compressed a segment at a time. Default: 8 segments (1,024 tokens with the shipped heads), the layout "
+        "that reads best at equal cells (docs/memory-vs-window.md); one segment (the training view) where the "
+        "memory and the recall leave no room for 8.",
     ),
 ]
 KeepTokens = Annotated[
@@ -86,22 +87,24 @@ KeepTokens = Annotated[
     ),
 ]
 Reread = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--reread",
+        "--reread/--no-reread",
         help="After each compression, decode the raw window again behind the memory (the view the heads are trained "
         "on; with a raw window over one segment it reads better than a plain window of the same cells, at R/l "
-        "times the decoding when a turn passes R: docs/memory-vs-window.md).",
+        "times the decoding when a turn passes R: docs/memory-vs-window.md). Default: on.",
+        show_default=False,
     ),
 ]
 RecallInContext = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--recall-in-context/--recall-alone",
         help="Decode the recalled passages in the conversation, after the raw window, reading the memory and the "
         "raw window as a plain prompt of the same tokens reads them; --recall-alone decodes them by themselves "
         "(reused between questions, cheaper with every segment's memory; with a long raw window SmolLM2-135M "
-        "then misses facts it reads in them: docs/memory-vs-window.md).",
+        "then misses facts it reads in them: docs/memory-vs-window.md). Default: in context.",
+        show_default=False,
     ),
 ]
 MemoryWindow = Annotated[

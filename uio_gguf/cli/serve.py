@@ -55,9 +55,9 @@ def serve(
     keep: int = typer.Option(4, "--keep", min=0, help="Finished conversations kept open to be continued."),
     raw_window: RawWindow = None,
     keep_tokens: KeepTokens = None,
-    reread: Reread = False,
+    reread: Reread = None,
     memory_window: MemoryWindow = None,
-    recall_in_context: RecallInContext = False,
+    recall_in_context: RecallInContext = None,
     alias: str | None = typer.Option(None, "--alias", help="The model id clients use (default: the bundle's name)."),
     max_upload_mb: float = typer.Option(
         DEFAULT_MAX_UPLOAD_MB, "--max-upload-mb", min=0.001, help="The largest book the web page takes, in MB."

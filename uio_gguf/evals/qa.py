@@ -161,7 +161,7 @@ def _uio_answer(
     ranking: str = "bm25",
     raw_window: int | None = None,
     memory_window: int | None = None,
-    recall_in_context: bool = False,
+    recall_in_context: bool | None = None,
 ) -> Answer:
     from uio_gguf.chat.conversation import WHOLE_MEMORY, Conversation
 
@@ -177,7 +177,7 @@ def _uio_answer(
         compress=cache.compress,
         # memory_window here is resolved: None holds every segment's memory, which Conversation calls WHOLE_MEMORY
         memory_window=WHOLE_MEMORY if memory_window is None or ranking != "bm25" else memory_window,
-        recall_in_context=recall_in_context,
+        **({} if recall_in_context is None else {"recall_in_context": recall_in_context}),
     )
     try:
         making = conversation.stats.seconds  # the memory's compression: a memory file's job in chat
@@ -234,7 +234,7 @@ def answer(
     recall_tokens: int,
     raw_window: int | None = None,
     memory_window: int | None = None,
-    recall_in_context: bool = False,
+    recall_in_context: bool | None = None,
 ) -> Answer:
     runtime = cache.runtime
     if method in RANKING:
@@ -276,7 +276,7 @@ def evaluate(
     fillers: int = 1,
     raw_window: int | None = None,
     memory_window: int | None = None,
-    recall_in_context: bool = False,
+    recall_in_context: bool | None = None,
 ) -> dict:
     """The report that `uio-gguf eval qa` prints and writes as JSON. partial(report so far) is called
     after every answer (a long run stopped midway keeps what it measured). fillers: texts drawn per
@@ -285,8 +285,9 @@ def evaluate(
     every method reads (None: one segment, the training view). memory_window: the most memory cells the uio
     methods hold (None: chat's default, 0: every segment's; resolve_memory_window), and sliding+recall spends as
     many cells on raw tokens; uio+attn holds every segment's memory, which its ranking scores.
-    recall_in_context: the uio methods decode the recalled passages in the conversation (Session.recall_in_context)."""
-    from uio_gguf.chat.conversation import resolve_memory_window
+    recall_in_context: the uio methods decode the recalled passages in the conversation (Session.recall_in_context;
+    None: chat's default)."""
+    from uio_gguf.chat.conversation import DEFAULT_RECALL_IN_CONTEXT, resolve_memory_window
     from uio_gguf.chat.recall import DEFAULT_RECALL_TOKENS
     from uio_gguf.llamacpp.sampling import SamplingParams
 
@@ -327,7 +328,7 @@ def evaluate(
             "recall_tokens": recall_tokens,
             "raw_window": raw_window or runtime.segment,
             "memory_window": memory_window,
-            "recall_in_context": recall_in_context,
+            "recall_in_context": DEFAULT_RECALL_IN_CONTEXT if recall_in_context is None else recall_in_context,
             "max_tokens": budgets,
             "loop_guard": loop_guard,
             "filler": filler,

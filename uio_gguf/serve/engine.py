@@ -141,9 +141,9 @@ class UIOLlama(Handle):
         runtime=None,
         raw_window: int | None = None,
         keep_tokens: int | None = None,
-        reread: bool = False,
+        reread: bool | None = None,
         memory_window: int | None = None,
-        recall_in_context: bool = False,
+        recall_in_context: bool | None = None,
     ):
         """bundle: a bundle directory (None: the embedded SmolLM2 bundle); n_ctx: the decoder window
         (None: the model's trained context); recall_tokens: Conversation's recall budget per question
@@ -163,12 +163,14 @@ class UIOLlama(Handle):
         self.n_ctx = n_ctx
         self.keep = keep
         # passed on to each Conversation
-        self.options = {"use_memory_files": use_memory_files, "reread": reread, "recall_in_context": recall_in_context}
+        self.options = {"use_memory_files": use_memory_files}
         for name, value in (
             ("recall_tokens", recall_tokens),
             ("raw_window", raw_window),
             ("keep", keep_tokens),
+            ("reread", reread),
             ("memory_window", memory_window),
+            ("recall_in_context", recall_in_context),
         ):
             if value is not None:
                 self.options[name] = value
