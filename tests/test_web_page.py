@@ -172,7 +172,9 @@ def test_a_binary_file_and_an_oversized_one_each_get_their_message(page, tmp_pat
 
 def test_a_book_holding_html_shows_it_as_text_and_runs_nothing(page, tmp_path):
     hostile = '<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> Notes on the parrot'
-    lines = DEMO.read_text(encoding="utf-8").splitlines()[4:40]
+    # ~2,200 tokens: the parrot's line lies outside chat's 1,024-token raw window, in the memory, where
+    # recall looks for it
+    lines = DEMO.read_text(encoding="utf-8").splitlines()[4:200]
     parrot = "The parrot says <b>hello</b> <script>window.pwned = 3</script>"
     book = tmp_path / "hostile.txt"
     book.write_text("\n".join([hostile, "", *lines[:18], parrot, *lines[18:]]))  # mid-book: recall finds it
