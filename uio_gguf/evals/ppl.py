@@ -459,6 +459,7 @@ def evaluate(
         ]
         results.sort(key=lambda r: (domains.index(r["domain"]), r["length"], order.index(r["method"])))
         memory_columns = [m for m in shown if m.name.startswith(("uio-", "chat-"))]
+        shown_ids = pass_ids(scored.values())
         return {
             "lengths": lengths,
             "domains": domains,
@@ -488,8 +489,7 @@ def evaluate(
             "results": results,
             # every pass behind the cells, for --resume, and those of the earlier report that this run does
             # not show (other columns, texts or lengths): a resumed file loses nothing
-            "passes": list(scored.values())
-            + [e for k, e in earlier_passes.items() if k not in pass_ids(scored.values())],
+            "passes": list(scored.values()) + [e for k, e in earlier_passes.items() if k not in shown_ids],
         }
 
     # method by method over every text: a run stopped midway (see `partial`) has whole columns

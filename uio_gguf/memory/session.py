@@ -334,7 +334,8 @@ class Session(Handle):
         is read again with the raw tokens, in its place. The last raw token's logits are left for sampling
         (those of the view read again)."""
         at = self.memory_end
-        if self.recall and self.recall_in_context:
+        if self.recall and self.recall_in_context:  # one decode: its last token leaves the logits, even
+            # where no raw token follows the recall (a decode of the recall alone would leave none)
             self.ctx.seq_rm(DECODER_SEQ, at, -1)
             self._decode_at(self.raw[: self.recall_at] + self.recall + self.raw[self.recall_at :], at, last_logits=True)
             return
