@@ -10,8 +10,8 @@ The return values are the dicts (and, with stream=True, the chunk iterator) llam
 
 How messages map onto a Conversation (uio_gguf/chat/conversation.py):
 - system messages before the first user message are its preamble (rendered before it);
-- the first user message is the document turn. When it is longer than the raw window (one segment) it
-  holds the book: its text up to the last blank line is the book, compressed into memory or read from its
+- the first user message is the document turn. When it is longer than one segment (the head's l tokens)
+  it holds the book: its text up to the last blank line is the book, compressed into memory or read from its
   memory file (keyed by content), and the paragraph after that line is the question (recall, when the
   runtime has it, works on it). A shorter first message is all question;
 - later user turns are asked in turn; assistant turns the client sends are read in as they are;
