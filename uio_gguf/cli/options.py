@@ -121,9 +121,9 @@ MemoryWindow = Annotated[
 GpuLayers = Annotated[int, typer.Option("--n-gpu-layers", help="Layers offloaded to the GPU (CUDA builds).")]
 ENCODER_FORMAT_HELP = (
     "Weights of the encoder pass and, with --recall-alone, the recall's prefill (uio_gguf/format/derived.py): "
-    "auto (an F16 copy of a "
-    "quantized model, written once into the cache: llama.cpp's fast CPU kernels, within fp16 of the weights the "
-    "head was trained on; a float model as it is), model (the bundle's file as it is), f16, f32, q8_0, q4_0, q4_1."
+    "auto (an F16 copy of a quantized model, written once into the cache: llama.cpp's fast CPU kernels, within "
+    "fp16 of the weights the head was trained on; a float model as it is), model (the bundle's file as it is), "
+    "f16, f32, q8_0, q4_0, q4_1."
 )
 EncoderFormat = Annotated[str, typer.Option("--encoder-format", help=ENCODER_FORMAT_HELP)]
 FlashAttn = Annotated[bool, typer.Option("--flash-attn", help="Use flash attention.")]
