@@ -71,3 +71,31 @@ def test_attention_shares_account_for_every_cell(setup):
         assert r["sinks"] + r["memory"] + r["raw"] == pytest.approx(1.0, abs=1e-4)
         assert sum(r["memory_by_age"]) == pytest.approx(r["memory"], abs=1e-5)
         assert r["sinks"] > 0 and r["memory"] > 0 and not math.isnan(r["k_memory"])
+
+
+def test_norm_matched_k_scale_gives_the_memory_the_raw_windows_k_norm(setup):
+    from uio_gguf.train.memory_diagnosis import Layout, norm_matched_k_scale, score_segment
+
+    model, ids, memory = setup
+    t, raw_window, n_mem = 7, 2 * SEGMENT, 6 * model.config.slots
+    plain, _, _, plain_cache = score_segment(model, ids, memory, t, raw_window, Layout())
+    per_layer = norm_matched_k_scale(model, ids, memory, t, raw_window)
+    per_head = norm_matched_k_scale(model, ids, memory, t, raw_window, per_head=True)
+    assert len(per_layer) == len(per_head) == model.n_layers
+    assert all(len(heads) == model.base.config.num_key_value_heads for heads in per_head)
+    # the scaled memory K rows take the mean norm the raw window's rows have without the scale (the raw
+    # rows themselves move a little with the scale: they are read through the memory in earlier layers)
+    scaled_layer = score_segment(model, ids, memory, t, raw_window, Layout(k_scale=per_layer))
+    scaled_head = score_segment(model, ids, memory, t, raw_window, Layout(k_scale=per_head))
+    for index, reference in enumerate(plain_cache.layers):
+        raw = reference.keys[0].norm(dim=-1)[:, n_mem:]  # (heads, raw cells)
+        by_layer = scaled_layer[3].layers[index].keys[0].norm(dim=-1)[:, :n_mem]
+        by_head = scaled_head[3].layers[index].keys[0].norm(dim=-1)[:, :n_mem]
+        assert by_layer.mean().item() == pytest.approx(raw.mean().item(), rel=1e-5)
+        assert torch.allclose(by_head.mean(1), raw.mean(1), rtol=1e-5)
+    # a scale per layer or per head that is the same everywhere is the uniform scale, which moves the loss
+    uniform = score_segment(model, ids, memory, t, raw_window, Layout(k_scale=3.0))[0]
+    heads = model.base.config.num_key_value_heads
+    for scale in ((3.0,) * model.n_layers, ((3.0,) * heads,) * model.n_layers):
+        assert score_segment(model, ids, memory, t, raw_window, Layout(k_scale=scale))[0] == pytest.approx(uniform)
+    assert uniform != pytest.approx(plain, rel=1e-5)  # the tiny model attends nearly evenly: a small move

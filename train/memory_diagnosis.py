@@ -7,7 +7,8 @@ The text's first N tokens are cut into segments and every segment is compressed 
 which is what `Session.feed` with raw window R shows the last token of a window that has just filled.
 The experiments change one thing each: sink tokens (the text's first tokens kept raw at positions
 0.., as llama.cpp's --keep), the memory's positions (each slot at its own place in the text, or a gap
-before the raw window), a scale on the memory's K or V. `sliding-same` is a plain window with as many
+before the raw window), a scale on the memory's K or V (uniform, or per layer or per KV head: the one
+that gives the memory's K rows the raw window's mean norm). `sliding-same` is a plain window with as many
 cells, its first 4 tokens kept (eval ppl's sliding-same). Then, per layer, the attention the last
 segment's queries put on the sinks, on the memory by its age (segments back) and on the raw window,
 and the mean norms of memory K and V against the raw window's.
@@ -38,7 +39,7 @@ class Layout:
     sinks: int = 0  # the text's first tokens kept raw at positions 0.. (none when the raw window reaches them)
     positions: str = "contiguous"  # memory slots at consecutive positions, or "spaced": at their place in the text
     gap: int = 0  # extra positions between the memory and the raw window
-    k_scale: float = 1.0
+    k_scale: float | tuple = 1.0  # a float, or per layer: a float or a tuple with one per KV head
     v_scale: float = 1.0
     memory_segments: int = 0  # the memory of at most this many segments (0: all): the latest ones, after the sink
     memory_sink: int = 0  # with memory_segments: the text's first segments whose memory always stays
@@ -52,6 +53,8 @@ EXPERIMENTS = {
     "memory at its text positions": Layout(positions="spaced"),
     "memory, 512-position gap": Layout(gap=512),
     "memory K x0.5": Layout(k_scale=0.5),
+    "memory K x0.9": Layout(k_scale=0.9),
+    "memory K x1.1": Layout(k_scale=1.1),
     "memory V x0.5": Layout(v_scale=0.5),
     "memory V x0": Layout(v_scale=0.0),
 }
@@ -84,6 +87,14 @@ def _memory_kv(model, h: torch.Tensor, first: int, layout: Layout) -> list[tuple
     return out
 
 
+def _layer_scale(scale: float | tuple, index: int) -> float | torch.Tensor:
+    """Layer `index`'s factor for a (1, heads, cells, head_dim) K: a float, or one per KV head."""
+    if isinstance(scale, (int, float)):
+        return scale
+    per_layer = scale[index]
+    return per_layer if isinstance(per_layer, (int, float)) else torch.tensor(per_layer).view(1, -1, 1, 1)
+
+
 @torch.no_grad()
 def score_segment(
     model, ids: list[int], memory: torch.Tensor, t: int, raw_window: int, layout: Layout, attentions=False
@@ -101,7 +112,10 @@ def score_segment(
     kv = []
     if n_mem:
         h = memory[held].permute(1, 0, 2, 3).reshape(1, model.n_layers, n_mem, -1)
-        kv = [(key * layout.k_scale, value * layout.v_scale) for key, value in _memory_kv(model, h, len(sinks), layout)]
+        kv = [
+            (key * _layer_scale(layout.k_scale, index), value * layout.v_scale)
+            for index, (key, value) in enumerate(_memory_kv(model, h, len(sinks), layout))
+        ]
     cache = model.prefix_cache(torch.tensor([sinks]) if sinks else None, kv)  # training's decoder prefix
     prefix = len(sinks) + n_mem
     start = first_raw * l if layout.positions == "spaced" else prefix + layout.gap
@@ -127,6 +141,22 @@ def sliding_segment(model, ids: list[int], t: int, cells: int, keep: int = 4) ->
     inputs, targets = torch.tensor([context[:-1]]), torch.tensor(context[-l:])
     out = model.base(input_ids=inputs, position_ids=torch.arange(inputs.shape[1])[None], logits_to_keep=l)
     return torch.nn.functional.cross_entropy(out.logits[0].float(), targets, reduction="sum").item()
+
+
+@torch.no_grad()
+def norm_matched_k_scale(model, ids, memory, t: int, raw_window: int, per_head: bool = False) -> tuple:
+    """The K scale, per layer (or per layer and KV head), that gives the memory's K rows the mean norm
+    of the raw window's in front of segment t under the runtime's layout (RoPE keeps norms)."""
+    _, _, (n_sink, n_mem, _), cache = score_segment(model, ids, memory, t, raw_window, Layout())
+    scales = []
+    for layer in cache.layers:
+        norms = layer.keys[0].norm(dim=-1)  # (heads, cells)
+        memory_rows, raw_rows = norms[:, n_sink : n_sink + n_mem], norms[:, n_sink + n_mem :]
+        if per_head:
+            scales.append(tuple((raw_rows.mean(1) / memory_rows.mean(1)).tolist()))
+        else:
+            scales.append(raw_rows.mean().item() / memory_rows.mean().item())
+    return tuple(scales)
 
 
 def attention_by_layer(model, ids, memory, t: int, raw_window: int, layout: Layout) -> list[dict]:
@@ -204,7 +234,13 @@ def main(argv: list[str] | None = None) -> None:
             scored = range(T - args.segments, T)
             cells = (T - args.raw_window // l) * k + args.raw_window
             print(f"{name}: segments {scored[0]}..{scored[-1]} of {T}, R = {args.raw_window}, {cells} cells")
-            for label, layout in EXPERIMENTS.items():
+            experiments = dict(EXPERIMENTS)
+            for label, per_head in (("memory K norm-matched per layer", False), ("... per KV head", True)):
+                scale = norm_matched_k_scale(model, ids, memory, T - 1, args.raw_window, per_head)
+                experiments[label] = Layout(k_scale=scale)
+                flat = torch.tensor(scale).flatten()
+                print(f"  {label}: K scales {flat.min():.3f}..{flat.max():.3f} (mean {flat.mean():.3f})")
+            for label, layout in experiments.items():
                 nll = sum(score_segment(model, ids, memory, t, args.raw_window, layout)[0] for t in scored)
                 print(f"  {label:<32} {math.exp(nll / (len(scored) * l)):9.3f}", flush=True)
             nll = sum(sliding_segment(model, ids, t, cells) for t in scored)
