@@ -73,14 +73,13 @@ def test_attention_shares_account_for_every_cell(setup):
         assert r["sinks"] > 0 and r["memory"] > 0 and not math.isnan(r["k_memory"])
 
 
-def test_norm_matched_k_scale_gives_the_memory_the_raw_windows_k_norm(setup):
-    from uio_gguf.train.memory_diagnosis import Layout, norm_matched_k_scale, score_segment
+def test_norm_matched_k_scales_give_the_memory_the_raw_windows_k_norm(setup):
+    from uio_gguf.train.memory_diagnosis import Layout, norm_matched_k_scales, score_segment
 
     model, ids, memory = setup
     t, raw_window, n_mem = 7, 2 * SEGMENT, 6 * model.config.slots
     plain, _, _, plain_cache = score_segment(model, ids, memory, t, raw_window, Layout())
-    per_layer = norm_matched_k_scale(model, ids, memory, t, raw_window)
-    per_head = norm_matched_k_scale(model, ids, memory, t, raw_window, per_head=True)
+    per_layer, per_head = norm_matched_k_scales(model, ids, memory, t, raw_window)
     assert len(per_layer) == len(per_head) == model.n_layers
     assert all(len(heads) == model.base.config.num_key_value_heads for heads in per_head)
     # the scaled memory K rows take the mean norm the raw window's rows have without the scale (the raw

@@ -144,19 +144,17 @@ def sliding_segment(model, ids: list[int], t: int, cells: int, keep: int = 4) ->
 
 
 @torch.no_grad()
-def norm_matched_k_scale(model, ids, memory, t: int, raw_window: int, per_head: bool = False) -> tuple:
-    """The K scale, per layer (or per layer and KV head), that gives the memory's K rows the mean norm
-    of the raw window's in front of segment t under the runtime's layout (RoPE keeps norms)."""
+def norm_matched_k_scales(model, ids, memory, t: int, raw_window: int) -> tuple[tuple, tuple]:
+    """The K scales, (per layer, per layer and KV head), that give the memory's K rows the mean norm of
+    the raw window's in front of segment t under the runtime's layout (RoPE keeps norms); one forward."""
     _, _, (n_sink, n_mem, _), cache = score_segment(model, ids, memory, t, raw_window, Layout())
-    scales = []
+    per_layer, per_head = [], []
     for layer in cache.layers:
         norms = layer.keys[0].norm(dim=-1)  # (heads, cells)
         memory_rows, raw_rows = norms[:, n_sink : n_sink + n_mem], norms[:, n_sink + n_mem :]
-        if per_head:
-            scales.append(tuple((raw_rows.mean(1) / memory_rows.mean(1)).tolist()))
-        else:
-            scales.append(raw_rows.mean().item() / memory_rows.mean().item())
-    return tuple(scales)
+        per_layer.append(raw_rows.mean().item() / memory_rows.mean().item())
+        per_head.append(tuple((raw_rows.mean(1) / memory_rows.mean(1)).tolist()))
+    return tuple(per_layer), tuple(per_head)
 
 
 def attention_by_layer(model, ids, memory, t: int, raw_window: int, layout: Layout) -> list[dict]:
@@ -235,8 +233,8 @@ def main(argv: list[str] | None = None) -> None:
             cells = (T - args.raw_window // l) * k + args.raw_window
             print(f"{name}: segments {scored[0]}..{scored[-1]} of {T}, R = {args.raw_window}, {cells} cells")
             experiments = dict(EXPERIMENTS)
-            for label, per_head in (("memory K norm-matched per layer", False), ("... per KV head", True)):
-                scale = norm_matched_k_scale(model, ids, memory, T - 1, args.raw_window, per_head)
+            scales = norm_matched_k_scales(model, ids, memory, T - 1, args.raw_window)
+            for label, scale in zip(("memory K norm-matched per layer", "... per KV head"), scales):
                 experiments[label] = Layout(k_scale=scale)
                 flat = torch.tensor(scale).flatten()
                 print(f"  {label}: K scales {flat.min():.3f}..{flat.max():.3f} (mean {flat.mean():.3f})")
